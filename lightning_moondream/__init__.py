@@ -1,0 +1,3 @@
+"""Finetune Moondream by reinforcement learning from PyTorch Lightning."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,480 @@
+"""Typed models of the tuning API's JSON, validated before anything is sent.
+
+Requests and ground truth are pydantic models; everywhere one is taken, the spec's own
+JSON (a plain dict) is accepted too and validated the same way. The local service
+validates what it receives with these same models (``context={"wire": True}``), so the
+client and the service enforce one set of rules.
+
+Responses keep the server's raw JSON: a rollout's fields other than ``output`` are
+opaque training metadata that must go back to ``/train_step`` exactly as received.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Annotated, Any, Literal, TypedDict
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from lightning_moondream.images import ImageError, decode_data_url, encode_image, is_data_url
+
+RANKS = (16, 32)
+MIN_ROLLOUTS, MAX_ROLLOUTS = 1, 16
+Skill = Literal["query", "point", "detect"]
+SKILLS: tuple[Skill, ...] = ("query", "point", "detect")
+
+_STRICT = ConfigDict(extra="forbid", frozen=True)
+_Unit = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+
+
+def _is_wire(info: ValidationInfo) -> bool:
+    return bool(info.context and info.context.get("wire"))
+
+
+class Point(BaseModel):
+    """A point in normalized image coordinates."""
+
+    model_config = _STRICT
+    x: _Unit
+    y: _Unit
+
+
+class Box(BaseModel):
+    """A box in normalized image coordinates, ``x_min < x_max`` and ``y_min < y_max``."""
+
+    model_config = _STRICT
+    x_min: _Unit
+    y_min: _Unit
+    x_max: _Unit
+    y_max: _Unit
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Box:
+        if not self.x_min < self.x_max:
+            raise ValueError(f"x_min ({self.x_min}) must be less than x_max ({self.x_max})")
+        if not self.y_min < self.y_max:
+            raise ValueError(f"y_min ({self.y_min}) must be less than y_max ({self.y_max})")
+        return self
+
+    def as_tuple(self) -> tuple[float, float, float, float]:
+        """Return ``(x_min, y_min, x_max, y_max)``."""
+        return (self.x_min, self.y_min, self.x_max, self.y_max)
+
+
+class Settings(BaseModel):
+    """Generation settings; ``max_objects`` is valid for detect only."""
+
+    model_config = _STRICT
+    temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    max_tokens: int = Field(128, ge=1, le=4096)
+    max_objects: int | None = Field(None, ge=1, le=100)
+
+
+class _RequestBase(BaseModel):
+    model_config = _STRICT
+    settings: Settings | None = None
+
+    @field_validator("image_url", mode="before", check_fields=False)
+    @classmethod
+    def _encode_image(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is None:
+            return None
+        if _is_wire(info):
+            # A server never opens paths or fetches URLs: only inline data is accepted,
+            # and it must decode within the pixel limit.
+            if not isinstance(value, str) or not is_data_url(value):
+                raise ValueError("must be a base64 data URL (data:image/...;base64,...)")
+            context = info.context or {}
+            try:
+                decode_data_url(value, max_pixels=context.get("max_pixels", 40_000_000))
+            except ImageError as exc:
+                raise ValueError(str(exc)) from exc
+            return value
+        try:
+            return encode_image(value)
+        except ImageError as exc:
+            raise ValueError(str(exc)) from exc
+
+    @model_validator(mode="after")
+    def _max_objects_for_detect_only(self) -> _RequestBase:
+        skill = getattr(self, "skill", None)
+        if (
+            skill != "detect"
+            and self.settings is not None
+            and self.settings.max_objects is not None
+        ):
+            raise ValueError(f"settings.max_objects is only valid for detect, not {skill}")
+        return self
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the request as the spec's JSON, omitting unset optional fields."""
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+class QueryRequest(_RequestBase):
+    """Ask a question, optionally about an image."""
+
+    skill: Literal["query"] = "query"
+    question: str = Field(min_length=1, max_length=4096)
+    image_url: str | None = None
+
+
+class PointRequest(_RequestBase):
+    """Point at every instance of an object in an image."""
+
+    skill: Literal["point"] = "point"
+    object: str = Field(min_length=1, max_length=1024)
+    image_url: str
+
+
+class DetectRequest(_RequestBase):
+    """Detect every instance of an object in an image, as boxes."""
+
+    skill: Literal["detect"] = "detect"
+    object: str = Field(min_length=1, max_length=1024)
+    image_url: str
+
+
+SkillRequest = Annotated[QueryRequest | PointRequest | DetectRequest, Field(discriminator="skill")]
+_request_adapter: TypeAdapter[QueryRequest | PointRequest | DetectRequest] = TypeAdapter(
+    SkillRequest
+)
+
+AnyRequest = QueryRequest | PointRequest | DetectRequest
+"""A typed request of any skill."""
+
+
+class PointGroundTruth(BaseModel):
+    """Ground truth for point: true points, or boxes that a point must fall in."""
+
+    model_config = _STRICT
+    points: list[Point] | None = Field(None, max_length=1000)
+    boxes: list[Box] | None = Field(None, max_length=1000)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> PointGroundTruth:
+        if (self.points is None) == (self.boxes is None):
+            raise ValueError("point ground truth needs exactly one of 'points' or 'boxes'")
+        return self
+
+
+class DetectGroundTruth(BaseModel):
+    """Ground truth for detect: the true boxes (possibly none)."""
+
+    model_config = _STRICT
+    boxes: list[Box] = Field(max_length=1000)
+
+
+GroundTruth = PointGroundTruth | DetectGroundTruth
+
+
+def parse_request(request: AnyRequest | Mapping[str, Any], *, wire: bool = False) -> AnyRequest:
+    """Validate a request given as a typed model or as the spec's JSON.
+
+    Args:
+        request: A ``QueryRequest``/``PointRequest``/``DetectRequest`` or a dict.
+        wire: Validate as a server does: ``image_url`` must be an inline data URL.
+
+    Raises:
+        pydantic.ValidationError: Naming the field that is wrong.
+    """
+    if isinstance(request, (QueryRequest, PointRequest, DetectRequest)):
+        return request
+    if not isinstance(request, Mapping):
+        raise TypeError(f"request must be a request model or a dict, got {type(request).__name__}")
+    return _request_adapter.validate_python(dict(request), context={"wire": wire})
+
+
+def parse_ground_truth(
+    skill: str, ground_truth: GroundTruth | Mapping[str, Any] | None
+) -> GroundTruth | None:
+    """Validate ground truth for a skill; query takes none.
+
+    Raises:
+        ValueError: If ground truth is given for query.
+        pydantic.ValidationError: Naming the field that is wrong.
+    """
+    if ground_truth is None:
+        return None
+    if skill == "query":
+        raise ValueError("ground_truth is only accepted for point and detect, not query")
+    model = PointGroundTruth if skill == "point" else DetectGroundTruth
+    if isinstance(ground_truth, model):
+        return ground_truth
+    if isinstance(ground_truth, BaseModel):
+        raise ValueError(f"{type(ground_truth).__name__} is not ground truth for {skill}")
+    if not isinstance(ground_truth, Mapping):
+        raise TypeError(
+            f"ground_truth must be a model or a dict, got {type(ground_truth).__name__}"
+        )
+    return model.model_validate(dict(ground_truth))
+
+
+def check_rank(rank: int) -> int:
+    """Return ``rank`` if the API accepts it, else raise ``ValueError``."""
+    if isinstance(rank, bool) or rank not in RANKS:
+        raise ValueError(f"rank must be 16 or 32, got {rank!r}")
+    return rank
+
+
+def check_num_rollouts(num_rollouts: int) -> int:
+    """Return ``num_rollouts`` if within 1 to 16, else raise ``ValueError``."""
+    if (
+        isinstance(num_rollouts, bool)
+        or not isinstance(num_rollouts, int)
+        or not (MIN_ROLLOUTS <= num_rollouts <= MAX_ROLLOUTS)
+    ):
+        raise ValueError(f"num_rollouts must be an integer from 1 to 16, got {num_rollouts!r}")
+    return num_rollouts
+
+
+def validation_message(error: ValidationError, prefix: str = "") -> str:
+    """Flatten a pydantic error into one part per field, e.g. ``request.object: ...``.
+
+    Args:
+        error: The validation error.
+        prefix: Prepended to every location, e.g. ``"request"``.
+    """
+    parts = []
+    for item in error.errors(include_url=False):
+        location = (
+            ".".join(
+                [prefix, *(str(part) for part in item["loc"])]
+                if prefix
+                else [str(part) for part in item["loc"]]
+            )
+            or "body"
+        )
+        parts.append(f"{location}: {item['msg']}")
+    return "; ".join(parts)
+
+
+# Responses ---------------------------------------------------------------------------
+
+
+class Adapter(BaseModel):
+    """An adapter as the server describes it; unknown fields are kept."""
+
+    model_config = ConfigDict(extra="allow")
+    adapter_id: str
+    name: str
+    rank: int
+    created_at: datetime | str | None = None
+    train_steps: int | None = None
+    """Train steps applied so far, where the server reports it (the local service does)."""
+
+
+class Checkpoint(BaseModel):
+    """A saved adapter state; ``checkpoint_id`` is ``adapter_id/chk_id``."""
+
+    model_config = ConfigDict(extra="allow")
+    checkpoint_id: str
+    created_at: datetime | str
+
+    @property
+    def adapter_id(self) -> str:
+        """The adapter this checkpoint belongs to."""
+        return split_checkpoint_id(self.checkpoint_id)[0]
+
+
+class Page(BaseModel):
+    """One page of a list: ``items`` and the cursor of the next page, if any."""
+
+    items: list[Any]
+    next_cursor: str | None = None
+
+
+class AdapterPage(Page):
+    """One page of adapters."""
+
+    items: list[Adapter]
+
+
+class CheckpointPage(Page):
+    """One page of checkpoints."""
+
+    items: list[Checkpoint]
+
+
+def split_checkpoint_id(checkpoint_id: str) -> tuple[str, str]:
+    """Split ``adapter_id/chk_id`` into its two parts.
+
+    Raises:
+        ValueError: If the id does not have exactly that form.
+    """
+    adapter_id, sep, short = checkpoint_id.partition("/")
+    if not sep or not adapter_id or not short or "/" in short:
+        raise ValueError(
+            f"checkpoint id must look like 'adapter_id/checkpoint_id', got {checkpoint_id!r}"
+        )
+    return adapter_id, short
+
+
+class Rollout:
+    """One sampled attempt, wrapping the server's JSON without changing it.
+
+    Attributes:
+        raw: The rollout exactly as received; this is what goes back to ``/train_step``.
+    """
+
+    __slots__ = ("raw",)
+
+    def __init__(self, raw: dict[str, Any]) -> None:
+        if not isinstance(raw, dict):
+            raise ValueError(f"a rollout must be a JSON object, got {type(raw).__name__}")
+        self.raw = raw
+
+    @property
+    def skill(self) -> str | None:
+        """The skill this rollout answers."""
+        return self.raw.get("skill")
+
+    @property
+    def output(self) -> dict[str, Any]:
+        """The decoded output: ``answer``, ``points`` or ``boxes``."""
+        output = self.raw.get("output")
+        return output if isinstance(output, dict) else {}
+
+    @property
+    def answer(self) -> str | None:
+        """The answer of a query rollout."""
+        answer = self.output.get("answer")
+        return answer if isinstance(answer, str) else None
+
+    @property
+    def points(self) -> list[Point]:
+        """The points of a point rollout (empty for other skills)."""
+        return [Point.model_validate(point) for point in self.output.get("points") or []]
+
+    @property
+    def boxes(self) -> list[Box]:
+        """The boxes of a detect rollout (empty for other skills)."""
+        return [Box.model_validate(box) for box in self.output.get("boxes") or []]
+
+    def __repr__(self) -> str:
+        return f"Rollout(skill={self.skill!r}, output={self.output!r})"
+
+
+class TrainGroup(TypedDict):
+    """One group of ``/train_step``: the echoed request, its rollouts, one reward each."""
+
+    request: dict[str, Any]
+    rollouts: list[dict[str, Any]]
+    rewards: list[float]
+
+
+class RolloutsResponse:
+    """The answer of ``/rollouts``, keeping the server's JSON for ``/train_step``.
+
+    Attributes:
+        raw: The response exactly as received.
+        request: The echoed request JSON.
+        rollouts: The rollouts, each wrapping its raw JSON.
+        rewards: Server rewards when ground truth was given, else ``None``.
+    """
+
+    __slots__ = ("raw", "request", "rewards", "rollouts")
+
+    def __init__(self, raw: dict[str, Any]) -> None:
+        if not isinstance(raw, dict):
+            raise ValueError("the /rollouts response must be a JSON object")
+        request = raw.get("request")
+        rollouts = raw.get("rollouts")
+        rewards = raw.get("rewards")
+        if not isinstance(request, dict):
+            raise ValueError("the /rollouts response has no 'request' object")
+        if not isinstance(rollouts, list) or not rollouts:
+            raise ValueError("the /rollouts response has no 'rollouts' list")
+        if rewards is not None:
+            rewards = check_rewards(rewards, len(rollouts), where="the /rollouts response")
+        self.raw = raw
+        self.request: dict[str, Any] = request
+        self.rollouts = [Rollout(item) for item in rollouts]
+        self.rewards: list[float] | None = rewards
+
+    def to_group(self, rewards: Sequence[float] | None = None) -> TrainGroup:
+        """Build a ``/train_step`` group from these rollouts.
+
+        Args:
+            rewards: One reward per rollout, in order; defaults to the server's rewards.
+
+        Raises:
+            ValueError: If no rewards are given and the server computed none, or the
+                number of rewards differs from the number of rollouts.
+        """
+        if rewards is None:
+            if self.rewards is None:
+                raise ValueError("no rewards given and the server computed none (no ground truth)")
+            rewards = self.rewards
+        checked = check_rewards(rewards, len(self.rollouts), where="to_group")
+        return {
+            "request": self.request,
+            "rollouts": [rollout.raw for rollout in self.rollouts],
+            "rewards": checked,
+        }
+
+    def __len__(self) -> int:
+        return len(self.rollouts)
+
+    def __repr__(self) -> str:
+        return f"RolloutsResponse(skill={self.request.get('skill')!r}, rollouts={len(self)}, rewards={self.rewards!r})"
+
+
+def check_rewards(rewards: Any, expected: int, *, where: str) -> list[float]:
+    """Validate a list of finite rewards of the expected length.
+
+    Raises:
+        ValueError: Naming ``where``, if the rewards are not a list of ``expected``
+            finite numbers.
+    """
+    if isinstance(rewards, (str, bytes)) or not isinstance(rewards, Sequence):
+        raise ValueError(
+            f"{where}: rewards must be a list of numbers, got {type(rewards).__name__}"
+        )
+    if len(rewards) != expected:
+        raise ValueError(f"{where}: {len(rewards)} rewards for {expected} rollouts")
+    checked = []
+    for index, reward in enumerate(rewards):
+        if isinstance(reward, bool) or not isinstance(reward, (int, float)):
+            raise ValueError(f"{where}: rewards[{index}] is not a number ({reward!r})")
+        if not math.isfinite(reward):
+            raise ValueError(f"{where}: rewards[{index}] is not finite ({reward!r})")
+        checked.append(float(reward))
+    return checked
+
+
+def check_groups(groups: Sequence[Mapping[str, Any]]) -> list[TrainGroup]:
+    """Validate ``/train_step`` groups before sending them.
+
+    Raises:
+        ValueError: Naming the group and field that is wrong.
+    """
+    if isinstance(groups, Mapping) or not isinstance(groups, Sequence) or not groups:
+        raise ValueError("groups must be a non-empty list of train groups")
+    checked: list[TrainGroup] = []
+    for index, group in enumerate(groups):
+        where = f"groups[{index}]"
+        if not isinstance(group, Mapping):
+            raise ValueError(f"{where} must be an object with request, rollouts and rewards")
+        request, rollouts = group.get("request"), group.get("rollouts")
+        if not isinstance(request, dict) or request.get("skill") not in SKILLS:
+            raise ValueError(f"{where}.request must be the echoed request of a known skill")
+        if not isinstance(rollouts, list) or not rollouts:
+            raise ValueError(f"{where}.rollouts must be the non-empty list of rollouts received")
+        if not all(isinstance(rollout, dict) for rollout in rollouts):
+            raise ValueError(f"{where}.rollouts must hold the rollout objects as received")
+        rewards = check_rewards(group.get("rewards"), len(rollouts), where=where)
+        checked.append({"request": request, "rollouts": rollouts, "rewards": rewards})
+    return checked
