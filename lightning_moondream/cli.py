@@ -1,0 +1,106 @@
+"""The ``lightning-moondream`` command.
+
+- ``fit``, ``validate``, ``test``, ``predict``: ``LightningCLI`` over ``MoondreamRLModule``
+  and ``MoondreamDataModule`` (or any subclass), configured by YAML (``--config``).
+- ``serve``: the local tuning service over HTTP.
+- ``adapters list|delete|checkpoints``: housekeeping of adapters and checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from lightning.pytorch.cli import LightningCLI
+
+from lightning_moondream.api import TuningAPIError, TuningClient
+from lightning_moondream.data import MoondreamDataModule
+from lightning_moondream.module import MoondreamRLModule
+
+EXTRA_COMMANDS = ("serve", "adapters")
+
+
+class MoondreamCLI(LightningCLI):
+    """``LightningCLI`` with the Moondream module and data module as defaults."""
+
+    def __init__(self, args: Sequence[str] | None = None) -> None:
+        super().__init__(
+            MoondreamRLModule,
+            MoondreamDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            args=list(args) if args is not None else None,
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,
+        )
+
+
+def _client(args: argparse.Namespace) -> TuningClient:
+    if args.local_dir:
+        return TuningClient.local(data_dir=args.local_dir)
+    return TuningClient(base_url=args.base_url)
+
+
+def adapters_main(argv: Sequence[str]) -> int:
+    """``lightning-moondream adapters``: list and delete adapters and checkpoints."""
+    parser = argparse.ArgumentParser(
+        prog="lightning-moondream adapters",
+        description="List and delete adapters and their checkpoints. The API key comes from "
+        "MOONDREAM_API_KEY; --local-dir inspects a local service's data folder instead.",
+    )
+    parser.add_argument(
+        "--base-url", default=None, help="API base URL (default: MOONDREAM_TUNING_URL or the cloud)"
+    )
+    parser.add_argument("--local-dir", default=None, help="data folder of a local tuning service")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("list", help="list adapters")
+    delete = commands.add_parser(
+        "delete", help="delete adapters, or checkpoints given as adapter/chk ids"
+    )
+    delete.add_argument("ids", nargs="+")
+    checkpoints = commands.add_parser("checkpoints", help="list the checkpoints of an adapter")
+    checkpoints.add_argument("adapter_id")
+    args = parser.parse_args(list(argv))
+    try:
+        with _client(args) as client:
+            if args.command == "list":
+                print(
+                    f"{'adapter_id':<34} {'rank':>4}  {'train_steps':>11}  {'created_at':<26} name"
+                )
+                for adapter in client.adapters.iter(limit=100):
+                    steps = "" if adapter.train_steps is None else str(adapter.train_steps)
+                    print(
+                        f"{adapter.adapter_id:<34} {adapter.rank:>4}  {steps:>11}  {adapter.created_at!s:<26} {adapter.name}"
+                    )
+            elif args.command == "checkpoints":
+                for checkpoint in client.checkpoints.iter(args.adapter_id, limit=100):
+                    print(f"{checkpoint.checkpoint_id:<44} {checkpoint.created_at}")
+            else:
+                for item in args.ids:
+                    if "/" in item:
+                        client.checkpoints.delete(item)
+                    else:
+                        client.adapters.delete(item)
+                    print(f"deleted {item}")
+    except TuningAPIError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of ``lightning-moondream``."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments and arguments[0] == "serve":
+        from lightning_moondream.server.serve import main as serve_main
+
+        serve_main(arguments[1:])
+        return
+    if arguments and arguments[0] == "adapters":
+        raise SystemExit(adapters_main(arguments[1:]))
+    MoondreamCLI(arguments)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,525 @@
+"""``MoondreamRLModule``: a Moondream adapter trained by RL through the tuning API.
+
+The model lives on the server; this module holds no parameters. A training step asks
+for rollouts of every sample in the batch at once, scores them, and sends one
+``/train_step`` with every group whose rewards differ. Each applied remote step advances
+``global_step`` through a stand-in optimizer, so ``max_steps``, ``val_check_interval``,
+``ModelCheckpoint`` and early stopping behave as usual.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, Literal
+
+from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from pydantic import SecretStr
+
+from lightning_moondream.api import (
+    Adapter,
+    AmbiguousRequestError,
+    AsyncTuningClient,
+    BackgroundLoop,
+    RolloutCall,
+    RolloutsResponse,
+    Settings,
+)
+from lightning_moondream.metrics import SkillMetrics
+from lightning_moondream.scoring import RewardSpec, Sample, Scorer
+
+
+# Expected by design: no local optimizer, and batches of samples that stay on the host.
+warnings.filterwarnings(
+    "ignore", message=r".*configure_optimizers. returned .None.", category=UserWarning
+)
+warnings.filterwarnings(
+    "ignore", message=r".*overridden .transfer_batch_to_device.", category=UserWarning
+)
+
+CHECKPOINT_KEY = "moondream"
+"""Key of the API state (adapter and checkpoint ids, never the key) in Lightning checkpoints."""
+
+
+class AmbiguousTrainStepError(RuntimeError):
+    """A train step may or may not have been applied, and the server cannot tell which."""
+
+
+def _settings(value: Settings | Mapping[str, Any] | None, **defaults: Any) -> Settings:
+    if isinstance(value, Settings):
+        return value
+    return Settings.model_validate({**defaults, **dict(value or {})})
+
+
+class MoondreamRLModule(LightningModule):
+    """Finetune a Moondream adapter by reinforcement learning, the Lightning way.
+
+    Args:
+        name: Name of the adapter to create.
+        rank: LoRA rank, 16 or 32.
+        adapter_id: Attach to this existing adapter instead of creating one.
+        from_checkpoint: Create the adapter from this API checkpoint (``adapter/chk``).
+        num_rollouts: Sampled attempts per sample in a training step (1 to 16).
+        train_settings: Sampling settings for training (default temperature 1.0).
+        eval_settings: Settings for validation, test and predict (default temperature 0,
+            greedy, so results do not depend on batching).
+        reward: ``None`` for server ground-truth rewards (point, detect) and exact match
+            (query); a built-in name (``ground_truth``, ``exact_match``, ``token_f1``,
+            ``contains``); a dotted path; ``{name: weight}``; or a callable
+            ``reward(sample, rollout) -> float``, sync or async.
+        reward_std_eps: Groups whose reward standard deviation is below this teach
+            nothing and are not sent.
+        max_concurrency: Rollouts requests in flight at once.
+        max_staleness: 0 samples each batch after the previous step is applied
+            (on-policy); 1 samples the next batch while the current step is applied.
+        api_key: Moondream API key; defaults to ``MOONDREAM_API_KEY``. Never saved.
+        base_url: API base URL; defaults to ``MOONDREAM_TUNING_URL`` or Moondream Cloud.
+        local_service: Options of the in-process local service, used when neither a key
+            nor a base URL is set (e.g. ``{"data_dir": "..."}``; by default it keeps its
+            data under the trainer's ``default_root_dir``).
+        on_ambiguous_step: What to do when a train step may or may not have been applied
+            and the server does not report ``train_steps``: ``raise`` (stop, to resume
+            from the last checkpoint) or ``skip`` (count it as applied, warn, never resend).
+        max_retries: Retries of failed requests where retrying is safe.
+        timeout: Seconds per request; by default 120 s for rollouts, 900 s for steps.
+    """
+
+    def __init__(
+        self,
+        name: str = "lightning-moondream",
+        rank: int = 16,
+        adapter_id: str | None = None,
+        from_checkpoint: str | None = None,
+        num_rollouts: int = 8,
+        train_settings: dict[str, Any] | None = None,
+        eval_settings: dict[str, Any] | None = None,
+        reward: RewardSpec = None,
+        reward_std_eps: float = 1e-6,
+        max_concurrency: int = 16,
+        max_staleness: int = 0,
+        api_key: SecretStr | None = None,
+        base_url: str | None = None,
+        local_service: dict[str, Any] | None = None,
+        on_ambiguous_step: Literal["raise", "skip"] = "raise",
+        max_retries: int = 4,
+        timeout: float | None = None,
+    ) -> None:
+        super().__init__()
+        if rank not in (16, 32):
+            raise ValueError(f"rank must be 16 or 32, got {rank}")
+        if not 1 <= num_rollouts <= 16:
+            raise ValueError(f"num_rollouts must be from 1 to 16, got {num_rollouts}")
+        if max_staleness not in (0, 1):
+            raise ValueError(f"max_staleness must be 0 or 1, got {max_staleness}")
+        if max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
+        if on_ambiguous_step not in ("raise", "skip"):
+            raise ValueError(
+                f"on_ambiguous_step must be 'raise' or 'skip', got {on_ambiguous_step!r}"
+            )
+        ignored = ["api_key"] + (
+            [] if reward is None or isinstance(reward, (str, dict)) else ["reward"]
+        )
+        self.save_hyperparameters(ignore=ignored)
+        self.automatic_optimization = False
+        self.train_settings = _settings(train_settings, temperature=1.0)
+        self.eval_settings = _settings(eval_settings, temperature=0.0)
+        self.scorer = Scorer(reward)
+        self._api_key = (
+            api_key if isinstance(api_key, SecretStr) or api_key is None else SecretStr(api_key)
+        )
+        self.val_metrics = SkillMetrics()
+        self.test_metrics = SkillMetrics()
+        self._loop: BackgroundLoop | None = None
+        self._client: AsyncTuningClient | None = None
+        self._adapter: Adapter | None = None
+        self._remote_train_steps = 0
+        self._resume_checkpoint_id: str | None = None
+        self._pending_step: Future[None] | None = None
+        self.last_saved_checkpoint_id: str | None = None
+        """Id of the API checkpoint saved with the most recent Lightning checkpoint."""
+
+    # Connection ----------------------------------------------------------------------------
+
+    @property
+    def uses_local_service(self) -> bool:
+        """Whether no key and no base URL are set, so the in-process local service serves."""
+        return (
+            self._api_key is None
+            and not os.environ.get("MOONDREAM_API_KEY")
+            and self.hparams.base_url is None
+            and not os.environ.get("MOONDREAM_TUNING_URL")
+        )
+
+    @property
+    def client(self) -> AsyncTuningClient:
+        """The API client, connected on first use."""
+        if self._client is None:
+            self._loop = BackgroundLoop()
+            self._client = self._connect()
+        return self._client
+
+    @property
+    def usage(self) -> Any:
+        """Counts of requests, rollouts, train steps, retries, bytes and latencies."""
+        return self.client.usage
+
+    def _connect(self) -> AsyncTuningClient:
+        options = {"max_retries": self.hparams.max_retries, "timeout": self.hparams.timeout}
+        if not self.uses_local_service:
+            return AsyncTuningClient(
+                api_key=self._api_key, base_url=self.hparams.base_url, **options
+            )
+        service = dict(self.hparams.local_service or {})
+        root = self._trainer.default_root_dir if self._trainer is not None else os.getcwd()
+        service.setdefault("data_dir", str(Path(root) / "moondream-local-service"))
+        rank_zero_info(
+            "No MOONDREAM_API_KEY and no base_url: training against the local tuning service in "
+            f"this process (data in {service['data_dir']}), an offline stand-in for Moondream Cloud."
+        )
+        client = AsyncTuningClient.local(**service)
+        client.retry_policy.max_retries = self.hparams.max_retries
+        return client
+
+    def _run(self, coroutine: Any) -> Any:
+        self.client  # noqa: B018 - connect before the loop is needed
+        assert self._loop is not None
+        return self._loop.run(coroutine)
+
+    @property
+    def adapter(self) -> Adapter:
+        """The adapter being trained or evaluated, created or attached on first use."""
+        if self._adapter is None:
+            self._adapter = self._run(self._open_adapter())
+            self._remote_train_steps = self._adapter.train_steps or 0
+            rank_zero_info(
+                f"Moondream adapter {self._adapter.adapter_id} (rank {self._adapter.rank})"
+                + (
+                    f" from checkpoint {self._resume_checkpoint_id}"
+                    if self._resume_checkpoint_id
+                    else ""
+                )
+            )
+        return self._adapter
+
+    async def _open_adapter(self) -> Adapter:
+        adapters = self.client.adapters
+        if self._resume_checkpoint_id is not None:
+            return await adapters.create(
+                self.hparams.name, self.hparams.rank, self._resume_checkpoint_id
+            )
+        if self.hparams.adapter_id is not None:
+            return await adapters.get(self.hparams.adapter_id)
+        return await adapters.create(
+            self.hparams.name, self.hparams.rank, self.hparams.from_checkpoint
+        )
+
+    def close(self) -> None:
+        """Wait for a pending train step, then close the client and its event loop."""
+        try:
+            self._drain()
+        finally:
+            if self._client is not None and self._loop is not None:
+                self._loop.run(self._client.close())
+                self._loop.close()
+            self._client, self._loop = None, None
+
+    # Lightning hooks -----------------------------------------------------------------------
+
+    def configure_optimizers(self) -> None:
+        """No local parameters: the optimizer runs on the server."""
+        return None
+
+    def transfer_batch_to_device(self, batch: Any, device: Any, dataloader_idx: int) -> Any:
+        """Leave batches where they are: samples hold no tensors, and they go to the server."""
+        return batch
+
+    def on_fit_start(self) -> None:
+        """Open the adapter before the first batch, so set-up errors surface at once."""
+        self.adapter  # noqa: B018
+
+    def on_validation_start(self) -> None:
+        """Evaluate the adapter with every train step applied."""
+        self._drain()
+
+    def on_test_start(self) -> None:
+        """Evaluate the adapter with every train step applied."""
+        self._drain()
+
+    def on_train_end(self) -> None:
+        """Apply the last pending train step before training ends."""
+        self._drain()
+
+    def teardown(self, stage: str) -> None:
+        """Close the connection; the adapter stays, and a later stage reconnects."""
+        self.close()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Save an API checkpoint and record its id (never the key) in the checkpoint."""
+        self.last_saved_checkpoint_id = None
+        if self._adapter is None:
+            return
+        self._drain()
+        saved = self._run(self.client.checkpoints.save(self._adapter.adapter_id))
+        self.last_saved_checkpoint_id = saved.checkpoint_id
+        checkpoint[CHECKPOINT_KEY] = {
+            "adapter_id": self._adapter.adapter_id,
+            "checkpoint_id": saved.checkpoint_id,
+            "train_steps": self._remote_train_steps,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Continue from the API checkpoint: a new adapter is created from it on first use.
+
+        Steps applied to the old adapter after that checkpoint are not carried over, so
+        none is counted twice.
+        """
+        state = checkpoint.get(CHECKPOINT_KEY)
+        if not state:
+            rank_zero_warn("the checkpoint has no Moondream state; starting a fresh adapter")
+            return
+        self._resume_checkpoint_id = state["checkpoint_id"]
+        self._adapter = None
+
+    # Training ------------------------------------------------------------------------------
+
+    def training_step(self, batch: Sequence[Sample], batch_idx: int) -> None:
+        """Sample, score and apply one remote train step for the batch."""
+        samples = _check_batch(batch, batch_idx)
+        adapter_id = self.adapter.adapter_id
+        started = time.perf_counter()
+        scored = self._run(
+            self._sample_and_score(
+                samples, adapter_id, self.train_settings, self.hparams.num_rollouts
+            )
+        )
+        rollout_seconds = time.perf_counter() - started
+        # With max_staleness=1 the previous step was applied while these rollouts ran.
+        self._drain()
+        groups, spreads = [], []
+        for response, rewards in scored:
+            spread = statistics.pstdev(rewards) if len(rewards) > 1 else 0.0
+            spreads.append(spread)
+            if spread >= self.hparams.reward_std_eps:
+                groups.append(response.to_group(rewards))
+        every_reward = [reward for _, rewards in scored for reward in rewards]
+        size = len(samples)
+        self.log(
+            "train/reward_mean", statistics.fmean(every_reward), prog_bar=True, batch_size=size
+        )
+        self.log("train/reward_std", statistics.pstdev(every_reward), batch_size=size)
+        self.log("train/frac_zero_std", 1.0 - len(groups) / size, batch_size=size)
+        self.log("train/groups", float(len(groups)), batch_size=size)
+        self.log("train/rollouts_time_s", rollout_seconds, batch_size=size)
+        if not groups:
+            return
+        future = self._loop_submit(self._apply_train_step(adapter_id, groups))
+        if self.hparams.max_staleness == 0:
+            started = time.perf_counter()
+            future.result()
+            self.log("train/train_step_time_s", time.perf_counter() - started, batch_size=size)
+        else:
+            self._pending_step = future
+        # The stand-in optimizer's step is what advances global_step in manual optimization.
+        optimizer = self.optimizers()
+        assert not isinstance(optimizer, list)
+        optimizer.step()
+
+    def _loop_submit(self, coroutine: Any) -> Future[Any]:
+        self.client  # noqa: B018
+        assert self._loop is not None
+        return self._loop.submit(coroutine)
+
+    def _drain(self) -> None:
+        pending, self._pending_step = self._pending_step, None
+        if pending is not None:
+            pending.result()
+
+    async def _sample_and_score(
+        self, samples: Sequence[Sample], adapter_id: str, settings: Settings, num_rollouts: int
+    ) -> list[tuple[RolloutsResponse, list[float]]]:
+        calls = []
+        for sample in samples:
+            truth = sample.ground_truth() if self.scorer.sends_ground_truth(sample) else None
+            calls.append(RolloutCall(adapter_id, sample.to_request(settings), num_rollouts, truth))
+        responses = await self.client.rollouts_many(
+            calls, max_concurrency=self.hparams.max_concurrency
+        )
+        scores = [
+            await self.scorer.score(sample, response)
+            for sample, response in zip(samples, responses)
+        ]
+        return list(zip(responses, scores))
+
+    async def _apply_train_step(self, adapter_id: str, groups: list[Any]) -> None:
+        applied_before = self._remote_train_steps
+        for _ in range(self.hparams.max_retries + 1):
+            try:
+                await self.client.train_step(adapter_id, groups)
+                break
+            except AmbiguousRequestError as exc:
+                if not await self._resend_needed(adapter_id, applied_before, exc):
+                    break
+        else:
+            raise AmbiguousTrainStepError(
+                f"train step {applied_before + 1} of adapter {adapter_id} failed on every attempt"
+            )
+        self._remote_train_steps = applied_before + 1
+
+    async def _resend_needed(
+        self, adapter_id: str, applied_before: int, error: AmbiguousRequestError
+    ) -> bool:
+        """Read the adapter back to learn whether an ambiguous train step was applied."""
+        reported = (await self.client.adapters.get(adapter_id)).train_steps
+        if reported == applied_before:
+            rank_zero_warn(
+                f"train step {applied_before + 1} was not applied ({error.cause.message}); resending it"
+            )
+            return True
+        if reported == applied_before + 1:
+            return False
+        if reported is None and self.hparams.on_ambiguous_step == "skip":
+            rank_zero_warn(
+                f"train step {applied_before + 1} may or may not have been applied ({error.cause.message}); "
+                "counting it as applied and going on (on_ambiguous_step='skip')"
+            )
+            return False
+        if reported is None:
+            raise AmbiguousTrainStepError(
+                f"train step {applied_before + 1} of adapter {adapter_id} may or may not have been applied "
+                f"({error.cause.message}) and the server does not report train_steps. Resume from the "
+                "last checkpoint (ckpt_path=.../last.ckpt) to continue exactly, or set "
+                "on_ambiguous_step='skip' to count such steps as applied."
+            ) from error
+        raise AmbiguousTrainStepError(
+            f"adapter {adapter_id} reports {reported} train steps where {applied_before} or "
+            f"{applied_before + 1} were expected: is another run training it?"
+        ) from error
+
+    # Evaluation ----------------------------------------------------------------------------
+
+    def _evaluate(
+        self, batch: Sequence[Sample], batch_idx: int, metrics: SkillMetrics
+    ) -> list[dict[str, Any]]:
+        samples = _check_batch(batch, batch_idx)
+        scored = self._run(
+            self._sample_and_score(samples, self.adapter.adapter_id, self.eval_settings, 1)
+        )
+        records = []
+        for sample, (response, rewards) in zip(samples, scored):
+            output = response.rollouts[0].output
+            metrics.update(
+                sample.skill,
+                output,
+                sample.target(),
+                getattr(sample, "image_size", None),
+                sample.label,
+            )
+            records.append({"sample": sample, "output": output, "reward": rewards[0]})
+        return records
+
+    def _log_rewards(self, stage: str, records: list[dict[str, Any]]) -> None:
+        mean = statistics.fmean(record["reward"] for record in records)
+        self.log(f"{stage}/reward", mean, prog_bar=stage == "val", batch_size=len(records))
+
+    def _log_metrics(self, stage: str, metrics: SkillMetrics) -> None:
+        values = metrics.compute()
+        metrics.reset()
+        self.log_dict({f"{stage}/{name}": value for name, value in values.items()})
+
+    def validation_step(self, batch: Sequence[Sample], batch_idx: int) -> list[dict[str, Any]]:
+        """One greedy rollout per sample, scored and added to the epoch's metrics."""
+        records = self._evaluate(batch, batch_idx, self.val_metrics)
+        self._log_rewards("val", records)
+        return records
+
+    def on_validation_epoch_end(self) -> None:
+        """Compute and log the epoch's metrics (``val/map``, ``val/det_f1``, ...)."""
+        self._log_metrics("val", self.val_metrics)
+
+    def test_step(self, batch: Sequence[Sample], batch_idx: int) -> list[dict[str, Any]]:
+        """One greedy rollout per sample, scored and added to the test metrics."""
+        records = self._evaluate(batch, batch_idx, self.test_metrics)
+        self._log_rewards("test", records)
+        return records
+
+    def on_test_epoch_end(self) -> None:
+        """Compute and log the test metrics."""
+        self._log_metrics("test", self.test_metrics)
+
+    def predict_step(self, batch: Sequence[Sample], batch_idx: int) -> list[dict[str, Any]]:
+        """One greedy rollout per sample: ``{"id", "skill", "label", "output"}`` records."""
+        samples = _check_batch(batch, batch_idx)
+        calls = [
+            RolloutCall(self.adapter.adapter_id, sample.to_request(self.eval_settings), 1)
+            for sample in samples
+        ]
+        responses = self._run(
+            self.client.rollouts_many(calls, max_concurrency=self.hparams.max_concurrency)
+        )
+        return [
+            {
+                "id": sample.id,
+                "skill": sample.skill,
+                "label": sample.label,
+                "output": response.rollouts[0].output,
+            }
+            for sample, response in zip(samples, responses)
+        ]
+
+    def evaluate(
+        self, batches: Iterable[Sequence[Sample]], *, progress: Callable[[int], None] | None = None
+    ) -> dict[str, float]:
+        """Evaluate the current adapter outside a ``Trainer`` loop.
+
+        Args:
+            batches: Batches of samples, e.g. a validation ``DataLoader``.
+            progress: Called with the number of samples done after each batch.
+
+        Returns:
+            The metrics of ``SkillMetrics`` plus ``reward`` and ``samples``.
+        """
+        self._drain()
+        metrics = SkillMetrics()
+        every_reward: list[float] = []
+        for index, batch in enumerate(batches):
+            records = self._evaluate(batch, index, metrics)
+            every_reward.extend(record["reward"] for record in records)
+            if progress is not None:
+                progress(len(every_reward))
+        values = {name: float(value) for name, value in metrics.compute().items()}
+        if every_reward:
+            values["reward"] = statistics.fmean(every_reward)
+        values["samples"] = float(len(every_reward))
+        return values
+
+    def delete_api_checkpoint(self, checkpoint_id: str) -> None:
+        """Delete an API checkpoint (used when its Lightning checkpoint is removed)."""
+        self._run(self.client.checkpoints.delete(checkpoint_id))
+
+
+def _check_batch(batch: Sequence[Sample], batch_idx: int) -> Sequence[Sample]:
+    if isinstance(batch, (str, bytes)) or not isinstance(batch, Sequence):
+        raise TypeError(
+            f"batch {batch_idx} is a {type(batch).__name__}; MoondreamRLModule takes a list of samples "
+            "(use MoondreamDataModule, or collate_fn=list in your DataLoader)"
+        )
+    if not batch:
+        raise ValueError(f"batch {batch_idx} is empty: a training step needs at least one sample")
+    for index, sample in enumerate(batch):
+        if not hasattr(sample, "to_request") or getattr(sample, "skill", None) not in (
+            "query",
+            "point",
+            "detect",
+        ):
+            raise TypeError(
+                f"batch {batch_idx} item {index} is a {type(sample).__name__}, not a Moondream sample "
+                "(DetectSample, PointSample or QuerySample)"
+            )
+    return batch
