@@ -34,7 +34,6 @@ from lightning_moondream.api import (
 from lightning_moondream.metrics import SkillMetrics
 from lightning_moondream.scoring import RewardSpec, Sample, Scorer
 
-
 # Expected by design: no local optimizer, and batches of samples that stay on the host.
 warnings.filterwarnings(
     "ignore", message=r".*configure_optimizers. returned .None.", category=UserWarning
@@ -353,9 +352,9 @@ class MoondreamRLModule(LightningModule):
         )
         scores = [
             await self.scorer.score(sample, response)
-            for sample, response in zip(samples, responses)
+            for sample, response in zip(samples, responses, strict=True)
         ]
-        return list(zip(responses, scores))
+        return list(zip(responses, scores, strict=True))
 
     async def _apply_train_step(self, adapter_id: str, groups: list[Any]) -> None:
         applied_before = self._remote_train_steps
@@ -412,7 +411,7 @@ class MoondreamRLModule(LightningModule):
             self._sample_and_score(samples, self.adapter.adapter_id, self.eval_settings, 1)
         )
         records = []
-        for sample, (response, rewards) in zip(samples, scored):
+        for sample, (response, rewards) in zip(samples, scored, strict=True):
             output = response.rollouts[0].output
             metrics.update(
                 sample.skill,
@@ -470,7 +469,7 @@ class MoondreamRLModule(LightningModule):
                 "label": sample.label,
                 "output": response.rollouts[0].output,
             }
-            for sample, response in zip(samples, responses)
+            for sample, response in zip(samples, responses, strict=True)
         ]
 
     def evaluate(

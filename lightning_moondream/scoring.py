@@ -13,7 +13,7 @@ import importlib
 import inspect
 import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, Protocol, Union
+from typing import Any, Protocol
 
 from lightning_moondream import rewards as reward_functions
 from lightning_moondream.api.models import (
@@ -24,8 +24,8 @@ from lightning_moondream.api.models import (
     Settings,
 )
 
-RewardFunction = Callable[[Any, Rollout], Union[float, Awaitable[float]]]
-RewardSpec = Union[str, Mapping[str, float], RewardFunction, None]
+RewardFunction = Callable[[Any, Rollout], float | Awaitable[float]]
+RewardSpec = str | Mapping[str, float] | RewardFunction | None
 
 
 class Sample(Protocol):
@@ -130,7 +130,10 @@ def _weighted(components: list[tuple[RewardFunction, float]]) -> RewardFunction:
 
     async def weighted(sample: Any, rollout: Rollout) -> float:
         scores = [await _call(function, sample, rollout) for function, _ in components]
-        return sum(score * weight for score, (_, weight) in zip(scores, components)) / total
+        return (
+            sum(score * weight for score, (_, weight) in zip(scores, components, strict=True))
+            / total
+        )
 
     return weighted
 
