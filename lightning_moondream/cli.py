@@ -98,7 +98,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         serve_main(arguments[1:])
         return
     if arguments and arguments[0] == "adapters":
-        raise SystemExit(adapters_main(arguments[1:]))
+        status = adapters_main(arguments[1:])
+        if status:
+            raise SystemExit(status)
+        return
+    if arguments and arguments[0] == "evaluate":
+        from lightning_moondream.evaluation import evaluate_main
+
+        raise SystemExit(evaluate_main(arguments[1:]))
     MoondreamCLI(arguments)
 
 

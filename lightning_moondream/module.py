@@ -30,6 +30,8 @@ from lightning_moondream.api import (
     RolloutCall,
     RolloutsResponse,
     Settings,
+    TuningAPIError,
+    UsageStats,
 )
 from lightning_moondream.metrics import SkillMetrics
 from lightning_moondream.scoring import RewardSpec, Sample, Scorer
@@ -89,6 +91,10 @@ class MoondreamRLModule(LightningModule):
         timeout: Seconds per request; by default 120 s for rollouts, 900 s for steps.
     """
 
+    # True from the moment a train step is sent until the server's state is known again
+    # (applied, or provably not applied); no checkpoint may be taken in between.
+    _step_in_doubt: bool = False
+
     def __init__(
         self,
         name: str = "lightning-moondream",
@@ -127,6 +133,19 @@ class MoondreamRLModule(LightningModule):
         )
         self.save_hyperparameters(ignore=ignored)
         self.automatic_optimization = False
+        self.name = name
+        self.rank = rank
+        self.adapter_id = adapter_id
+        self.from_checkpoint = from_checkpoint
+        self.num_rollouts = num_rollouts
+        self.reward_std_eps = reward_std_eps
+        self.max_concurrency = max_concurrency
+        self.max_staleness = max_staleness
+        self.base_url = base_url
+        self.local_service = dict(local_service or {})
+        self.on_ambiguous_step = on_ambiguous_step
+        self.max_retries = max_retries
+        self.timeout = timeout
         self.train_settings = _settings(train_settings, temperature=1.0)
         self.eval_settings = _settings(eval_settings, temperature=0.0)
         self.scorer = Scorer(reward)
@@ -141,6 +160,10 @@ class MoondreamRLModule(LightningModule):
         self._remote_train_steps = 0
         self._resume_checkpoint_id: str | None = None
         self._pending_step: Future[None] | None = None
+        self._announced_local_service = False
+        self.usage = UsageStats()
+        """Counts of requests, rollouts, train steps, retries, bytes and latencies, kept
+        across reconnections (fit, then validate or test)."""
         self.last_saved_checkpoint_id: str | None = None
         """Id of the API checkpoint saved with the most recent Lightning checkpoint."""
 
@@ -152,7 +175,7 @@ class MoondreamRLModule(LightningModule):
         return (
             self._api_key is None
             and not os.environ.get("MOONDREAM_API_KEY")
-            and self.hparams.base_url is None
+            and self.base_url is None
             and not os.environ.get("MOONDREAM_TUNING_URL")
         )
 
@@ -162,28 +185,28 @@ class MoondreamRLModule(LightningModule):
         if self._client is None:
             self._loop = BackgroundLoop()
             self._client = self._connect()
+            self._client.usage = self.usage
         return self._client
 
-    @property
-    def usage(self) -> Any:
-        """Counts of requests, rollouts, train steps, retries, bytes and latencies."""
-        return self.client.usage
-
     def _connect(self) -> AsyncTuningClient:
-        options = {"max_retries": self.hparams.max_retries, "timeout": self.hparams.timeout}
         if not self.uses_local_service:
             return AsyncTuningClient(
-                api_key=self._api_key, base_url=self.hparams.base_url, **options
+                api_key=self._api_key,
+                base_url=self.base_url,
+                timeout=self.timeout,
+                max_retries=self.max_retries,
             )
-        service = dict(self.hparams.local_service or {})
+        service = dict(self.local_service or {})
         root = self._trainer.default_root_dir if self._trainer is not None else os.getcwd()
         service.setdefault("data_dir", str(Path(root) / "moondream-local-service"))
-        rank_zero_info(
-            "No MOONDREAM_API_KEY and no base_url: training against the local tuning service in "
-            f"this process (data in {service['data_dir']}), an offline stand-in for Moondream Cloud."
-        )
+        if not self._announced_local_service:
+            self._announced_local_service = True
+            rank_zero_info(
+                "No MOONDREAM_API_KEY and no base_url: training against the local tuning service in "
+                f"this process (data in {service['data_dir']}), an offline stand-in for Moondream Cloud."
+            )
         client = AsyncTuningClient.local(**service)
-        client.retry_policy.max_retries = self.hparams.max_retries
+        client.retry_policy.max_retries = self.max_retries
         return client
 
     def _run(self, coroutine: Any) -> Any:
@@ -210,14 +233,10 @@ class MoondreamRLModule(LightningModule):
     async def _open_adapter(self) -> Adapter:
         adapters = self.client.adapters
         if self._resume_checkpoint_id is not None:
-            return await adapters.create(
-                self.hparams.name, self.hparams.rank, self._resume_checkpoint_id
-            )
-        if self.hparams.adapter_id is not None:
-            return await adapters.get(self.hparams.adapter_id)
-        return await adapters.create(
-            self.hparams.name, self.hparams.rank, self.hparams.from_checkpoint
-        )
+            return await adapters.create(self.name, self.rank, self._resume_checkpoint_id)
+        if self.adapter_id is not None:
+            return await adapters.get(self.adapter_id)
+        return await adapters.create(self.name, self.rank, self.from_checkpoint)
 
     def close(self) -> None:
         """Wait for a pending train step, then close the client and its event loop."""
@@ -260,15 +279,37 @@ class MoondreamRLModule(LightningModule):
         self.close()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Save an API checkpoint and record its id (never the key) in the checkpoint."""
+        """Save an API checkpoint and record its id (never the key) in the checkpoint.
+
+        Raises:
+            AmbiguousTrainStepError: If the last train step may or may not have been
+                applied: no checkpoint can then pair ``global_step`` with the adapter's
+                state, so none is written (resume from an earlier one).
+        """
         self.last_saved_checkpoint_id = None
         if self._adapter is None:
             return
         self._drain()
-        saved = self._run(self.client.checkpoints.save(self._adapter.adapter_id))
+        adapter_id = self._adapter.adapter_id
+        if self._step_in_doubt:
+            raise AmbiguousTrainStepError(
+                f"not checkpointing: train step {self._remote_train_steps + 1} of adapter "
+                f"{adapter_id} may or may not have been applied; resume from an earlier checkpoint"
+            )
+        attempts = int(self.hparams["max_retries"]) + 1
+        for attempt in range(attempts):
+            try:
+                saved = self._run(self.client.checkpoints.save(adapter_id))
+                break
+            except AmbiguousRequestError as exc:
+                # Saving reads the adapter and changes nothing it trains on: a save applied
+                # twice leaves one unused API checkpoint, never a wrong adapter.
+                if attempt == attempts - 1:
+                    raise
+                rank_zero_warn(f"saving an API checkpoint failed ({exc.cause.message}); retrying")
         self.last_saved_checkpoint_id = saved.checkpoint_id
         checkpoint[CHECKPOINT_KEY] = {
-            "adapter_id": self._adapter.adapter_id,
+            "adapter_id": adapter_id,
             "checkpoint_id": saved.checkpoint_id,
             "train_steps": self._remote_train_steps,
         }
@@ -294,9 +335,7 @@ class MoondreamRLModule(LightningModule):
         adapter_id = self.adapter.adapter_id
         started = time.perf_counter()
         scored = self._run(
-            self._sample_and_score(
-                samples, adapter_id, self.train_settings, self.hparams.num_rollouts
-            )
+            self._sample_and_score(samples, adapter_id, self.train_settings, self.num_rollouts)
         )
         rollout_seconds = time.perf_counter() - started
         # With max_staleness=1 the previous step was applied while these rollouts ran.
@@ -305,7 +344,7 @@ class MoondreamRLModule(LightningModule):
         for response, rewards in scored:
             spread = statistics.pstdev(rewards) if len(rewards) > 1 else 0.0
             spreads.append(spread)
-            if spread >= self.hparams.reward_std_eps:
+            if spread >= self.reward_std_eps:
                 groups.append(response.to_group(rewards))
         every_reward = [reward for _, rewards in scored for reward in rewards]
         size = len(samples)
@@ -319,7 +358,7 @@ class MoondreamRLModule(LightningModule):
         if not groups:
             return
         future = self._loop_submit(self._apply_train_step(adapter_id, groups))
-        if self.hparams.max_staleness == 0:
+        if self.max_staleness == 0:
             started = time.perf_counter()
             future.result()
             self.log("train/train_step_time_s", time.perf_counter() - started, batch_size=size)
@@ -347,9 +386,7 @@ class MoondreamRLModule(LightningModule):
         for sample in samples:
             truth = sample.ground_truth() if self.scorer.sends_ground_truth(sample) else None
             calls.append(RolloutCall(adapter_id, sample.to_request(settings), num_rollouts, truth))
-        responses = await self.client.rollouts_many(
-            calls, max_concurrency=self.hparams.max_concurrency
-        )
+        responses = await self.client.rollouts_many(calls, max_concurrency=self.max_concurrency)
         scores = [
             await self.scorer.score(sample, response)
             for sample, response in zip(samples, responses, strict=True)
@@ -358,18 +395,28 @@ class MoondreamRLModule(LightningModule):
 
     async def _apply_train_step(self, adapter_id: str, groups: list[Any]) -> None:
         applied_before = self._remote_train_steps
-        for _ in range(self.hparams.max_retries + 1):
+        self._step_in_doubt = True
+        for _ in range(self.max_retries + 1):
             try:
                 await self.client.train_step(adapter_id, groups)
                 break
             except AmbiguousRequestError as exc:
                 if not await self._resend_needed(adapter_id, applied_before, exc):
                     break
+            except TuningAPIError:
+                # Refused or never sent, after earlier attempts were found unapplied: the
+                # step is known not to be applied.
+                self._step_in_doubt = False
+                raise
         else:
+            # Every attempt was read back as not applied: the state is known.
+            self._step_in_doubt = False
             raise AmbiguousTrainStepError(
-                f"train step {applied_before + 1} of adapter {adapter_id} failed on every attempt"
+                f"train step {applied_before + 1} of adapter {adapter_id} failed on every attempt "
+                "and was not applied"
             )
         self._remote_train_steps = applied_before + 1
+        self._step_in_doubt = False
 
     async def _resend_needed(
         self, adapter_id: str, applied_before: int, error: AmbiguousRequestError
@@ -383,17 +430,22 @@ class MoondreamRLModule(LightningModule):
             return True
         if reported == applied_before + 1:
             return False
-        if reported is None and self.hparams.on_ambiguous_step == "skip":
+        if reported is None and self.on_ambiguous_step == "skip":
             rank_zero_warn(
                 f"train step {applied_before + 1} may or may not have been applied ({error.cause.message}); "
                 "counting it as applied and going on (on_ambiguous_step='skip')"
             )
             return False
         if reported is None:
+            callback = self._trainer.checkpoint_callback if self._trainer is not None else None
+            saved = getattr(callback, "last_model_path", "") or getattr(
+                callback, "best_model_path", ""
+            )
+            resume = f"ckpt_path={saved!r}" if saved else "ckpt_path=<your last checkpoint>.ckpt"
             raise AmbiguousTrainStepError(
                 f"train step {applied_before + 1} of adapter {adapter_id} may or may not have been applied "
                 f"({error.cause.message}) and the server does not report train_steps. Resume from the "
-                "last checkpoint (ckpt_path=.../last.ckpt) to continue exactly, or set "
+                f"last checkpoint ({resume}) to continue exactly, or set "
                 "on_ambiguous_step='skip' to count such steps as applied."
             ) from error
         raise AmbiguousTrainStepError(
@@ -432,7 +484,8 @@ class MoondreamRLModule(LightningModule):
         metrics.reset()
         self.log_dict({f"{stage}/{name}": value for name, value in values.items()})
 
-    def validation_step(self, batch: Sequence[Sample], batch_idx: int) -> list[dict[str, Any]]:
+    # Records, not a loss: callbacks (prediction images) read them in on_*_batch_end.
+    def validation_step(self, batch: Sequence[Sample], batch_idx: int) -> list[dict[str, Any]]:  # type: ignore[override]
         """One greedy rollout per sample, scored and added to the epoch's metrics."""
         records = self._evaluate(batch, batch_idx, self.val_metrics)
         self._log_rewards("val", records)
@@ -442,7 +495,7 @@ class MoondreamRLModule(LightningModule):
         """Compute and log the epoch's metrics (``val/map``, ``val/det_f1``, ...)."""
         self._log_metrics("val", self.val_metrics)
 
-    def test_step(self, batch: Sequence[Sample], batch_idx: int) -> list[dict[str, Any]]:
+    def test_step(self, batch: Sequence[Sample], batch_idx: int) -> list[dict[str, Any]]:  # type: ignore[override]
         """One greedy rollout per sample, scored and added to the test metrics."""
         records = self._evaluate(batch, batch_idx, self.test_metrics)
         self._log_rewards("test", records)
@@ -460,7 +513,7 @@ class MoondreamRLModule(LightningModule):
             for sample in samples
         ]
         responses = self._run(
-            self.client.rollouts_many(calls, max_concurrency=self.hparams.max_concurrency)
+            self.client.rollouts_many(calls, max_concurrency=self.max_concurrency)
         )
         return [
             {

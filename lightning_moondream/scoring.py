@@ -142,7 +142,7 @@ async def _call(function: RewardFunction, sample: Any, rollout: Rollout) -> floa
     value = function(sample, rollout)
     if inspect.isawaitable(value):
         value = await value
-    return value  # type: ignore[return-value]
+    return value
 
 
 class Scorer:

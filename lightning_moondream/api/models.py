@@ -27,7 +27,13 @@ from pydantic import (
     model_validator,
 )
 
-from lightning_moondream.images import ImageError, decode_data_url, encode_image, is_data_url
+from lightning_moondream.images import (
+    DEFAULT_MAX_PIXELS,
+    ImageError,
+    decode_data_url,
+    encode_image,
+    is_data_url,
+)
 
 RANKS = (16, 32)
 MIN_ROLLOUTS, MAX_ROLLOUTS = 1, 16
@@ -98,7 +104,7 @@ class _RequestBase(BaseModel):
                 raise ValueError("must be a base64 data URL (data:image/...;base64,...)")
             context = info.context or {}
             try:
-                decode_data_url(value, max_pixels=context.get("max_pixels", 40_000_000))
+                decode_data_url(value, max_pixels=context.get("max_pixels", DEFAULT_MAX_PIXELS))
             except ImageError as exc:
                 raise ValueError(str(exc)) from exc
             return value
@@ -180,12 +186,18 @@ class DetectGroundTruth(BaseModel):
 GroundTruth = PointGroundTruth | DetectGroundTruth
 
 
-def parse_request(request: AnyRequest | Mapping[str, Any], *, wire: bool = False) -> AnyRequest:
+def parse_request(
+    request: AnyRequest | Mapping[str, Any],
+    *,
+    wire: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> AnyRequest:
     """Validate a request given as a typed model or as the spec's JSON.
 
     Args:
         request: A ``QueryRequest``/``PointRequest``/``DetectRequest`` or a dict.
         wire: Validate as a server does: ``image_url`` must be an inline data URL.
+        max_pixels: With ``wire``, refuse images larger than this many pixels.
 
     Raises:
         pydantic.ValidationError: Naming the field that is wrong.
@@ -194,7 +206,8 @@ def parse_request(request: AnyRequest | Mapping[str, Any], *, wire: bool = False
         return request
     if not isinstance(request, Mapping):
         raise TypeError(f"request must be a request model or a dict, got {type(request).__name__}")
-    return _request_adapter.validate_python(dict(request), context={"wire": wire})
+    context = {"wire": wire, "max_pixels": max_pixels}
+    return _request_adapter.validate_python(dict(request), context=context)
 
 
 def parse_ground_truth(
@@ -243,21 +256,20 @@ def check_num_rollouts(num_rollouts: int) -> int:
 def validation_message(error: ValidationError, prefix: str = "") -> str:
     """Flatten a pydantic error into one part per field, e.g. ``request.object: ...``.
 
+    The skill tag that pydantic puts in the path of a discriminated union is left out,
+    so the path names the field as it appears in the JSON.
+
     Args:
         error: The validation error.
         prefix: Prepended to every location, e.g. ``"request"``.
     """
     parts = []
     for item in error.errors(include_url=False):
-        location = (
-            ".".join(
-                [prefix, *(str(part) for part in item["loc"])]
-                if prefix
-                else [str(part) for part in item["loc"]]
-            )
-            or "body"
-        )
-        parts.append(f"{location}: {item['msg']}")
+        location = [str(part) for part in item["loc"]]
+        if location and location[0] in SKILLS:
+            location = location[1:]
+        where = ".".join([prefix, *location] if prefix else location) or "body"
+        parts.append(f"{where}: {item['msg'].removeprefix('Value error, ')}")
     return "; ".join(parts)
 
 

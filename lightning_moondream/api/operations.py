@@ -208,11 +208,19 @@ def rollouts(
     if truth is not None:
         body["ground_truth"] = truth.model_dump(mode="json", exclude_none=True)
     images = int(typed.image_url is not None)
+
+    def parse(data: Any) -> RolloutsResponse:
+        response = RolloutsResponse(data)
+        # A short answer would make a partial group; GRPO's baseline needs every rollout.
+        if len(response) != count:
+            raise ValueError(f"asked for {count} rollouts, got {len(response)}")
+        return response
+
     return Operation(
         "POST",
         "/rollouts",
         CallKind.SAFE,
-        RolloutsResponse,
+        parse,
         json=body,
         read_timeout=ROLLOUTS_READ_TIMEOUT,
         images=images,

@@ -29,7 +29,7 @@ class HeldOutReport(Callback):
         self.after: dict[str, float] = {}
 
     def _evaluate(self, trainer: pl.Trainer, pl_module: Any) -> dict[str, float]:
-        datamodule = trainer.datamodule
+        datamodule = getattr(trainer, "datamodule", None)
         if datamodule is None:
             raise RuntimeError("HeldOutReport needs the trainer to be given a datamodule")
         if self.dataloader == "test":

@@ -10,6 +10,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lightning_moondream.api import NotFoundError
+from lightning_moondream.module import MoondreamRLModule
 
 
 class RemoteCheckpoint(ModelCheckpoint):
@@ -41,7 +42,8 @@ class RemoteCheckpoint(ModelCheckpoint):
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         replaced = self.api_checkpoints.get(filepath)
         super()._save_checkpoint(trainer, filepath)
-        saved = getattr(trainer.lightning_module, "last_saved_checkpoint_id", None)
+        module = trainer.lightning_module
+        saved = module.last_saved_checkpoint_id if isinstance(module, MoondreamRLModule) else None
         if saved is None:
             return
         self.api_checkpoints[filepath] = saved
@@ -57,10 +59,15 @@ class RemoteCheckpoint(ModelCheckpoint):
             self._delete_remote(trainer, checkpoint_id)
 
     def _delete_remote(self, trainer: pl.Trainer, checkpoint_id: str) -> None:
-        if self.keep_remote or not trainer.is_global_zero:
+        module = trainer.lightning_module
+        if (
+            self.keep_remote
+            or not trainer.is_global_zero
+            or not isinstance(module, MoondreamRLModule)
+        ):
             return
         try:
-            trainer.lightning_module.delete_api_checkpoint(checkpoint_id)
+            module.delete_api_checkpoint(checkpoint_id)
         except NotFoundError:
             rank_zero_warn(f"API checkpoint {checkpoint_id} was already gone")
 

@@ -1,0 +1,86 @@
+"""Samples, image encoding, dataset readers and the DataModule.
+
+Start with :func:`load_dataset` (COCO, VOC, YOLO, JSONL folders), :func:`from_torchvision`
+(torchvision detection datasets), :class:`SyntheticShapes` (no files), and
+:class:`MoondreamDataModule` to feed them to a Lightning trainer.
+"""
+
+from lightning_moondream.data.detect import (
+    FORMATS,
+    build_prompts,
+    detect_format,
+    from_torchvision,
+    load_dataset,
+)
+from lightning_moondream.data.encoding import (
+    DEFAULT_MAX_SIDE,
+    DEFAULT_QUALITY,
+    EncodedDataset,
+    EncodedImageCache,
+    EncodingStats,
+)
+from lightning_moondream.data.errors import DatasetError, DatasetWarning
+from lightning_moondream.data.geometry import normalize_box, normalize_point
+from lightning_moondream.data.module import (
+    MoondreamDataModule,
+    SourceSpec,
+    build_mixture,
+    build_source,
+    collate_samples,
+)
+from lightning_moondream.data.records import (
+    AnnotatedImage,
+    DatasetItemImage,
+    DetectionPrompts,
+    SampleList,
+)
+from lightning_moondream.data.samples import DetectSample, PointSample, QuerySample, Sample
+from lightning_moondream.data.sources.coco import read_coco
+from lightning_moondream.data.sources.jsonl import read_jsonl
+from lightning_moondream.data.sources.keypoints import CelebALandmarks, read_coco_keypoints
+from lightning_moondream.data.sources.query import ClassificationQuestions, DetectionQuestions
+from lightning_moondream.data.sources.synthetic import SyntheticShapes
+from lightning_moondream.data.sources.torchvision import torchvision_images
+from lightning_moondream.data.sources.voc import read_voc_devkit, read_voc_flat
+from lightning_moondream.data.sources.yolo import read_yolo
+
+__all__ = [
+    "DEFAULT_MAX_SIDE",
+    "DEFAULT_QUALITY",
+    "FORMATS",
+    "AnnotatedImage",
+    "CelebALandmarks",
+    "ClassificationQuestions",
+    "DatasetError",
+    "DatasetItemImage",
+    "DatasetWarning",
+    "DetectSample",
+    "DetectionPrompts",
+    "DetectionQuestions",
+    "EncodedDataset",
+    "EncodedImageCache",
+    "EncodingStats",
+    "MoondreamDataModule",
+    "PointSample",
+    "QuerySample",
+    "Sample",
+    "SampleList",
+    "SourceSpec",
+    "SyntheticShapes",
+    "build_mixture",
+    "build_prompts",
+    "build_source",
+    "collate_samples",
+    "detect_format",
+    "from_torchvision",
+    "load_dataset",
+    "normalize_box",
+    "normalize_point",
+    "read_coco",
+    "read_coco_keypoints",
+    "read_jsonl",
+    "read_voc_devkit",
+    "read_voc_flat",
+    "read_yolo",
+    "torchvision_images",
+]

@@ -1,0 +1,1 @@
+"""Readers of dataset formats and adapters of torchvision datasets into samples."""

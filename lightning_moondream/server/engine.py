@@ -1,0 +1,222 @@
+"""Policies the service can run: the learning reference policy and a no-compute one.
+
+An engine owns the model side of the service: it makes fresh adapter states, samples
+token sequences for a request and applies a train step to a state. Adapter states are
+immutable values; a train step returns a new one, which the service swaps in.
+
+- ``"reference"``: the small torch policy of ``policy.py`` with LoRA adapters, trained
+  by GRPO (``grpo.py``).
+- ``"constant"``: always the same valid answer, with valid training metadata; train
+  steps are counted but optimize nothing. It costs no model compute, so client-side
+  benchmarks measure the client and the wire, not the model.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from PIL import Image
+
+from lightning_moondream.server import codec
+from lightning_moondream.server.grpo import Hyperparameters, ScoredGroup, train_step
+from lightning_moondream.server.lora import AdamState, LoRAWeights, init_lora
+from lightning_moondream.server.policy import Decoding, Policy, Sample, image_tensor, load_base
+
+POLICIES: tuple[str, ...] = ("reference", "constant")
+
+
+@dataclass(frozen=True)
+class AdapterState:
+    """An adapter's weights and optimizer state at one point in time.
+
+    Attributes:
+        rank: LoRA rank.
+        weights: LoRA tensors by name (empty for the constant policy).
+        optimizer: Adam moments, saved with the adapter so training resumes smoothly.
+    """
+
+    rank: int
+    weights: LoRAWeights = field(default_factory=dict)
+    optimizer: AdamState = field(default_factory=AdamState)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict for a weight file."""
+        return {"rank": self.rank, "weights": self.weights, "optimizer": self.optimizer.to_dict()}
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any]) -> AdapterState:
+        """Inverse of ``to_dict``.
+
+        Raises:
+            ValueError: If the dict is not an adapter state.
+        """
+        rank, weights, optimizer = state.get("rank"), state.get("weights"), state.get("optimizer")
+        if (
+            not isinstance(rank, int)
+            or not isinstance(weights, dict)
+            or not isinstance(optimizer, dict)
+        ):
+            raise ValueError("malformed adapter state")
+        return cls(rank, dict(weights), AdamState.from_dict(optimizer))
+
+
+@dataclass(frozen=True)
+class Task:
+    """What to sample for: one request, decoded.
+
+    Attributes:
+        skill: ``"query"``, ``"point"`` or ``"detect"``.
+        prompt: The question or object phrase.
+        image: The request's image (``None`` for a query without one).
+        rules: Decoding rules from the request's settings.
+        temperature: Sampling temperature (0 is greedy).
+        top_p: Nucleus sampling threshold.
+    """
+
+    skill: str
+    prompt: str
+    image: Image.Image | None
+    rules: Decoding
+    temperature: float
+    top_p: float
+
+    @property
+    def scoring_temperature(self) -> float:
+        """Temperature the recorded log-probabilities are taken at."""
+        return self.temperature if self.temperature > 0 else 1.0
+
+
+@dataclass(frozen=True)
+class TrainGroup:
+    """A verified group of ``/train_step``: the task, sampled sequences and rewards."""
+
+    task: Task
+    tokens: Sequence[Sequence[int]]
+    logprobs: Sequence[Sequence[float]]
+    rewards: Sequence[float]
+
+
+class Engine(Protocol):
+    """What the service needs from a policy."""
+
+    def new_adapter(self, rank: int, seed: int) -> AdapterState:
+        """A fresh adapter state of a rank."""
+
+    def sample(
+        self, state: AdapterState, task: Task, count: int, generator: torch.Generator
+    ) -> list[Sample]:
+        """Sample ``count`` sequences for a task."""
+
+    def train(self, state: AdapterState, groups: Sequence[TrainGroup]) -> AdapterState:
+        """Apply one train step; returns the new state."""
+
+
+def adapter_seed(adapter_id: str) -> int:
+    """Seed of an adapter's initialization, derived from its id."""
+    return zlib.crc32(adapter_id.encode())
+
+
+class ReferenceEngine:
+    """The torch reference policy with per-adapter LoRA, trained by GRPO."""
+
+    def __init__(
+        self, policy: Policy | None = None, hyperparameters: Hyperparameters | None = None
+    ) -> None:
+        self.policy = policy if policy is not None else load_base()
+        self.hyperparameters = hyperparameters or Hyperparameters()
+
+    def new_adapter(self, rank: int, seed: int) -> AdapterState:
+        """A fresh adapter: LoRA ``B`` zero, so it starts exactly as the base policy."""
+        return AdapterState(rank, init_lora(self.policy.lora_layers, rank, seed))
+
+    def _context(self, state: AdapterState, task: Task) -> torch.Tensor:
+        features = self.policy.encode_images(image_tensor(task.image)[None])
+        return self.policy.context(features, [task.prompt], task.skill, state.weights)
+
+    def sample(
+        self, state: AdapterState, task: Task, count: int, generator: torch.Generator
+    ) -> list[Sample]:
+        """Sample ``count`` sequences, all from one encoding of the image and prompt."""
+        with torch.no_grad():
+            context = self._context(state, task)
+        return self.policy.sample(
+            context.expand(count, -1),
+            task.rules,
+            temperature=task.temperature,
+            top_p=task.top_p,
+            generator=generator,
+            lora=state.weights,
+        )
+
+    def train(self, state: AdapterState, groups: Sequence[TrainGroup]) -> AdapterState:
+        """One GRPO step on the adapter's LoRA weights."""
+        scored = [
+            ScoredGroup(
+                image=image_tensor(group.task.image),
+                prompt=group.task.prompt,
+                rules=group.task.rules,
+                temperature=group.task.scoring_temperature,
+                tokens=group.tokens,
+                logprobs=group.logprobs,
+                rewards=group.rewards,
+            )
+            for group in groups
+        ]
+        result = train_step(
+            self.policy, state.weights, state.optimizer, scored, self.hyperparameters
+        )
+        return AdapterState(state.rank, result.weights, result.optimizer)
+
+
+class ConstantEngine:
+    """Always the same valid answer; train steps change nothing but the step count."""
+
+    _ANSWER = [codec.ANSWER_VOCAB.index("yes"), codec.ANSWER_END]
+    _POINT = [codec.COORD_BINS // 2, codec.COORD_BINS // 2, codec.COORD_END]
+    _BOX = [
+        codec.COORD_BINS // 4,
+        codec.COORD_BINS // 4,
+        3 * codec.COORD_BINS // 4,
+        3 * codec.COORD_BINS // 4,
+    ]
+
+    def new_adapter(self, rank: int, seed: int) -> AdapterState:
+        """An empty adapter state of a rank."""
+        return AdapterState(rank)
+
+    def sample(
+        self, state: AdapterState, task: Task, count: int, generator: torch.Generator
+    ) -> list[Sample]:
+        """The fixed answer, cut to ``max_tokens``, with log-probability 0 per token."""
+        if task.skill == "query":
+            tokens = self._ANSWER
+        elif task.skill == "point":
+            tokens = self._POINT
+        else:
+            tokens = [*self._BOX, codec.COORD_END]
+        tokens = tokens[: task.rules.max_len]
+        return [Sample(list(tokens), [0.0] * len(tokens)) for _ in range(count)]
+
+    def train(self, state: AdapterState, groups: Sequence[TrainGroup]) -> AdapterState:
+        """Count the step in the optimizer state; weights stay as they are."""
+        optimizer = AdamState(
+            state.optimizer.step + 1, state.optimizer.exp_avg, state.optimizer.exp_avg_sq
+        )
+        return AdapterState(state.rank, state.weights, optimizer)
+
+
+def make_engine(policy: str) -> Engine:
+    """The engine of a policy name.
+
+    Raises:
+        ValueError: For a name outside ``POLICIES``.
+    """
+    if policy == "reference":
+        return ReferenceEngine()
+    if policy == "constant":
+        return ConstantEngine()
+    raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")

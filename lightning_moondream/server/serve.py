@@ -1,0 +1,145 @@
+"""Command line of the local tuning service: ``python -m lightning_moondream.server``.
+
+Serves the tuning API over HTTP with uvicorn. API keys come from ``--api-key``
+(repeatable), else from ``MOONDREAM_API_KEY``; with neither, any non-empty key is
+accepted and each key sees only its own adapters. Keys are never printed or logged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+import torch
+import uvicorn
+
+from lightning_moondream.images import DEFAULT_MAX_PIXELS
+from lightning_moondream.server.app import DEFAULT_MAX_BODY_BYTES, create_app
+from lightning_moondream.server.engine import POLICIES
+from lightning_moondream.server.faults import AFTER_APPLY_KINDS, ENDPOINTS, FAULT_KINDS, FaultConfig
+
+
+def _latency(value: str) -> tuple[str, float]:
+    name, sep, seconds = value.partition("=")
+    if not sep or name not in ENDPOINTS:
+        raise argparse.ArgumentTypeError(
+            f"expected ENDPOINT=SECONDS with ENDPOINT in {', '.join(ENDPOINTS)}"
+        )
+    try:
+        delay = float(seconds)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {seconds!r}") from exc
+    if delay < 0:
+        raise argparse.ArgumentTypeError("latency must not be negative")
+    return name, delay
+
+
+def _csv(choices: Sequence[str]) -> Callable[[str], tuple[str, ...]]:
+    def parse(value: str) -> tuple[str, ...]:
+        items = tuple(item.strip() for item in value.split(",") if item.strip())
+        unknown = [item for item in items if item not in choices]
+        if unknown or not items:
+            raise argparse.ArgumentTypeError(
+                f"expected a comma-separated list of {', '.join(choices)}"
+            )
+        return items
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``serve``."""
+    parser = argparse.ArgumentParser(
+        prog="lightning-moondream serve",
+        description="Serve the local tuning service (the tuning API with a small learning policy).",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port to bind (default 8000)")
+    parser.add_argument(
+        "--data-dir", default=None, help="where adapters live (default: a temporary directory)"
+    )
+    parser.add_argument(
+        "--api-key",
+        action="append",
+        default=None,
+        help="accepted API key, repeatable (default: MOONDREAM_API_KEY, else any key)",
+    )
+    parser.add_argument(
+        "--policy", choices=POLICIES, default="reference", help="model behind the API"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of sampling")
+    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
+    parser.add_argument(
+        "--latency",
+        type=_latency,
+        action="append",
+        default=[],
+        metavar="ENDPOINT=SECONDS",
+        help=f"added latency, repeatable; ENDPOINT in {', '.join(ENDPOINTS)}",
+    )
+    parser.add_argument("--fault-rate", type=float, default=0.0, help="fraction of requests failed")
+    parser.add_argument(
+        "--fault-kinds", type=_csv(FAULT_KINDS), default=FAULT_KINDS, help="e.g. 429,503,500,drop"
+    )
+    parser.add_argument(
+        "--fault-endpoints",
+        type=_csv(ENDPOINTS),
+        default=ENDPOINTS,
+        help="endpoints the fault rate applies to",
+    )
+    parser.add_argument(
+        "--retry-after", type=int, default=1, help="Retry-After seconds of injected 429s"
+    )
+    parser.add_argument(
+        "--fail-after-train-step",
+        choices=AFTER_APPLY_KINDS,
+        default=None,
+        help="apply train steps, then answer 500 or drop the connection",
+    )
+    parser.add_argument("--fail-after-train-step-rate", type=float, default=1.0)
+    parser.add_argument("--fault-seed", type=int, default=0, help="seed of the fault draws")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads per request (default 1)"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Parse arguments and serve until interrupted."""
+    args = build_parser().parse_args(argv)
+    keys = args.api_key or (
+        [os.environ["MOONDREAM_API_KEY"]] if os.environ.get("MOONDREAM_API_KEY") else None
+    )
+    try:
+        faults = FaultConfig(
+            rate=args.fault_rate,
+            kinds=args.fault_kinds,
+            endpoints=args.fault_endpoints,
+            retry_after=args.retry_after,
+            after_train_step=args.fail_after_train_step,
+            after_train_step_rate=args.fail_after_train_step_rate,
+            seed=args.fault_seed,
+        )
+        # One thread per request: requests run in parallel on the cores instead.
+        torch.set_num_threads(max(1, args.threads))
+        app = create_app(
+            data_dir=args.data_dir,
+            api_keys=keys,
+            policy=args.policy,
+            latency=dict(args.latency),
+            faults=faults,
+            max_body_bytes=args.max_body_bytes,
+            max_pixels=args.max_pixels,
+            seed=args.seed,
+        )
+    except ValueError as exc:
+        sys.exit(f"error: {exc}")
+    if keys is None:
+        print("no API key configured: any non-empty X-Moondream-Auth key is accepted", flush=True)
+    else:
+        print(f"{len(keys)} API key(s) configured", flush=True)
+    print(f"serving the tuning API at http://{args.host}:{args.port}/v1/tuning", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")

@@ -1,0 +1,155 @@
+"""The ``lightning-moondream`` command on every config, against the in-process local service."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from builders import coco_tree, save_image, voc_devkit
+
+from lightning_moondream.api import TuningClient
+from lightning_moondream.cli import main
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.fixture(autouse=True)
+def command_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run as the installed command would: no key, no base URL, no pytest arguments."""
+    monkeypatch.setattr("sys.argv", ["lightning-moondream"])
+    monkeypatch.delenv("MOONDREAM_API_KEY", raising=False)
+    monkeypatch.delenv("MOONDREAM_TUNING_URL", raising=False)
+
+
+def keypoints_file(root: Path) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    save_image(root / "person.jpg", size=(100, 80))
+    keypoints = [0] * 51
+    keypoints[0:3] = [50, 20, 2]  # nose
+    keypoints[3:6] = [45, 18, 2]  # left eye
+    path = root / "keypoints.json"
+    path.write_text(
+        json.dumps(
+            {
+                "images": [{"id": 1, "file_name": "person.jpg", "width": 100, "height": 80}],
+                "annotations": [
+                    {"id": 1, "image_id": 1, "category_id": 1, "bbox": [30, 10, 40, 60], "keypoints": keypoints, "num_keypoints": 2}
+                ],
+                "categories": [
+                    {
+                        "id": 1,
+                        "name": "person",
+                        "keypoints": ["nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder", "left_elbow", "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip", "left_knee", "right_knee", "left_ankle", "right_ankle"],
+                    }
+                ],
+            }
+        )
+    )
+    return path
+
+
+def vqa_manifest(root: Path) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    save_image(root / "bus.png", size=(40, 30))
+    lines = [
+        {"image": "bus.png", "skill": "query", "question": "What colour is the bus?", "answers": ["red"]},
+        {"image": "bus.png", "skill": "query", "question": "How many buses are there?", "answers": ["1", "one"]},
+    ]
+    path = root / "vqa.jsonl"
+    path.write_text("\n".join(json.dumps(line) for line in lines))
+    return path
+
+
+def data_overrides(config: str, root: Path) -> list[str]:
+    """Point a cloud config's data paths at tiny generated files."""
+    if config == "quickstart.yaml":
+        return [
+            "--data.train={source: synthetic, num_images: 8, skills: [detect]}",
+            "--data.val={source: synthetic, num_images: 2, skills: [detect]}",
+            "--data.test={source: synthetic, num_images: 2, skills: [detect]}",
+        ]
+    if config == "coco_detect.yaml":
+        annotations = coco_tree(root / "coco")
+        spec = f"{{source: {annotations}, image_root: {annotations.parent}, skill: detect}}"
+        return [f"--data.train={spec}", f"--data.val={spec}"]
+    if config == "voc_detect.yaml":
+        devkit = voc_devkit(root / "voc")
+        spec = f"{{source: {devkit}, format: voc, skill: detect}}"
+        return [f"--data.train={spec}", f"--data.val={spec}"]
+    if config == "coco_keypoints_point.yaml":
+        path = keypoints_file(root / "keypoints")
+        spec = f"{{source: {path}, image_root: {path.parent}, skill: point, keypoints: true}}"
+        return [f"--data.train={spec}", f"--data.val={spec}"]
+    path = vqa_manifest(root / "vqa")
+    return [f"--data.train={{source: {path}}}", f"--data.val={{source: {path}}}"]
+
+
+def common(config: str, root: Path) -> list[str]:
+    return [
+        f"--config={CONFIGS / config}",
+        f"--trainer.default_root_dir={root}",
+        "--data.num_workers=0",
+        "--data.batch_size=2",
+        "--model.num_rollouts=2",
+        *data_overrides(config, root / "data"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "config", ["quickstart.yaml", "coco_detect.yaml", "voc_detect.yaml", "coco_keypoints_point.yaml", "vqa_query.yaml"]
+)
+def test_fit_then_validate_each_config(config: str, tmp_path: Path) -> None:
+    main(["fit", *common(config, tmp_path), "--trainer.fast_dev_run=1"])
+    main(["validate", *common(config, tmp_path), "--trainer.fast_dev_run=1"])
+    with TuningClient.local(data_dir=tmp_path / "moondream-local-service") as client:
+        steps = [adapter.train_steps for adapter in client.adapters.iter()]
+    # fit made an adapter and applied its step; validate made a fresh one to evaluate.
+    assert sorted(steps) == [0, 1]
+
+
+def test_quickstart_fit_writes_checkpoints_and_test_reads_them(tmp_path: Path) -> None:
+    main(["fit", *common("quickstart.yaml", tmp_path), "--trainer.max_steps=2", "--trainer.val_check_interval=2"])
+    checkpoints = sorted(tmp_path.rglob("*.ckpt"))
+    assert {path.name for path in checkpoints} >= {"last.ckpt"}
+    last = next(path for path in checkpoints if path.name == "last.ckpt")
+    main(["test", *common("quickstart.yaml", tmp_path), f"--ckpt_path={last}"])
+    config = next(tmp_path.rglob("config.yaml")).read_text()
+    assert "quickstart-shapes" in config
+
+
+def test_predict_writes_jsonl(tmp_path: Path) -> None:
+    output = tmp_path / "predictions.jsonl"
+    main(
+        [
+            "predict",
+            *common("quickstart.yaml", tmp_path),
+            "--data.predict={source: synthetic, num_images: 2, skills: [detect]}",
+            "--trainer.callbacks+=lightning_moondream.callbacks.JsonlPredictionWriter",
+            f"--trainer.callbacks.output_path={output}",
+        ]
+    )
+    records = [json.loads(line) for line in output.read_text().splitlines()]
+    assert records and all({"id", "skill", "label", "output"} <= set(record) for record in records)
+    assert all(record["skill"] == "detect" and "boxes" in record["output"] for record in records)
+
+
+def test_adapters_housekeeping(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    local = tmp_path / "service"
+    with TuningClient.local(data_dir=local) as client:
+        adapter = client.adapters.create("kept", 16)
+        checkpoint = client.checkpoints.save(adapter.adapter_id)
+        doomed = client.adapters.create("doomed", 32)
+    main(["adapters", "--local-dir", str(local), "list"])
+    listing = capsys.readouterr().out
+    assert adapter.adapter_id in listing and doomed.adapter_id in listing
+    main(["adapters", "--local-dir", str(local), "checkpoints", adapter.adapter_id])
+    assert checkpoint.checkpoint_id in capsys.readouterr().out
+    main(["adapters", "--local-dir", str(local), "delete", doomed.adapter_id, checkpoint.checkpoint_id])
+    with TuningClient.local(data_dir=local) as client:
+        assert [a.adapter_id for a in client.adapters.iter()] == [adapter.adapter_id]
+        assert list(client.checkpoints.iter(adapter.adapter_id)) == []
+    with pytest.raises(SystemExit) as failed:
+        main(["adapters", "--local-dir", str(local), "delete", "no-such-adapter"])
+    assert failed.value.code == 1
+    assert "no-such-adapter" in capsys.readouterr().err

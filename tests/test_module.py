@@ -1,0 +1,215 @@
+"""MoondreamRLModule in real Trainers against the in-process local service."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch.utils.data import DataLoader
+
+from lightning_moondream.api import Box, Rollout, TuningClient
+from lightning_moondream.callbacks import RemoteCheckpoint
+from lightning_moondream.data import DetectSample, QuerySample
+from lightning_moondream.data.synthetic import detect_tasks, make_scene, query_tasks, split_seed
+from lightning_moondream.module import CHECKPOINT_KEY, MoondreamRLModule
+
+
+def detect_samples(split: str, count: int) -> list[DetectSample]:
+    samples = []
+    for index in range(count):
+        scene = make_scene(split_seed(split, index))
+        phrase, boxes = detect_tasks(scene)[0]
+        samples.append(
+            DetectSample(
+                image=scene.image,
+                object=phrase,
+                boxes=tuple(Box(x_min=b[0], y_min=b[1], x_max=b[2], y_max=b[3]) for b in boxes),
+                id=f"{split}-{index}",
+                image_size=scene.image.size,
+            )
+        )
+    return samples
+
+
+class ShapesData(L.LightningDataModule):
+    """A user's own DataModule: plain DataLoaders whose batches are lists of samples."""
+
+    def __init__(self, batch_size: int = 4) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(detect_samples("train", 32), batch_size=self.batch_size, collate_fn=list, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(detect_samples("val", 8), batch_size=self.batch_size, collate_fn=list)
+
+
+def trainer(root: Path, **kwargs: Any) -> L.Trainer:
+    options: dict[str, Any] = {
+        "default_root_dir": root,
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "enable_checkpointing": False,
+        "limit_val_batches": 1,
+        "num_sanity_val_steps": 0,
+    }
+    options.update(kwargs)
+    return L.Trainer(**options)
+
+
+def service_adapter(root: Path, adapter_id: str) -> Any:
+    with TuningClient.local(data_dir=root / "moondream-local-service") as client:
+        return client.adapters.get(adapter_id)
+
+
+@pytest.mark.parametrize("max_staleness", [0, 1])
+def test_fit_in_a_plain_trainer_with_a_users_datamodule(tmp_path: Path, max_staleness: int) -> None:
+    model = MoondreamRLModule(num_rollouts=4, max_staleness=max_staleness)
+    run = trainer(tmp_path, max_steps=3, val_check_interval=3, check_val_every_n_epoch=None)
+    run.fit(model, ShapesData())
+    assert run.global_step == 3
+    metrics = run.callback_metrics
+    assert {"train/reward_mean", "train/frac_zero_std", "val/reward", "val/map", "val/det_f1"} <= set(metrics)
+    assert 0.0 <= float(metrics["train/reward_mean"]) <= 1.0
+    # Every step the trainer counted was applied once on the service, no more.
+    assert service_adapter(tmp_path, model.adapter.adapter_id).train_steps == 3
+    assert model.usage.snapshot()["train_steps"] == 3
+
+
+class StopAt(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError("power cut")
+
+
+def test_resume_after_a_crash_continues_from_the_api_checkpoint(tmp_path: Path) -> None:
+    first = MoondreamRLModule(num_rollouts=4)
+    checkpoints = RemoteCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_last=True, save_top_k=-1)
+    run = trainer(tmp_path, max_steps=8, enable_checkpointing=True, callbacks=[checkpoints, StopAt(3)], limit_val_batches=0)
+    with pytest.raises(RuntimeError, match="power cut"):
+        run.fit(first, ShapesData())
+    old_adapter = first.adapter.adapter_id
+    assert service_adapter(tmp_path, old_adapter).train_steps == 3
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    assert saved["global_step"] == 2
+    assert saved[CHECKPOINT_KEY]["adapter_id"] == old_adapter
+    assert saved[CHECKPOINT_KEY]["checkpoint_id"].startswith(f"{old_adapter}/")
+
+    second = MoondreamRLModule(num_rollouts=4)
+    run = trainer(tmp_path, max_steps=5, limit_val_batches=0)
+    run.fit(second, ShapesData(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert run.global_step == 5
+    resumed = second.adapter.adapter_id
+    assert resumed != old_adapter
+    # The new adapter starts from the checkpoint at step 2: the third step of the crashed
+    # run is not carried over, and 3 more are applied to reach step 5.
+    assert service_adapter(tmp_path, resumed).train_steps == 3
+
+
+def test_remote_checkpoint_deletes_api_checkpoints_with_their_files(tmp_path: Path) -> None:
+    model = MoondreamRLModule(num_rollouts=4)
+    checkpoints = RemoteCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/reward", mode="max", save_top_k=1)
+    run = trainer(tmp_path, max_steps=4, val_check_interval=1, check_val_every_n_epoch=None, enable_checkpointing=True, callbacks=[checkpoints])
+    run.fit(model, ShapesData())
+    files = sorted((tmp_path / "ckpt").glob("*.ckpt"))
+    assert len(files) == 1
+    with TuningClient.local(data_dir=tmp_path / "moondream-local-service") as client:
+        remote = [c.checkpoint_id for c in client.checkpoints.iter(model.adapter.adapter_id)]
+    kept = torch.load(files[0], weights_only=False)[CHECKPOINT_KEY]["checkpoint_id"]
+    assert remote == [kept]
+    assert checkpoints.best_api_checkpoint_id == kept
+
+
+def test_keep_remote_keeps_api_checkpoints(tmp_path: Path) -> None:
+    model = MoondreamRLModule(num_rollouts=2)
+    checkpoints = RemoteCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=1, keep_remote=True)
+    run = trainer(tmp_path, max_steps=3, enable_checkpointing=True, callbacks=[checkpoints], limit_val_batches=0)
+    run.fit(model, ShapesData())
+    with TuningClient.local(data_dir=tmp_path / "moondream-local-service") as client:
+        assert len(list(client.checkpoints.iter(model.adapter.adapter_id))) == 3
+
+
+def query_samples(count: int) -> list[QuerySample]:
+    samples = []
+    for index in range(count):
+        scene = make_scene(split_seed("train", index))
+        question, answers = query_tasks(scene)[0]
+        samples.append(QuerySample(image=scene.image, question=question, answers=tuple(answers), id=str(index)))
+    return samples
+
+
+def answer_length(sample: Any, rollout: Rollout) -> float:
+    return min(len(rollout.answer or ""), 10) / 10
+
+
+async def async_is_digit(sample: Any, rollout: Rollout) -> float:
+    return float((rollout.answer or "").strip().isdigit())
+
+
+@pytest.mark.parametrize(
+    "reward", [None, "token_f1", {"exact_match": 1.0, "contains": 1.0}, f"{__name__}.answer_length", async_is_digit]
+)
+def test_query_training_with_each_kind_of_reward(tmp_path: Path, reward: Any) -> None:
+    model = MoondreamRLModule(num_rollouts=4, reward=reward, reward_std_eps=0.0)
+    loader = DataLoader(query_samples(8), batch_size=4, collate_fn=list)
+    run = trainer(tmp_path, max_steps=2, limit_val_batches=0)
+    run.fit(model, train_dataloaders=loader)
+    assert run.global_step == 2
+
+
+def test_validate_and_test_without_fit_use_a_fresh_adapter(tmp_path: Path) -> None:
+    model = MoondreamRLModule()
+    run = trainer(tmp_path)
+    [validated] = run.validate(model, DataLoader(detect_samples("val", 4), batch_size=2, collate_fn=list))
+    [tested] = run.test(model, DataLoader(detect_samples("test", 4), batch_size=4, collate_fn=list))
+    assert set(validated) >= {"val/reward", "val/map", "val/map_50", "val/det_miou"}
+    assert set(tested) >= {"test/reward", "test/map", "test/det_f1"}
+
+
+def test_greedy_evaluation_does_not_depend_on_batch_size(tmp_path: Path) -> None:
+    model = MoondreamRLModule(max_concurrency=3)
+    samples = detect_samples("val", 6)
+    by_two = model.evaluate(DataLoader(samples, batch_size=2, collate_fn=list))
+    by_six = model.evaluate(DataLoader(samples, batch_size=6, collate_fn=list))
+    model.close()
+    assert by_two == pytest.approx(by_six)
+    assert by_two["samples"] == 6
+
+
+@pytest.mark.parametrize(
+    ("batch", "error", "fragment"),
+    [
+        ([], ValueError, "batch 0 is empty"),
+        (torch.zeros(2, 3), TypeError, "a list of samples"),
+        (["not a sample"], TypeError, "item 0 is a str"),
+    ],
+)
+def test_a_bad_batch_names_the_problem(tmp_path: Path, batch: Any, error: type[Exception], fragment: str) -> None:
+    model = MoondreamRLModule()
+    with pytest.raises(error, match=fragment):
+        model.training_step(batch, 0)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "fragment"),
+    [
+        ({"rank": 8}, "rank must be 16 or 32"),
+        ({"num_rollouts": 17}, "num_rollouts"),
+        ({"max_staleness": 2}, "max_staleness"),
+        ({"reward": "no_such_reward"}, "no_such_reward"),
+        ({"reward": "math.no_such_function"}, "cannot be imported"),
+        ({"on_ambiguous_step": "retry"}, "on_ambiguous_step"),
+    ],
+)
+def test_invalid_arguments_are_refused(arguments: dict[str, Any], fragment: str) -> None:
+    with pytest.raises(ValueError, match=fragment):
+        MoondreamRLModule(**arguments)
