@@ -77,7 +77,7 @@ def voc_devkit(root: Path) -> Path:
         save_image(root / "JPEGImages" / f"{image_id}.jpg")
         voc_xml(root / "Annotations" / f"{image_id}.xml", f"{image_id}.jpg", (64, 48), objects)
     main = root / "ImageSets" / "Main"
-    main.mkdir(parents=True)
+    main.mkdir(parents=True, exist_ok=True)
     (main / "train.txt").write_text("a\nb\n")
     (main / "val.txt").write_text("c\n")
     return root

@@ -9,7 +9,8 @@ import pytest
 from builders import coco_tree, save_image, voc_devkit
 
 from lightning_moondream.api import TuningClient
-from lightning_moondream.cli import main
+from lightning_moondream.cli import MoondreamCLI, main
+from lightning_moondream.module import MoondreamRLModule
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -34,13 +35,38 @@ def keypoints_file(root: Path) -> Path:
             {
                 "images": [{"id": 1, "file_name": "person.jpg", "width": 100, "height": 80}],
                 "annotations": [
-                    {"id": 1, "image_id": 1, "category_id": 1, "bbox": [30, 10, 40, 60], "keypoints": keypoints, "num_keypoints": 2}
+                    {
+                        "id": 1,
+                        "image_id": 1,
+                        "category_id": 1,
+                        "bbox": [30, 10, 40, 60],
+                        "keypoints": keypoints,
+                        "num_keypoints": 2,
+                    }
                 ],
                 "categories": [
                     {
                         "id": 1,
                         "name": "person",
-                        "keypoints": ["nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder", "left_elbow", "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip", "left_knee", "right_knee", "left_ankle", "right_ankle"],
+                        "keypoints": [
+                            "nose",
+                            "left_eye",
+                            "right_eye",
+                            "left_ear",
+                            "right_ear",
+                            "left_shoulder",
+                            "right_shoulder",
+                            "left_elbow",
+                            "right_elbow",
+                            "left_wrist",
+                            "right_wrist",
+                            "left_hip",
+                            "right_hip",
+                            "left_knee",
+                            "right_knee",
+                            "left_ankle",
+                            "right_ankle",
+                        ],
                     }
                 ],
             }
@@ -53,8 +79,18 @@ def vqa_manifest(root: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     save_image(root / "bus.png", size=(40, 30))
     lines = [
-        {"image": "bus.png", "skill": "query", "question": "What colour is the bus?", "answers": ["red"]},
-        {"image": "bus.png", "skill": "query", "question": "How many buses are there?", "answers": ["1", "one"]},
+        {
+            "image": "bus.png",
+            "skill": "query",
+            "question": "What colour is the bus?",
+            "answers": ["red"],
+        },
+        {
+            "image": "bus.png",
+            "skill": "query",
+            "question": "How many buses are there?",
+            "answers": ["1", "one"],
+        },
     ]
     path = root / "vqa.jsonl"
     path.write_text("\n".join(json.dumps(line) for line in lines))
@@ -71,7 +107,7 @@ def data_overrides(config: str, root: Path) -> list[str]:
         ]
     if config == "coco_detect.yaml":
         annotations = coco_tree(root / "coco")
-        spec = f"{{source: {annotations}, image_root: {annotations.parent}, skill: detect}}"
+        spec = f"{{source: {annotations}, image_root: {annotations.parent.parent / 'images'}, skill: detect}}"
         return [f"--data.train={spec}", f"--data.val={spec}"]
     if config == "voc_detect.yaml":
         devkit = voc_devkit(root / "voc")
@@ -97,19 +133,40 @@ def common(config: str, root: Path) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    "config", ["quickstart.yaml", "coco_detect.yaml", "voc_detect.yaml", "coco_keypoints_point.yaml", "vqa_query.yaml"]
+    "config",
+    [
+        "quickstart.yaml",
+        "coco_detect.yaml",
+        "voc_detect.yaml",
+        "coco_keypoints_point.yaml",
+        "vqa_query.yaml",
+    ],
 )
 def test_fit_then_validate_each_config(config: str, tmp_path: Path) -> None:
-    main(["fit", *common(config, tmp_path), "--trainer.fast_dev_run=1"])
-    main(["validate", *common(config, tmp_path), "--trainer.fast_dev_run=1"])
+    fit = MoondreamCLI(["fit", *common(config, tmp_path), "--trainer.fast_dev_run=1"])
+    validate = MoondreamCLI(["validate", *common(config, tmp_path), "--trainer.fast_dev_run=1"])
+    assert isinstance(fit.model, MoondreamRLModule) and isinstance(
+        validate.model, MoondreamRLModule
+    )
     with TuningClient.local(data_dir=tmp_path / "moondream-local-service") as client:
-        steps = [adapter.train_steps for adapter in client.adapters.iter()]
-    # fit made an adapter and applied its step; validate made a fresh one to evaluate.
-    assert sorted(steps) == [0, 1]
+        steps = {adapter.adapter_id: adapter.train_steps for adapter in client.adapters.iter()}
+    # fit trained its adapter as far as the trainer counted; validate evaluated a fresh one.
+    assert steps == {
+        fit.model.adapter.adapter_id: fit.trainer.global_step,
+        validate.model.adapter.adapter_id: 0,
+    }
+    assert any(name.startswith("val/") for name in validate.trainer.callback_metrics)
 
 
 def test_quickstart_fit_writes_checkpoints_and_test_reads_them(tmp_path: Path) -> None:
-    main(["fit", *common("quickstart.yaml", tmp_path), "--trainer.max_steps=2", "--trainer.val_check_interval=2"])
+    main(
+        [
+            "fit",
+            *common("quickstart.yaml", tmp_path),
+            "--trainer.max_steps=2",
+            "--trainer.val_check_interval=2",
+        ]
+    )
     checkpoints = sorted(tmp_path.rglob("*.ckpt"))
     assert {path.name for path in checkpoints} >= {"last.ckpt"}
     last = next(path for path in checkpoints if path.name == "last.ckpt")
@@ -145,7 +202,16 @@ def test_adapters_housekeeping(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert adapter.adapter_id in listing and doomed.adapter_id in listing
     main(["adapters", "--local-dir", str(local), "checkpoints", adapter.adapter_id])
     assert checkpoint.checkpoint_id in capsys.readouterr().out
-    main(["adapters", "--local-dir", str(local), "delete", doomed.adapter_id, checkpoint.checkpoint_id])
+    main(
+        [
+            "adapters",
+            "--local-dir",
+            str(local),
+            "delete",
+            doomed.adapter_id,
+            checkpoint.checkpoint_id,
+        ]
+    )
     with TuningClient.local(data_dir=local) as client:
         assert [a.adapter_id for a in client.adapters.iter()] == [adapter.adapter_id]
         assert list(client.checkpoints.iter(adapter.adapter_id)) == []

@@ -43,7 +43,9 @@ class ShapesData(L.LightningDataModule):
         self.batch_size = batch_size
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(detect_samples("train", 32), batch_size=self.batch_size, collate_fn=list, shuffle=True)
+        return DataLoader(
+            detect_samples("train", 32), batch_size=self.batch_size, collate_fn=list, shuffle=True
+        )
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(detect_samples("val", 8), batch_size=self.batch_size, collate_fn=list)
@@ -75,7 +77,13 @@ def test_fit_in_a_plain_trainer_with_a_users_datamodule(tmp_path: Path, max_stal
     run.fit(model, ShapesData())
     assert run.global_step == 3
     metrics = run.callback_metrics
-    assert {"train/reward_mean", "train/frac_zero_std", "val/reward", "val/map", "val/det_f1"} <= set(metrics)
+    assert {
+        "train/reward_mean",
+        "train/frac_zero_std",
+        "val/reward",
+        "val/map",
+        "val/det_f1",
+    } <= set(metrics)
     assert 0.0 <= float(metrics["train/reward_mean"]) <= 1.0
     # Every step the trainer counted was applied once on the service, no more.
     assert service_adapter(tmp_path, model.adapter.adapter_id).train_steps == 3
@@ -93,8 +101,16 @@ class StopAt(Callback):
 
 def test_resume_after_a_crash_continues_from_the_api_checkpoint(tmp_path: Path) -> None:
     first = MoondreamRLModule(num_rollouts=4)
-    checkpoints = RemoteCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_last=True, save_top_k=-1)
-    run = trainer(tmp_path, max_steps=8, enable_checkpointing=True, callbacks=[checkpoints, StopAt(3)], limit_val_batches=0)
+    checkpoints = RemoteCheckpoint(
+        dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_last=True, save_top_k=-1
+    )
+    run = trainer(
+        tmp_path,
+        max_steps=8,
+        enable_checkpointing=True,
+        callbacks=[checkpoints, StopAt(3)],
+        limit_val_batches=0,
+    )
     with pytest.raises(RuntimeError, match="power cut"):
         run.fit(first, ShapesData())
     old_adapter = first.adapter.adapter_id
@@ -117,8 +133,17 @@ def test_resume_after_a_crash_continues_from_the_api_checkpoint(tmp_path: Path) 
 
 def test_remote_checkpoint_deletes_api_checkpoints_with_their_files(tmp_path: Path) -> None:
     model = MoondreamRLModule(num_rollouts=4)
-    checkpoints = RemoteCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/reward", mode="max", save_top_k=1)
-    run = trainer(tmp_path, max_steps=4, val_check_interval=1, check_val_every_n_epoch=None, enable_checkpointing=True, callbacks=[checkpoints])
+    checkpoints = RemoteCheckpoint(
+        dirpath=tmp_path / "ckpt", monitor="val/reward", mode="max", save_top_k=1
+    )
+    run = trainer(
+        tmp_path,
+        max_steps=4,
+        val_check_interval=1,
+        check_val_every_n_epoch=None,
+        enable_checkpointing=True,
+        callbacks=[checkpoints],
+    )
     run.fit(model, ShapesData())
     files = sorted((tmp_path / "ckpt").glob("*.ckpt"))
     assert len(files) == 1
@@ -131,8 +156,16 @@ def test_remote_checkpoint_deletes_api_checkpoints_with_their_files(tmp_path: Pa
 
 def test_keep_remote_keeps_api_checkpoints(tmp_path: Path) -> None:
     model = MoondreamRLModule(num_rollouts=2)
-    checkpoints = RemoteCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=1, keep_remote=True)
-    run = trainer(tmp_path, max_steps=3, enable_checkpointing=True, callbacks=[checkpoints], limit_val_batches=0)
+    checkpoints = RemoteCheckpoint(
+        dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=1, keep_remote=True
+    )
+    run = trainer(
+        tmp_path,
+        max_steps=3,
+        enable_checkpointing=True,
+        callbacks=[checkpoints],
+        limit_val_batches=0,
+    )
     run.fit(model, ShapesData())
     with TuningClient.local(data_dir=tmp_path / "moondream-local-service") as client:
         assert len(list(client.checkpoints.iter(model.adapter.adapter_id))) == 3
@@ -143,7 +176,9 @@ def query_samples(count: int) -> list[QuerySample]:
     for index in range(count):
         scene = make_scene(split_seed("train", index))
         question, answers = query_tasks(scene)[0]
-        samples.append(QuerySample(image=scene.image, question=question, answers=tuple(answers), id=str(index)))
+        samples.append(
+            QuerySample(image=scene.image, question=question, answers=tuple(answers), id=str(index))
+        )
     return samples
 
 
@@ -156,7 +191,14 @@ async def async_is_digit(sample: Any, rollout: Rollout) -> float:
 
 
 @pytest.mark.parametrize(
-    "reward", [None, "token_f1", {"exact_match": 1.0, "contains": 1.0}, f"{__name__}.answer_length", async_is_digit]
+    "reward",
+    [
+        None,
+        "token_f1",
+        {"exact_match": 1.0, "contains": 1.0},
+        f"{__name__}.answer_length",
+        async_is_digit,
+    ],
 )
 def test_query_training_with_each_kind_of_reward(tmp_path: Path, reward: Any) -> None:
     model = MoondreamRLModule(num_rollouts=4, reward=reward, reward_std_eps=0.0)
@@ -169,14 +211,16 @@ def test_query_training_with_each_kind_of_reward(tmp_path: Path, reward: Any) ->
 def test_validate_and_test_without_fit_use_a_fresh_adapter(tmp_path: Path) -> None:
     model = MoondreamRLModule()
     run = trainer(tmp_path)
-    [validated] = run.validate(model, DataLoader(detect_samples("val", 4), batch_size=2, collate_fn=list))
+    [validated] = run.validate(
+        model, DataLoader(detect_samples("val", 4), batch_size=2, collate_fn=list)
+    )
     [tested] = run.test(model, DataLoader(detect_samples("test", 4), batch_size=4, collate_fn=list))
     assert set(validated) >= {"val/reward", "val/map", "val/map_50", "val/det_miou"}
     assert set(tested) >= {"test/reward", "test/map", "test/det_f1"}
 
 
 def test_greedy_evaluation_does_not_depend_on_batch_size(tmp_path: Path) -> None:
-    model = MoondreamRLModule(max_concurrency=3)
+    model = MoondreamRLModule(max_concurrency=3, local_service={"data_dir": str(tmp_path)})
     samples = detect_samples("val", 6)
     by_two = model.evaluate(DataLoader(samples, batch_size=2, collate_fn=list))
     by_six = model.evaluate(DataLoader(samples, batch_size=6, collate_fn=list))
@@ -193,7 +237,7 @@ def test_greedy_evaluation_does_not_depend_on_batch_size(tmp_path: Path) -> None
         (["not a sample"], TypeError, "item 0 is a str"),
     ],
 )
-def test_a_bad_batch_names_the_problem(tmp_path: Path, batch: Any, error: type[Exception], fragment: str) -> None:
+def test_a_bad_batch_names_the_problem(batch: Any, error: type[Exception], fragment: str) -> None:
     model = MoondreamRLModule()
     with pytest.raises(error, match=fragment):
         model.training_step(batch, 0)
