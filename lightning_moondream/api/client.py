@@ -134,6 +134,15 @@ class _ClientCore(Generic[HttpClientT]):
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base_url={self.base_url!r}, api_key='**********')"
 
+    @classmethod
+    def _local(cls, http_client: HttpClientT) -> Self:
+        client = cls(  # type: ignore[call-arg]
+            api_key=LOCAL_API_KEY, base_url=LOCAL_BASE_URL, http_client=http_client
+        )
+        # The transport serves an app made for this client alone: close it with the client.
+        client._owns_http = True
+        return client
+
     def _timeout(self, operation: ops.Operation[Any]) -> httpx.Timeout:
         if isinstance(self.timeout, httpx.Timeout):
             return self.timeout
@@ -245,6 +254,12 @@ class _ClientCore(Generic[HttpClientT]):
         elif operation.path == "/train_step":
             self.usage.record_success(train_steps=1)
         return result
+
+
+def _local_app(data_dir: str | Path | None, service_options: dict[str, Any]) -> Any:
+    from lightning_moondream.server import create_app
+
+    return create_app(data_dir=data_dir, **service_options)
 
 
 def _server_message(response: httpx.Response) -> str:
@@ -375,13 +390,8 @@ class TuningClient(_ClientCore[httpx.Client]):
             data_dir: Where the service keeps adapters; a temporary folder by default.
             **service_options: Passed to ``lightning_moondream.server.create_app``.
         """
-        from lightning_moondream.server import create_app
-
-        app = create_app(data_dir=data_dir, **service_options)
-        http_client = httpx.Client(transport=InProcessTransport(app))
-        client = cls(api_key=LOCAL_API_KEY, base_url=LOCAL_BASE_URL, http_client=http_client)
-        client._owns_http = True
-        return client
+        transport = InProcessTransport(_local_app(data_dir, service_options))
+        return cls._local(httpx.Client(transport=transport))
 
     def _execute(self, operation: ops.Operation[T]) -> T:
         request = self._build_request(operation)
@@ -561,13 +571,8 @@ class AsyncTuningClient(_ClientCore[httpx.AsyncClient]):
             data_dir: Where the service keeps adapters; a temporary folder by default.
             **service_options: Passed to ``lightning_moondream.server.create_app``.
         """
-        from lightning_moondream.server import create_app
-
-        app = create_app(data_dir=data_dir, **service_options)
-        http_client = httpx.AsyncClient(transport=InProcessAsyncTransport(app))
-        client = cls(api_key=LOCAL_API_KEY, base_url=LOCAL_BASE_URL, http_client=http_client)
-        client._owns_http = True
-        return client
+        transport = InProcessAsyncTransport(_local_app(data_dir, service_options))
+        return cls._local(httpx.AsyncClient(transport=transport))
 
     async def _execute(self, operation: ops.Operation[T]) -> T:
         request = self._build_request(operation)
