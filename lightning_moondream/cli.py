@@ -106,7 +106,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         from lightning_moondream.evaluation import evaluate_main
 
         raise SystemExit(evaluate_main(arguments[1:]))
-    MoondreamCLI(arguments)
+    # Given no argv, LightningCLI reads sys.argv itself; passing it as args would make it
+    # echo the whole command line, API key included, in a warning.
+    MoondreamCLI(arguments if argv is not None else None)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@ import pickle
 
 import pytest
 import yaml
-from jsonargparse import ArgumentParser
 from builders import coco_tree
+from jsonargparse import ArgumentParser
 
 from lightning_moondream.data import (
     DatasetError,

@@ -1,8 +1,8 @@
 import pickle
 
 import pytest
-from PIL import Image
 from builders import exif_rotated_jpeg, save_image
+from PIL import Image
 
 from lightning_moondream.api.models import Box, DetectRequest, Point, PointGroundTruth, Settings
 from lightning_moondream.data import (

@@ -3,8 +3,8 @@ import io
 
 import numpy as np
 import pytest
-from PIL import Image
 from builders import exif_rotated_jpeg
+from PIL import Image
 
 from lightning_moondream.images import (
     EncodingOptions,

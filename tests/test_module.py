@@ -9,30 +9,14 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
+from support import detect_samples
 from torch.utils.data import DataLoader
 
-from lightning_moondream.api import Box, Rollout, TuningClient
+from lightning_moondream.api import Rollout, TuningClient
 from lightning_moondream.callbacks import RemoteCheckpoint
-from lightning_moondream.data import DetectSample, QuerySample
-from lightning_moondream.data.synthetic import detect_tasks, make_scene, query_tasks, split_seed
+from lightning_moondream.data import QuerySample
+from lightning_moondream.data.synthetic import make_scene, query_tasks, split_seed
 from lightning_moondream.module import CHECKPOINT_KEY, MoondreamRLModule
-
-
-def detect_samples(split: str, count: int) -> list[DetectSample]:
-    samples = []
-    for index in range(count):
-        scene = make_scene(split_seed(split, index))
-        phrase, boxes = detect_tasks(scene)[0]
-        samples.append(
-            DetectSample(
-                image=scene.image,
-                object=phrase,
-                boxes=tuple(Box(x_min=b[0], y_min=b[1], x_max=b[2], y_max=b[3]) for b in boxes),
-                id=f"{split}-{index}",
-                image_size=scene.image.size,
-            )
-        )
-    return samples
 
 
 class ShapesData(L.LightningDataModule):

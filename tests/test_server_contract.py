@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_server_http import serve_in_thread
+from support import serving
 
 from lightning_moondream.api import TuningClient
 from lightning_moondream.data import synthetic
@@ -16,7 +16,7 @@ from lightning_moondream.server import create_app
 
 @pytest.fixture
 def client(tmp_path: Path) -> Iterator[TuningClient]:
-    for url in serve_in_thread(create_app(data_dir=tmp_path, api_keys={"contract-key"})):
+    with serving(create_app(data_dir=tmp_path, api_keys={"contract-key"})) as url:
         tuning = TuningClient(api_key="contract-key", base_url=url)
         try:
             yield tuning
@@ -31,7 +31,11 @@ def test_client_round_trip(client: TuningClient) -> None:
     scene = synthetic.make_scene(synthetic.split_seed("val", 2))
     phrase, boxes = synthetic.detect_tasks(scene)[0]
     request = {"skill": "detect", "object": phrase, "image_url": encode_image(scene.image)}
-    truth = {"boxes": [dict(zip(("x_min", "y_min", "x_max", "y_max"), box, strict=True)) for box in boxes]}
+    truth = {
+        "boxes": [
+            dict(zip(("x_min", "y_min", "x_max", "y_max"), box, strict=True)) for box in boxes
+        ]
+    }
     response = client.rollouts(adapter.adapter_id, request, 4, ground_truth=truth)
     assert len(response.rollouts) == 4 and response.rewards is not None
     client.train_step(adapter.adapter_id, [response.to_group([0.0, 1.0, 0.5, 0.25])])

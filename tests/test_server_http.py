@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
+from support import free_port, serving
 
 from lightning_moondream.data import synthetic
 from lightning_moondream.images import encode_image
@@ -22,47 +20,42 @@ from lightning_moondream.server import FaultConfig, create_app
 KEY = {"X-Moondream-Auth": "http-key"}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def serve_in_thread(app: object) -> Iterator[str]:
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        if not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}/v1/tuning"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-
-
 @pytest.fixture
 def base_url(tmp_path: Path) -> Iterator[str]:
-    yield from serve_in_thread(create_app(data_dir=tmp_path))
+    with serving(create_app(data_dir=tmp_path)) as url:
+        yield url
 
 
 def test_full_loop_over_http(base_url: str) -> None:
     scene = synthetic.make_scene(synthetic.split_seed("val", 0))
     phrase, boxes = synthetic.detect_tasks(scene)[0]
-    truth = {"boxes": [dict(zip(("x_min", "y_min", "x_max", "y_max"), box, strict=True)) for box in boxes]}
+    truth = {
+        "boxes": [
+            dict(zip(("x_min", "y_min", "x_max", "y_max"), box, strict=True)) for box in boxes
+        ]
+    }
     request = {"skill": "detect", "object": phrase, "image_url": encode_image(scene.image)}
     with httpx.Client(base_url=base_url, headers=KEY) as client:
         adapter_id = client.post("/adapters", json={"name": "h", "rank": 16}).json()["adapter_id"]
         answer = client.post(
             "/rollouts",
-            json={"adapter_id": adapter_id, "num_rollouts": 4, "request": request, "ground_truth": truth},
+            json={
+                "adapter_id": adapter_id,
+                "num_rollouts": 4,
+                "request": request,
+                "ground_truth": truth,
+            },
         ).json()
         assert len(answer["rewards"]) == 4
-        group = {"request": answer["request"], "rollouts": answer["rollouts"], "rewards": [0.0, 1.0, 0.0, 1.0]}
-        assert client.post("/train_step", json={"adapter_id": adapter_id, "groups": [group]}).json() == {}
+        group = {
+            "request": answer["request"],
+            "rollouts": answer["rollouts"],
+            "rewards": [0.0, 1.0, 0.0, 1.0],
+        }
+        assert (
+            client.post("/train_step", json={"adapter_id": adapter_id, "groups": [group]}).json()
+            == {}
+        )
         checkpoint_id = client.post(f"/adapters/{adapter_id}/checkpoint").json()["checkpoint_id"]
         # The raw slash of a full checkpoint id survives a real HTTP server too.
         assert client.delete(f"/adapters/{adapter_id}/checkpoints/{checkpoint_id}").json() == {}
@@ -72,16 +65,29 @@ def test_full_loop_over_http(base_url: str) -> None:
 
 def test_dropped_connection_over_http(tmp_path: Path) -> None:
     app = create_app(data_dir=tmp_path, faults=FaultConfig(rate=1.0, kinds=("drop",)))
-    for url in serve_in_thread(app):
-        with httpx.Client(base_url=url, headers=KEY) as client, pytest.raises(httpx.TransportError):
-            client.get("/adapters")
+    with (
+        serving(app) as url,
+        httpx.Client(base_url=url, headers=KEY) as client,
+        pytest.raises(httpx.TransportError),
+    ):
+        client.get("/adapters")
 
 
 def test_serve_command_answers_plain_http(tmp_path: Path) -> None:
     port = free_port()
     env = {**os.environ, "MOONDREAM_API_KEY": "from-env-key"}
-    command = [sys.executable, "-m", "lightning_moondream.server", "--port", str(port), "--data-dir", str(tmp_path)]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    command = [
+        sys.executable,
+        "-m",
+        "lightning_moondream.server",
+        "--port",
+        str(port),
+        "--data-dir",
+        str(tmp_path),
+    ]
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
         url = f"http://127.0.0.1:{port}/v1/tuning/adapters"
         deadline = time.monotonic() + 60

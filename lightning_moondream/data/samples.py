@@ -12,7 +12,9 @@ import dataclasses
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, cast
+
+from typing_extensions import Self
 
 from lightning_moondream.api.models import (
     AnyRequest,
@@ -39,31 +41,7 @@ from lightning_moondream.images import (
     is_data_url,
 )
 
-_S = TypeVar("_S", "DetectSample", "PointSample", "QuerySample")
 _ASPECT_TOLERANCE = 0.01
-
-
-def _encode(sample: _S, options: EncodingOptions, cache: EncodedImageCache | None) -> _S:
-    image = sample.image
-    if image is None or (is_data_url(image) and sample.image_size is not None):
-        return sample
-    try:
-        url, size = (cache.encode if cache is not None else encode_image_with_size)(image, options)
-    except ImageError as exc:
-        label = f" (sample {sample.id!r})" if sample.id else ""
-        raise DatasetError(f"{exc}{label}") from exc
-    if sample.image_size is not None and sample.image_size != size:
-        expected = sample.image_size[0] / sample.image_size[1]
-        if abs(size[0] / size[1] - expected) > _ASPECT_TOLERANCE * expected:
-            # Coordinates were normalized by another frame, typically an annotation
-            # tool that ignored EXIF orientation: they will not match the image sent.
-            warnings.warn(
-                f"{describe_source(image)}: annotated as {sample.image_size[0]}x"
-                f"{sample.image_size[1]} but displayed as {size[0]}x{size[1]}",
-                DatasetWarning,
-                stacklevel=3,
-            )
-    return dataclasses.replace(sample, image=url, image_size=size)
 
 
 def _image_bytes(image: ImageInput | None) -> int:
@@ -83,8 +61,53 @@ def _box_dicts(boxes: Sequence[Box]) -> list[dict[str, float]]:
     return [box.model_dump() for box in boxes]
 
 
+class _ImageCarrier:
+    """What every sample does with its image: count it and encode it once."""
+
+    image: ImageInput | None
+    image_size: tuple[int, int] | None
+    id: str
+
+    @property
+    def image_bytes(self) -> int:
+        """Size of the image data URL once encoded, else 0."""
+        return _image_bytes(self.image)
+
+    def encoded(
+        self, options: EncodingOptions | None = None, cache: EncodedImageCache | None = None
+    ) -> Self:
+        """Return a copy whose image (if any) is a data URL and ``image_size`` is set.
+
+        Raises:
+            DatasetError: If the image cannot be read; the message names the file.
+        """
+        options = options or EncodingOptions()
+        image = self.image
+        if image is None or (is_data_url(image) and self.image_size is not None):
+            return self
+        try:
+            url, size = (cache.encode if cache is not None else encode_image_with_size)(
+                image, options
+            )
+        except ImageError as exc:
+            label = f" (sample {self.id!r})" if self.id else ""
+            raise DatasetError(f"{exc}{label}") from exc
+        if self.image_size is not None and self.image_size != size:
+            expected = self.image_size[0] / self.image_size[1]
+            if abs(size[0] / size[1] - expected) > _ASPECT_TOLERANCE * expected:
+                # Coordinates were normalized by another frame, typically an annotation
+                # tool that ignored EXIF orientation: they will not match the image sent.
+                warnings.warn(
+                    f"{describe_source(image)}: annotated as {self.image_size[0]}x"
+                    f"{self.image_size[1]} but displayed as {size[0]}x{size[1]}",
+                    DatasetWarning,
+                    stacklevel=2,
+                )
+        return dataclasses.replace(cast(Any, self), image=url, image_size=size)
+
+
 @dataclass(frozen=True)
-class DetectSample:
+class DetectSample(_ImageCarrier):
     """Detect every instance of ``object`` in ``image``.
 
     Attributes:
@@ -148,11 +171,6 @@ class DetectSample:
         """The object phrase."""
         return self.object
 
-    @property
-    def image_bytes(self) -> int:
-        """Size of the image data URL once encoded, else 0."""
-        return _image_bytes(self.image)
-
     def to_request(self, settings: Settings | None = None) -> AnyRequest:
         """Build the detect request; encodes the image if it is not encoded yet."""
         return DetectRequest.model_validate(
@@ -167,19 +185,9 @@ class DetectSample:
         """``{"boxes": [...]}`` in normalized coordinates, for metrics."""
         return {"boxes": _box_dicts(self.boxes)}
 
-    def encoded(
-        self, options: EncodingOptions | None = None, cache: EncodedImageCache | None = None
-    ) -> DetectSample:
-        """Return a copy whose image is a data URL and whose ``image_size`` is set.
-
-        Raises:
-            DatasetError: If the image cannot be read; the message names the file.
-        """
-        return _encode(self, options or EncodingOptions(), cache)
-
 
 @dataclass(frozen=True)
-class PointSample:
+class PointSample(_ImageCarrier):
     """Point at every instance of ``object`` in ``image``.
 
     Ground truth is either true ``points`` or ``boxes`` a point must fall in, not both.
@@ -256,11 +264,6 @@ class PointSample:
         """The object phrase."""
         return self.object
 
-    @property
-    def image_bytes(self) -> int:
-        """Size of the image data URL once encoded, else 0."""
-        return _image_bytes(self.image)
-
     def to_request(self, settings: Settings | None = None) -> AnyRequest:
         """Build the point request; encodes the image if it is not encoded yet."""
         return PointRequest.model_validate(
@@ -279,19 +282,9 @@ class PointSample:
             return {"points": [point.model_dump() for point in self.points]}
         return {"boxes": _box_dicts(self.boxes or ())}
 
-    def encoded(
-        self, options: EncodingOptions | None = None, cache: EncodedImageCache | None = None
-    ) -> PointSample:
-        """Return a copy whose image is a data URL and whose ``image_size`` is set.
-
-        Raises:
-            DatasetError: If the image cannot be read; the message names the file.
-        """
-        return _encode(self, options or EncodingOptions(), cache)
-
 
 @dataclass(frozen=True)
-class QuerySample:
+class QuerySample(_ImageCarrier):
     """Ask ``question``, optionally about ``image``; any of ``answers`` is correct.
 
     Attributes:
@@ -315,11 +308,6 @@ class QuerySample:
         """The question."""
         return self.question
 
-    @property
-    def image_bytes(self) -> int:
-        """Size of the image data URL once encoded, else 0."""
-        return _image_bytes(self.image)
-
     def to_request(self, settings: Settings | None = None) -> AnyRequest:
         """Build the query request; encodes the image if it is not encoded yet."""
         return QueryRequest.model_validate(
@@ -333,16 +321,6 @@ class QuerySample:
     def target(self) -> dict[str, Any]:
         """``{"answers": [...]}``, for reward functions and metrics."""
         return {"answers": list(self.answers)}
-
-    def encoded(
-        self, options: EncodingOptions | None = None, cache: EncodedImageCache | None = None
-    ) -> QuerySample:
-        """Return a copy whose image (if any) is a data URL and ``image_size`` is set.
-
-        Raises:
-            DatasetError: If the image cannot be read; the message names the file.
-        """
-        return _encode(self, options or EncodingOptions(), cache)
 
 
 Sample = DetectSample | PointSample | QuerySample

@@ -1,0 +1,187 @@
+"""Helpers shared by the tests:
+
+- ``serving``: the real local service app under uvicorn on 127.0.0.1, in a thread.
+- ``Slow``: test-only ASGI middleware holding back a seeded fraction of responses.
+- ``HideTrainSteps``: test-only ASGI middleware removing ``train_steps`` from answers,
+  to stand for a server that does not report it.
+- Small samples, a reward that always varies, and a quiet ``Trainer``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import random
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, cast
+
+import lightning as L
+import uvicorn
+from torch.utils.data import DataLoader
+
+from lightning_moondream.api import Box
+from lightning_moondream.data import DetectSample
+from lightning_moondream.data.synthetic import detect_tasks, make_scene, split_seed
+
+ASGIApp = Callable[..., Any]
+
+
+def free_port() -> int:
+    """A port free on 127.0.0.1 right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def serving(app: ASGIApp) -> Iterator[str]:
+    """Serve ``app`` with uvicorn on 127.0.0.1 in a thread; yield the API base URL."""
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}/v1/tuning"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+class Slow:
+    """Hold back a seeded fraction of responses for ``delay`` seconds after the app acted.
+
+    The app handles the request first, so a slow answer never hides whether the state
+    changed: a client that times out finds the change when it reads the adapter back.
+    """
+
+    def __init__(self, app: ASGIApp, rate: float, delay: float, seed: int = 0) -> None:
+        self.app, self.rate, self.delay = app, rate, delay
+        self._random = random.Random(seed)
+        self.slowed = 0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or self._random.random() >= self.rate:
+            await self.app(scope, receive, send)
+            return
+        self.slowed += 1
+        held: list[Any] = []
+
+        async def hold(message: Any) -> None:
+            held.append(message)
+
+        await self.app(scope, receive, hold)
+        await asyncio.sleep(self.delay)
+        for message in held:
+            await send(message)
+
+
+class HideTrainSteps:
+    """Remove ``train_steps`` from every JSON answer: a server that does not report it."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start: dict[str, Any] = {}
+        body = bytearray()
+
+        async def rewrite(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                start.update(message)
+                return
+            if message["type"] != "http.response.body":
+                await send(message)
+                return
+            body.extend(message.get("body", b""))
+            if message.get("more_body"):
+                return
+            content = bytes(body)
+            try:
+                data = json.loads(content)
+            except ValueError:
+                data = None
+            if isinstance(data, dict):
+                data.pop("train_steps", None)
+                for item in data.get("adapters") or []:
+                    item.pop("train_steps", None)
+                content = json.dumps(data).encode()
+            headers = [
+                (k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"
+            ]
+            headers.append((b"content-length", str(len(content)).encode()))
+            await send({**start, "headers": headers})
+            await send({"type": "http.response.body", "body": content})
+
+        await self.app(scope, receive, rewrite)
+
+
+def detect_samples(split: str, count: int, offset: int = 0) -> list[DetectSample]:
+    """Detect samples over synthetic scenes, images kept in memory."""
+    samples = []
+    for index in range(offset, offset + count):
+        scene = make_scene(split_seed(split, index))
+        phrase, boxes = detect_tasks(scene)[0]
+        samples.append(
+            DetectSample(
+                image=scene.image,
+                object=phrase,
+                boxes=tuple(Box(x_min=b[0], y_min=b[1], x_max=b[2], y_max=b[3]) for b in boxes),
+                id=f"{split}-{index}",
+                image_size=scene.image.size,
+            )
+        )
+    return samples
+
+
+def loader(samples: list[Any], batch_size: int = 2) -> DataLoader:
+    """Batches as lists, in order."""
+    return DataLoader(cast(Any, samples), batch_size=batch_size, collate_fn=list)
+
+
+def alternating_reward() -> Callable[[Any, Any], float]:
+    """A reward of 0, 1, 0, 1, ...: every group has spread, so every batch is a train step.
+
+    The constant policy answers the same every time; this keeps its groups trainable.
+    """
+    counter = itertools.count()
+    return lambda sample, rollout: float(next(counter) % 2)
+
+
+def quiet_trainer(root: Path, **kwargs: Any) -> L.Trainer:
+    """A ``Trainer`` without logger, progress bar, summary or validation by default."""
+    options: dict[str, Any] = {
+        "default_root_dir": root,
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "enable_checkpointing": False,
+        "limit_val_batches": 0,
+        "num_sanity_val_steps": 0,
+        "accelerator": "cpu",
+        "devices": 1,
+    }
+    options.update(kwargs)
+    return L.Trainer(**options)
+
+
+_ALTERNATION = itertools.count()
+
+
+def alternating(sample: Any, rollout: Any) -> float:
+    """``alternating_reward`` as a plain function, for configs that name it by path."""
+    return float(next(_ALTERNATION) % 2)

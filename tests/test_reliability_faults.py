@@ -1,0 +1,335 @@
+"""Training runs over real HTTP against a faulty local service.
+
+Every run here is a real ``MoondreamRLModule`` in a real ``Trainer``, talking to the real
+app under uvicorn on 127.0.0.1. The service's own fault injection answers a seeded
+fraction of requests with 429 (``Retry-After: 0``), 503, 500 or a dropped connection,
+and can apply a train step then fail its answer; test-only middleware adds answers
+slower than the client's timeout and hides ``train_steps``. The invariant checked
+throughout: the service's ``train_steps`` for the adapter equals what the trainer
+counted, so no step was applied twice and none was lost.
+"""
+
+from __future__ import annotations
+
+import random
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from lightning.pytorch.callbacks import ModelCheckpoint
+from support import (
+    HideTrainSteps,
+    Slow,
+    alternating_reward,
+    detect_samples,
+    loader,
+    quiet_trainer,
+    serving,
+)
+
+from lightning_moondream.api import (
+    AmbiguousRequestError,
+    ServerError,
+    TuningClient,
+)
+from lightning_moondream.api.inprocess import InProcessTransport
+from lightning_moondream.module import CHECKPOINT_KEY, AmbiguousTrainStepError, MoondreamRLModule
+from lightning_moondream.server import create_app
+from lightning_moondream.server.faults import FaultConfig
+
+KEY = "fault-test-key"
+
+
+def direct_client(app: Any) -> TuningClient:
+    """A client of ``app`` in this process, around any middleware and without faults' reach
+    on the wire (the app's own injection still applies)."""
+    http = httpx.Client(transport=InProcessTransport(app))
+    return TuningClient(api_key=KEY, base_url="http://local.invalid/v1/tuning", http_client=http)
+
+
+def train_steps_of(data_dir: Path, adapter_id: str) -> int:
+    """The adapter's step count as the service stores it, read with faults off."""
+    with direct_client(create_app(data_dir=data_dir, api_keys=[KEY], policy="constant")) as client:
+        steps = client.adapters.get(adapter_id).train_steps
+    assert steps is not None
+    return steps
+
+
+def new_adapter(data_dir: Path, name: str) -> str:
+    """Create the adapter the run trains, with faults off (creation is not under test)."""
+    with direct_client(create_app(data_dir=data_dir, api_keys=[KEY], policy="constant")) as client:
+        return client.adapters.create(name, 16).adapter_id
+
+
+def module(url: str, adapter_id: str | None, **options: Any) -> MoondreamRLModule:
+    """A module on ``url`` with short backoff, so faults cost milliseconds, not seconds."""
+    settings: dict[str, Any] = {
+        "api_key": KEY,
+        "base_url": url,
+        "adapter_id": adapter_id,
+        "num_rollouts": 2,
+        "reward": alternating_reward(),
+        "max_retries": 10,
+        "max_concurrency": 4,
+    }
+    settings.update(options)
+    model = MoondreamRLModule(**settings)
+    model.client.retry_policy.base_delay = 0.005
+    model.client.retry_policy.max_delay = 0.05
+    return model
+
+
+@contextmanager
+def recorded_warnings() -> Iterator[list[str]]:
+    """Messages of every warning, from any thread (the client runs on its own loop)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        messages: list[str] = []
+        yield messages
+        messages.extend(str(item.message) for item in caught)
+
+
+def test_a_run_with_one_request_in_five_failing_applies_every_step_exactly_once(
+    tmp_path: Path,
+) -> None:
+    data_dir = tmp_path / "service"
+    adapter_id = new_adapter(data_dir, "faulty-run")
+    app = create_app(
+        data_dir=data_dir,
+        api_keys=[KEY],
+        policy="constant",
+        faults=FaultConfig(
+            rate=0.2,
+            kinds=("429", "503", "500", "drop"),
+            retry_after=0,
+            after_train_step="drop",
+            after_train_step_rate=0.2,
+            seed=7,
+        ),
+    )
+    slow = Slow(app, rate=0.04, delay=0.6, seed=3)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=10, save_last=True)
+    with serving(slow) as url:
+        model = module(url, adapter_id, timeout=0.3)
+        trainer = quiet_trainer(
+            tmp_path, max_steps=30, enable_checkpointing=True, callbacks=[checkpoints]
+        )
+        trainer.fit(model, loader(detect_samples("train", 60), batch_size=2))
+
+    assert trainer.global_step == 30
+    assert train_steps_of(data_dir, adapter_id) == 30
+    # The faults really happened: retries, answers slower than the timeout, and train
+    # steps whose answer was lost after the server applied them (found by reading back).
+    assert model.usage.retries > 0
+    assert slow.slowed > 0
+    assert model.usage.failures > 0
+    # Periodic checkpoints survived the faults and point at API checkpoints that exist.
+    import torch
+
+    state = torch.load(checkpoints.last_model_path, weights_only=False)[CHECKPOINT_KEY]
+    with direct_client(create_app(data_dir=data_dir, api_keys=[KEY], policy="constant")) as client:
+        saved = [item.checkpoint_id for item in client.checkpoints.iter(adapter_id)]
+    assert state["checkpoint_id"] in saved
+    assert state["train_steps"] == 30
+
+
+AMBIGUOUS_FAULTS = {
+    # Applied, then answered 500.
+    "applied-then-500": FaultConfig(after_train_step="500"),
+    # Applied, then the connection is dropped mid-answer.
+    "applied-then-dropped": FaultConfig(after_train_step="drop"),
+    # Dropped before anything happened: the step must be resent.
+    "dropped-before": FaultConfig(rate=0.5, kinds=("drop",), endpoints=("train_step",), seed=1),
+}
+
+
+@pytest.mark.parametrize("fault", AMBIGUOUS_FAULTS)
+def test_ambiguous_train_steps_are_resolved_by_reading_train_steps_back(
+    tmp_path: Path, fault: str
+) -> None:
+    data_dir = tmp_path / "service"
+    adapter_id = new_adapter(data_dir, fault)
+    app = create_app(
+        data_dir=data_dir, api_keys=[KEY], policy="constant", faults=AMBIGUOUS_FAULTS[fault]
+    )
+    with serving(app) as url, recorded_warnings() as messages:
+        model = module(url, adapter_id)
+        trainer = quiet_trainer(tmp_path, max_steps=6)
+        trainer.fit(model, loader(detect_samples("train", 12), batch_size=2))
+
+    assert trainer.global_step == 6
+    assert train_steps_of(data_dir, adapter_id) == 6
+    resent = [
+        message for message in messages if "was not applied" in message and "resending" in message
+    ]
+    if fault == "dropped-before":
+        assert resent, "the seeded drops never hit a train step"
+    else:
+        # Every step was ambiguous (a failure was recorded for each) and none was resent.
+        assert model.usage.failures >= 6
+        assert resent == []
+
+
+def first_failing_step(seed: int, rate: float) -> int:
+    """Which train step (from 1) the service's seeded after-apply draw fails first."""
+    draws = random.Random(seed)
+    return next(step for step in range(1, 100) if draws.random() < rate)
+
+
+def test_ambiguous_step_without_train_steps_raises_with_a_checkpoint_to_resume_from(
+    tmp_path: Path,
+) -> None:
+    data_dir = tmp_path / "service"
+    adapter_id = new_adapter(data_dir, "no-report")
+    # A seed whose first failure comes after a few clean steps, so checkpoints exist.
+    seed = next(seed for seed in range(1000) if first_failing_step(seed, 0.3) == 4)
+    app = create_app(
+        data_dir=data_dir,
+        api_keys=[KEY],
+        policy="constant",
+        faults=FaultConfig(after_train_step="drop", after_train_step_rate=0.3, seed=seed),
+    )
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_last=True)
+    with serving(HideTrainSteps(app)) as url:
+        model = module(url, adapter_id)
+        trainer = quiet_trainer(
+            tmp_path, max_steps=8, enable_checkpointing=True, callbacks=[checkpoints]
+        )
+        with pytest.raises(AmbiguousTrainStepError) as raised:
+            trainer.fit(model, loader(detect_samples("train", 16), batch_size=2))
+
+    last = tmp_path / "ckpt" / "last.ckpt"
+    message = str(raised.value)
+    assert "train step 4" in message
+    assert "may or may not have been applied" in message
+    assert "does not report train_steps" in message
+    assert f"ckpt_path={str(last)!r}" in message
+    assert "on_ambiguous_step='skip'" in message
+    assert isinstance(raised.value.__cause__, AmbiguousRequestError)
+    assert trainer.global_step == 3
+    # The server applied step 4 before dropping its answer: the old adapter is one ahead,
+    # which is why the run stops instead of guessing.
+    assert train_steps_of(data_dir, adapter_id) == 4
+
+    # Resuming from last.ckpt on a healthy service continues exactly from step 3.
+    import torch
+
+    state = torch.load(last, weights_only=False)
+    assert state["global_step"] == 3
+    assert state[CHECKPOINT_KEY]["train_steps"] == 3
+    with serving(create_app(data_dir=data_dir, api_keys=[KEY], policy="constant")) as url:
+        resumed = module(url, None)
+        trainer = quiet_trainer(
+            tmp_path,
+            max_steps=8,
+            enable_checkpointing=True,
+            callbacks=[
+                ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_last=True)
+            ],
+        )
+        trainer.fit(resumed, loader(detect_samples("train", 16), batch_size=2), ckpt_path=last)
+        new_id = resumed.adapter.adapter_id
+    assert trainer.global_step == 8
+    assert new_id != adapter_id
+    assert train_steps_of(data_dir, new_id) == 8 - 3
+
+
+@pytest.mark.parametrize(
+    ("fault", "applied"),
+    [
+        (FaultConfig(after_train_step="drop"), 5),
+        (FaultConfig(after_train_step="500"), 5),
+        (FaultConfig(rate=1.0, kinds=("drop",), endpoints=("train_step",)), 0),
+    ],
+    ids=["applied-then-dropped", "applied-then-500", "dropped-before"],
+)
+def test_skip_counts_an_unknown_step_as_applied_and_never_resends_it(
+    tmp_path: Path, fault: FaultConfig, applied: int
+) -> None:
+    data_dir = tmp_path / "service"
+    adapter_id = new_adapter(data_dir, "skip")
+    app = create_app(data_dir=data_dir, api_keys=[KEY], policy="constant", faults=fault)
+    with serving(HideTrainSteps(app)) as url, recorded_warnings() as messages:
+        model = module(url, adapter_id, on_ambiguous_step="skip")
+        trainer = quiet_trainer(tmp_path, max_steps=5)
+        trainer.fit(model, loader(detect_samples("train", 10), batch_size=2))
+
+    assert trainer.global_step == 5
+    skipped = [message for message in messages if "counting it as applied" in message]
+    assert len(skipped) == 5
+    # Each step was sent once: applied once when the server acted, lost when it did not.
+    assert train_steps_of(data_dir, adapter_id) == applied
+
+
+class FailRollouts:
+    """Answer 500 to every ``/rollouts`` request whose body holds ``marker``; count calls."""
+
+    def __init__(self, app: Any, marker: bytes) -> None:
+        self.app, self.marker = app, marker
+        self.failed = 0
+        self.train_steps = 0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        messages, body = [], b""
+        while True:
+            message = await receive()
+            messages.append(message)
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        if scope["path"].endswith("/train_step"):
+            self.train_steps += 1
+        if scope["path"].endswith("/rollouts") and self.marker in body:
+            self.failed += 1
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 500,
+                    "headers": [(b"content-type", b"application/json")],
+                }
+            )
+            await send(
+                {
+                    "type": "http.response.body",
+                    "body": b'{"error": {"type": "api_error", "message": "boom"}}',
+                }
+            )
+            return
+
+        async def replay() -> Any:
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+
+def test_one_failed_rollouts_request_fails_its_step_and_trains_on_nothing_partial(
+    tmp_path: Path,
+) -> None:
+    from dataclasses import replace
+
+    data_dir = tmp_path / "service"
+    adapter_id = new_adapter(data_dir, "partial")
+    samples = detect_samples("train", 6)
+    # The fourth sample (second batch) asks about an object only the middleware fails.
+    samples[3] = replace(samples[3], object="poisoned object")
+    app = FailRollouts(
+        create_app(data_dir=data_dir, api_keys=[KEY], policy="constant"), b"poisoned object"
+    )
+    with serving(app) as url:
+        model = module(url, adapter_id, max_retries=3, max_concurrency=1)
+        trainer = quiet_trainer(tmp_path, max_steps=3)
+        with pytest.raises(ServerError) as raised:
+            trainer.fit(model, loader(samples, batch_size=3))
+
+    assert "POST /rollouts answered 500: boom" in str(raised.value)
+    assert app.failed == 4  # the first attempt and its 3 retries
+    assert trainer.global_step == 1
+    assert app.train_steps == 1
+    assert train_steps_of(data_dir, adapter_id) == 1
