@@ -22,6 +22,7 @@ ImageInput = Image.Image | str | os.PathLike[str] | bytes | bytearray
 
 DATA_URL_PREFIX = "data:"
 ACCEPTED_MEDIA_TYPES = ("image/jpeg", "image/png", "image/webp")
+_FORMATS = ("JPEG", "PNG", "WEBP")
 DEFAULT_MAX_PIXELS = 40_000_000
 """Decoded pixel count above which an image is refused (decompression bomb guard)."""
 
@@ -65,6 +66,43 @@ def describe_source(source: ImageInput) -> str:
     return str(source)
 
 
+def _data_url_payload(url: str) -> bytes:
+    if not is_data_url(url):
+        raise ImageError("image_url must be a base64 data URL (data:image/...;base64,...)")
+    header, sep, payload = url.partition(",")
+    if not sep or not header.endswith(";base64"):
+        raise ImageError("image_url must be a base64 data URL (data:image/...;base64,...)")
+    media_type = header[len(DATA_URL_PREFIX) : -len(";base64")].lower()
+    if media_type not in ACCEPTED_MEDIA_TYPES:
+        raise ImageError(
+            f"image_url has media type {media_type!r}; accepted: {', '.join(ACCEPTED_MEDIA_TYPES)}"
+        )
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ImageError("image_url payload is not valid base64") from exc
+
+
+def check_data_url(url: str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """Check a data URL as far as its image header, without decoding the pixels.
+
+    Cheap enough for request validation: the scheme, media type, base64 payload, image
+    format and pixel count are checked; a payload truncated after its header is only
+    found by ``decode_data_url``.
+
+    Returns:
+        The image's ``(width, height)`` as stored.
+
+    Raises:
+        ImageError: If the URL is not a base64 data URL of a JPEG, PNG or WebP image
+            within the pixel limit.
+    """
+    image = _open_bytes(
+        _data_url_payload(url), "image_url", max_pixels=max_pixels, formats=_FORMATS, load=False
+    )
+    return image.size
+
+
 def decode_data_url(url: str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode a base64 ``data:`` URL of a JPEG, PNG or WebP image.
 
@@ -81,21 +119,7 @@ def decode_data_url(url: str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
         ImageError: If the URL is not a base64 data URL of an accepted type, or the
             payload is not a readable image within the pixel limit.
     """
-    if not is_data_url(url):
-        raise ImageError("image_url must be a base64 data URL (data:image/...;base64,...)")
-    header, sep, payload = url.partition(",")
-    if not sep or not header.endswith(";base64"):
-        raise ImageError("image_url must be a base64 data URL (data:image/...;base64,...)")
-    media_type = header[len(DATA_URL_PREFIX) : -len(";base64")].lower()
-    if media_type not in ACCEPTED_MEDIA_TYPES:
-        raise ImageError(
-            f"image_url has media type {media_type!r}; accepted: {', '.join(ACCEPTED_MEDIA_TYPES)}"
-        )
-    try:
-        raw = base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise ImageError("image_url payload is not valid base64") from exc
-    return _open_bytes(raw, "image_url", max_pixels=max_pixels, formats=("JPEG", "PNG", "WEBP"))
+    return _open_bytes(_data_url_payload(url), "image_url", max_pixels=max_pixels, formats=_FORMATS)
 
 
 def _open_bytes(
@@ -104,6 +128,7 @@ def _open_bytes(
     *,
     max_pixels: int,
     formats: tuple[str, ...] | None = None,
+    load: bool = True,
 ) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(raw), formats=formats)
@@ -112,7 +137,8 @@ def _open_bytes(
                 f"{name}: image of {image.width}x{image.height} pixels exceeds the limit of "
                 f"{max_pixels} pixels"
             )
-        image.load()
+        if load:
+            image.load()
     except ImageError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:

@@ -30,7 +30,7 @@ from pydantic import (
 from lightning_moondream.images import (
     DEFAULT_MAX_PIXELS,
     ImageError,
-    decode_data_url,
+    check_data_url,
     encode_image,
     is_data_url,
 )
@@ -99,12 +99,12 @@ class _RequestBase(BaseModel):
             return None
         if _is_wire(info):
             # A server never opens paths or fetches URLs: only inline data is accepted,
-            # and it must decode within the pixel limit.
+            # within the pixel limit. The header is enough here; pixels decode once, later.
             if not isinstance(value, str) or not is_data_url(value):
                 raise ValueError("must be a base64 data URL (data:image/...;base64,...)")
             context = info.context or {}
             try:
-                decode_data_url(value, max_pixels=context.get("max_pixels", DEFAULT_MAX_PIXELS))
+                check_data_url(value, max_pixels=context.get("max_pixels", DEFAULT_MAX_PIXELS))
             except ImageError as exc:
                 raise ValueError(str(exc)) from exc
             return value

@@ -54,7 +54,7 @@ from lightning_moondream.api.models import (
     parse_request,
     validation_message,
 )
-from lightning_moondream.images import DEFAULT_MAX_PIXELS, decode_data_url
+from lightning_moondream.images import DEFAULT_MAX_PIXELS, ImageError, decode_data_url
 from lightning_moondream.rewards import ground_truth_reward
 from lightning_moondream.server import codec, signing
 from lightning_moondream.server.engine import (
@@ -337,13 +337,19 @@ class Service:
                 item["loc"][-1:] == ("image_url",) and item["type"] == "value_error"
                 for item in exc.errors()
             )
-            raise ApiError(400 if unreadable_image else 422, validation_message(exc, where)) from exc
+            raise ApiError(
+                400 if unreadable_image else 422, validation_message(exc, where)
+            ) from exc
 
     def task(self, request: AnyRequest) -> Task:
         """Decode a validated request into what the engine samples for."""
         settings = request.settings
         image_url = getattr(request, "image_url", None)
-        image = decode_data_url(image_url, max_pixels=self.max_pixels) if image_url else None
+        try:
+            image = decode_data_url(image_url, max_pixels=self.max_pixels) if image_url else None
+        except ImageError as exc:
+            # Validation read only the header; a payload broken past it shows up here.
+            raise ApiError(400, f"request.{exc}") from exc
         prompt = request.question if request.skill == "query" else request.object
         return Task(
             skill=request.skill,
