@@ -9,7 +9,7 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
-from support import detect_samples
+from support import detect_samples, quiet_trainer
 from torch.utils.data import DataLoader
 
 from lightning_moondream.api import Rollout, TuningClient
@@ -36,17 +36,7 @@ class ShapesData(L.LightningDataModule):
 
 
 def trainer(root: Path, **kwargs: Any) -> L.Trainer:
-    options: dict[str, Any] = {
-        "default_root_dir": root,
-        "logger": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "enable_checkpointing": False,
-        "limit_val_batches": 1,
-        "num_sanity_val_steps": 0,
-    }
-    options.update(kwargs)
-    return L.Trainer(**options)
+    return quiet_trainer(root, **{"limit_val_batches": 1, **kwargs})
 
 
 def service_adapter(root: Path, adapter_id: str) -> Any:

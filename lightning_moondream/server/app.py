@@ -27,7 +27,7 @@ from collections import OrderedDict
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from tempfile import TemporaryDirectory
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import torch
@@ -93,6 +93,9 @@ _ERROR_TYPES = {
     500: "api_error",
     503: "overloaded_error",
 }
+
+
+BodyT = TypeVar("BodyT", bound=BaseModel)
 
 
 class ApiError(Exception):
@@ -282,6 +285,18 @@ class Service:
             raise ApiError(400, "body: must be a JSON object")
         return body
 
+    async def parse_body(self, request: Request, model: type[BodyT]) -> BodyT:
+        """The request's JSON body validated as ``model``.
+
+        Raises:
+            ApiError: 413 if too large, 400 if not a JSON object, 422 naming a bad field.
+        """
+        body = await self.json_body(request)
+        try:
+            return model.model_validate(body)
+        except ValidationError as exc:
+            raise ApiError(422, validation_message(exc, "")) from exc
+
     def seed(self) -> int:
         """A fresh seed from the service's seeded stream."""
         with self._lock:
@@ -443,11 +458,9 @@ def _install_adapter_routes(app: FastAPI, service: Service) -> None:
     @app.post(f"{PREFIX}/adapters")
     async def create_adapter(request: Request) -> dict[str, Any]:
         owner = service.authenticate(request)
+        body = await service.parse_body(request, _CreateAdapter)
         try:
-            body = _CreateAdapter.model_validate(await service.json_body(request))
             check_rank(body.rank)
-        except ValidationError as exc:
-            raise ApiError(422, validation_message(exc, "")) from exc
         except ValueError as exc:
             raise ApiError(422, f"rank: {exc}") from exc
         if body.from_checkpoint is not None:
@@ -568,10 +581,7 @@ def _install_training_routes(app: FastAPI, service: Service) -> None:
     @app.post(f"{PREFIX}/rollouts")
     async def rollouts(request: Request) -> dict[str, Any]:
         owner = service.authenticate(request)
-        try:
-            body = _Rollouts.model_validate(await service.json_body(request))
-        except ValidationError as exc:
-            raise ApiError(422, validation_message(exc, "")) from exc
+        body = await service.parse_body(request, _Rollouts)
         try:
             check_num_rollouts(body.num_rollouts)
         except ValueError as exc:
@@ -616,10 +626,7 @@ def _install_training_routes(app: FastAPI, service: Service) -> None:
     @app.post(f"{PREFIX}/train_step")
     async def train_step(request: Request) -> dict[str, Any]:
         owner = service.authenticate(request)
-        try:
-            body = _TrainStep.model_validate(await service.json_body(request))
-        except ValidationError as exc:
-            raise ApiError(422, validation_message(exc, "")) from exc
+        body = await service.parse_body(request, _TrainStep)
         try:
             groups = check_groups(body.groups)
         except ValueError as exc:
