@@ -1,0 +1,86 @@
+"""Helpers shared by the benchmarks: the machine they ran on, a table, the results file."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def machine() -> dict[str, Any]:
+    """Architecture, CPU count and CPU model, to read figures from other machines with care."""
+    model = "unknown"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {"machine": platform.machine(), "nproc": os.cpu_count(), "cpu": model}
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """Print rows under headers, columns right-aligned; floats with 3 decimals."""
+    cells = [
+        [f"{value:.3f}" if isinstance(value, float) else str(value) for value in row]
+        for row in rows
+    ]
+    widths = [
+        max(len(str(header)), *(len(row[i]) for row in cells)) for i, header in enumerate(headers)
+    ]
+    print("  ".join(f"{header:>{width}}" for header, width in zip(headers, widths, strict=True)))
+    for row in cells:
+        print("  ".join(f"{cell:>{width}}" for cell, width in zip(row, widths, strict=True)))
+
+
+def write_results(name: str, payload: dict[str, Any]) -> Path:
+    """Write ``benchmarks/results/<name>.json`` with the machine's description added."""
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps({"machine": machine(), **payload}, indent=2) + "\n")
+    return path
+
+
+@contextmanager
+def serve_http(folder: str, *options: str) -> Iterator[str]:
+    """Run ``lightning-moondream serve`` on a free port of 127.0.0.1; yields its base URL.
+
+    Args:
+        folder: The service's data folder.
+        *options: More ``serve`` options, e.g. ``"--policy", "constant"``.
+    """
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    command = [str(Path(sys.executable).with_name("lightning-moondream")), "serve"]
+    command += ["--host", "127.0.0.1", "--port", str(port), "--data-dir", folder, *options]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base_url = f"http://127.0.0.1:{port}/v1/tuning"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"lightning-moondream serve exited with {server.returncode}")
+            try:
+                httpx.get(base_url + "/adapters", headers={"X-Moondream-Auth": "bench"}, timeout=1)
+                break
+            except httpx.TransportError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        yield base_url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

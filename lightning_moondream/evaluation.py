@@ -1,0 +1,579 @@
+"""``lightning-moondream evaluate``: compare models on datasets in one table.
+
+Every model is evaluated on every dataset with one greedy rollout per sample (temperature
+0), scored with the same metrics (``SkillMetrics``) and rewards (``Scorer``) as the
+module's validation, so the table matches ``val/...`` and ``test/...`` logs. Greedy
+decoding makes the results independent of batch size and concurrency.
+
+Models:
+
+- ``base``: a fresh adapter, i.e. the base model (created, then deleted);
+- ``ADAPTER_ID``: an existing adapter, as it is now;
+- ``ADAPTER_ID/chk_xxx`` or ``ADAPTER_ID@chk_xxx``: a checkpoint, evaluated through a
+  new adapter created from it (deleted afterwards).
+
+Datasets (``--data``): a dataset folder or annotation file (``load_dataset``; ``--format``
+to force one), ``synthetic``, or a YAML/JSON mapping of source options such as
+``'{source: synthetic, num_images: 32, skills: [point]}'``.
+
+Example:
+    Base model against a checkpoint of the quickstart run, on a VOC folder::
+
+        lightning-moondream evaluate --data /data/raccoon --format voc --model base
+            --model 5f0c.../chk_002 --local-dir runs/quickstart/moondream-local-service
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from lightning_moondream.api import (
+    AsyncTuningClient,
+    NotFoundError,
+    RolloutCall,
+    Settings,
+    TuningAPIError,
+    UsageStats,
+)
+from lightning_moondream.callbacks.prediction_images import draw_prediction
+from lightning_moondream.data.encoding import DEFAULT_MAX_SIDE, DEFAULT_QUALITY, EncodedDataset
+from lightning_moondream.data.errors import DatasetError
+from lightning_moondream.data.module import build_source
+from lightning_moondream.images import EncodingOptions
+from lightning_moondream.metrics import SkillMetrics
+from lightning_moondream.scoring import RewardSpec, Sample, Scorer
+
+BASE = "base"
+TEMPORARY_ADAPTER_NAME = "lightning-moondream-evaluate"
+BASE_RANK = 16
+"""Rank of the fresh adapter standing for the base model (its LoRA starts at zero)."""
+
+COLUMNS: tuple[tuple[str, str], ...] = (
+    ("dataset", "dataset"),
+    ("model", "model"),
+    ("N", "samples"),
+    ("mAP", "map"),
+    ("mAP50", "map_50"),
+    ("mAP75", "map_75"),
+    ("det F1@0.5", "det_f1"),
+    ("mean IoU", "det_miou"),
+    ("point P", "point_precision"),
+    ("point R", "point_recall"),
+    ("point F1", "point_f1"),
+    ("VQA acc", "vqa_accuracy"),
+    ("reward", "reward"),
+    ("p50 ms", "latency_p50_ms"),
+    ("p95 ms", "latency_p95_ms"),
+    ("requests", "requests"),
+)
+"""Table columns: ``(heading, key in each JSON row)``."""
+
+_TEXT_KEYS = ("dataset", "model")
+_INTEGER_KEYS = ("samples", "requests")
+
+
+class EvaluationError(ValueError):
+    """A model, dataset or option of an evaluation cannot be used; the message names it."""
+
+
+# Models --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model to evaluate, as named on the command line.
+
+    Attributes:
+        name: The text as given, used in the table.
+        adapter_id: The adapter to evaluate or to take the checkpoint of; ``None`` for base.
+        checkpoint_id: Full checkpoint id ``adapter_id/chk_xxx``, or ``None``.
+    """
+
+    name: str
+    adapter_id: str | None = None
+    checkpoint_id: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> ModelSpec:
+        """Parse ``base``, ``ADAPTER_ID``, ``ADAPTER_ID/CHECKPOINT`` or ``ADAPTER_ID@CHECKPOINT``.
+
+        Raises:
+            EvaluationError: If the text is empty or malformed.
+        """
+        value = text.strip()
+        if not value:
+            raise EvaluationError("model: an empty name; use base, an adapter id or adapter/chk")
+        if value == BASE:
+            return cls(value)
+        adapter_id, separator, checkpoint = value.replace("@", "/", 1).partition("/")
+        if not separator:
+            return cls(value, adapter_id=value)
+        if not adapter_id or not checkpoint or "/" in checkpoint or "@" in checkpoint:
+            raise EvaluationError(
+                f"model {text!r}: expected ADAPTER_ID/CHECKPOINT_ID or ADAPTER_ID@CHECKPOINT_ID"
+            )
+        return cls(value, adapter_id=adapter_id, checkpoint_id=f"{adapter_id}/{checkpoint}")
+
+    @property
+    def temporary(self) -> bool:
+        """Whether evaluating it creates an adapter that is deleted afterwards."""
+        return self.adapter_id is None or self.checkpoint_id is not None
+
+
+async def open_model(client: AsyncTuningClient, spec: ModelSpec) -> str:
+    """Return the adapter id that serves ``spec``, creating it when it is temporary.
+
+    Raises:
+        EvaluationError: Naming the model, if its adapter or checkpoint does not exist.
+    """
+    if spec.adapter_id is None:
+        return (await client.adapters.create(TEMPORARY_ADAPTER_NAME, BASE_RANK)).adapter_id
+    try:
+        adapter = await client.adapters.get(spec.adapter_id)
+    except NotFoundError as exc:
+        raise EvaluationError(
+            f"model {spec.name!r}: no adapter {spec.adapter_id!r} at this service "
+            f"(see `lightning-moondream adapters list`): {exc.message}"
+        ) from exc
+    if spec.checkpoint_id is None:
+        return adapter.adapter_id
+    try:
+        created = await client.adapters.create(
+            TEMPORARY_ADAPTER_NAME, adapter.rank, spec.checkpoint_id
+        )
+    except NotFoundError as exc:
+        raise EvaluationError(
+            f"model {spec.name!r}: no checkpoint {spec.checkpoint_id!r} (see "
+            f"`lightning-moondream adapters checkpoints {spec.adapter_id}`): {exc.message}"
+        ) from exc
+    return created.adapter_id
+
+
+# Datasets ------------------------------------------------------------------------------
+
+
+def load_data(spec: str, format: str | None = None) -> tuple[str, Dataset]:
+    """Build a named dataset of samples from a ``--data`` value.
+
+    Args:
+        spec: A folder or annotation file, ``synthetic``, or a YAML mapping of source
+            options (``{source: ..., ...}``, as ``MoondreamDataModule`` takes).
+        format: Dataset format for a path (``voc``, ``coco``, ``yolo``, ``jsonl``).
+
+    Returns:
+        A name for the table (the folder or file name, or the mapping as given) and the
+        dataset, built from its ``test`` split where the source has splits.
+
+    Raises:
+        EvaluationError: If the mapping is not valid YAML or has no ``source``.
+    """
+    text = spec.strip()
+    if text.startswith("{"):
+        try:
+            options = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise EvaluationError(f"data {spec!r}: not a valid YAML mapping: {exc}") from exc
+        if not isinstance(options, dict) or "source" not in options:
+            raise EvaluationError(f"data {spec!r}: a mapping needs a 'source' key")
+        return text, build_source(options, "test")
+    if text == "synthetic":
+        return text, build_source(text, "test")
+    options = {"source": text} if format is None else {"source": text, "format": format}
+    return Path(text).name or text, build_source(options, "test")
+
+
+# Running ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One sample's greedy output and score.
+
+    Attributes:
+        dataset: Dataset name.
+        model: Model name.
+        index: Position of the sample in its dataset.
+        sample_id: The sample's id.
+        skill: ``detect``, ``point`` or ``query``.
+        label: The object phrase or question.
+        output: The rollout's ``output`` JSON.
+        target: The ground truth JSON.
+        reward: The sample's reward (the ranking of ``--draw-worst``).
+    """
+
+    dataset: str
+    model: str
+    index: int
+    sample_id: str
+    skill: str
+    label: str
+    output: dict[str, Any]
+    target: dict[str, Any]
+    reward: float
+
+    def to_json(self) -> dict[str, Any]:
+        """The prediction as one JSON object (a line of ``predictions.jsonl``)."""
+        return {
+            "dataset": self.dataset,
+            "model": self.model,
+            "index": self.index,
+            "id": self.sample_id,
+            "skill": self.skill,
+            "label": self.label,
+            "output": self.output,
+            "target": self.target,
+            "reward": self.reward,
+        }
+
+
+@dataclass
+class EvaluationReport:
+    """What an evaluation produced: one row per dataset and model, and every prediction."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    predictions: list[Prediction] = field(default_factory=list)
+    datasets: dict[str, EncodedDataset] = field(default_factory=dict)
+    """The encoded datasets by name, to draw samples from."""
+
+    def markdown(self) -> str:
+        """The table as Markdown; ``-`` where a dataset has no sample of a metric's skill."""
+        lines = [
+            "| " + " | ".join(heading for heading, _ in COLUMNS) + " |",
+            "|" + "|".join("---" if key in _TEXT_KEYS else "---:" for _, key in COLUMNS) + "|",
+        ]
+        for row in self.rows:
+            lines.append("| " + " | ".join(_cell(row, key) for _, key in COLUMNS) + " |")
+        return "\n".join(lines)
+
+
+def _cell(row: Mapping[str, Any], key: str) -> str:
+    value = row.get(key)
+    if value is None:
+        return "-"
+    if key in _TEXT_KEYS:
+        return str(value).replace("|", "\\|")
+    if key in _INTEGER_KEYS:
+        return str(int(value))
+    if key.startswith("latency_"):
+        return f"{value:.1f}"
+    return f"{value:.4f}"
+
+
+def _encode_batch(samples: EncodedDataset, indices: range) -> list[Sample]:
+    return [samples[index] for index in indices]
+
+
+async def _evaluate_pair(
+    client: AsyncTuningClient,
+    adapter_id: str,
+    dataset_name: str,
+    model_name: str,
+    samples: EncodedDataset,
+    *,
+    batch_size: int,
+    max_concurrency: int,
+    settings: Settings,
+    scorer: Scorer,
+    advance: Callable[[int], None],
+) -> tuple[dict[str, Any], list[Prediction]]:
+    metrics = SkillMetrics()
+    predictions: list[Prediction] = []
+    # A fresh counter per dataset and model, so latencies and requests are theirs alone.
+    client.usage = UsageStats()
+    for start in range(0, len(samples), batch_size):
+        indices = range(start, min(start + batch_size, len(samples)))
+        # Encoding off the event loop, which also serves the in-process local service.
+        batch: list[Sample] = await asyncio.to_thread(_encode_batch, samples, indices)
+        calls = [
+            RolloutCall(
+                adapter_id,
+                sample.to_request(settings),
+                1,
+                sample.ground_truth() if scorer.sends_ground_truth(sample) else None,
+            )
+            for sample in batch
+        ]
+        responses = await client.rollouts_many(calls, max_concurrency=max_concurrency)
+        for index, sample, response in zip(indices, batch, responses, strict=True):
+            reward = (await scorer.score(sample, response))[0]
+            output = dict(response.rollouts[0].output)
+            target = sample.target()
+            metrics.update(
+                sample.skill, output, target, getattr(sample, "image_size", None), sample.label
+            )
+            predictions.append(
+                Prediction(
+                    dataset_name,
+                    model_name,
+                    index,
+                    sample.id,
+                    sample.skill,
+                    sample.label,
+                    output,
+                    target,
+                    reward,
+                )
+            )
+        advance(len(batch))
+    row: dict[str, Any] = {"dataset": dataset_name, "model": model_name}
+    row["samples"] = len(predictions)
+    values = {name: float(value) for name, value in metrics.compute().items()}
+    for _, key in COLUMNS[3:12]:
+        row[key] = values.get(key)
+    row["reward"] = float(np.mean([p.reward for p in predictions])) if predictions else None
+    latencies = client.usage.latencies("POST /rollouts")
+    p50, p95 = np.percentile(latencies, [50, 95]) if latencies else (None, None)
+    row["latency_p50_ms"] = None if p50 is None else float(p50) * 1000
+    row["latency_p95_ms"] = None if p95 is None else float(p95) * 1000
+    row["requests"] = client.usage.requests
+    return row, predictions
+
+
+async def evaluate_async(
+    client: AsyncTuningClient,
+    datasets: Sequence[tuple[str, Dataset]],
+    models: Sequence[str | ModelSpec],
+    *,
+    batch_size: int = 32,
+    max_concurrency: int = 8,
+    reward: RewardSpec = None,
+    eval_settings: Mapping[str, Any] | None = None,
+    encoding: EncodingOptions | None = None,
+    progress: bool = True,
+) -> EvaluationReport:
+    """Evaluate every model on every dataset through ``client``.
+
+    Every model is opened (and a bad one reported) before any is evaluated; temporary
+    adapters are deleted at the end, also on failure.
+
+    Args:
+        client: The API client.
+        datasets: ``(name, dataset of samples)`` pairs.
+        models: Model names (see the module docstring) or parsed specs.
+        batch_size: Samples per batch of requests.
+        max_concurrency: Rollouts requests in flight at once.
+        reward: Reward setting, as ``MoondreamRLModule``'s ``reward``.
+        eval_settings: Generation settings; temperature 0 (greedy) unless given.
+        encoding: Image size cap and JPEG quality of the images sent.
+        progress: Show a progress bar.
+
+    Raises:
+        EvaluationError: For a bad option or a model that does not exist.
+    """
+    if batch_size < 1 or max_concurrency < 1:
+        raise EvaluationError("batch size and max concurrency must be at least 1")
+    names = [name for name, _ in datasets]
+    if len(set(names)) != len(names):
+        raise EvaluationError(f"datasets need distinct names, got {names}")
+    specs = [spec if isinstance(spec, ModelSpec) else ModelSpec.parse(spec) for spec in models]
+    settings = Settings.model_validate({"temperature": 0.0, **dict(eval_settings or {})})
+    scorer = Scorer(reward)
+    options = encoding or EncodingOptions(max_side=DEFAULT_MAX_SIDE, quality=DEFAULT_QUALITY)
+    report = EvaluationReport()
+    for name, dataset in datasets:
+        report.datasets[name] = EncodedDataset(dataset, options)
+    total = sum(len(encoded) for encoded in report.datasets.values()) * len(specs)
+    opened: list[tuple[ModelSpec, str]] = []
+    try:
+        for spec in specs:
+            opened.append((spec, await open_model(client, spec)))
+        with tqdm(total=total, unit="sample", disable=not progress) as bar:
+            for name, encoded in report.datasets.items():
+                for spec, adapter_id in opened:
+                    bar.set_description(f"{name} / {spec.name}")
+                    row, predictions = await _evaluate_pair(
+                        client,
+                        adapter_id,
+                        name,
+                        spec.name,
+                        encoded,
+                        batch_size=batch_size,
+                        max_concurrency=max_concurrency,
+                        settings=settings,
+                        scorer=scorer,
+                        advance=bar.update,
+                    )
+                    report.rows.append(row)
+                    report.predictions.extend(predictions)
+    finally:
+        for spec, adapter_id in opened:
+            if spec.temporary:
+                await client.adapters.delete(adapter_id)
+    return report
+
+
+# Output ----------------------------------------------------------------------------------
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:80] or "item"
+
+
+def write_report(
+    report: EvaluationReport,
+    out: str | Path,
+    *,
+    save_predictions: bool = False,
+    draw_worst: int = 0,
+) -> list[Path]:
+    """Write ``results.md`` and ``results.json``, and optionally predictions and drawings.
+
+    Args:
+        report: The evaluation's report.
+        out: Output folder (created).
+        save_predictions: Also write every prediction to ``predictions.jsonl``.
+        draw_worst: Draw the ``draw_worst`` lowest-reward samples of every dataset and
+            model as PNGs under ``worst/<dataset>/<model>/``, true boxes and points in
+            green and predicted ones in red (the drawing of ``PredictionImageLogger``).
+
+    Returns:
+        The files written.
+    """
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = [folder / "results.md", folder / "results.json"]
+    written[0].write_text(report.markdown() + "\n")
+    columns = [{"heading": heading, "key": key} for heading, key in COLUMNS]
+    written[1].write_text(json.dumps({"columns": columns, "rows": report.rows}, indent=2) + "\n")
+    if save_predictions:
+        path = folder / "predictions.jsonl"
+        with path.open("w") as handle:
+            for prediction in report.predictions:
+                handle.write(json.dumps(prediction.to_json()) + "\n")
+        written.append(path)
+    if draw_worst > 0:
+        groups: dict[tuple[str, str], list[Prediction]] = {}
+        for prediction in report.predictions:
+            groups.setdefault((prediction.dataset, prediction.model), []).append(prediction)
+        for (dataset, model), predictions in groups.items():
+            # Stable on ties, so the same samples are drawn on every run.
+            worst = sorted(predictions, key=lambda p: (p.reward, p.index))[:draw_worst]
+            target = folder / "worst" / _slug(dataset) / _slug(model)
+            target.mkdir(parents=True, exist_ok=True)
+            for rank, prediction in enumerate(worst, start=1):
+                sample = report.datasets[dataset][prediction.index]
+                path = target / f"{rank:03d}_{_slug(prediction.sample_id)}.png"
+                draw_prediction(sample, prediction.output, prediction.reward).save(path)
+                written.append(path)
+    return written
+
+
+# Command line ----------------------------------------------------------------------------
+
+
+def connect(local_dir: str | None, base_url: str | None) -> AsyncTuningClient:
+    """The client of an evaluation.
+
+    ``--local-dir`` uses the local service keeping its data there; without it, a key
+    (``MOONDREAM_API_KEY``) or a base URL selects a remote service, and with neither the
+    local service runs in this process on a temporary folder, as the module does.
+    """
+    remote = (
+        base_url or os.environ.get("MOONDREAM_API_KEY") or os.environ.get("MOONDREAM_TUNING_URL")
+    )
+    if local_dir is not None or not remote:
+        return AsyncTuningClient.local(data_dir=local_dir)
+    return AsyncTuningClient(base_url=base_url)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``lightning-moondream evaluate``."""
+    parser = argparse.ArgumentParser(
+        prog="lightning-moondream evaluate",
+        description="Evaluate models on datasets (one greedy rollout per sample) and write "
+        "one table. The API key comes from MOONDREAM_API_KEY; with neither a key nor "
+        "--base-url, the local tuning service runs in this process.",
+    )
+    parser.add_argument(
+        "--data",
+        action="append",
+        required=True,
+        help="dataset folder or annotation file, 'synthetic', or a YAML mapping such as "
+        "'{source: synthetic, num_images: 32}'; repeat for several",
+    )
+    parser.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        help="'base', an adapter id, or a checkpoint ADAPTER/chk_xxx or ADAPTER@chk_xxx; "
+        "repeat for several",
+    )
+    parser.add_argument("--format", choices=("coco", "voc", "yolo", "jsonl"), default=None)
+    parser.add_argument("--batch-size", type=int, default=32, help="samples per batch")
+    parser.add_argument(
+        "--max-concurrency", type=int, default=8, help="rollouts requests in flight at once"
+    )
+    parser.add_argument("--out", default="runs/evaluate", help="output folder")
+    parser.add_argument("--save-predictions", action="store_true", help="write predictions.jsonl")
+    parser.add_argument(
+        "--draw-worst",
+        type=int,
+        default=0,
+        metavar="K",
+        help="draw the K lowest-reward samples of each dataset and model as PNGs",
+    )
+    parser.add_argument(
+        "--max-side",
+        type=int,
+        default=DEFAULT_MAX_SIDE,
+        help="longest image side sent, in pixels",
+    )
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--local-dir", default=None, help="data folder of a local tuning service")
+    where.add_argument(
+        "--base-url", default=None, help="API base URL (default: MOONDREAM_TUNING_URL or the cloud)"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+async def _run(args: argparse.Namespace, datasets: list[tuple[str, Dataset]]) -> EvaluationReport:
+    client = connect(args.local_dir, args.base_url)
+    try:
+        return await evaluate_async(
+            client,
+            datasets,
+            args.model,
+            batch_size=args.batch_size,
+            max_concurrency=args.max_concurrency,
+            encoding=EncodingOptions(max_side=args.max_side, quality=DEFAULT_QUALITY),
+            progress=not args.no_progress,
+        )
+    finally:
+        await client.close()
+
+
+def evaluate_main(argv: Sequence[str]) -> int:
+    """``lightning-moondream evaluate``: returns the exit status (0, or 1 on an error)."""
+    args = build_parser().parse_args(list(argv))
+    if args.draw_worst < 0:
+        print("error: --draw-worst must not be negative", file=sys.stderr)
+        return 1
+    try:
+        models = [ModelSpec.parse(text) for text in args.model]
+        args.model = models
+        datasets = [load_data(spec, args.format) for spec in args.data]
+        report = asyncio.run(_run(args, datasets))
+    except (EvaluationError, DatasetError, TuningAPIError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    written = write_report(
+        report, args.out, save_predictions=args.save_predictions, draw_worst=args.draw_worst
+    )
+    print(report.markdown())
+    print(f"\nwrote {len(written)} files under {args.out}")
+    return 0
