@@ -44,7 +44,6 @@ from tqdm.auto import tqdm
 from lightning_moondream.api import (
     AsyncTuningClient,
     NotFoundError,
-    RolloutCall,
     Settings,
     TuningAPIError,
     UsageStats,
@@ -55,7 +54,7 @@ from lightning_moondream.data.errors import DatasetError
 from lightning_moondream.data.module import build_source
 from lightning_moondream.images import EncodingOptions
 from lightning_moondream.metrics import SkillMetrics
-from lightning_moondream.scoring import RewardSpec, Sample, Scorer
+from lightning_moondream.scoring import RewardSpec, Sample, Scorer, sample_and_score
 
 BASE = "base"
 TEMPORARY_ADAPTER_NAME = "lightning-moondream-evaluate"
@@ -298,18 +297,17 @@ async def _evaluate_pair(
         indices = range(start, min(start + batch_size, len(samples)))
         # Encoding off the event loop, which also serves the in-process local service.
         batch: list[Sample] = await asyncio.to_thread(_encode_batch, samples, indices)
-        calls = [
-            RolloutCall(
-                adapter_id,
-                sample.to_request(settings),
-                1,
-                sample.ground_truth() if scorer.sends_ground_truth(sample) else None,
-            )
-            for sample in batch
-        ]
-        responses = await client.rollouts_many(calls, max_concurrency=max_concurrency)
-        for index, sample, response in zip(indices, batch, responses, strict=True):
-            reward = (await scorer.score(sample, response))[0]
+        scored = await sample_and_score(
+            client,
+            adapter_id,
+            batch,
+            settings=settings,
+            num_rollouts=1,
+            scorer=scorer,
+            max_concurrency=max_concurrency,
+        )
+        for index, sample, (response, rewards) in zip(indices, batch, scored, strict=True):
+            reward = rewards[0]
             output = dict(response.rollouts[0].output)
             target = sample.target()
             metrics.update(

@@ -34,7 +34,7 @@ from lightning_moondream.api import (
     UsageStats,
 )
 from lightning_moondream.metrics import SkillMetrics
-from lightning_moondream.scoring import RewardSpec, Sample, Scorer
+from lightning_moondream.scoring import RewardSpec, Sample, Scorer, sample_and_score
 
 # Expected by design: no local optimizer, and batches of samples that stay on the host.
 warnings.filterwarnings(
@@ -382,16 +382,15 @@ class MoondreamRLModule(LightningModule):
     async def _sample_and_score(
         self, samples: Sequence[Sample], adapter_id: str, settings: Settings, num_rollouts: int
     ) -> list[tuple[RolloutsResponse, list[float]]]:
-        calls = []
-        for sample in samples:
-            truth = sample.ground_truth() if self.scorer.sends_ground_truth(sample) else None
-            calls.append(RolloutCall(adapter_id, sample.to_request(settings), num_rollouts, truth))
-        responses = await self.client.rollouts_many(calls, max_concurrency=self.max_concurrency)
-        scores = [
-            await self.scorer.score(sample, response)
-            for sample, response in zip(samples, responses, strict=True)
-        ]
-        return list(zip(responses, scores, strict=True))
+        return await sample_and_score(
+            self.client,
+            adapter_id,
+            samples,
+            settings=settings,
+            num_rollouts=num_rollouts,
+            scorer=self.scorer,
+            max_concurrency=self.max_concurrency,
+        )
 
     async def _apply_train_step(self, adapter_id: str, groups: list[Any]) -> None:
         applied_before = self._remote_train_steps

@@ -219,3 +219,24 @@ def test_adapters_housekeeping(tmp_path: Path, capsys: pytest.CaptureFixture[str
         main(["adapters", "--local-dir", str(local), "delete", "no-such-adapter"])
     assert failed.value.code == 1
     assert "no-such-adapter" in capsys.readouterr().err
+
+
+def test_eval_config_tests_a_quickstart_adapter(tmp_path: Path) -> None:
+    service = tmp_path / "service"
+    with TuningClient.local(data_dir=service) as client:
+        adapter = client.adapters.create("trained-elsewhere", 16)
+    tested = MoondreamCLI(
+        [
+            "test",
+            f"--config={CONFIGS / 'eval' / 'synthetic.yaml'}",
+            f"--trainer.default_root_dir={tmp_path}",
+            f"--model.init_args.adapter_id={adapter.adapter_id}",
+            f"--model.init_args.local_service={{data_dir: {service}}}",
+            "--data.test={source: synthetic, num_images: 2, skills: [detect, point, query]}",
+            "--data.num_workers=0",
+        ]
+    )
+    assert isinstance(tested.model, MoondreamRLModule)
+    assert tested.model.adapter.adapter_id == adapter.adapter_id
+    metrics = tested.trainer.callback_metrics
+    assert {"test/map", "test/point_f1", "test/vqa_accuracy", "test/reward"} <= set(metrics)
