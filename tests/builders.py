@@ -8,7 +8,9 @@ from pathlib import Path
 from PIL import Image
 
 
-def save_image(path: Path, size: tuple[int, int] = (64, 48), color=(200, 30, 30), **save_args) -> Path:
+def save_image(
+    path: Path, size: tuple[int, int] = (64, 48), color=(200, 30, 30), **save_args
+) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", size, color).save(path, **save_args)
     return path
@@ -24,7 +26,9 @@ def exif_rotated_jpeg(path: Path, stored: tuple[int, int] = (80, 40), orientatio
     return path
 
 
-def voc_xml(path: Path, filename: str, size: tuple[int, int], objects: list[tuple[str, tuple]]) -> Path:
+def voc_xml(
+    path: Path, filename: str, size: tuple[int, int], objects: list[tuple[str, tuple]]
+) -> Path:
     parts = [f"<annotation><filename>{filename}</filename>"]
     parts.append(f"<size><width>{size[0]}</width><height>{size[1]}</height><depth>3</depth></size>")
     for name, (x0, y0, x1, y1) in objects:
@@ -53,10 +57,22 @@ def coco_tree(root: Path) -> Path:
             {"id": 7, "name": "dog"},
         ],
         "annotations": [
-            {"id": 10, "image_id": 1, "category_id": 1, "bbox": [10, 5, 20, 10], "iscrowd": 0,
-             "keypoints": [15, 8, 2, 0, 0, 0]},
-            {"id": 11, "image_id": 1, "category_id": 1, "bbox": [50, 20, 30, 20], "iscrowd": 0,
-             "keypoints": [55, 25, 1, 60, 25, 2]},
+            {
+                "id": 10,
+                "image_id": 1,
+                "category_id": 1,
+                "bbox": [10, 5, 20, 10],
+                "iscrowd": 0,
+                "keypoints": [15, 8, 2, 0, 0, 0],
+            },
+            {
+                "id": 11,
+                "image_id": 1,
+                "category_id": 1,
+                "bbox": [50, 20, 30, 20],
+                "iscrowd": 0,
+                "keypoints": [55, 25, 1, 60, 25, 2],
+            },
             {"id": 12, "image_id": 1, "category_id": 7, "bbox": [0, 0, 100, 50], "iscrowd": 0},
             {"id": 13, "image_id": 2, "category_id": 7, "bbox": [25, 0, 50, 25], "iscrowd": 0},
             {"id": 14, "image_id": 2, "category_id": 7, "bbox": [0, 0, 10, 10], "iscrowd": 1},

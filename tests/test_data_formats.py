@@ -80,7 +80,9 @@ def test_coco_errors_name_file_and_annotation(tmp_path):
     data = json.loads(annotation.read_text())
     data["annotations"][1]["category_id"] = 99
     annotation.write_text(json.dumps(data))
-    with pytest.raises(DatasetError, match=r"instances\.json annotations\[1\] \(id 11\): category id 99"):
+    with pytest.raises(
+        DatasetError, match=r"instances\.json annotations\[1\] \(id 11\): category id 99"
+    ):
         load_dataset(annotation)
     annotation.write_text("{not json")
     with pytest.raises(DatasetError, match=r"instances\.json: malformed JSON at line 1"):
@@ -93,7 +95,9 @@ def test_voc_devkit_splits(tmp_path):
     root = voc_devkit(tmp_path / "devkit")
     train = by_id(load_dataset(root))
     assert sorted(train) == ["a.jpg#cell", "a.jpg#virus", "b.jpg#virus"]
-    assert train["a.jpg#cell"].boxes[0] == Box(x_min=10 / 64, y_min=10 / 48, x_max=30 / 64, y_max=20 / 48)
+    assert train["a.jpg#cell"].boxes[0] == Box(
+        x_min=10 / 64, y_min=10 / 48, x_max=30 / 64, y_max=20 / 48
+    )
     assert train["b.jpg#virus"].boxes == (Box(x_min=0, y_min=0, x_max=1, y_max=1),)
     assert len(load_dataset(root, split="val", negative_rate=1.0)) == 2
     with pytest.raises(DatasetError, match=r"test\.txt: no such split; available: train, val"):
@@ -102,9 +106,13 @@ def test_voc_devkit_splits(tmp_path):
 
 def test_voc_flat_with_separate_folders_and_bad_annotations(tmp_path):
     save_image(tmp_path / "images" / "one.jpg", (100, 100))
-    voc_xml(tmp_path / "annotations" / "one.xml", "one.jpg", (100, 100), [("fox", (10, 10, 120, 50))])
+    voc_xml(
+        tmp_path / "annotations" / "one.xml", "one.jpg", (100, 100), [("fox", (10, 10, 120, 50))]
+    )
     save_image(tmp_path / "images" / "two.png", (50, 50))
-    voc_xml(tmp_path / "annotations" / "two.xml", "renamed.jpg", (60, 50), [("fox", (0, 0, 25, 25))])
+    voc_xml(
+        tmp_path / "annotations" / "two.xml", "renamed.jpg", (60, 50), [("fox", (0, 0, 25, 25))]
+    )
     assert detect_format(tmp_path)[0] == "voc"
     with pytest.warns(DatasetWarning) as caught:
         samples = by_id(load_dataset(tmp_path, format="voc"))
@@ -126,7 +134,9 @@ def test_yolo_splits_polygons_and_class_errors(tmp_path):
     val = by_id(load_dataset(root / "data.yaml", split="val"))
     assert val["z.jpg#pear"].boxes == (Box(x_min=0.1, y_min=0.2, x_max=0.3, y_max=0.4),)
     (root / "labels" / "train" / "x.txt").write_text("0 0.5 0.5 0.2 0.4\n7 0.5 0.5 0.1 0.1\n")
-    with pytest.raises(DatasetError, match=r"labels/train/x\.txt line 2: class id 7 not in 3 classes"):
+    with pytest.raises(
+        DatasetError, match=r"labels/train/x\.txt line 2: class id 7 not in 3 classes"
+    ):
         load_dataset(root)
     (root / "labels" / "train" / "x.txt").write_text("0 0.5 0.5\n")
     with pytest.raises(DatasetError, match=r"x\.txt line 1: expected 4 box values"):
@@ -149,9 +159,20 @@ def test_jsonl_manifest_all_skills(tmp_path):
     exif_rotated_jpeg(tmp_path / "r.jpg", (80, 40), 6)  # displayed 40x80
     lines = [
         {"image": "r.jpg", "skill": "detect", "object": "dog", "boxes": [[10, 20, 30, 60]]},
-        {"image": "r.jpg", "skill": "detect", "object": "cat", "boxes": [{"x_min": 0.1, "y_min": 0.1, "x_max": 0.2, "y_max": 0.2}]},
+        {
+            "image": "r.jpg",
+            "skill": "detect",
+            "object": "cat",
+            "boxes": [{"x_min": 0.1, "y_min": 0.1, "x_max": 0.2, "y_max": 0.2}],
+        },
         {"image": "r.jpg", "skill": "point", "object": "nose", "points": [[0.5, 0.5]], "id": "n"},
-        {"image": "r.jpg", "skill": "point", "object": "ear", "boxes": [[4, 8, 20, 40]], "coordinates": "pixels"},
+        {
+            "image": "r.jpg",
+            "skill": "point",
+            "object": "ear",
+            "boxes": [[4, 8, 20, 40]],
+            "coordinates": "pixels",
+        },
         {"skill": "query", "question": "Why?", "answer": "because"},
     ]
     manifest = tmp_path / "set.jsonl"

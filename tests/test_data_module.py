@@ -42,7 +42,9 @@ def test_module_encodes_in_two_workers():
     samples = [sample for batch in batches for sample in batch]
     assert isinstance(batches[0], list) and len(batches[0]) == 4
     assert len(samples) == len(module.datasets["train"])
-    assert all(isinstance(s, DetectSample) and s.image.startswith("data:image/jpeg") for s in samples)
+    assert all(
+        isinstance(s, DetectSample) and s.image.startswith("data:image/jpeg") for s in samples
+    )
     assert all(s.image_size == (64, 64) for s in samples)
     assert module.datasets["val"][0].id.startswith("synthetic-val-")
     pickle.dumps(samples[0])

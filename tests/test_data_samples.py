@@ -28,25 +28,35 @@ def test_from_pixels_on_exif_rotated_image_normalizes_by_displayed_size(tmp_path
 
 def test_box_outside_is_clamped_with_warning_naming_source(tmp_path):
     with pytest.warns(DatasetWarning, match=r"ann\.json 'cup' box 0: .*outside the 100x50 image"):
-        sample = DetectSample.from_pixels("x.jpg", "cup", [(-10, 10, 50, 60)], (100, 50), source="ann.json")
+        sample = DetectSample.from_pixels(
+            "x.jpg", "cup", [(-10, 10, 50, 60)], (100, 50), source="ann.json"
+        )
     assert sample.boxes == (Box(x_min=0.0, y_min=0.2, x_max=0.5, y_max=1.0),)
     with pytest.raises(DatasetError, match=r"ann\.json 'cup' box 0"):
-        DetectSample.from_pixels("x.jpg", "cup", [(-10, 10, 50, 60)], (100, 50), strict=True, source="ann.json")
+        DetectSample.from_pixels(
+            "x.jpg", "cup", [(-10, 10, 50, 60)], (100, 50), strict=True, source="ann.json"
+        )
 
 
 def test_zero_area_box_dropped_or_refused():
     with pytest.warns(DatasetWarning, match=r"a\.xml 'cup' box 1: .*zero area"):
-        sample = DetectSample.from_pixels("x.jpg", "cup", [(1, 1, 5, 5), (5, 5, 5, 9)], (10, 10), source="a.xml")
+        sample = DetectSample.from_pixels(
+            "x.jpg", "cup", [(1, 1, 5, 5), (5, 5, 5, 9)], (10, 10), source="a.xml"
+        )
     assert len(sample.boxes) == 1
     with pytest.raises(DatasetError, match=r"zero area"):
-        DetectSample.from_pixels("x.jpg", "cup", [(5, 5, 5, 9)], (10, 10), strict=True, source="a.xml")
+        DetectSample.from_pixels(
+            "x.jpg", "cup", [(5, 5, 5, 9)], (10, 10), strict=True, source="a.xml"
+        )
     with pytest.raises(DatasetError, match=r"not finite"):
         DetectSample.from_pixels("x.jpg", "cup", [(0, 0, float("nan"), 9)], (10, 10))
 
 
 def test_requests_ground_truth_and_targets(tmp_path):
     image = Image.new("RGB", (8, 8), (0, 0, 0))
-    detect = DetectSample(image, "dog", (Box(x_min=0.1, y_min=0.2, x_max=0.3, y_max=0.4),)).encoded()
+    detect = DetectSample(
+        image, "dog", (Box(x_min=0.1, y_min=0.2, x_max=0.3, y_max=0.4),)
+    ).encoded()
     request = detect.to_request(Settings(max_objects=3))
     assert isinstance(request, DetectRequest)
     assert request.image_url == detect.image and request.settings.max_objects == 3

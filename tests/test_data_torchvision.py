@@ -19,7 +19,14 @@ def test_coco_detection_reads_annotations_not_images(tmp_path):
     annotation = coco_tree(tmp_path)
     dataset = CocoDetection(str(tmp_path / "images"), str(annotation))
     samples = from_torchvision(dataset, negative_rate=1.0)
-    assert ids(samples) == ["1.jpg#cat", "1.jpg#dog", "2.jpg#cat", "2.jpg#dog", "3.jpg#cat", "3.jpg#dog"]
+    assert ids(samples) == [
+        "1.jpg#cat",
+        "1.jpg#dog",
+        "2.jpg#cat",
+        "2.jpg#dog",
+        "3.jpg#cat",
+        "3.jpg#dog",
+    ]
     cat = next(s for s in (samples[i] for i in range(len(samples))) if s.id == "1.jpg#cat")
     assert cat.boxes[0] == Box(x_min=0.1, y_min=0.1, x_max=0.3, y_max=0.3)
     assert isinstance(cat.image, str)
@@ -70,7 +77,9 @@ def test_celeba_landmarks_from_dataset_items(tmp_path):
             return 1
 
         def __getitem__(self, index):
-            return Image.new("RGB", (100, 200)), torch.tensor([30, 40, 70, 40, 50, 100, 35, 150, 65, 150])
+            return Image.new("RGB", (100, 200)), torch.tensor(
+                [30, 40, 70, 40, 50, 100, 35, 150, 65, 150]
+            )
 
     samples = CelebALandmarks(Faces())
     assert len(samples) == 5
@@ -78,4 +87,3 @@ def test_celeba_landmarks_from_dataset_items(tmp_path):
     assert nose.object == "nose" and (nose.points[0].x, nose.points[0].y) == (0.5, 0.5)
     with pytest.raises(ValueError, match="target_type"):
         CelebALandmarks(type("Attr", (), {"target_type": ["attr"]})())
-

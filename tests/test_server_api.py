@@ -27,26 +27,40 @@ URL = "/v1/tuning"
 def scene_request(index: int = 0, skill: str = "detect", **settings: Any) -> tuple[dict, dict]:
     scene = synthetic.make_scene(synthetic.split_seed("val", index))
     phrase, boxes = synthetic.detect_tasks(scene)[0]
-    request: dict[str, Any] = {"skill": skill, "object": phrase, "image_url": encode_image(scene.image)}
+    request: dict[str, Any] = {
+        "skill": skill,
+        "object": phrase,
+        "image_url": encode_image(scene.image),
+    }
     if settings:
         request["settings"] = settings
-    truth = {"boxes": [dict(zip(("x_min", "y_min", "x_max", "y_max"), box, strict=True)) for box in boxes]}
+    truth = {
+        "boxes": [
+            dict(zip(("x_min", "y_min", "x_max", "y_max"), box, strict=True)) for box in boxes
+        ]
+    }
     return request, truth
 
 
 @pytest.fixture
 def client(tmp_path: Path):
-    with httpx.Client(transport=InProcessTransport(create_app(data_dir=tmp_path)), base_url="http://t") as http:
+    with httpx.Client(
+        transport=InProcessTransport(create_app(data_dir=tmp_path)), base_url="http://t"
+    ) as http:
         yield http
 
 
 def create(client: httpx.Client, headers: dict = KEY, **body: Any) -> str:
-    response = client.post(f"{URL}/adapters", json={"name": "a", "rank": 16, **body}, headers=headers)
+    response = client.post(
+        f"{URL}/adapters", json={"name": "a", "rank": 16, **body}, headers=headers
+    )
     assert response.status_code == 200, response.text
     return response.json()["adapter_id"]
 
 
-def sample(client: httpx.Client, adapter_id: str, request: dict, n: int = 4, truth: dict | None = None) -> dict:
+def sample(
+    client: httpx.Client, adapter_id: str, request: dict, n: int = 4, truth: dict | None = None
+) -> dict:
     body: dict[str, Any] = {"adapter_id": adapter_id, "num_rollouts": n, "request": request}
     if truth is not None:
         body["ground_truth"] = truth
@@ -56,7 +70,11 @@ def sample(client: httpx.Client, adapter_id: str, request: dict, n: int = 4, tru
 
 
 def group(answer: dict, rewards: list[float] | None = None) -> dict:
-    return {"request": answer["request"], "rollouts": answer["rollouts"], "rewards": rewards or answer["rewards"]}
+    return {
+        "request": answer["request"],
+        "rollouts": answer["rollouts"],
+        "rewards": rewards or answer["rewards"],
+    }
 
 
 def spread_rewards(count: int) -> list[float]:
@@ -91,12 +109,19 @@ def test_adapter_and_checkpoint_json_shapes(client: httpx.Client) -> None:
 @pytest.mark.parametrize("form", ["short", "encoded", "raw"])
 def test_delete_checkpoint_accepts_every_id_form(client: httpx.Client, form: str) -> None:
     adapter_id = create(client)
-    checkpoint_id = client.post(f"{URL}/adapters/{adapter_id}/checkpoint", headers=KEY).json()["checkpoint_id"]
+    checkpoint_id = client.post(f"{URL}/adapters/{adapter_id}/checkpoint", headers=KEY).json()[
+        "checkpoint_id"
+    ]
     short = checkpoint_id.split("/")[1]
-    path = {"short": short, "encoded": f"{adapter_id}%2F{short}", "raw": f"{adapter_id}/{short}"}[form]
+    path = {"short": short, "encoded": f"{adapter_id}%2F{short}", "raw": f"{adapter_id}/{short}"}[
+        form
+    ]
     response = client.delete(f"{URL}/adapters/{adapter_id}/checkpoints/{path}", headers=KEY)
     assert response.status_code == 200 and response.json() == {}
-    assert client.get(f"{URL}/adapters/{adapter_id}/checkpoints", headers=KEY).json()["checkpoints"] == []
+    assert (
+        client.get(f"{URL}/adapters/{adapter_id}/checkpoints", headers=KEY).json()["checkpoints"]
+        == []
+    )
     error(client.delete(f"{URL}/adapters/{adapter_id}/checkpoints/{path}", headers=KEY), 404)
 
 
@@ -125,7 +150,9 @@ def test_rollouts_and_train_step_json(client: httpx.Client) -> None:
 def test_skills_and_settings_are_honoured(client: httpx.Client) -> None:
     adapter_id = create(client)
     request, _ = scene_request(1)
-    greedy = sample(client, adapter_id, {**request, "settings": {"temperature": 0}}, n=4)["rollouts"]
+    greedy = sample(client, adapter_id, {**request, "settings": {"temperature": 0}}, n=4)[
+        "rollouts"
+    ]
     assert all(rollout == greedy[0] for rollout in greedy)
     one = sample(client, adapter_id, {**request, "settings": {"max_objects": 1}}, n=8)["rollouts"]
     assert all(len(rollout["output"]["boxes"]) <= 1 for rollout in one)
@@ -136,7 +163,11 @@ def test_skills_and_settings_are_honoured(client: httpx.Client) -> None:
     point = {"skill": "point", "object": request["object"], "image_url": request["image_url"]}
     for rollout in sample(client, adapter_id, point)["rollouts"]:
         assert all(0 <= p["x"] <= 1 and 0 <= p["y"] <= 1 for p in rollout["output"]["points"])
-    query = {"skill": "query", "question": "How many circles are there?", "image_url": request["image_url"]}
+    query = {
+        "skill": "query",
+        "question": "How many circles are there?",
+        "image_url": request["image_url"],
+    }
     for rollout in sample(client, adapter_id, query)["rollouts"]:
         assert isinstance(rollout["output"]["answer"], str) and rollout["output"]["answer"]
     textual = sample(client, adapter_id, {"skill": "query", "question": "Is it red?"})["rollouts"]
@@ -157,26 +188,94 @@ INVALID_BODIES = [
     ({"adapter_id": None}, 422, "adapter_id"),
     ({"request": {"skill": "segment", "object": "x"}}, 422, "request"),
     ({"request": {"skill": "point", "object": "x"}}, 422, "request.image_url: Field required"),
-    ({"request": {"skill": "point", "object": "x", "image_url": "https://example.com/a.jpg"}}, 400, "image_url"),
-    ({"request": {"skill": "point", "object": "x", "image_url": "data:image/gif;base64,R0lG"}}, 400, "image_url"),
-    ({"request": {"skill": "point", "object": "x", "image_url": "data:image/png;base64,!!"}}, 400, "image_url"),
-    ({"request": {"skill": "point", "object": "x", "image_url": "@", "settings": {"max_objects": 2}}}, 422, "max_objects"),
-    ({"request": {"skill": "detect", "object": "x", "image_url": "@", "settings": {"temperature": -1}}}, 422, "temperature"),
-    ({"request": {"skill": "detect", "object": "x", "image_url": "@", "settings": {"top_p": 0}}}, 422, "top_p"),
-    ({"request": {"skill": "detect", "object": "x", "image_url": "@", "settings": {"max_tokens": 0}}}, 422, "max_tokens"),
-    ({"request": {"skill": "query", "question": "q?"}, "ground_truth": {"boxes": []}}, 422, "ground_truth"),
-    ({"ground_truth": {"boxes": [{"x_min": 0.5, "y_min": 0, "x_max": 0.4, "y_max": 1}]}}, 422, "ground_truth.boxes.0"),
-    ({"ground_truth": {"boxes": [{"x_min": 0, "y_min": 0, "x_max": 1.5, "y_max": 1}]}}, 422, "ground_truth.boxes.0.x_max"),
+    (
+        {"request": {"skill": "point", "object": "x", "image_url": "https://example.com/a.jpg"}},
+        400,
+        "image_url",
+    ),
+    (
+        {"request": {"skill": "point", "object": "x", "image_url": "data:image/gif;base64,R0lG"}},
+        400,
+        "image_url",
+    ),
+    (
+        {"request": {"skill": "point", "object": "x", "image_url": "data:image/png;base64,!!"}},
+        400,
+        "image_url",
+    ),
+    (
+        {
+            "request": {
+                "skill": "point",
+                "object": "x",
+                "image_url": "@",
+                "settings": {"max_objects": 2},
+            }
+        },
+        422,
+        "max_objects",
+    ),
+    (
+        {
+            "request": {
+                "skill": "detect",
+                "object": "x",
+                "image_url": "@",
+                "settings": {"temperature": -1},
+            }
+        },
+        422,
+        "temperature",
+    ),
+    (
+        {"request": {"skill": "detect", "object": "x", "image_url": "@", "settings": {"top_p": 0}}},
+        422,
+        "top_p",
+    ),
+    (
+        {
+            "request": {
+                "skill": "detect",
+                "object": "x",
+                "image_url": "@",
+                "settings": {"max_tokens": 0},
+            }
+        },
+        422,
+        "max_tokens",
+    ),
+    (
+        {"request": {"skill": "query", "question": "q?"}, "ground_truth": {"boxes": []}},
+        422,
+        "ground_truth",
+    ),
+    (
+        {"ground_truth": {"boxes": [{"x_min": 0.5, "y_min": 0, "x_max": 0.4, "y_max": 1}]}},
+        422,
+        "ground_truth.boxes.0",
+    ),
+    (
+        {"ground_truth": {"boxes": [{"x_min": 0, "y_min": 0, "x_max": 1.5, "y_max": 1}]}},
+        422,
+        "ground_truth.boxes.0.x_max",
+    ),
     ({"ground_truth": {"points": [{"x": 0.5, "y": 0.5}]}}, 422, "ground_truth.points"),
     ({"surprise": 1}, 422, "surprise"),
 ]
 
 
 @pytest.mark.parametrize(("change", "status", "field"), INVALID_BODIES)
-def test_rollouts_validation_names_the_field(client: httpx.Client, change: dict, status: int, field: str) -> None:
+def test_rollouts_validation_names_the_field(
+    client: httpx.Client, change: dict, status: int, field: str
+) -> None:
     adapter_id = create(client)
     request, truth = scene_request()
-    body: dict[str, Any] = {"adapter_id": adapter_id, "num_rollouts": 2, "request": request, "ground_truth": truth}
+    body: dict[str, Any] = {
+        "adapter_id": adapter_id,
+        "num_rollouts": 2,
+        "request": request,
+        "ground_truth": truth,
+    }
     body.update(copy.deepcopy(change))
     if isinstance(body["request"], dict) and body["request"].get("image_url") == "@":
         body["request"]["image_url"] = request["image_url"]
@@ -208,12 +307,18 @@ def test_oversized_body_and_decompression_bomb(tmp_path: Path) -> None:
     app = create_app(data_dir=tmp_path, max_body_bytes=50_000, max_pixels=10_000)
     with httpx.Client(transport=InProcessTransport(app), base_url="http://t") as client:
         adapter_id = create(client)
-        big = {"skill": "point", "object": "x", "image_url": "data:image/png;base64," + "A" * 60_000}
+        big = {
+            "skill": "point",
+            "object": "x",
+            "image_url": "data:image/png;base64," + "A" * 60_000,
+        }
         body = {"adapter_id": adapter_id, "num_rollouts": 1, "request": big}
         error(client.post(f"{URL}/rollouts", json=body, headers=KEY), 413)
         bomb = {"skill": "point", "object": "x", "image_url": png_url(200, 200)}
         body = {"adapter_id": adapter_id, "num_rollouts": 1, "request": bomb}
-        assert "exceeds the limit" in error(client.post(f"{URL}/rollouts", json=body, headers=KEY), 400)
+        assert "exceeds the limit" in error(
+            client.post(f"{URL}/rollouts", json=body, headers=KEY), 400
+        )
 
 
 def test_authentication(tmp_path: Path, client: httpx.Client) -> None:
@@ -223,22 +328,37 @@ def test_authentication(tmp_path: Path, client: httpx.Client) -> None:
     with httpx.Client(transport=InProcessTransport(app), base_url="http://t") as keyed:
         message = error(keyed.get(f"{URL}/adapters", headers={"X-Moondream-Auth": "wrong"}), 401)
         assert "wrong" not in message
-        assert keyed.get(f"{URL}/adapters", headers={"X-Moondream-Auth": "secret-1"}).status_code == 200
+        assert (
+            keyed.get(f"{URL}/adapters", headers={"X-Moondream-Auth": "secret-1"}).status_code
+            == 200
+        )
     with pytest.raises(ValueError, match="api_keys"):
         create_app(data_dir=tmp_path / "empty", api_keys=[])
 
 
 def test_keys_are_isolated(client: httpx.Client) -> None:
     adapter_id = create(client)
-    checkpoint_id = client.post(f"{URL}/adapters/{adapter_id}/checkpoint", headers=KEY).json()["checkpoint_id"]
+    checkpoint_id = client.post(f"{URL}/adapters/{adapter_id}/checkpoint", headers=KEY).json()[
+        "checkpoint_id"
+    ]
     request, truth = scene_request()
     answer = sample(client, adapter_id, request, n=2, truth=truth)
-    assert client.get(f"{URL}/adapters", headers=OTHER).json() == {"adapters": [], "next_cursor": None}
+    assert client.get(f"{URL}/adapters", headers=OTHER).json() == {
+        "adapters": [],
+        "next_cursor": None,
+    }
     error(client.get(f"{URL}/adapters/{adapter_id}", headers=OTHER), 404)
     error(client.get(f"{URL}/adapters/{adapter_id}/checkpoints", headers=OTHER), 404)
     error(client.post(f"{URL}/adapters/{adapter_id}/checkpoint", headers=OTHER), 404)
     error(client.delete(f"{URL}/adapters/{adapter_id}/checkpoints/chk_001", headers=OTHER), 404)
-    error(client.post(f"{URL}/adapters", json={"name": "b", "rank": 16, "from_checkpoint": checkpoint_id}, headers=OTHER), 404)
+    error(
+        client.post(
+            f"{URL}/adapters",
+            json={"name": "b", "rank": 16, "from_checkpoint": checkpoint_id},
+            headers=OTHER,
+        ),
+        404,
+    )
     body = {"adapter_id": adapter_id, "num_rollouts": 1, "request": request}
     error(client.post(f"{URL}/rollouts", json=body, headers=OTHER), 404)
     body = {"adapter_id": adapter_id, "groups": [group(answer, [0.0, 1.0])]}
@@ -267,16 +387,24 @@ def test_pagination(client: httpx.Client) -> None:
             break
     assert seen == created and pages == 3
     for limit in ("0", "101", "x"):
-        assert "limit" in error(client.get(f"{URL}/adapters", params={"limit": limit}, headers=KEY), 422)
-    assert "cursor" in error(client.get(f"{URL}/adapters", params={"cursor": "%%%"}, headers=KEY), 400)
+        assert "limit" in error(
+            client.get(f"{URL}/adapters", params={"limit": limit}, headers=KEY), 422
+        )
+    assert "cursor" in error(
+        client.get(f"{URL}/adapters", params={"cursor": "%%%"}, headers=KEY), 400
+    )
     first = client.get(f"{URL}/adapters", params={"limit": 1}, headers=KEY).json()["next_cursor"]
     foreign_page = client.get(f"{URL}/adapters", params={"cursor": first}, headers=OTHER).json()
     assert not {adapter["adapter_id"] for adapter in foreign_page["adapters"]} & set(created)
     for _ in range(3):
         client.post(f"{URL}/adapters/{created[0]}/checkpoint", headers=KEY)
-    page = client.get(f"{URL}/adapters/{created[0]}/checkpoints", params={"limit": 2}, headers=KEY).json()
+    page = client.get(
+        f"{URL}/adapters/{created[0]}/checkpoints", params={"limit": 2}, headers=KEY
+    ).json()
     rest = client.get(
-        f"{URL}/adapters/{created[0]}/checkpoints", params={"cursor": page["next_cursor"]}, headers=KEY
+        f"{URL}/adapters/{created[0]}/checkpoints",
+        params={"cursor": page["next_cursor"]},
+        headers=KEY,
     ).json()
     ids = [c["checkpoint_id"].split("/")[1] for c in page["checkpoints"] + rest["checkpoints"]]
     assert ids == ["chk_001", "chk_002", "chk_003"] and rest["next_cursor"] is None
@@ -301,7 +429,10 @@ def train(client: httpx.Client, adapter_id: str, steps: int = 2) -> None:
 
 def test_train_step_changes_only_its_adapter(client: httpx.Client) -> None:
     trained, untouched = create(client), create(client)
-    before_trained, before_untouched = greedy_outputs(client, trained), greedy_outputs(client, untouched)
+    before_trained, before_untouched = (
+        greedy_outputs(client, trained),
+        greedy_outputs(client, untouched),
+    )
     train(client, trained)
     assert greedy_outputs(client, trained) != before_trained
     assert greedy_outputs(client, untouched) == before_untouched
@@ -310,29 +441,60 @@ def test_train_step_changes_only_its_adapter(client: httpx.Client) -> None:
 def test_checkpoint_restores_identical_greedy_outputs(client: httpx.Client) -> None:
     adapter_id = create(client)
     train(client, adapter_id)
-    checkpoint_id = client.post(f"{URL}/adapters/{adapter_id}/checkpoint", headers=KEY).json()["checkpoint_id"]
+    checkpoint_id = client.post(f"{URL}/adapters/{adapter_id}/checkpoint", headers=KEY).json()[
+        "checkpoint_id"
+    ]
     expected = greedy_outputs(client, adapter_id)
     train(client, adapter_id, steps=1)
     restored = create(client, from_checkpoint=checkpoint_id)
     assert greedy_outputs(client, restored) == expected
     assert client.get(f"{URL}/adapters/{restored}", headers=KEY).json()["train_steps"] == 0
-    error(client.post(f"{URL}/adapters", json={"name": "x", "rank": 16, "from_checkpoint": f"{adapter_id}/chk_009"}, headers=KEY), 404)
-    error(client.post(f"{URL}/adapters", json={"name": "x", "rank": 16, "from_checkpoint": "nonsense"}, headers=KEY), 404)
-    assert "rank" in error(client.post(f"{URL}/adapters", json={"name": "x", "rank": 32, "from_checkpoint": checkpoint_id}, headers=KEY), 422)
+    error(
+        client.post(
+            f"{URL}/adapters",
+            json={"name": "x", "rank": 16, "from_checkpoint": f"{adapter_id}/chk_009"},
+            headers=KEY,
+        ),
+        404,
+    )
+    error(
+        client.post(
+            f"{URL}/adapters",
+            json={"name": "x", "rank": 16, "from_checkpoint": "nonsense"},
+            headers=KEY,
+        ),
+        404,
+    )
+    assert "rank" in error(
+        client.post(
+            f"{URL}/adapters",
+            json={"name": "x", "rank": 32, "from_checkpoint": checkpoint_id},
+            headers=KEY,
+        ),
+        422,
+    )
 
 
 def test_state_survives_restart(tmp_path: Path) -> None:
-    with httpx.Client(transport=InProcessTransport(create_app(data_dir=tmp_path)), base_url="http://t") as client:
+    with httpx.Client(
+        transport=InProcessTransport(create_app(data_dir=tmp_path)), base_url="http://t"
+    ) as client:
         adapter_id = create(client)
         train(client, adapter_id)
-        checkpoint_id = client.post(f"{URL}/adapters/{adapter_id}/checkpoint", headers=KEY).json()["checkpoint_id"]
+        checkpoint_id = client.post(f"{URL}/adapters/{adapter_id}/checkpoint", headers=KEY).json()[
+            "checkpoint_id"
+        ]
         request, truth = scene_request(0, temperature=1.0)
         pending = sample(client, adapter_id, request, n=4, truth=truth)
         expected = greedy_outputs(client, adapter_id)
-    with httpx.Client(transport=InProcessTransport(create_app(data_dir=tmp_path)), base_url="http://t") as client:
+    with httpx.Client(
+        transport=InProcessTransport(create_app(data_dir=tmp_path)), base_url="http://t"
+    ) as client:
         assert client.get(f"{URL}/adapters/{adapter_id}", headers=KEY).json()["train_steps"] == 2
         assert greedy_outputs(client, adapter_id) == expected
-        listed = client.get(f"{URL}/adapters/{adapter_id}/checkpoints", headers=KEY).json()["checkpoints"]
+        listed = client.get(f"{URL}/adapters/{adapter_id}/checkpoints", headers=KEY).json()[
+            "checkpoints"
+        ]
         assert [c["checkpoint_id"] for c in listed] == [checkpoint_id]
         # Rollouts signed before the restart are still accepted after it.
         body = {"adapter_id": adapter_id, "groups": [group(pending, spread_rewards(4))]}
@@ -360,7 +522,9 @@ def test_tampered_rollouts_are_rejected(client: httpx.Client, tamper: Any, statu
     answer = sample(client, adapter_id, request, n=3, truth=truth)
     tamper(answer["rollouts"][1])
     body = {"adapter_id": adapter_id, "groups": [group(answer, spread_rewards(3))]}
-    assert "groups[0].rollouts[1]" in error(client.post(f"{URL}/train_step", json=body, headers=KEY), status)
+    assert "groups[0].rollouts[1]" in error(
+        client.post(f"{URL}/train_step", json=body, headers=KEY), status
+    )
     assert client.get(f"{URL}/adapters/{adapter_id}", headers=KEY).json()["train_steps"] == 0
 
 
@@ -369,11 +533,15 @@ def test_foreign_or_mismatched_rollouts_are_rejected(client: httpx.Client) -> No
     request, truth = scene_request()
     answer = sample(client, first, request, n=2, truth=truth)
     body = {"adapter_id": second, "groups": [group(answer, [0.0, 1.0])]}
-    assert "groups[0].rollouts[0]" in error(client.post(f"{URL}/train_step", json=body, headers=KEY), 400)
+    assert "groups[0].rollouts[0]" in error(
+        client.post(f"{URL}/train_step", json=body, headers=KEY), 400
+    )
     other_request, _ = scene_request(3)
     moved = {"request": other_request, "rollouts": answer["rollouts"], "rewards": [0.0, 1.0]}
     body = {"adapter_id": first, "groups": [moved]}
-    assert "groups[0].rollouts[0]" in error(client.post(f"{URL}/train_step", json=body, headers=KEY), 400)
+    assert "groups[0].rollouts[0]" in error(
+        client.post(f"{URL}/train_step", json=body, headers=KEY), 400
+    )
 
 
 @pytest.mark.parametrize(
@@ -391,7 +559,9 @@ def test_train_step_validation(client: httpx.Client, groups: Any, field: str) ->
         request, truth = scene_request()
         answer = sample(client, adapter_id, request, n=2, truth=truth)
         rewards = [1.0] if groups == "REWARDS_SHORT" else [float("nan"), 1.0]
-        groups = [{"request": answer["request"], "rollouts": answer["rollouts"], "rewards": rewards}]
+        groups = [
+            {"request": answer["request"], "rollouts": answer["rollouts"], "rewards": rewards}
+        ]
     # json.dumps writes NaN as a bare token, as a careless client would.
     content = json.dumps({"adapter_id": adapter_id, "groups": groups})
     response = client.post(
@@ -406,12 +576,22 @@ def test_rollouts_during_train_steps_see_whole_states(tmp_path: Path) -> None:
     async def scenario() -> None:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://t", headers=KEY) as http:
-            adapter_id = (await http.post(f"{URL}/adapters", json={"name": "c", "rank": 16})).json()["adapter_id"]
+            adapter_id = (
+                await http.post(f"{URL}/adapters", json={"name": "c", "rank": 16})
+            ).json()["adapter_id"]
             request, truth = scene_request(0, temperature=1.0)
-            body = {"adapter_id": adapter_id, "num_rollouts": 8, "request": request, "ground_truth": truth}
+            body = {
+                "adapter_id": adapter_id,
+                "num_rollouts": 8,
+                "request": request,
+                "ground_truth": truth,
+            }
             answer = (await http.post(f"{URL}/rollouts", json=body)).json()
             steps = [
-                http.post(f"{URL}/train_step", json={"adapter_id": adapter_id, "groups": [group(answer, spread_rewards(8))]})
+                http.post(
+                    f"{URL}/train_step",
+                    json={"adapter_id": adapter_id, "groups": [group(answer, spread_rewards(8))]},
+                )
                 for _ in range(3)
             ]
             reads = [http.post(f"{URL}/rollouts", json=body) for _ in range(6)]
@@ -442,7 +622,10 @@ def test_injected_faults_are_seeded_and_stateless(tmp_path: Path) -> None:
     second = statuses(create_app(data_dir=tmp_path / "b", faults=config), 40)
     assert first == second
     assert {200, 429, 503, 500, "drop"} == set(first)
-    app = create_app(data_dir=tmp_path / "c", faults=FaultConfig(rate=1.0, kinds=("429",), retry_after=3, endpoints=("adapters",)))
+    app = create_app(
+        data_dir=tmp_path / "c",
+        faults=FaultConfig(rate=1.0, kinds=("429",), retry_after=3, endpoints=("adapters",)),
+    )
     with httpx.Client(transport=InProcessTransport(app), base_url="http://t") as client:
         response = client.post(f"{URL}/adapters", json={"name": "a", "rank": 16}, headers=KEY)
         assert error(response, 429) and response.headers["Retry-After"] == "3"

@@ -27,12 +27,18 @@ def test_objects_are_valid_and_drawn(seed: int) -> None:
         assert obj.name == f"{obj.color} {obj.shape}"
         x, _ = obj.center
         # Three quarters down the box lies inside every shape; the background is grey.
-        pixel = scene.image.getpixel((min(63, int(x * 64)), min(63, int((y_min + 3 * y_max) / 4 * 64))))
+        pixel = scene.image.getpixel(
+            (min(63, int(x * 64)), min(63, int((y_min + 3 * y_max) / 4 * 64)))
+        )
         assert len(set(pixel)) > 1
 
 
 def test_splits_are_disjoint() -> None:
-    assert synthetic.split_seed("train", 5) != synthetic.split_seed("val", 5) != synthetic.split_seed("test", 5)
+    assert (
+        synthetic.split_seed("train", 5)
+        != synthetic.split_seed("val", 5)
+        != synthetic.split_seed("test", 5)
+    )
     assert synthetic.split_seed("val", 0) > synthetic.split_seed("train", 999_999_999)
     with pytest.raises(ValueError, match="split"):
         synthetic.split_seed("dev", 0)
