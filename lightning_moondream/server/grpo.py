@@ -1,11 +1,14 @@
-"""GRPO: group-normalized advantages and a clipped policy-gradient step on an adapter.
+"""GRPO: group-normalized advantages and clipped policy-gradient steps on an adapter.
 
 Each group is one request with several sampled rollouts and their rewards. A rollout's
 advantage is its reward standardized within its group, ``(r - mean) / (std + eps)``;
 a group whose rewards are all equal carries no signal and is skipped. The loss is
 PPO's clipped surrogate on every sampled token, with the log-probabilities recorded at
 sampling time as the old policy, summed over a rollout's tokens and averaged over
-rollouts. One Adam step on the adapter's LoRA weights follows.
+rollouts. A train step makes ``epochs`` Adam passes over the same batch, as PPO does:
+the clipped ratio keeps later passes close to the sampling policy, and the extra passes
+reuse rollouts that were expensive to sample. Groups of one decoding setting share a
+single batched forward pass.
 """
 
 from __future__ import annotations
@@ -27,12 +30,17 @@ class Hyperparameters:
     """Settings of the update.
 
     Attributes:
-        lr: Adam learning rate of the LoRA weights.
+        lr: Adam learning rate of the LoRA ``B`` matrices.
         clip: PPO clipping range of the probability ratio.
+        epochs: Optimization passes over each train step's batch.
+        lr_ratio_a: Learning rate of the ``A`` matrices relative to ``lr`` (LoRA+ uses
+            a ratio below 1: ``A`` starts random and ``B`` at zero).
     """
 
     lr: float = 3e-3
     clip: float = 0.2
+    epochs: int = 1
+    lr_ratio_a: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -66,7 +74,7 @@ class StepResult:
         weights: The updated adapter weights (unchanged if no group carried signal).
         optimizer: The updated optimizer state.
         groups_used: Groups with non-zero reward spread.
-        loss: The surrogate loss (0.0 if nothing was used).
+        loss: The surrogate loss of the first pass (0.0 if nothing was used).
     """
 
     weights: LoRAWeights
@@ -92,6 +100,64 @@ def _padded(rows: Sequence[Sequence[float]], dtype: torch.dtype) -> torch.Tensor
     return tensor
 
 
+@dataclass(frozen=True)
+class _Batch:
+    """Groups sharing decoding rules and temperature, stacked into one tensor batch."""
+
+    features: torch.Tensor
+    prompts: list[str]
+    rows_per_group: list[int]
+    rules: Decoding
+    temperature: float
+    tokens: torch.Tensor
+    old: torch.Tensor
+    lengths: torch.Tensor
+    advantage: torch.Tensor
+
+
+def _batches(policy: Policy, groups: Sequence[ScoredGroup]) -> list[_Batch]:
+    """Stack the groups with signal; groups of one decoding setting share a forward pass."""
+    buckets: dict[tuple[Decoding, float], list[tuple[ScoredGroup, torch.Tensor]]] = {}
+    for group in groups:
+        advantage = advantages(group.rewards)
+        if advantage is not None:
+            buckets.setdefault((group.rules, group.temperature), []).append((group, advantage))
+    batches = []
+    for (rules, temperature), members in buckets.items():
+        rows = [row for group, _ in members for row in group.tokens]
+        with torch.no_grad():
+            # The convolutions take no LoRA, so their output is fixed for the whole step.
+            features = policy.encode_images(torch.stack([group.image for group, _ in members]))
+        batches.append(
+            _Batch(
+                features=features,
+                prompts=[group.prompt for group, _ in members],
+                rows_per_group=[len(group.tokens) for group, _ in members],
+                rules=rules,
+                temperature=temperature,
+                tokens=_padded(rows, torch.long),
+                old=_padded([row for group, _ in members for row in group.logprobs], torch.float32),
+                lengths=torch.tensor([len(row) for row in rows]),
+                advantage=torch.cat([advantage for _, advantage in members]),
+            )
+        )
+    return batches
+
+
+def _surrogate(policy: Policy, batch: _Batch, weights: LoRAWeights, clip: float) -> torch.Tensor:
+    """Negative clipped surrogate of a batch, summed over its tokens and rollouts."""
+    context = policy.context(batch.features, batch.prompts, batch.rules.skill, weights)
+    context = context.repeat_interleave(torch.tensor(batch.rows_per_group), dim=0)
+    new = policy.token_logprobs(
+        context, batch.tokens, batch.lengths, batch.rules, batch.temperature, weights
+    )
+    valid = torch.arange(batch.tokens.shape[1])[None, :] < batch.lengths[:, None]
+    ratio = torch.exp((new - batch.old) * valid)
+    advantage = batch.advantage[:, None]
+    objective = torch.minimum(ratio * advantage, ratio.clamp(1 - clip, 1 + clip) * advantage)
+    return -(objective * valid).sum()
+
+
 def train_step(
     policy: Policy,
     weights: LoRAWeights,
@@ -106,44 +172,37 @@ def train_step(
         weights: The adapter's current LoRA weights (not modified).
         optimizer: The adapter's Adam state (not modified).
         groups: Scored groups of any skills.
-        hyperparameters: Learning rate and clipping.
+        hyperparameters: Learning rate, clipping and passes.
     """
-    trainable = {
-        name: tensor.detach().clone().requires_grad_(True) for name, tensor in weights.items()
-    }
-    total = torch.zeros(())
-    rollouts = 0
-    used = 0
-    for group in groups:
-        advantage = advantages(group.rewards)
-        if advantage is None:
-            continue
-        used += 1
-        rollouts += len(group.rewards)
-        with torch.no_grad():
-            features = policy.encode_images(group.image[None])
-        context = policy.context(features, [group.prompt], group.rules.skill, trainable)
-        tokens = _padded(group.tokens, torch.long)
-        old = _padded(group.logprobs, torch.float32)
-        lengths = torch.tensor([len(row) for row in group.tokens])
-        new = policy.token_logprobs(
-            context.expand(len(group.tokens), -1),
-            tokens,
-            lengths,
-            group.rules,
-            group.temperature,
-            trainable,
-        )
-        valid = torch.arange(tokens.shape[1])[None, :] < lengths[:, None]
-        ratio = torch.exp((new - old) * valid)
-        clipped = ratio.clamp(1 - hyperparameters.clip, 1 + hyperparameters.clip)
-        objective = torch.minimum(ratio * advantage[:, None], clipped * advantage[:, None])
-        total = total - (objective * valid).sum()
-    if used == 0:
+    batches = _batches(policy, groups)
+    if not batches:
         return StepResult(dict(weights), optimizer, 0, 0.0)
-    loss = total / rollouts
-    names = list(trainable)
-    grads = torch.autograd.grad(loss, [trainable[name] for name in names], allow_unused=True)
-    gradients = {name: grad for name, grad in zip(names, grads, strict=True) if grad is not None}
-    new_weights, new_optimizer = adam_update(weights, gradients, optimizer, lr=hyperparameters.lr)
-    return StepResult(new_weights, new_optimizer, used, float(loss.detach()))
+    rollouts = sum(len(batch.lengths) for batch in batches)
+    used = sum(len(batch.rows_per_group) for batch in batches)
+    first_loss = 0.0
+    for epoch in range(hyperparameters.epochs):
+        trainable = {
+            name: tensor.detach().clone().requires_grad_(True) for name, tensor in weights.items()
+        }
+        loss = (
+            sum(
+                (_surrogate(policy, batch, trainable, hyperparameters.clip) for batch in batches),
+                torch.zeros(()),
+            )
+            / rollouts
+        )
+        if epoch == 0:
+            first_loss = float(loss.detach())
+        names = list(trainable)
+        grads = torch.autograd.grad(loss, [trainable[name] for name in names], allow_unused=True)
+        gradients = {
+            name: grad for name, grad in zip(names, grads, strict=True) if grad is not None
+        }
+        weights, optimizer = adam_update(
+            weights,
+            gradients,
+            optimizer,
+            lr=hyperparameters.lr,
+            lr_ratio_a=hyperparameters.lr_ratio_a,
+        )
+    return StepResult(weights, optimizer, used, first_loss)

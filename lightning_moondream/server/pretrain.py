@@ -177,7 +177,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--output", type=Path, default=BASE_WEIGHTS)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    policy = pretrain(steps=args.steps, scenes=args.scenes, seed=args.seed, box_padding=args.box_padding)
+    policy = pretrain(
+        steps=args.steps, scenes=args.scenes, seed=args.seed, box_padding=args.box_padding
+    )
     reward = greedy_detect_reward(policy, "val", 200)
     print(f"greedy detect reward on 200 validation scenes: {reward:.3f}")
     args.output.parent.mkdir(parents=True, exist_ok=True)
