@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,10 @@ ImageInput = Image.Image | str | os.PathLike[str] | bytes | bytearray
 DATA_URL_PREFIX = "data:"
 ACCEPTED_MEDIA_TYPES = ("image/jpeg", "image/png", "image/webp")
 _FORMATS = ("JPEG", "PNG", "WEBP")
+_ORIENTATION = 0x0112
+"""EXIF tag of the orientation."""
+_TRANSPOSED = (5, 6, 7, 8)
+"""EXIF orientations that rotate by 90 degrees, so the displayed sides swap."""
 DEFAULT_MAX_PIXELS = 40_000_000
 """Decoded pixel count above which an image is refused (decompression bomb guard)."""
 
@@ -132,19 +137,31 @@ def _open_bytes(
 ) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(raw), formats=formats)
-        if image.width * image.height > max_pixels:
-            raise ImageError(
-                f"{name}: image of {image.width}x{image.height} pixels exceeds the limit of "
-                f"{max_pixels} pixels"
-            )
-        if load:
-            image.load()
-    except ImageError:
-        raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{name}: not a readable image ({exc})") from exc
     except Image.DecompressionBombError as exc:
         raise ImageError(f"{name}: {exc}") from exc
+    if image.width * image.height > max_pixels:
+        raise ImageError(
+            f"{name}: image of {image.width}x{image.height} pixels exceeds the limit of "
+            f"{max_pixels} pixels"
+        )
+    return _load(image, name) if load else image
+
+
+def _load(image: Image.Image, name: str, *, max_side: int | None = None) -> Image.Image:
+    """Decode the pixels; a JPEG larger than ``max_side`` decodes at a reduced scale.
+
+    JPEG decoders can skip detail at 1/2, 1/4 or 1/8 scale; the scale chosen keeps the
+    image at least ``max_side`` on its longest side, so what is sent is unchanged.
+    """
+    try:
+        if max_side is not None and image.format == "JPEG" and max(image.size) > max_side:
+            scale = max_side / max(image.size)
+            image.draft("RGB", (math.ceil(image.width * scale), math.ceil(image.height * scale)))
+        image.load()
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"{name}: not a readable image ({exc})") from exc
     return image
 
 
@@ -161,30 +178,53 @@ def open_image(source: ImageInput, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> I
     Raises:
         ImageError: If the source cannot be read or decoded; the message names it.
     """
+    return _open_oriented(source, max_pixels=max_pixels)[0]
+
+
+def _open_oriented(
+    source: ImageInput, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int | None = None
+) -> tuple[Image.Image, tuple[int, int]]:
+    """The image as displayed, and its displayed size at full resolution.
+
+    With ``max_side``, a large JPEG may decode at a reduced scale (see ``_load``); the
+    size returned is still that of the full image, the frame coordinates refer to.
+    """
+    name = describe_source(source)
     if isinstance(source, Image.Image):
         image = source
     elif isinstance(source, (bytes, bytearray)):
-        image = _open_bytes(bytes(source), describe_source(source), max_pixels=max_pixels)
+        image = _open_bytes(bytes(source), name, max_pixels=max_pixels, load=False)
     elif is_data_url(source):
-        image = decode_data_url(str(source), max_pixels=max_pixels)
+        image = _open_bytes(
+            _data_url_payload(str(source)),
+            "image_url",
+            max_pixels=max_pixels,
+            formats=_FORMATS,
+            load=False,
+        )
     elif isinstance(source, (str, os.PathLike)):
         path = Path(source)
         try:
             raw = path.read_bytes()
         except OSError as exc:
             raise ImageError(f"{path}: cannot read image file ({exc.strerror or exc})") from exc
-        image = _open_bytes(raw, str(path), max_pixels=max_pixels)
+        image = _open_bytes(raw, str(path), max_pixels=max_pixels, load=False)
     else:
         raise ImageError(
             f"unsupported image type {type(source).__name__}; "
             "give a PIL image, a path, bytes or a data URL"
         )
     try:
-        return ImageOps.exif_transpose(image) or image
+        orientation = image.getexif().get(_ORIENTATION, 1)
     except (OSError, ValueError, SyntaxError) as exc:
-        raise ImageError(
-            f"{describe_source(source)}: cannot apply EXIF orientation ({exc})"
-        ) from exc
+        raise ImageError(f"{name}: cannot read EXIF orientation ({exc})") from exc
+    width, height = image.size
+    size = (height, width) if orientation in _TRANSPOSED else (width, height)
+    image = _load(image, name, max_side=max_side)
+    try:
+        return (ImageOps.exif_transpose(image) or image), size
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ImageError(f"{name}: cannot apply EXIF orientation ({exc})") from exc
 
 
 def displayed_size(source: ImageInput) -> tuple[int, int]:
@@ -197,11 +237,10 @@ def displayed_size(source: ImageInput) -> tuple[int, int]:
         try:
             with Image.open(source) as image:
                 width, height = image.size
-                orientation = image.getexif().get(0x0112, 1)
+                orientation = image.getexif().get(_ORIENTATION, 1)
         except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
             raise ImageError(f"{source}: not a readable image ({exc})") from exc
-        # Orientations 5 to 8 rotate by 90 degrees, so the displayed sides swap.
-        return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+        return (height, width) if orientation in _TRANSPOSED else (width, height)
     return open_image(source).size
 
 
@@ -234,7 +273,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def prepare_image(source: ImageInput, options: EncodingOptions | None = None) -> Image.Image:
     """Open, orient, convert to RGB and resize an image the way it will be sent."""
-    return _resize(to_rgb(open_image(source)), options or EncodingOptions())
+    options = options or EncodingOptions()
+    image, _ = _open_oriented(source, max_side=options.max_side)
+    return _resize(to_rgb(image), options)
 
 
 def _resize(image: Image.Image, options: EncodingOptions) -> Image.Image:
@@ -293,8 +334,7 @@ def encode_image_with_size(
         ImageError: If the source cannot be read or decoded; the message names it.
     """
     options = options or EncodingOptions()
-    oriented = open_image(source)
     if is_data_url(source):
-        return str(source), oriented.size
-    image = _resize(to_rgb(oriented), options)
-    return _jpeg_data_url(image, options.quality), oriented.size
+        return str(source), _open_oriented(source)[1]
+    image, size = _open_oriented(source, max_side=options.max_side)
+    return _jpeg_data_url(_resize(to_rgb(image), options), options.quality), size

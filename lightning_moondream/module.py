@@ -296,7 +296,7 @@ class MoondreamRLModule(LightningModule):
                 f"not checkpointing: train step {self._remote_train_steps + 1} of adapter "
                 f"{adapter_id} may or may not have been applied; resume from an earlier checkpoint"
             )
-        attempts = int(self.hparams["max_retries"]) + 1
+        attempts = self.max_retries + 1
         for attempt in range(attempts):
             try:
                 saved = self._run(self.client.checkpoints.save(adapter_id))
@@ -340,12 +340,11 @@ class MoondreamRLModule(LightningModule):
         rollout_seconds = time.perf_counter() - started
         # With max_staleness=1 the previous step was applied while these rollouts ran.
         self._drain()
-        groups, spreads = [], []
-        for response, rewards in scored:
-            spread = statistics.pstdev(rewards) if len(rewards) > 1 else 0.0
-            spreads.append(spread)
-            if spread >= self.reward_std_eps:
-                groups.append(response.to_group(rewards))
+        groups = [
+            response.to_group(rewards)
+            for response, rewards in scored
+            if len(rewards) > 1 and statistics.pstdev(rewards) >= self.reward_std_eps
+        ]
         every_reward = [reward for _, rewards in scored for reward in rewards]
         size = len(samples)
         self.log(

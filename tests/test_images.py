@@ -103,3 +103,19 @@ def test_encode_with_size_reports_displayed_size_of_rotated_file(tmp_path):
     url, size = encode_image_with_size(path, EncodingOptions(max_side=20))
     assert size == (40, 80)
     assert decode(url).size == (10, 20)
+
+
+def test_a_large_jpeg_is_decoded_reduced_but_keeps_its_full_displayed_size(tmp_path):
+    stored = Image.new("RGB", (3200, 1600), (220, 20, 20))
+    stored.paste((20, 20, 220), (1600, 0, 3200, 1600))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # displayed rotated a quarter turn clockwise
+    path = tmp_path / "big.jpg"
+    stored.save(path, exif=exif.tobytes())
+    url, size = encode_image_with_size(path, EncodingOptions(max_side=400))
+    assert size == (1600, 3200)
+    sent = decode(url).convert("RGB")
+    assert sent.size == (200, 400)
+    # The stored left half (red) is displayed on top, the right half (blue) below.
+    assert sent.getpixel((100, 50)) == pytest.approx((220, 20, 20), abs=12)
+    assert sent.getpixel((100, 350)) == pytest.approx((20, 20, 220), abs=12)
