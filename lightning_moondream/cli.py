@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Sequence
 
 from lightning.pytorch.cli import LightningCLI
@@ -91,6 +92,9 @@ def adapters_main(argv: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``lightning-moondream``."""
+    # Lightning's own deprecation notice, raised inside Lightning on every run: nothing a
+    # user of this command can act on.
+    warnings.filterwarnings("ignore", message=r".*isinstance.treespec, LeafSpec.")
     arguments = list(sys.argv[1:] if argv is None else argv)
     if arguments and arguments[0] == "serve":
         from lightning_moondream.server.serve import main as serve_main
