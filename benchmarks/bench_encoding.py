@@ -11,17 +11,14 @@ from __future__ import annotations
 import argparse
 import base64
 import io
-import json
 import time
-from pathlib import Path
 
 import numpy as np
+from common import write_results
 from PIL import Image
 
 from lightning_moondream.data.encoding import DEFAULT_MAX_SIDE, DEFAULT_QUALITY
 from lightning_moondream.images import EncodingOptions, encode_image
-
-RESULTS = Path(__file__).parent / "results" / "encoding.json"
 
 
 def photo_like(width: int, height: int, seed: int = 0) -> bytes:
@@ -89,15 +86,13 @@ def main() -> None:
             f"{row['speedup']:7.2f}x {row['ours']['bytes_per_request'] / 1024:9.1f} "
             f"{row['full_q95']['bytes_per_request'] / 1024:9.1f} {row['bytes_ratio']:7.3f}"
         )
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "max_side": options.max_side,
         "quality": options.quality,
         "repeats": args.repeats,
         "results": rows,
     }
-    RESULTS.write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+    print(f"wrote {write_results('encoding', payload)}")
 
 
 if __name__ == "__main__":

@@ -13,19 +13,17 @@ Prints a table and writes ``benchmarks/results/metrics.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from common import write_results
 
 from lightning_moondream.metrics import SkillMetrics
 
-RESULTS = Path(__file__).parent / "results" / "metrics.json"
 Sample = tuple[str, dict[str, Any], dict[str, Any], "tuple[int, int] | None", str]
 
 
@@ -123,7 +121,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=5000)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
@@ -169,9 +166,7 @@ def main() -> None:
         f" total x{results['total_ratio_pycocotools_over_faster_coco_eval']:.2f}"
     )
     print("detect values:", fast["values"])
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {args.output}")
+    print(f"wrote {write_results('metrics', results)}")
 
 
 if __name__ == "__main__":
