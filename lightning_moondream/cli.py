@@ -4,6 +4,7 @@
   and ``MoondreamDataModule`` (or any subclass), configured by YAML (``--config``).
 - ``serve``: the local tuning service over HTTP.
 - ``adapters list|delete|checkpoints``: housekeeping of adapters and checkpoints.
+- ``evaluate``: models times datasets in one table (``lightning_moondream.evaluation``).
 """
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ from lightning.pytorch.cli import LightningCLI
 from lightning_moondream.api import TuningAPIError, TuningClient
 from lightning_moondream.data import MoondreamDataModule
 from lightning_moondream.module import MoondreamRLModule
-
-EXTRA_COMMANDS = ("serve", "adapters")
 
 
 class MoondreamCLI(LightningCLI):

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lightning.pytorch import LightningModule
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from pydantic import SecretStr
 
@@ -50,6 +51,10 @@ CHECKPOINT_KEY = "moondream"
 
 class AmbiguousTrainStepError(RuntimeError):
     """A train step may or may not have been applied, and the server cannot tell which."""
+
+
+class TrainStepFailedError(RuntimeError):
+    """A train step failed on every attempt and is known not to have been applied."""
 
 
 def _settings(value: Settings | Mapping[str, Any] | None, **defaults: Any) -> Settings:
@@ -118,8 +123,13 @@ class MoondreamRLModule(LightningModule):
         super().__init__()
         if rank not in (16, 32):
             raise ValueError(f"rank must be 16 or 32, got {rank}")
-        if not 1 <= num_rollouts <= 16:
-            raise ValueError(f"num_rollouts must be from 1 to 16, got {num_rollouts}")
+        if not 2 <= num_rollouts <= 16:
+            raise ValueError(
+                f"num_rollouts must be from 2 to 16, got {num_rollouts}: training learns from "
+                "the differences between the rollouts of a sample"
+            )
+        if max_retries < 0:
+            raise ValueError(f"max_retries must be 0 or more, got {max_retries}")
         if max_staleness not in (0, 1):
             raise ValueError(f"max_staleness must be 0 or 1, got {max_staleness}")
         if max_concurrency < 1:
@@ -161,6 +171,8 @@ class MoondreamRLModule(LightningModule):
         self._resume_checkpoint_id: str | None = None
         self._pending_step: Future[None] | None = None
         self._announced_local_service = False
+        self._temporary_adapter = False
+        self._warned_no_spread = False
         self.usage = UsageStats()
         """Counts of requests, rollouts, train steps, retries, bytes and latencies, kept
         across reconnections (fit, then validate or test)."""
@@ -207,6 +219,7 @@ class MoondreamRLModule(LightningModule):
             )
         client = AsyncTuningClient.local(**service)
         client.retry_policy.max_retries = self.max_retries
+        client.timeout = self.timeout
         return client
 
     def _run(self, coroutine: Any) -> Any:
@@ -220,6 +233,13 @@ class MoondreamRLModule(LightningModule):
         if self._adapter is None:
             self._adapter = self._run(self._open_adapter())
             self._remote_train_steps = self._adapter.train_steps or 0
+            stage = self._trainer.state.fn if self._trainer is not None else None
+            # An adapter made only to validate, test or predict is removed with the stage.
+            self._temporary_adapter = self.adapter_id is None and stage in (
+                TrainerFn.VALIDATING,
+                TrainerFn.TESTING,
+                TrainerFn.PREDICTING,
+            )
             rank_zero_info(
                 f"Moondream adapter {self._adapter.adapter_id} (rank {self._adapter.rank})"
                 + (
@@ -275,8 +295,23 @@ class MoondreamRLModule(LightningModule):
         self._drain()
 
     def teardown(self, stage: str) -> None:
-        """Close the connection; the adapter stays, and a later stage reconnects."""
-        self.close()
+        """Close the connection; a later stage reconnects.
+
+        The adapter stays, unless it was made for this validate, test or predict stage
+        alone (from a checkpoint, or fresh for the base model): then it is deleted.
+        """
+        try:
+            if self._adapter is not None and self._temporary_adapter:
+                self._delete_temporary_adapter(self._adapter.adapter_id)
+        finally:
+            self.close()
+
+    def _delete_temporary_adapter(self, adapter_id: str) -> None:
+        self._adapter, self._temporary_adapter = None, False
+        try:
+            self._run(self.client.adapters.delete(adapter_id))
+        except TuningAPIError as exc:
+            rank_zero_warn(f"could not delete the evaluation adapter {adapter_id}: {exc}")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Save an API checkpoint and record its id (never the key) in the checkpoint.
@@ -293,8 +328,8 @@ class MoondreamRLModule(LightningModule):
         adapter_id = self._adapter.adapter_id
         if self._step_in_doubt:
             raise AmbiguousTrainStepError(
-                f"not checkpointing: train step {self._remote_train_steps + 1} of adapter "
-                f"{adapter_id} may or may not have been applied; resume from an earlier checkpoint"
+                f"not checkpointing: the trainer counted train step {self._remote_train_steps + 1} "
+                f"but adapter {adapter_id} may not have it; resume from an earlier checkpoint"
             )
         attempts = self.max_retries + 1
         for attempt in range(attempts):
@@ -355,6 +390,13 @@ class MoondreamRLModule(LightningModule):
         self.log("train/groups", float(len(groups)), batch_size=size)
         self.log("train/rollouts_time_s", rollout_seconds, batch_size=size)
         if not groups:
+            if not self._warned_no_spread:
+                self._warned_no_spread = True
+                rank_zero_warn(
+                    f"batch {batch_idx}: every sample's rollouts scored alike, so there is nothing "
+                    "to learn from and no train step was applied (global_step does not advance); "
+                    "check the reward, or sample with more variety (temperature, num_rollouts)"
+                )
             return
         future = self._loop_submit(self._apply_train_step(adapter_id, groups))
         if self.max_staleness == 0:
@@ -402,14 +444,14 @@ class MoondreamRLModule(LightningModule):
                 if not await self._resend_needed(adapter_id, applied_before, exc):
                     break
             except TuningAPIError:
-                # Refused or never sent, after earlier attempts were found unapplied: the
-                # step is known not to be applied.
-                self._step_in_doubt = False
+                # Refused or never sent: the step is known not to be applied. With
+                # max_staleness=1 it was already counted, so the count is now one ahead
+                # of the adapter and no checkpoint may pair them.
+                self._step_in_doubt = self.max_staleness == 1
                 raise
         else:
-            # Every attempt was read back as not applied: the state is known.
-            self._step_in_doubt = False
-            raise AmbiguousTrainStepError(
+            self._step_in_doubt = self.max_staleness == 1
+            raise TrainStepFailedError(
                 f"train step {applied_before + 1} of adapter {adapter_id} failed on every attempt "
                 "and was not applied"
             )

@@ -99,27 +99,31 @@ def resolve_reward(spec: RewardSpec) -> RewardFunction | None:
     if callable(spec):
         return spec
     if isinstance(spec, Mapping):
-        parts = [(resolve_reward(name), float(weight)) for name, weight in spec.items()]
-        return _weighted([(function, weight) for function, weight in parts if function is not None])
+        return _weighted([(_named_reward(name), float(weight)) for name, weight in spec.items()])
     if isinstance(spec, str):
-        if spec in BUILTIN_REWARDS:
-            return BUILTIN_REWARDS[spec]
-        module_name, _, attribute = spec.rpartition(".")
-        if not module_name:
-            raise ValueError(
-                f"reward {spec!r} is neither a built-in ({', '.join(BUILTIN_REWARDS)}) "
-                "nor a dotted path package.module.function"
-            )
-        try:
-            function = getattr(importlib.import_module(module_name), attribute)
-        except (ImportError, AttributeError) as exc:
-            raise ValueError(f"reward {spec!r} cannot be imported: {exc}") from exc
-        if not callable(function):
-            raise ValueError(f"reward {spec!r} is not callable")
-        return function
+        return _named_reward(spec)
     raise ValueError(
         f"reward must be None, a name, a dotted path, weights or a callable, got {spec!r}"
     )
+
+
+def _named_reward(spec: str) -> RewardFunction:
+    """A built-in reward by name, or a function by dotted path."""
+    if spec in BUILTIN_REWARDS:
+        return BUILTIN_REWARDS[spec]
+    module_name, _, attribute = spec.rpartition(".")
+    if not module_name:
+        raise ValueError(
+            f"reward {spec!r} is neither a built-in ({', '.join(BUILTIN_REWARDS)}) "
+            "nor a dotted path package.module.function"
+        )
+    try:
+        function = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"reward {spec!r} cannot be imported: {exc}") from exc
+    if not callable(function):
+        raise ValueError(f"reward {spec!r} is not callable")
+    return function
 
 
 def _weighted(components: list[tuple[RewardFunction, float]]) -> RewardFunction:

@@ -633,3 +633,23 @@ def test_the_key_never_shows_in_reprs_errors_or_logs(caplog: pytest.LogCaptureFi
     with pytest.raises(APIConnectionError) as connection_error:
         client.adapters.list()
     assert KEY not in str(connection_error.value) and KEY not in caplog.text
+
+
+def test_a_success_without_json_leaves_a_train_step_ambiguous() -> None:
+    client, recorder, _ = make_client(lambda r: httpx.Response(200, content=b"<html>ok</html>"))
+    with pytest.raises(AmbiguousRequestError, match="may or may not have been applied"):
+        client.train_step("a", [GROUP])
+    assert len(recorder.requests) == 1
+
+
+def test_a_key_too_short_to_be_secret_does_not_mangle_messages() -> None:
+    recorder = Recorder(
+        lambda r: httpx.Response(404, json={"error": {"message": "no local checkpoint"}})
+    )
+    client = TuningClient(
+        api_key="local",
+        base_url=BASE,
+        http_client=httpx.Client(transport=httpx.MockTransport(recorder)),
+    )
+    with pytest.raises(NotFoundError, match="no local checkpoint"):
+        client.adapters.get("a")

@@ -110,7 +110,7 @@ CONFIGS: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
         "num_rollouts",
         lambda: MoondreamRLModule(num_rollouts=17),
         ValueError,
-        "num_rollouts must be from 1 to 16, got 17",
+        "num_rollouts must be from 2 to 16, got 17",
     ),
     (
         "max_staleness",

@@ -150,11 +150,9 @@ def test_fit_then_validate_each_config(config: str, tmp_path: Path) -> None:
     )
     with TuningClient.local(data_dir=tmp_path / "moondream-local-service") as client:
         steps = {adapter.adapter_id: adapter.train_steps for adapter in client.adapters.iter()}
-    # fit trained its adapter as far as the trainer counted; validate evaluated a fresh one.
-    assert steps == {
-        fit.model.adapter.adapter_id: fit.trainer.global_step,
-        validate.model.adapter.adapter_id: 0,
-    }
+    # fit trained its adapter as far as the trainer counted; validate evaluated a fresh
+    # adapter of its own, and deleted it when done.
+    assert steps == {fit.model.adapter.adapter_id: fit.trainer.global_step}
     assert any(name.startswith("val/") for name in validate.trainer.callback_metrics)
 
 

@@ -183,7 +183,7 @@ def test_query_training_with_each_kind_of_reward(tmp_path: Path, reward: Any) ->
 
 
 def test_validate_and_test_without_fit_use_a_fresh_adapter(tmp_path: Path) -> None:
-    model = MoondreamRLModule()
+    model = MoondreamRLModule(train_settings={"max_objects": 4}, eval_settings={"max_objects": 4})
     run = trainer(tmp_path)
     [validated] = run.validate(
         model, DataLoader(detect_samples("val", 4), batch_size=2, collate_fn=list)
@@ -191,6 +191,17 @@ def test_validate_and_test_without_fit_use_a_fresh_adapter(tmp_path: Path) -> No
     [tested] = run.test(model, DataLoader(detect_samples("test", 4), batch_size=4, collate_fn=list))
     assert set(validated) >= {"val/reward", "val/map", "val/map_50", "val/det_miou"}
     assert set(tested) >= {"test/reward", "test/map", "test/det_f1"}
+    # Each stage made its adapter for itself alone, and removed it afterwards.
+    with TuningClient.local(data_dir=tmp_path / "moondream-local-service") as client:
+        assert list(client.adapters.iter()) == []
+
+
+def test_one_set_of_settings_serves_batches_of_mixed_skills(tmp_path: Path) -> None:
+    samples = [*detect_samples("train", 2), *query_samples(2)]
+    model = MoondreamRLModule(num_rollouts=2, train_settings={"max_objects": 3}, reward_std_eps=0.0)
+    run = trainer(tmp_path, max_steps=1, limit_val_batches=0)
+    run.fit(model, train_dataloaders=DataLoader(samples, batch_size=4, collate_fn=list))
+    assert run.global_step == 1
 
 
 def test_greedy_evaluation_does_not_depend_on_batch_size(tmp_path: Path) -> None:
@@ -222,6 +233,8 @@ def test_a_bad_batch_names_the_problem(batch: Any, error: type[Exception], fragm
     [
         ({"rank": 8}, "rank must be 16 or 32"),
         ({"num_rollouts": 17}, "num_rollouts"),
+        ({"num_rollouts": 1}, "from 2 to 16"),
+        ({"max_retries": -1}, "max_retries"),
         ({"max_staleness": 2}, "max_staleness"),
         ({"reward": "no_such_reward"}, "no_such_reward"),
         ({"reward": "math.no_such_function"}, "cannot be imported"),

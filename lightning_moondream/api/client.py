@@ -65,6 +65,7 @@ DEFAULT_BASE_URL = "https://api.moondream.ai/v1/tuning"
 LOCAL_BASE_URL = "http://local.invalid/v1/tuning"
 LOCAL_API_KEY = "local"
 CONNECT_TIMEOUT = 10.0
+MIN_SCRUBBED_KEY = 8
 USER_AGENT = "lightning-moondream"
 
 
@@ -172,7 +173,9 @@ class _ClientCore(Generic[HttpClientT]):
 
     def _scrub(self, text: str) -> str:
         key = self._api_key.get_secret_value()
-        return text.replace(key, "**********") if key else text
+        # A key too short to be a secret (the local service's "local") would only mangle
+        # ordinary words of the message.
+        return text.replace(key, "**********") if len(key) >= MIN_SCRUBBED_KEY else text
 
     def _status_error(
         self, operation: ops.Operation[Any], response: httpx.Response
@@ -229,8 +232,8 @@ class _ClientCore(Generic[HttpClientT]):
             ambiguous = not retryable
         if retryable and attempt < self.retry_policy.max_retries:
             self.usage.record_retry()
-            retry_after = error.retry_after if isinstance(error, RateLimitError) else None
-            if isinstance(outcome, httpx.Response) and retry_after is None:
+            retry_after = None
+            if isinstance(outcome, httpx.Response):
                 retry_after = parse_retry_after(outcome.headers.get("retry-after"))
             return self.retry_policy.delay(attempt, retry_after)
         self.usage.record_failure()
@@ -243,12 +246,16 @@ class _ClientCore(Generic[HttpClientT]):
             data = response.json() if response.content else {}
             result = operation.parse(data)
         except (ValueError, KeyError, TypeError) as exc:
-            raise ServerError(
+            error = ServerError(
                 self._scrub(
                     f"{operation.label} answered something that is not the API's JSON: {exc}"
                 ),
                 status_code=response.status_code,
-            ) from exc
+            )
+            # A success status says the change was made, whatever the body says.
+            if operation.kind is CallKind.STATE_CHANGING:
+                raise AmbiguousRequestError(operation.label, error) from exc
+            raise error from exc
         if isinstance(result, RolloutsResponse):
             self.usage.record_success(rollouts=len(result), images=operation.images)
         elif operation.path == "/train_step":

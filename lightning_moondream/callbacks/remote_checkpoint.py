@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
-from lightning_moondream.api import NotFoundError
+from lightning_moondream.api import NotFoundError, TuningAPIError
 from lightning_moondream.module import MoondreamRLModule
 
 # The API checkpoint is saved after the remote step is applied: the state "after
@@ -75,6 +75,9 @@ class RemoteCheckpoint(ModelCheckpoint):
             module.delete_api_checkpoint(checkpoint_id)
         except NotFoundError:
             rank_zero_warn(f"API checkpoint {checkpoint_id} was already gone")
+        except TuningAPIError as exc:
+            # Cleanup is not worth a run: the checkpoint stays, and the run goes on.
+            rank_zero_warn(f"could not delete API checkpoint {checkpoint_id}: {exc}")
 
     @override
     def state_dict(self) -> dict[str, Any]:

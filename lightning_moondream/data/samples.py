@@ -57,6 +57,13 @@ def _size_of(image: ImageInput, image_size: tuple[int, int] | None, source: str)
         raise DatasetError(f"{source}: {exc}") from exc
 
 
+def _without_max_objects(settings: Settings | None) -> Settings | None:
+    """Settings for a skill other than detect: one set can serve batches of mixed skills."""
+    if settings is None or settings.max_objects is None:
+        return settings
+    return settings.model_copy(update={"max_objects": None})
+
+
 def _box_dicts(boxes: Sequence[Box]) -> list[dict[str, float]]:
     return [box.model_dump() for box in boxes]
 
@@ -267,7 +274,11 @@ class PointSample(_ImageCarrier):
     def to_request(self, settings: Settings | None = None) -> AnyRequest:
         """Build the point request; encodes the image if it is not encoded yet."""
         return PointRequest.model_validate(
-            {"object": self.object, "image_url": self.image, "settings": settings}
+            {
+                "object": self.object,
+                "image_url": self.image,
+                "settings": _without_max_objects(settings),
+            }
         )
 
     def ground_truth(self) -> GroundTruth | None:
@@ -311,7 +322,11 @@ class QuerySample(_ImageCarrier):
     def to_request(self, settings: Settings | None = None) -> AnyRequest:
         """Build the query request; encodes the image if it is not encoded yet."""
         return QueryRequest.model_validate(
-            {"question": self.question, "image_url": self.image, "settings": settings}
+            {
+                "question": self.question,
+                "image_url": self.image,
+                "settings": _without_max_objects(settings),
+            }
         )
 
     def ground_truth(self) -> GroundTruth | None:
