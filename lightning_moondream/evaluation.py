@@ -31,6 +31,7 @@ import json
 import os
 import re
 import sys
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -410,7 +411,14 @@ async def evaluate_async(
     finally:
         for spec, adapter_id in opened:
             if spec.temporary:
-                await client.adapters.delete(adapter_id)
+                # One failed clean-up must neither hide the run's own error nor leave
+                # the other temporary adapters behind.
+                try:
+                    await client.adapters.delete(adapter_id)
+                except TuningAPIError as exc:
+                    warnings.warn(
+                        f"could not delete temporary adapter {adapter_id}: {exc}", stacklevel=2
+                    )
     return report
 
 

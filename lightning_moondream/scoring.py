@@ -208,15 +208,21 @@ async def sample_and_score(
     Returns:
         One ``(response, rewards)`` pair per sample, in order.
     """
-    calls = [
-        RolloutCall(
-            adapter_id,
-            sample.to_request(settings),
-            num_rollouts,
-            sample.ground_truth() if scorer.sends_ground_truth(sample) else None,
-        )
-        for sample in samples
-    ]
+
+    def build_calls() -> list[RolloutCall]:
+        return [
+            RolloutCall(
+                adapter_id,
+                sample.to_request(settings),
+                num_rollouts,
+                sample.ground_truth() if scorer.sends_ground_truth(sample) else None,
+            )
+            for sample in samples
+        ]
+
+    # A sample not encoded yet encodes its image here: keep that off the event loop, which
+    # also carries other requests (and, in process, the local service).
+    calls = await asyncio.to_thread(build_calls)
     responses = await client.rollouts_many(calls, max_concurrency=max_concurrency)
     scores = [
         await scorer.score(sample, response)

@@ -653,3 +653,16 @@ def test_a_key_too_short_to_be_secret_does_not_mangle_messages() -> None:
     )
     with pytest.raises(NotFoundError, match="no local checkpoint"):
         client.adapters.get("a")
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [(httpx.DecodingError, ServerError), (httpx.UnsupportedProtocol, APIConnectionError)],
+)
+def test_failures_that_would_repeat_are_typed_and_not_retried(
+    error: type[httpx.RequestError], expected: type[Exception]
+) -> None:
+    client, recorder, slept = make_client(raise_(error))
+    with pytest.raises(expected):
+        client.adapters.get("a")
+    assert len(recorder.requests) == 1 and slept == []

@@ -194,19 +194,22 @@ class _ClientCore(Generic[HttpClientT]):
         return error_class(text, status_code=response.status_code, request_id=request_id)
 
     def _transport_error(
-        self, operation: ops.Operation[Any], error: httpx.TransportError
+        self, operation: ops.Operation[Any], error: httpx.RequestError
     ) -> TuningAPIError:
         what = "timed out" if isinstance(error, httpx.TimeoutException) else "failed"
         text = self._scrub(f"{operation.label} {what}: {type(error).__name__}: {error}")
         if isinstance(error, httpx.TimeoutException):
             return APITimeoutError(text)
-        return APIConnectionError(text)
+        if isinstance(error, httpx.TransportError):
+            return APIConnectionError(text)
+        # An answer came but could not be read (bad encoding, endless redirects).
+        return ServerError(text)
 
     def _settle(
         self,
         operation: ops.Operation[T],
         attempt: int,
-        outcome: httpx.Response | httpx.TransportError,
+        outcome: httpx.Response | httpx.RequestError,
         elapsed: float,
         bytes_sent: int,
     ) -> _Done[T] | float:
@@ -405,10 +408,10 @@ class TuningClient(_ClientCore[httpx.Client]):
         attempt = 0
         while True:
             started = time.perf_counter()
-            outcome: httpx.Response | httpx.TransportError
+            outcome: httpx.Response | httpx.RequestError
             try:
                 outcome = self._http.send(request)
-            except httpx.TransportError as exc:
+            except httpx.RequestError as exc:
                 outcome = exc
             step = self._settle(
                 operation, attempt, outcome, time.perf_counter() - started, len(request.content)
@@ -586,10 +589,10 @@ class AsyncTuningClient(_ClientCore[httpx.AsyncClient]):
         attempt = 0
         while True:
             started = time.perf_counter()
-            outcome: httpx.Response | httpx.TransportError
+            outcome: httpx.Response | httpx.RequestError
             try:
                 outcome = await self._http.send(request)
-            except httpx.TransportError as exc:
+            except httpx.RequestError as exc:
                 outcome = exc
             step = self._settle(
                 operation, attempt, outcome, time.perf_counter() - started, len(request.content)

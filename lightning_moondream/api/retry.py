@@ -30,6 +30,9 @@ MAX_RETRY_AFTER = 600.0
 """Longest ``Retry-After`` honoured, in seconds; a larger value is taken as this."""
 
 
+_NOT_TRANSIENT = (httpx.UnsupportedProtocol, httpx.LocalProtocolError)
+
+
 class CallKind(enum.Enum):
     """Whether repeating a call is harmless."""
 
@@ -37,8 +40,8 @@ class CallKind(enum.Enum):
     STATE_CHANGING = "state_changing"
 
 
-def never_sent(error: httpx.TransportError) -> bool:
-    """Tell whether a transport error happened before the request could reach the server."""
+def never_sent(error: httpx.RequestError) -> bool:
+    """Tell whether a request failed before it could reach the server."""
     return isinstance(error, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout))
 
 
@@ -48,8 +51,14 @@ def should_retry_status(kind: CallKind, status_code: int) -> bool:
     return status_code in allowed
 
 
-def should_retry_transport(kind: CallKind, error: httpx.TransportError) -> bool:
-    """Tell whether a transport error may be retried for a call of this kind."""
+def should_retry_transport(kind: CallKind, error: httpx.RequestError) -> bool:
+    """Tell whether a failed request may be retried for a call of this kind.
+
+    A request that this side built wrong (an unsupported scheme, a protocol misuse) or an
+    answer that could not be read would fail the same way again.
+    """
+    if isinstance(error, _NOT_TRANSIENT) or not isinstance(error, httpx.TransportError):
+        return False
     return kind is CallKind.SAFE or never_sent(error)
 
 
