@@ -20,7 +20,7 @@ import warnings
 from typing import Any
 
 import lightning.pytorch as pl
-from common import print_table, write_results
+from common import print_table, quiet_trainer, write_results
 from torch.utils.data import DataLoader
 
 from lightning_moondream.api import Rollout, Settings, TuningClient
@@ -66,17 +66,7 @@ def module_run(data: list[Any], steps: int) -> list[tuple[int, float]]:
             local_service={"data_dir": folder, "policy": "constant"},
         )
         probe = RssProbe()
-        trainer = pl.Trainer(
-            max_steps=steps,
-            accelerator="cpu",
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            limit_val_batches=0,
-            callbacks=[probe],
-            default_root_dir=folder,
-        )
+        trainer = quiet_trainer(folder, steps, probe)
         # Epochs repeat the same samples, as a real run over a dataset does.
         loader: DataLoader[Any] = DataLoader(
             SampleList(data), batch_size=BATCH, shuffle=True, collate_fn=collate_samples

@@ -29,7 +29,7 @@ import warnings
 from typing import Any
 
 import lightning.pytorch as pl
-from common import print_table, serve_http, write_results
+from common import print_table, quiet_trainer, serve_http, write_results
 from pydantic import SecretStr
 from torch.utils.data import DataLoader
 
@@ -102,17 +102,7 @@ def module_step_time(
             **backend,
         )
         timer = StepTimer()
-        trainer = pl.Trainer(
-            max_steps=steps + 1,
-            accelerator="cpu",
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            limit_val_batches=0,
-            callbacks=[timer],
-            default_root_dir=folder,
-        )
+        trainer = quiet_trainer(folder, steps + 1, timer)
         loader: DataLoader[Any] = DataLoader(
             SampleList(data), batch_size=batch, shuffle=False, collate_fn=collate_samples
         )

@@ -84,3 +84,20 @@ def serve_http(folder: str, *options: str) -> Iterator[str]:
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def quiet_trainer(folder: str, max_steps: int, callback: Any) -> Any:
+    """A CPU ``Trainer`` that only trains: no logger, checkpoints, bars or validation."""
+    import lightning.pytorch as pl
+
+    return pl.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[callback],
+        default_root_dir=folder,
+    )
