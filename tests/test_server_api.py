@@ -605,6 +605,38 @@ def test_rollouts_during_train_steps_see_whole_states(tmp_path: Path) -> None:
     asyncio.run(scenario())
 
 
+def test_sampling_seeds_do_not_depend_on_arrival_order(tmp_path: Path) -> None:
+    requests = [scene_request(index, temperature=1.0)[0] for index in range(3)]
+
+    async def answers(data_dir: Path, order: list[int]) -> list[list[list[int]]]:
+        transport = httpx.ASGITransport(app=create_app(data_dir=data_dir, seed=5))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t", headers=KEY) as http:
+            adapter_id = (
+                await http.post(f"{URL}/adapters", json={"name": "s", "rank": 16})
+            ).json()["adapter_id"]
+            responses = await asyncio.gather(
+                *(
+                    http.post(
+                        f"{URL}/rollouts",
+                        json={"adapter_id": adapter_id, "num_rollouts": 8, "request": requests[i]},
+                    )
+                    for i in order
+                )
+            )
+        by_request: list[list[list[int]]] = [[] for _ in requests]
+        for index, response in zip(order, responses, strict=True):
+            assert response.status_code == 200, response.text
+            tokens = [rollout["answer_tokens"] for rollout in response.json()["rollouts"]]
+            by_request[index].append(tokens)
+        return by_request
+
+    forward = asyncio.run(answers(tmp_path / "forward", [0, 1, 2, 0]))
+    backward = asyncio.run(answers(tmp_path / "backward", [0, 2, 1, 0]))
+    assert [sorted(draws) for draws in forward] == [sorted(draws) for draws in backward]
+    # Asking again for the same request draws new samples.
+    assert forward[0][0] != forward[0][1]
+
+
 def statuses(app: Any, count: int) -> list[int | str]:
     results: list[int | str] = []
     with httpx.Client(transport=InProcessTransport(app), base_url="http://t") as client:

@@ -72,7 +72,7 @@ from lightning_moondream.server.faults import (
     endpoint_of,
 )
 from lightning_moondream.server.policy import Decoding
-from lightning_moondream.server.store import Store, is_adapter_id
+from lightning_moondream.server.store import AdapterRecord, Store, is_adapter_id
 
 PREFIX = "/v1/tuning"
 AUTH_HEADER = "X-Moondream-Auth"
@@ -80,6 +80,9 @@ DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 20, 100
 CACHED_ADAPTERS = 64
 """Adapter states kept in memory; others are read from their weight files on use."""
+
+SAMPLE_COUNTS = 65536
+"""Requests whose repeat count is kept for sampling seeds (see ``Service.sampling_seed``)."""
 
 _DROP = "lightning_moondream.drop"
 _ERROR_TYPES = {
@@ -236,8 +239,10 @@ class Service:
         self.faults = faults
         self.max_body_bytes = max_body_bytes
         self.max_pixels = max_pixels
+        self._seed = seed
         self._random = random.Random(seed)
         self._lock = threading.Lock()
+        self._sample_counts: OrderedDict[tuple[str, int, str], int] = OrderedDict()
         self._states: OrderedDict[str, AdapterState] = OrderedDict()
         self._train_locks: dict[str, threading.Lock] = {}
 
@@ -301,6 +306,25 @@ class Service:
         """A fresh seed from the service's seeded stream."""
         with self._lock:
             return self._random.getrandbits(63)
+
+    def sampling_seed(self, adapter: AdapterRecord, request_digest: str) -> int:
+        """The sampling seed of a rollouts request, independent of arrival order.
+
+        It is a hash of the service seed, the adapter, its train step count, the request
+        and how many times this request was already sampled at that step count, so
+        concurrent requests get the same seeds whatever order they arrive in, and a
+        repeated request still draws fresh samples. The adapter enters by its creation
+        position rather than its id: ids are random, positions repeat from run to run.
+        """
+        count_key = (adapter.adapter_id, adapter.train_steps, request_digest)
+        with self._lock:
+            repeat = self._sample_counts.pop(count_key, 0)
+            self._sample_counts[count_key] = repeat + 1
+            # A forgotten count only makes a long-unseen request reuse earlier seeds.
+            while len(self._sample_counts) > SAMPLE_COUNTS:
+                self._sample_counts.popitem(last=False)
+        key = f"{self._seed}:{adapter.seq}:{adapter.train_steps}:{request_digest}:{repeat}"
+        return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") >> 1
 
     # Adapter state -------------------------------------------------------------------
 
@@ -379,10 +403,12 @@ class Service:
             top_p=settings.top_p if settings else 1.0,
         )
 
-    def get_adapter_or_404(self, owner: str, adapter_id: str) -> None:
-        """Raise 404 unless the owner has this adapter."""
-        if self.store.get_adapter(owner, adapter_id) is None:
+    def get_adapter_or_404(self, owner: str, adapter_id: str) -> AdapterRecord:
+        """The owner's adapter record; raise 404 unless the owner has this adapter."""
+        record = self.store.get_adapter(owner, adapter_id)
+        if record is None:
             raise ApiError(404, f"adapter {adapter_id!r} not found")
+        return record
 
 
 def create_app(
@@ -593,9 +619,9 @@ def _install_training_routes(app: FastAPI, service: Service) -> None:
             raise ApiError(422, validation_message(exc, "ground_truth")) from exc
         except ValueError as exc:
             raise ApiError(422, f"ground_truth: {exc}") from exc
-        service.get_adapter_or_404(owner, body.adapter_id)
+        record = service.get_adapter_or_404(owner, body.adapter_id)
         digest = signing.request_digest(body.request)
-        seed = service.seed()
+        seed = service.sampling_seed(record, digest)
 
         def sample() -> list[dict[str, Any]]:
             state = service.state(body.adapter_id)

@@ -1,14 +1,12 @@
-"""GRPO: group-normalized advantages and clipped policy-gradient steps on an adapter.
+"""GRPO: group-normalized advantages and a clipped policy-gradient step on an adapter.
 
 Each group is one request with several sampled rollouts and their rewards. A rollout's
 advantage is its reward standardized within its group, ``(r - mean) / (std + eps)``;
 a group whose rewards are all equal carries no signal and is skipped. The loss is
 PPO's clipped surrogate on every sampled token, with the log-probabilities recorded at
 sampling time as the old policy, summed over a rollout's tokens and averaged over
-rollouts. A train step makes ``epochs`` Adam passes over the same batch, as PPO does:
-the clipped ratio keeps later passes close to the sampling policy, and the extra passes
-reuse rollouts that were expensive to sample. Groups of one decoding setting share a
-single batched forward pass.
+rollouts. One Adam step on the adapter's LoRA weights follows. Groups of one decoding
+setting share a single batched forward pass.
 """
 
 from __future__ import annotations
@@ -30,17 +28,12 @@ class Hyperparameters:
     """Settings of the update.
 
     Attributes:
-        lr: Adam learning rate of the LoRA ``B`` matrices.
+        lr: Adam learning rate of the LoRA weights.
         clip: PPO clipping range of the probability ratio.
-        epochs: Optimization passes over each train step's batch.
-        lr_ratio_a: Learning rate of the ``A`` matrices relative to ``lr`` (LoRA+ uses
-            a ratio below 1: ``A`` starts random and ``B`` at zero).
     """
 
     lr: float = 3e-3
     clip: float = 0.2
-    epochs: int = 1
-    lr_ratio_a: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -74,7 +67,7 @@ class StepResult:
         weights: The updated adapter weights (unchanged if no group carried signal).
         optimizer: The updated optimizer state.
         groups_used: Groups with non-zero reward spread.
-        loss: The surrogate loss of the first pass (0.0 if nothing was used).
+        loss: The surrogate loss (0.0 if nothing was used).
     """
 
     weights: LoRAWeights
@@ -172,37 +165,25 @@ def train_step(
         weights: The adapter's current LoRA weights (not modified).
         optimizer: The adapter's Adam state (not modified).
         groups: Scored groups of any skills.
-        hyperparameters: Learning rate, clipping and passes.
+        hyperparameters: Learning rate and clipping.
     """
     batches = _batches(policy, groups)
     if not batches:
         return StepResult(dict(weights), optimizer, 0, 0.0)
     rollouts = sum(len(batch.lengths) for batch in batches)
     used = sum(len(batch.rows_per_group) for batch in batches)
-    first_loss = 0.0
-    for epoch in range(hyperparameters.epochs):
-        trainable = {
-            name: tensor.detach().clone().requires_grad_(True) for name, tensor in weights.items()
-        }
-        loss = (
-            sum(
-                (_surrogate(policy, batch, trainable, hyperparameters.clip) for batch in batches),
-                torch.zeros(()),
-            )
-            / rollouts
+    trainable = {
+        name: tensor.detach().clone().requires_grad_(True) for name, tensor in weights.items()
+    }
+    loss = (
+        sum(
+            (_surrogate(policy, batch, trainable, hyperparameters.clip) for batch in batches),
+            torch.zeros(()),
         )
-        if epoch == 0:
-            first_loss = float(loss.detach())
-        names = list(trainable)
-        grads = torch.autograd.grad(loss, [trainable[name] for name in names], allow_unused=True)
-        gradients = {
-            name: grad for name, grad in zip(names, grads, strict=True) if grad is not None
-        }
-        weights, optimizer = adam_update(
-            weights,
-            gradients,
-            optimizer,
-            lr=hyperparameters.lr,
-            lr_ratio_a=hyperparameters.lr_ratio_a,
-        )
-    return StepResult(weights, optimizer, used, first_loss)
+        / rollouts
+    )
+    names = list(trainable)
+    grads = torch.autograd.grad(loss, [trainable[name] for name in names], allow_unused=True)
+    gradients = {name: grad for name, grad in zip(names, grads, strict=True) if grad is not None}
+    new_weights, new_optimizer = adam_update(weights, gradients, optimizer, lr=hyperparameters.lr)
+    return StepResult(new_weights, new_optimizer, used, float(loss.detach()))

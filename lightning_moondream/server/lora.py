@@ -94,7 +94,6 @@ def adam_update(
     state: AdamState,
     *,
     lr: float,
-    lr_ratio_a: float = 1.0,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
 ) -> tuple[LoRAWeights, AdamState]:
@@ -106,8 +105,7 @@ def adam_update(
         weights: Current LoRA weights by name.
         grads: Their gradients (a missing one counts as zero).
         state: Adam moments before the step.
-        lr: Learning rate of the ``B`` matrices.
-        lr_ratio_a: Learning rate of the ``A`` matrices relative to ``lr``.
+        lr: Learning rate.
         betas: Adam's moment decay rates.
         eps: Adam's denominator floor.
     """
@@ -125,7 +123,6 @@ def adam_update(
             1 - beta2
         )
         corrected = (second / (1 - beta2**step)).sqrt() + eps
-        rate = lr * lr_ratio_a if name.endswith(".A") else lr
-        new_weights[name] = weight - rate * (first / (1 - beta1**step)) / corrected
+        new_weights[name] = weight - lr * (first / (1 - beta1**step)) / corrected
         exp_avg[name], exp_avg_sq[name] = first, second
     return new_weights, AdamState(step, exp_avg, exp_avg_sq)
