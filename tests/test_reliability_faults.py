@@ -11,7 +11,9 @@ counted, so no step was applied twice and none was lost.
 
 from __future__ import annotations
 
+import asyncio
 import random
+import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -333,3 +335,83 @@ def test_one_failed_rollouts_request_fails_its_step_and_trains_on_nothing_partia
     assert trainer.global_step == 1
     assert app.train_steps == 1
     assert train_steps_of(data_dir, adapter_id) == 1
+
+
+class AbandonFirstTrainStep:
+    """Test-only ASGI wrapper: the client gives up on the first train step while it runs.
+
+    The step goes on in the service (as when a client times out) and may only finish
+    once the client has read the adapter back: when that read has answered, or is
+    waiting for the step. The order is forced by events, not by timing.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.running = threading.Event()
+        self.read_back = threading.Event()
+        self.abandoned: asyncio.Task[None] | None = None
+        service = app.state.service
+        train, train_lock = service.engine.train, service.train_lock
+
+        def slow_train(*args: Any) -> Any:
+            self.running.set()
+            assert self.read_back.wait(timeout=60), "the client never read the adapter back"
+            return train(*args)
+
+        outer = self
+
+        class Watched:
+            """The adapter's train lock, noting anyone who has to wait for it."""
+
+            def __init__(self, lock: threading.Lock) -> None:
+                self.lock = lock
+
+            def __enter__(self) -> None:
+                if self.lock.locked():
+                    outer.read_back.set()
+                self.lock.acquire()
+
+            def __exit__(self, *exc_info: object) -> None:
+                self.lock.release()
+
+        service.engine.train = slow_train
+        service.train_lock = lambda adapter_id: Watched(train_lock(adapter_id))
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and path.endswith("/train_step") and self.abandoned is None:
+
+            async def discard(message: Any) -> None:
+                return None
+
+            self.abandoned = asyncio.ensure_future(self.app(scope, receive, discard))
+            assert await asyncio.to_thread(self.running.wait, 60), "the step never started"
+            raise ConnectionAbortedError("the client stopped waiting")
+        if self.abandoned is not None and scope["type"] == "http" and scope["method"] == "GET":
+
+            async def answered(message: Any) -> None:
+                await send(message)
+                if message["type"] == "http.response.body":
+                    self.read_back.set()
+
+            await self.app(scope, receive, answered)
+            return
+        await self.app(scope, receive, send)
+
+
+def test_a_step_still_running_when_the_client_gives_up_is_not_sent_again(
+    tmp_path: Path,
+) -> None:
+    data_dir = tmp_path / "service"
+    adapter_id = new_adapter(data_dir, "abandoned")
+    app = AbandonFirstTrainStep(create_app(data_dir=data_dir, api_keys=[KEY], policy="constant"))
+    with serving(app) as url, recorded_warnings() as messages:
+        model = module(url, adapter_id)
+        trainer = quiet_trainer(tmp_path, max_steps=3)
+        trainer.fit(model, loader(detect_samples("train", 6), batch_size=2))
+
+    assert app.abandoned is not None and app.read_back.is_set()
+    # The read-back waited for the running step and found it applied: nothing resent.
+    assert [message for message in messages if "resending" in message] == []
+    assert trainer.global_step == 3
+    assert train_steps_of(data_dir, adapter_id) == 3

@@ -17,7 +17,7 @@ from PIL import Image
 from lightning_moondream.api.inprocess import InProcessTransport
 from lightning_moondream.data import synthetic
 from lightning_moondream.images import encode_image
-from lightning_moondream.server import FaultConfig, create_app
+from lightning_moondream.server import FaultConfig, close_app, create_app
 
 KEY = {"X-Moondream-Auth": "key-a"}
 OTHER = {"X-Moondream-Auth": "key-b"}
@@ -714,3 +714,21 @@ def test_an_image_broken_after_its_header_is_refused(client: httpx.Client) -> No
     request = {"skill": "point", "object": "x", "image_url": f"data:image/png;base64,{truncated}"}
     body = {"adapter_id": adapter_id, "num_rollouts": 1, "request": request}
     assert "request.image_url" in error(client.post(f"{URL}/rollouts", json=body, headers=KEY), 400)
+
+
+def test_a_local_service_is_released_once_with_its_client() -> None:
+    app = create_app()
+    folder = Path(app.state.temporary_dir.name)
+    released: list[str] = []
+
+    def release() -> None:
+        released.append("app")
+        close_app(app)
+
+    with httpx.Client(
+        transport=InProcessTransport(app, on_close=release), base_url="http://t"
+    ) as client:
+        assert client.get(f"{URL}/adapters", headers=KEY).status_code == 200
+        assert folder.exists()
+    assert released == ["app"]
+    assert not folder.exists()

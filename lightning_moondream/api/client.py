@@ -266,10 +266,14 @@ class _ClientCore(Generic[HttpClientT]):
         return result
 
 
-def _local_app(data_dir: str | Path | None, service_options: dict[str, Any]) -> Any:
-    from lightning_moondream.server import create_app
+def _local_app(
+    data_dir: str | Path | None, service_options: dict[str, Any]
+) -> tuple[Any, Callable[[], None]]:
+    """A local service app made for one client, and how to release it with the client."""
+    from lightning_moondream.server import close_app, create_app
 
-    return create_app(data_dir=data_dir, **service_options)
+    app = create_app(data_dir=data_dir, **service_options)
+    return app, lambda: close_app(app)
 
 
 def _server_message(response: httpx.Response) -> str:
@@ -400,8 +404,8 @@ class TuningClient(_ClientCore[httpx.Client]):
             data_dir: Where the service keeps adapters; a temporary folder by default.
             **service_options: Passed to ``lightning_moondream.server.create_app``.
         """
-        transport = InProcessTransport(_local_app(data_dir, service_options))
-        return cls._local(httpx.Client(transport=transport))
+        app, close = _local_app(data_dir, service_options)
+        return cls._local(httpx.Client(transport=InProcessTransport(app, on_close=close)))
 
     def _execute(self, operation: ops.Operation[T]) -> T:
         request = self._build_request(operation)
@@ -581,8 +585,8 @@ class AsyncTuningClient(_ClientCore[httpx.AsyncClient]):
             data_dir: Where the service keeps adapters; a temporary folder by default.
             **service_options: Passed to ``lightning_moondream.server.create_app``.
         """
-        transport = InProcessAsyncTransport(_local_app(data_dir, service_options))
-        return cls._local(httpx.AsyncClient(transport=transport))
+        app, close = _local_app(data_dir, service_options)
+        return cls._local(httpx.AsyncClient(transport=InProcessAsyncTransport(app, on_close=close)))
 
     async def _execute(self, operation: ops.Operation[T]) -> T:
         request = self._build_request(operation)

@@ -9,6 +9,7 @@ background event loop.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -19,10 +20,16 @@ ASGIApp = Any
 
 
 class InProcessAsyncTransport(httpx.AsyncBaseTransport):
-    """Async transport to an ASGI app in this process."""
+    """Async transport to an ASGI app in this process.
 
-    def __init__(self, app: ASGIApp) -> None:
+    Args:
+        app: The ASGI app.
+        on_close: Called once when the transport closes, to release the app.
+    """
+
+    def __init__(self, app: ASGIApp, on_close: Callable[[], None] | None = None) -> None:
         self._transport = httpx.ASGITransport(app=app)
+        self._on_close = on_close
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         """Send a request to the app; an exception inside it is a dropped connection."""
@@ -34,12 +41,27 @@ class InProcessAsyncTransport(httpx.AsyncBaseTransport):
                 request=request,
             ) from exc
 
+    async def aclose(self) -> None:
+        """Release the app, if this transport was given a way to."""
+        self.close_app()
+
+    def close_app(self) -> None:
+        """Run ``on_close`` once."""
+        on_close, self._on_close = self._on_close, None
+        if on_close is not None:
+            on_close()
+
 
 class InProcessTransport(httpx.BaseTransport):
     """Sync transport to an ASGI app in this process, run on a background event loop."""
 
-    def __init__(self, app: ASGIApp, loop: BackgroundLoop | None = None) -> None:
-        self._inner = InProcessAsyncTransport(app)
+    def __init__(
+        self,
+        app: ASGIApp,
+        loop: BackgroundLoop | None = None,
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
+        self._inner = InProcessAsyncTransport(app, on_close)
         self._owns_loop = loop is None
         self._loop = loop or BackgroundLoop(name="lightning-moondream-local-service")
 
@@ -54,6 +76,7 @@ class InProcessTransport(httpx.BaseTransport):
         return httpx.Response(status, headers=headers, content=content, request=request)
 
     def close(self) -> None:
-        """Stop the background loop if this transport started it."""
+        """Release the app, and stop the background loop if this transport started it."""
+        self._inner.close_app()
         if self._owns_loop:
             self._loop.close()

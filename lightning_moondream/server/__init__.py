@@ -9,8 +9,16 @@ Example:
     >>> app = create_app(data_dir="runs/tuning")  # doctest: +SKIP
 """
 
-from lightning_moondream.server.app import create_app
+from lightning_moondream.server.app import close_app, create_app
 from lightning_moondream.server.engine import POLICIES
 from lightning_moondream.server.faults import ENDPOINTS, FAULT_KINDS, DroppedConnection, FaultConfig
 
-__all__ = ["ENDPOINTS", "FAULT_KINDS", "POLICIES", "DroppedConnection", "FaultConfig", "create_app"]
+__all__ = [
+    "ENDPOINTS",
+    "FAULT_KINDS",
+    "POLICIES",
+    "DroppedConnection",
+    "FaultConfig",
+    "close_app",
+    "create_app",
+]

@@ -468,6 +468,14 @@ def create_app(
     return app
 
 
+def close_app(app: FastAPI) -> None:
+    """Release what ``create_app`` opened: the database, and a temporary data folder."""
+    app.state.service.store.close()
+    temporary = getattr(app.state, "temporary_dir", None)
+    if temporary is not None:
+        temporary.cleanup()
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -523,10 +531,16 @@ def _install_adapter_routes(app: FastAPI, service: Service) -> None:
     @app.get(f"{PREFIX}/adapters/{{adapter_id}}")
     async def get_adapter(adapter_id: str, request: Request) -> dict[str, Any]:
         owner = service.authenticate(request)
-        record = store.get_adapter(owner, adapter_id)
-        if record is None:
-            raise ApiError(404, f"adapter {adapter_id!r} not found")
-        return record.to_json()
+
+        def read() -> AdapterRecord:
+            service.get_adapter_or_404(owner, adapter_id)
+            # A client that gave up waiting for a train step reads train_steps back to
+            # learn whether it was applied: a step still running must be counted, so the
+            # read waits for it instead of racing it.
+            with service.train_lock(adapter_id):
+                return service.get_adapter_or_404(owner, adapter_id)
+
+        return (await run_in_threadpool(read)).to_json()
 
     @app.delete(f"{PREFIX}/adapters/{{adapter_id}}")
     async def delete_adapter(adapter_id: str, request: Request) -> dict[str, Any]:
