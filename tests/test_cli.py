@@ -9,6 +9,7 @@ import pytest
 from builders import coco_tree, save_image, voc_devkit
 
 from lightning_moondream.api import TuningClient
+from lightning_moondream.callbacks import HeldOutReport
 from lightning_moondream.cli import MoondreamCLI, main
 from lightning_moondream.module import MoondreamRLModule
 
@@ -238,3 +239,17 @@ def test_eval_config_tests_a_quickstart_adapter(tmp_path: Path) -> None:
     assert tested.model.adapter.adapter_id == adapter.adapter_id
     metrics = tested.trainer.callback_metrics
     assert {"test/map", "test/point_f1", "test/vqa_accuracy", "test/reward"} <= set(metrics)
+
+
+@pytest.mark.slow
+def test_the_quickstart_improves_held_out_reward_and_map(tmp_path: Path) -> None:
+    run = MoondreamCLI(
+        ["fit", f"--config={CONFIGS / 'quickstart.yaml'}", f"--trainer.default_root_dir={tmp_path}"]
+    )
+    assert run.trainer.global_step == 40
+    [report] = [
+        callback for callback in run.trainer.callbacks if isinstance(callback, HeldOutReport)
+    ]
+    assert report.after["samples"] == report.before["samples"] > 0
+    assert report.after["reward"] > report.before["reward"]
+    assert report.after["map"] > report.before["map"]
