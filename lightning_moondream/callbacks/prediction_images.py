@@ -135,7 +135,7 @@ class PredictionImageLogger(Callback):
     Images go to every ``TensorBoardLogger`` of the trainer (tag
     ``val_predictions/<index>``, at the global step). PNG files are written when the
     trainer has no TensorBoard logger, or always when ``dirpath`` is given: under
-    ``dirpath`` (default ``<trainer.log_dir>/predictions``), in ``epoch_XXX/`` folders,
+    ``dirpath`` (default ``<trainer.log_dir>/predictions``), in ``epoch_NNN/`` folders,
     named ``step_<global step>-<index>-<sample id>.png`` so that several validations in
     one epoch do not overwrite each other.
 
