@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from lightning_moondream.api import Rollout, TuningClient
 from lightning_moondream.callbacks import RemoteCheckpoint
 from lightning_moondream.data import QuerySample
 from lightning_moondream.data.synthetic import make_scene, query_tasks, split_seed
-from lightning_moondream.module import CHECKPOINT_KEY, MoondreamRLModule
+from lightning_moondream.module import CHECKPOINT_KEY, MoondreamRLModule, _spread
 
 
 class ShapesData(L.LightningDataModule):
@@ -244,3 +245,8 @@ def test_a_bad_batch_names_the_problem(batch: Any, error: type[Exception], fragm
 def test_invalid_arguments_are_refused(arguments: dict[str, Any], fragment: str) -> None:
     with pytest.raises(ValueError, match=fragment):
         MoondreamRLModule(**arguments)
+
+
+@pytest.mark.parametrize("rewards", [[0.0, 1.0], [0.25] * 5, [0.1, 0.7, 0.3, 0.9, 0.55], [3.0]])
+def test_reward_spread_is_the_population_standard_deviation(rewards: list[float]) -> None:
+    assert _spread(rewards) == pytest.approx(statistics.pstdev(rewards), abs=1e-12)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import copy
 import io
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from lightning_moondream.api.inprocess import InProcessTransport
+from lightning_moondream.api.inprocess import InProcessAsyncTransport, InProcessTransport
 from lightning_moondream.data import synthetic
 from lightning_moondream.images import encode_image
 from lightning_moondream.server import FaultConfig, close_app, create_app
@@ -691,6 +693,54 @@ def test_invalid_service_options(tmp_path: Path) -> None:
         FaultConfig(after_train_step="429")
 
 
+def test_latency_is_the_least_time_to_answer(tmp_path: Path) -> None:
+    app = create_app(
+        data_dir=tmp_path,
+        policy="constant",
+        latency={"rollouts": 0.3, "adapters": 0.2},
+        faults=FaultConfig(rate=1.0, kinds=("503",), endpoints=("adapters",)),
+    )
+    with httpx.Client(transport=InProcessTransport(app), base_url="http://t") as client:
+        started = time.monotonic()
+        refused = client.post(f"{URL}/adapters", json={"name": "a", "rank": 16}, headers=KEY)
+        assert refused.status_code == 503 and time.monotonic() - started >= 0.2
+    app = create_app(data_dir=tmp_path, policy="constant", latency={"rollouts": 0.3})
+    with httpx.Client(transport=InProcessTransport(app), base_url="http://t") as client:
+        adapter_id = create(client)
+        started = time.monotonic()
+        sample(client, adapter_id, scene_request()[0], n=2)
+        assert time.monotonic() - started >= 0.3
+
+
+def test_latency_holds_the_answer_of_work_already_done(tmp_path: Path) -> None:
+    # A remote service's latency includes its own work: the step is applied on arrival
+    # and only its answer waits.
+    app = create_app(data_dir=tmp_path, policy="constant", latency={"train_step": 3600.0})
+
+    async def scenario() -> None:
+        transport = InProcessAsyncTransport(app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            created = await client.post(
+                f"{URL}/adapters", json={"name": "a", "rank": 16}, headers=KEY
+            )
+            adapter_id = created.json()["adapter_id"]
+            body = {"adapter_id": adapter_id, "num_rollouts": 2, "request": scene_request()[0]}
+            answer = (await client.post(f"{URL}/rollouts", json=body, headers=KEY)).json()
+            step_body = {"adapter_id": adapter_id, "groups": [group(answer, [0.0, 1.0])]}
+            step = asyncio.ensure_future(
+                client.post(f"{URL}/train_step", json=step_body, headers=KEY)
+            )
+            adapter_url = f"{URL}/adapters/{adapter_id}"
+            while (await client.get(adapter_url, headers=KEY)).json()["train_steps"] == 0:
+                await asyncio.sleep(0.01)
+            assert not step.done()
+            step.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await step
+
+    asyncio.run(scenario())
+
+
 def test_constant_policy_answers_and_counts_steps(tmp_path: Path) -> None:
     app = create_app(data_dir=tmp_path, policy="constant", latency={"rollouts": 0.0})
     with httpx.Client(transport=InProcessTransport(app), base_url="http://t") as client:
@@ -732,3 +782,16 @@ def test_a_local_service_is_released_once_with_its_client() -> None:
         assert folder.exists()
     assert released == ["app"]
     assert not folder.exists()
+
+
+def test_an_app_that_ends_without_answering_is_a_dropped_connection() -> None:
+    async def silent_app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+
+    async def scenario() -> None:
+        transport = InProcessAsyncTransport(silent_app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            with pytest.raises(httpx.RemoteProtocolError, match="without answering"):
+                await client.post(f"{URL}/rollouts", json={})
+
+    asyncio.run(scenario())

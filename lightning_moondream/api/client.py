@@ -26,6 +26,7 @@ import httpx
 from pydantic import SecretStr
 
 from lightning_moondream.api import operations as ops
+from lightning_moondream.api import wire
 from lightning_moondream.api.errors import (
     AmbiguousRequestError,
     APIConnectionError,
@@ -46,6 +47,7 @@ from lightning_moondream.api.models import (
     GroundTruth,
     RolloutsResponse,
 )
+from lightning_moondream.api.pools import AsyncSpreadTransport, SpreadTransport
 from lightning_moondream.api.retry import (
     CallKind,
     RetryPolicy,
@@ -160,7 +162,7 @@ class _ClientCore(Generic[HttpClientT]):
         }
         content = None
         if operation.json is not None:
-            content = json.dumps(operation.json, separators=(",", ":")).encode()
+            content = wire.dumps(operation.json)
             headers["Content-Type"] = "application/json"
         return self._http.build_request(
             operation.method,
@@ -246,7 +248,7 @@ class _ClientCore(Generic[HttpClientT]):
 
     def _parse(self, operation: ops.Operation[T], response: httpx.Response) -> T:
         try:
-            data = response.json() if response.content else {}
+            data = wire.loads(response.content) if response.content else {}
             result = operation.parse(data)
         except (ValueError, KeyError, TypeError) as exc:
             error = ServerError(
@@ -390,7 +392,7 @@ class TuningClient(_ClientCore[httpx.Client]):
             timeout=timeout,
             max_retries=max_retries,
             http_client=http_client,
-            default_http_client=httpx.Client,
+            default_http_client=lambda: httpx.Client(transport=SpreadTransport()),
         )
         self._sleep: Callable[[float], None] = time.sleep
         self.adapters = Adapters(self)
@@ -569,7 +571,7 @@ class AsyncTuningClient(_ClientCore[httpx.AsyncClient]):
             timeout=timeout,
             max_retries=max_retries,
             http_client=http_client,
-            default_http_client=httpx.AsyncClient,
+            default_http_client=lambda: httpx.AsyncClient(transport=AsyncSpreadTransport()),
         )
         self._sleep: Callable[[float], Any] = asyncio.sleep
         self.adapters = AsyncAdapters(self)

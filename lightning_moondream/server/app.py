@@ -45,6 +45,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Message, Receive, Scope, Send
 
+from lightning_moondream.api import wire
 from lightning_moondream.api.models import (
     AnyRequest,
     check_groups,
@@ -174,7 +175,10 @@ class TuningApp(FastAPI):
     """FastAPI app with latency and fault injection in front of its routes.
 
     Injection sits outside FastAPI's own middleware so that a dropped connection is
-    really dropped, not turned into a 500 by its error handler.
+    really dropped, not turned into a 500 by its error handler. Latency is the least
+    time an answer takes from the request's arrival: the handler runs at once and its
+    answer is held until then, so the service's own work falls within the latency, as
+    a remote service's would, and a lone request takes exactly the latency.
     """
 
     latency: dict[str, float]
@@ -186,29 +190,38 @@ class TuningApp(FastAPI):
             await super().__call__(scope, receive, send)
             return
         endpoint = endpoint_of(scope["path"])
-        if endpoint is not None:
-            delay = self.latency.get(endpoint, 0.0)
-            if delay > 0:
-                await anyio.sleep(delay)
-            fault = self.faults.before(endpoint)
+        answer_at = anyio.current_time() + (self.latency.get(endpoint, 0.0) if endpoint else 0.0)
+        # Let requests sent together all arrive before any is handled: in process, the
+        # handling would otherwise hold up the client's next sends and their clocks.
+        await anyio.sleep(0)
+        fault = self.faults.before(endpoint) if endpoint is not None else None
+        if fault is not None:
+            await _sleep_until(answer_at)
             if fault == "drop":
                 await _drop(send)
-            if fault is not None:
-                headers = (
-                    {"Retry-After": str(self.faults.config.retry_after)} if fault == "429" else {}
-                )
-                response = error_response(int(fault), f"injected failure ({fault})", headers)
-                await response(scope, receive, send)
-                return
+            headers = {"Retry-After": str(self.faults.config.retry_after)} if fault == "429" else {}
+            response = error_response(int(fault), f"injected failure ({fault})", headers)
+            await response(scope, receive, send)
+            return
 
-        async def guarded_send(message: Message) -> None:
+        async def held_send(message: Message) -> None:
             # A handler that asked for a drop has acted; its response must not go out.
-            if not scope.get(_DROP):
-                await send(message)
+            if scope.get(_DROP):
+                return
+            if message["type"] == "http.response.start":
+                await _sleep_until(answer_at)
+            await send(message)
 
-        await super().__call__(scope, receive, guarded_send)
+        await super().__call__(scope, receive, held_send)
         if scope.get(_DROP):
+            await _sleep_until(answer_at)
             await _drop(send)
+
+
+async def _sleep_until(deadline: float) -> None:
+    delay = deadline - anyio.current_time()
+    if delay > 0:
+        await anyio.sleep(delay)
 
 
 async def _drop(send: Send) -> None:
@@ -283,7 +296,7 @@ class Service:
                 raise ApiError(413, f"request body exceeds {self.max_body_bytes} bytes")
             chunks.append(chunk)
         try:
-            body = json.loads(b"".join(chunks))
+            body = wire.loads(b"".join(chunks))
         except (UnicodeDecodeError, ValueError) as exc:
             raise ApiError(400, "body: not valid JSON") from exc
         if not isinstance(body, dict):
@@ -385,7 +398,11 @@ class Service:
         settings = request.settings
         image_url = getattr(request, "image_url", None)
         try:
-            image = decode_data_url(image_url, max_pixels=self.max_pixels) if image_url else None
+            image = (
+                decode_data_url(image_url, max_pixels=self.max_pixels)
+                if image_url and self.engine.reads_pixels
+                else None
+            )
         except ImageError as exc:
             # Validation read only the header; a payload broken past it shows up here.
             raise ApiError(400, f"request.{exc}") from exc
@@ -430,8 +447,9 @@ def create_app(
         api_keys: Accepted ``X-Moondream-Auth`` keys; ``None`` accepts any non-empty
             key, each key seeing only its own adapters.
         policy: ``"reference"`` (learning torch policy) or ``"constant"`` (no compute).
-        latency: Added seconds per endpoint group (``"adapters"``, ``"checkpoints"``,
-            ``"rollouts"``, ``"train_step"``).
+        latency: Least seconds an answer takes, per endpoint group (``"adapters"``,
+            ``"checkpoints"``, ``"rollouts"``, ``"train_step"``); the service's own
+            handling runs within it.
         faults: Failures to inject (none by default).
         max_body_bytes: Largest request body accepted (413 above).
         max_pixels: Largest decoded image accepted, in pixels (400 above).

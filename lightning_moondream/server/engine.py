@@ -7,8 +7,9 @@ immutable values; a train step returns a new one, which the service swaps in.
 - ``"reference"``: the small torch policy of ``policy.py`` with LoRA adapters, trained
   by GRPO (``grpo.py``).
 - ``"constant"``: always the same valid answer, with valid training metadata; train
-  steps are counted but optimize nothing. It costs no model compute, so client-side
-  benchmarks measure the client and the wire, not the model.
+  steps are counted but optimize nothing. It costs no model compute and never decodes
+  an image (its header is still checked), so client-side benchmarks measure the client
+  and the wire, not the model.
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ class Task:
     Attributes:
         skill: ``"query"``, ``"point"`` or ``"detect"``.
         prompt: The question or object phrase.
-        image: The request's image (``None`` for a query without one).
+        image: The request's image (``None`` for a query without one, or for an
+            engine that does not read pixels).
         rules: Decoding rules from the request's settings.
         temperature: Sampling temperature (0 is greedy).
         top_p: Nucleus sampling threshold.
@@ -103,6 +105,9 @@ class TrainGroup:
 class Engine(Protocol):
     """What the service needs from a policy."""
 
+    reads_pixels: bool
+    """Whether ``sample`` and ``train`` look at the image; if not, it is never decoded."""
+
     def new_adapter(self, rank: int, seed: int) -> AdapterState:
         """A fresh adapter state of a rank."""
 
@@ -122,6 +127,8 @@ def adapter_seed(adapter_id: str) -> int:
 
 class ReferenceEngine:
     """The torch reference policy with per-adapter LoRA, trained by GRPO."""
+
+    reads_pixels = True
 
     def __init__(
         self, policy: Policy | None = None, hyperparameters: Hyperparameters | None = None
@@ -174,6 +181,8 @@ class ReferenceEngine:
 
 class ConstantEngine:
     """Always the same valid answer; train steps change nothing but the step count."""
+
+    reads_pixels = False
 
     _ANSWER = [codec.ANSWER_VOCAB.index("yes"), codec.ANSWER_END]
     _POINT = [codec.COORD_BINS // 2, codec.COORD_BINS // 2, codec.COORD_END]

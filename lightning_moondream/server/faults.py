@@ -48,7 +48,7 @@ def endpoint_of(path: str) -> str | None:
 
 
 def check_latency(latency: Mapping[str, float] | None) -> dict[str, float]:
-    """Validate per-endpoint added latency in seconds.
+    """Validate per-endpoint latency (least seconds to answer).
 
     Raises:
         ValueError: For an unknown endpoint name or a negative delay.

@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="ENDPOINT=SECONDS",
-        help=f"added latency, repeatable; ENDPOINT in {', '.join(ENDPOINTS)}",
+        help=f"least seconds to answer, repeatable; ENDPOINT in {', '.join(ENDPOINTS)}",
     )
     parser.add_argument("--fault-rate", type=float, default=0.0, help="fraction of requests failed")
     parser.add_argument(
