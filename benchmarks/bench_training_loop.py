@@ -1,8 +1,9 @@
 """Training loop efficiency: ``MoondreamRLModule`` in a ``Trainer`` against the ideal step time.
 
 The local service runs in this process with the no-compute ``constant`` policy and
-injected latency (rollouts 200 ms, train step 500 ms), so the step time is what the loop
-makes of the latency. The ideal step is rollouts + train step at ``max_staleness=0``
+injected latency (rollouts 200 ms, train step 500 ms: the least time each answer takes,
+the service's own handling included, as a remote service's would be), so the step time
+is what the loop makes of the latency. The ideal step is rollouts + train step at ``max_staleness=0``
 (every rollout of a batch in flight at once, then the step) and the larger of the two at
 ``max_staleness=1`` (the next batch is sampled while the step is applied). The baseline
 is a plain loop with ``TuningClient`` sending one request at a time (in-process).

@@ -19,8 +19,8 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Literal
 
-from lightning.pytorch import LightningModule
-from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from pydantic import SecretStr
 
@@ -275,6 +275,10 @@ class MoondreamRLModule(LightningModule):
         """No local parameters: the optimizer runs on the server."""
         return None
 
+    def configure_callbacks(self) -> list[Callback]:
+        """Close the connection when a stage stops on an error (Lightning then skips ``teardown``)."""
+        return [_CloseOnException()]
+
     def transfer_batch_to_device(self, batch: Any, device: Any, dataloader_idx: int) -> Any:
         """Leave batches where they are: samples hold no tensors, and they go to the server."""
         return batch
@@ -322,6 +326,18 @@ class MoondreamRLModule(LightningModule):
                 applied: no checkpoint can then pair ``global_step`` with the adapter's
                 state, so none is written (resume from an earlier one).
         """
+        try:
+            self._save_api_checkpoint(checkpoint)
+        finally:
+            # A stage stopping on an error closed the module before checkpoint callbacks
+            # (OnExceptionCheckpoint) ran; saving reconnected, so close again.
+            if (
+                self._trainer is not None
+                and self._trainer.state.status == TrainerStatus.INTERRUPTED
+            ):
+                self.close()
+
+    def _save_api_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.last_saved_checkpoint_id = None
         if self._adapter is None:
             return
@@ -595,6 +611,21 @@ class MoondreamRLModule(LightningModule):
     def delete_api_checkpoint(self, checkpoint_id: str) -> None:
         """Delete an API checkpoint (used when its Lightning checkpoint is removed)."""
         self._run(self.client.checkpoints.delete(checkpoint_id))
+
+
+class _CloseOnException(Callback):
+    """Closes the module's client and event loop when a stage stops on an error."""
+
+    def on_exception(
+        self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
+    ) -> None:
+        """Close the module, keeping the original error the one that is raised."""
+        if not isinstance(pl_module, MoondreamRLModule):
+            return
+        try:
+            pl_module.close()
+        except Exception as exc:
+            rank_zero_warn(f"closing the Moondream client after {type(exception).__name__}: {exc}")
 
 
 def _spread(values: Sequence[float]) -> float:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
@@ -391,10 +392,13 @@ def test_a_bad_sample_mid_run_stops_it_after_saving_the_steps_done(tmp_path: Pat
         enable_checkpointing=True,
         callbacks=[OnExceptionCheckpoint(dirpath=tmp_path / "ckpt")],
     )
+    threads_before = set(threading.enumerate())
     with pytest.raises(DatasetError) as raised:
         trainer.fit(model, data)
     assert str(tmp_path / "broken.jpg") in str(raised.value)
     assert "sample 's5'" in str(raised.value)
+    # The failed run left no connection or event loop thread behind.
+    assert set(threading.enumerate()) <= threads_before
 
     saved = torch.load(tmp_path / "ckpt" / "on_exception.ckpt", weights_only=False)
     done = saved["global_step"]

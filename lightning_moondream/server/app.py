@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 
 import anyio
 import torch
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import (
     BaseModel,
@@ -637,7 +637,7 @@ def _install_training_routes(app: FastAPI, service: Service) -> None:
     store = service.store
 
     @app.post(f"{PREFIX}/rollouts")
-    async def rollouts(request: Request) -> dict[str, Any]:
+    async def rollouts(request: Request) -> Response:
         owner = service.authenticate(request)
         body = await service.parse_body(request, _Rollouts)
         try:
@@ -679,7 +679,10 @@ def _install_training_routes(app: FastAPI, service: Service) -> None:
         if ground_truth is not None:
             truth = ground_truth.model_dump(mode="json", exclude_none=True)
             rewards = [ground_truth_reward(parsed.skill, item["output"], truth) for item in items]
-        return {"request": body.request, "rollouts": items, "rewards": rewards}
+        # Written directly: FastAPI's encoder walks every value in Python, about 2 ms
+        # for an answer of 16 rollouts.
+        answer = {"request": body.request, "rollouts": items, "rewards": rewards}
+        return Response(wire.dumps(answer), media_type="application/json")
 
     @app.post(f"{PREFIX}/train_step")
     async def train_step(request: Request) -> dict[str, Any]:
