@@ -191,8 +191,8 @@ class TuningApp(FastAPI):
             return
         endpoint = endpoint_of(scope["path"])
         answer_at = anyio.current_time() + (self.latency.get(endpoint, 0.0) if endpoint else 0.0)
-        # Let requests sent together all arrive before any is handled: in process, the
-        # handling would otherwise hold up the client's next sends and their clocks.
+        # Let requests sent together all arrive, and start their latency, before any is
+        # handled: in process, handling one would otherwise hold up the client's next sends.
         await anyio.sleep(0)
         fault = self.faults.before(endpoint) if endpoint is not None else None
         if fault is not None:
