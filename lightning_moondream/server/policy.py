@@ -7,7 +7,13 @@ A deliberately small model that still has the parts RL needs:
 - a prompt encoder: mean-pooled hashed word embeddings (see ``codec.prompt_buckets``),
   which modulate the image features (FiLM) so the prompt selects what to look at;
 - an autoregressive decoder (an Elman RNN built from linear layers) with two heads:
-  coordinate tokens for points and boxes, answer words for queries.
+  coordinate tokens for points and boxes, answer words for queries;
+- a shift head that moves the coordinate bin logits by a fractional number of bins,
+  one shift per coordinate slot (see ``shift_bins``). Its base weights are zero, so the
+  base policy never shifts; it is a handle for adapters. A systematic error shared by
+  all boxes, such as drawing every box too large, is a different bin per box for the
+  coordinate head, a high-rank change, but a few shifts per slot for this head, a
+  low-rank change that RL finds in tens of steps.
 
 Base weights are frozen and shared; every linear layer (not the convolutions) takes a
 LoRA update from the adapter passed to each call. Decoding rules are masks applied
@@ -39,6 +45,13 @@ DEFAULT_MAX_OBJECTS = 8
 SKILL_INDEX = {"query": 0, "point": 1, "detect": 2}
 BASE_WEIGHTS = Path(__file__).with_name("weights") / "base.pt"
 _MASKED = -1e9
+SHIFT_UNIT = 2.0
+"""Bins moved per unit of the shift head's output.
+
+Corrections RL makes are a few bins, and a fresh adapter's low-rank update starts at zero
+and grows by small Adam steps: a unit of two bins lets it reach them within tens of train
+steps without making single steps coarse.
+"""
 
 
 def image_tensor(image: Image.Image | None) -> torch.Tensor:
@@ -120,6 +133,7 @@ class Policy(nn.Module):
         "step_h",
         "step_x",
         "coord_head",
+        "shift_head",
         "answer_head",
     )
 
@@ -144,6 +158,10 @@ class Policy(nn.Module):
         self.slot_embed = nn.Embedding(4, EMBED)
         self.coord_head = nn.Linear(HIDDEN, codec.COORD_VOCAB)
         self.answer_head = nn.Linear(HIDDEN, len(codec.ANSWER_VOCAB))
+        # Created last so the other layers' initialization does not depend on it.
+        self.shift_head = nn.Linear(HIDDEN, max(codec.TOKENS_PER_OBJECT.values()))
+        nn.init.zeros_(self.shift_head.weight)
+        nn.init.zeros_(self.shift_head.bias)
 
     @property
     def lora_layers(self) -> dict[str, nn.Linear]:
@@ -214,6 +232,8 @@ class Policy(nn.Module):
             logits = lora_linear(hidden, self.answer_head, "answer_head", lora)
         else:
             logits = lora_linear(hidden, self.coord_head, "coord_head", lora)
+            shift = lora_linear(hidden, self.shift_head, "shift_head", lora)[:, slot]
+            logits = shift_bins(logits, shift * SHIFT_UNIT)
         return hidden, logits
 
     @staticmethod
@@ -304,6 +324,27 @@ class Policy(nn.Module):
             )
             for row in range(batch)
         ]
+
+
+def shift_bins(logits: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Move each row's bin logits towards higher bins by a fractional number of bins.
+
+    Bin ``i`` takes the logit at position ``i - shift``, linearly interpolated between
+    the two nearest bins and held at the first or last bin beyond the ends; the end
+    token's logit is kept. Interpolation makes the result differentiable in ``shift``.
+
+    Args:
+        logits: ``(batch, COORD_VOCAB)`` coordinate logits.
+        shift: ``(batch,)`` shifts in bins; zero leaves the logits unchanged.
+    """
+    bins = logits[:, : codec.COORD_BINS]
+    position = (torch.arange(codec.COORD_BINS)[None, :] - shift[:, None]).clamp(
+        0, codec.COORD_BINS - 1
+    )
+    low = position.floor().long().clamp(max=codec.COORD_BINS - 2)
+    fraction = position - low
+    moved = (1 - fraction) * bins.gather(1, low) + fraction * bins.gather(1, low + 1)
+    return torch.cat([moved, logits[:, codec.COORD_BINS :]], dim=1)
 
 
 def _nucleus_sample(

@@ -8,6 +8,8 @@ reward about 0.43 on held-out scenes). Two choices give it: training stops early
 detect targets are loose, padded by ``--box-padding`` (0.06) on every side as a sloppy
 annotator would draw them. The base thus learns to find objects but draws its boxes too
 large; the IoU reward of GRPO pays for tighter boxes, an error RL can correct quickly.
+The policy's shift head is not trained here and stays zero: it is the adapters' handle
+for such shared errors (see ``policy.py``), and the base policy does not shift.
 """
 
 from __future__ import annotations
@@ -149,7 +151,10 @@ def pretrain(
         f"{scenes} scenes, "
         + ", ".join(f"{len(items)} {skill} tasks" for skill, items in tasks.items())
     )
-    optimizer = torch.optim.Adam(policy.parameters(), lr=lr)
+    policy.shift_head.requires_grad_(False)
+    optimizer = torch.optim.Adam(
+        [parameter for parameter in policy.parameters() if parameter.requires_grad], lr=lr
+    )
     skills, weights = list(SKILL_WEIGHTS), list(SKILL_WEIGHTS.values())
     start = time.monotonic()
     running = 0.0
