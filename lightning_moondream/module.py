@@ -259,11 +259,21 @@ class MoondreamRLModule(LightningModule):
             return await adapters.get(self.adapter_id)
         return await adapters.create(self.name, self.rank, self.from_checkpoint)
 
-    def close(self) -> None:
-        """Wait for a pending train step, then close the client and its event loop."""
+    def close(self, wait: bool = True) -> None:
+        """Close the client and its event loop.
+
+        Args:
+            wait: Wait for a pending train step first. Without waiting, a step still in
+                flight is cancelled and counts as in doubt: no checkpoint is taken until
+                the adapter's state is known again.
+        """
         try:
-            self._drain()
+            if wait:
+                self._drain()
+            elif self._pending_step is not None and not self._pending_step.done():
+                self._step_in_doubt = True
         finally:
+            self._pending_step = None
             if self._client is not None and self._loop is not None:
                 self._loop.run(self._client.close())
                 self._loop.close()
@@ -305,11 +315,14 @@ class MoondreamRLModule(LightningModule):
         The adapter stays, unless it was made for this validate, test or predict stage
         alone (from a checkpoint, or fresh for the base model): then it is deleted.
         """
+        self._release()
+
+    def _release(self, wait: bool = True) -> None:
         try:
             if self._adapter is not None and self._temporary_adapter:
                 self._delete_temporary_adapter(self._adapter.adapter_id)
         finally:
-            self.close()
+            self.close(wait)
 
     def _delete_temporary_adapter(self, adapter_id: str) -> None:
         self._adapter, self._temporary_adapter = None, False
@@ -401,31 +414,48 @@ class MoondreamRLModule(LightningModule):
         sent = time.perf_counter()
         if groups:
             self._pending_step = self._loop_submit(self._apply_train_step(adapter_id, groups))
+        try:
+            self._log_batch(scored, len(groups), rollout_seconds, batch_idx)
+        finally:
+            # Counted even if logging failed: global_step must match the adapter's steps.
+            if groups:
+                self._count_step(sent, len(samples))
+
+    def _log_batch(
+        self,
+        scored: list[tuple[RolloutsResponse, list[float]]],
+        groups: int,
+        rollout_seconds: float,
+        batch_idx: int,
+    ) -> None:
         every_reward = [reward for _, rewards in scored for reward in rewards]
-        size = len(samples)
+        size = len(scored)
         self.log(
             "train/reward_mean", statistics.fmean(every_reward), prog_bar=True, batch_size=size
         )
         self.log("train/reward_std", _spread(every_reward), batch_size=size)
-        self.log("train/frac_zero_std", 1.0 - len(groups) / size, batch_size=size)
-        self.log("train/groups", float(len(groups)), batch_size=size)
+        self.log("train/frac_zero_std", 1.0 - groups / size, batch_size=size)
+        self.log("train/groups", float(groups), batch_size=size)
         self.log("train/rollouts_time_s", rollout_seconds, batch_size=size)
-        if not groups:
-            if not self._warned_no_spread:
-                self._warned_no_spread = True
-                rank_zero_warn(
-                    f"batch {batch_idx}: every sample's rollouts scored alike, so there is nothing "
-                    "to learn from and no train step was applied (global_step does not advance); "
-                    "check the reward, or sample with more variety (temperature, num_rollouts)"
-                )
-            return
-        if self.max_staleness == 0:
+        if not groups and not self._warned_no_spread:
+            self._warned_no_spread = True
+            rank_zero_warn(
+                f"batch {batch_idx}: every sample's rollouts scored alike, so there is nothing "
+                "to learn from and no train step was applied (global_step does not advance); "
+                "check the reward, or sample with more variety (temperature, num_rollouts)"
+            )
+
+    def _count_step(self, sent: float, size: int) -> None:
+        """Advance ``global_step`` for a sent train step, once applied at staleness 0."""
+        waited = self.max_staleness == 0 and self._pending_step is not None
+        if waited:
             self._drain()
-            self.log("train/train_step_time_s", time.perf_counter() - sent, batch_size=size)
         # The stand-in optimizer's step is what advances global_step in manual optimization.
         optimizer = self.optimizers()
         assert not isinstance(optimizer, list)
         optimizer.step()
+        if waited:
+            self.log("train/train_step_time_s", time.perf_counter() - sent, batch_size=size)
 
     def _loop_submit(self, coroutine: Any) -> Future[Any]:
         self.client  # noqa: B018
@@ -614,16 +644,19 @@ class MoondreamRLModule(LightningModule):
 
 
 class _CloseOnException(Callback):
-    """Closes the module's client and event loop when a stage stops on an error."""
+    """Ends a failed stage as ``teardown`` ends a finished one (Lightning skips it then)."""
 
     def on_exception(
         self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
     ) -> None:
-        """Close the module, keeping the original error the one that is raised."""
+        """Delete a temporary adapter and close the connection, keeping the original error.
+
+        After Ctrl-C a pending train step is not waited for: it may take minutes.
+        """
         if not isinstance(pl_module, MoondreamRLModule):
             return
         try:
-            pl_module.close()
+            pl_module._release(wait=not isinstance(exception, KeyboardInterrupt))
         except Exception as exc:
             rank_zero_warn(f"closing the Moondream client after {type(exception).__name__}: {exc}")
 

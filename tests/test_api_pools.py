@@ -7,6 +7,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import httpcore
 import httpx
 import pytest
 from support import free_port, serving
@@ -108,5 +109,19 @@ def test_clients_use_spread_transports_by_default() -> None:
     async def open_async() -> None:
         async with AsyncTuningClient(api_key="k" * 12, base_url="http://127.0.0.1:1/v1") as client:
             assert isinstance(client._http._transport, AsyncSpreadTransport)
+
+    asyncio.run(open_async())
+
+
+def test_proxies_in_the_environment_are_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:3128")
+    with TuningClient(api_key="k" * 12, base_url="https://api.example/v1/tuning") as client:
+        assert not isinstance(client._http._transport, SpreadTransport)
+        proxied = client._http._transport_for_url(httpx.URL("https://api.example/v1/tuning"))
+        assert isinstance(proxied._pool, httpcore.AsyncHTTPProxy | httpcore.HTTPProxy)
+
+    async def open_async() -> None:
+        async with AsyncTuningClient(api_key="k" * 12, base_url="https://api.example/v1") as client:
+            assert not isinstance(client._http._transport, AsyncSpreadTransport)
 
     asyncio.run(open_async())

@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
 import statistics
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback
-from support import detect_samples, quiet_trainer
+from lightning.pytorch.callbacks import Callback, OnExceptionCheckpoint
+from support import alternating_reward, detect_samples, loader, quiet_trainer
 from torch.utils.data import DataLoader
 
 from lightning_moondream.api import Rollout, TuningClient
 from lightning_moondream.callbacks import RemoteCheckpoint
 from lightning_moondream.data import QuerySample
 from lightning_moondream.data.synthetic import make_scene, query_tasks, split_seed
-from lightning_moondream.module import CHECKPOINT_KEY, MoondreamRLModule, _spread
+from lightning_moondream.module import (
+    CHECKPOINT_KEY,
+    AmbiguousTrainStepError,
+    MoondreamRLModule,
+    _CloseOnException,
+    _spread,
+)
 
 
 class ShapesData(L.LightningDataModule):
@@ -197,6 +204,48 @@ def test_validate_and_test_without_fit_use_a_fresh_adapter(tmp_path: Path) -> No
         assert list(client.adapters.iter()) == []
 
 
+class _Reward:
+    """0, 1, 0, 1, ... or, while ``broken``, an error."""
+
+    def __init__(self) -> None:
+        self.broken = False
+        self._alternating = alternating_reward()
+
+    def __call__(self, sample: Any, rollout: Rollout) -> float:
+        if self.broken:
+            raise ZeroDivisionError("reward broken")
+        return self._alternating(sample, rollout)
+
+
+def test_a_failed_validation_removes_its_adapter_and_a_later_fit_keeps_its_own(
+    tmp_path: Path,
+) -> None:
+    service = {"data_dir": str(tmp_path / "service"), "policy": "constant"}
+    reward = _Reward()
+    model = MoondreamRLModule(num_rollouts=2, reward=reward, local_service=service)
+    reward.broken = True
+    with pytest.raises(ZeroDivisionError):
+        trainer(tmp_path).validate(model, loader(detect_samples("val", 2), 2))
+    with TuningClient.local(**service) as client:
+        assert list(client.adapters.iter()) == []
+    reward.broken = False
+    quiet_trainer(tmp_path, max_steps=2).fit(model, loader(detect_samples("train", 2), 1))
+    with TuningClient.local(**service) as client:
+        [adapter] = client.adapters.iter()
+        assert adapter.train_steps == 2
+
+
+def test_after_ctrl_c_a_step_in_flight_is_not_waited_for_and_blocks_checkpoints(
+    tmp_path: Path,
+) -> None:
+    model = MoondreamRLModule(local_service={"data_dir": str(tmp_path), "policy": "constant"})
+    model.adapter  # noqa: B018
+    model._pending_step = model._loop_submit(asyncio.sleep(3600))
+    _CloseOnException().on_exception(cast(Any, None), model, KeyboardInterrupt())
+    with pytest.raises(AmbiguousTrainStepError, match="not checkpointing"):
+        model.on_save_checkpoint({})
+
+
 def test_one_set_of_settings_serves_batches_of_mixed_skills(tmp_path: Path) -> None:
     samples = [*detect_samples("train", 2), *query_samples(2)]
     model = MoondreamRLModule(num_rollouts=2, train_settings={"max_objects": 3}, reward_std_eps=0.0)
@@ -250,3 +299,36 @@ def test_invalid_arguments_are_refused(arguments: dict[str, Any], fragment: str)
 @pytest.mark.parametrize("rewards", [[0.0, 1.0], [0.25] * 5, [0.1, 0.7, 0.3, 0.9, 0.55], [3.0]])
 def test_reward_spread_is_the_population_standard_deviation(rewards: list[float]) -> None:
     assert _spread(rewards) == pytest.approx(statistics.pstdev(rewards), abs=1e-12)
+
+
+class _LoggerFailsAtStep2(MoondreamRLModule):
+    """Its logging fails on the third batch, after that batch's train step was sent."""
+
+    def log(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+        if name == "train/reward_std" and self.global_step == 2:
+            raise RuntimeError("logger down")
+        super().log(name, value, *args, **kwargs)
+
+
+@pytest.mark.parametrize("max_staleness", [0, 1])
+def test_a_failure_after_a_step_is_sent_still_counts_it(tmp_path: Path, max_staleness: int) -> None:
+    service = tmp_path / "service"
+    model = _LoggerFailsAtStep2(
+        num_rollouts=2,
+        max_staleness=max_staleness,
+        reward=alternating_reward(),
+        local_service={"data_dir": str(service), "policy": "constant"},
+    )
+    trainer = quiet_trainer(
+        tmp_path,
+        max_steps=5,
+        enable_checkpointing=True,
+        callbacks=[OnExceptionCheckpoint(dirpath=tmp_path / "ckpt")],
+    )
+    with pytest.raises(RuntimeError, match="logger down"):
+        trainer.fit(model, loader(detect_samples("train", 8), batch_size=1))
+    saved = torch.load(tmp_path / "ckpt" / "on_exception.ckpt", weights_only=False)
+    state = saved[CHECKPOINT_KEY]
+    assert saved["global_step"] == state["train_steps"] == 3
+    with TuningClient.local(data_dir=service, policy="constant") as client:
+        assert client.adapters.get(state["adapter_id"]).train_steps == 3

@@ -731,7 +731,9 @@ def test_latency_holds_the_answer_of_work_already_done(tmp_path: Path) -> None:
                 client.post(f"{URL}/train_step", json=step_body, headers=KEY)
             )
             adapter_url = f"{URL}/adapters/{adapter_id}"
+            give_up = time.monotonic() + 60
             while (await client.get(adapter_url, headers=KEY)).json()["train_steps"] == 0:
+                assert time.monotonic() < give_up, "the train step was not applied on arrival"
                 await asyncio.sleep(0.01)
             assert not step.done()
             step.cancel()

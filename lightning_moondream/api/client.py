@@ -47,7 +47,7 @@ from lightning_moondream.api.models import (
     GroundTruth,
     RolloutsResponse,
 )
-from lightning_moondream.api.pools import AsyncSpreadTransport, SpreadTransport
+from lightning_moondream.api.pools import async_spread_client, spread_client
 from lightning_moondream.api.retry import (
     CallKind,
     RetryPolicy,
@@ -392,7 +392,7 @@ class TuningClient(_ClientCore[httpx.Client]):
             timeout=timeout,
             max_retries=max_retries,
             http_client=http_client,
-            default_http_client=lambda: httpx.Client(transport=SpreadTransport()),
+            default_http_client=spread_client,
         )
         self._sleep: Callable[[float], None] = time.sleep
         self.adapters = Adapters(self)
@@ -571,7 +571,7 @@ class AsyncTuningClient(_ClientCore[httpx.AsyncClient]):
             timeout=timeout,
             max_retries=max_retries,
             http_client=http_client,
-            default_http_client=lambda: httpx.AsyncClient(transport=AsyncSpreadTransport()),
+            default_http_client=async_spread_client,
         )
         self._sleep: Callable[[float], Any] = asyncio.sleep
         self.adapters = AsyncAdapters(self)

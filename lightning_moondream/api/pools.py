@@ -11,8 +11,10 @@ as they would be in one pool.
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 import threading
+import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Generic, TypeVar
 
@@ -133,9 +135,10 @@ class SpreadTransport(httpx.BaseTransport):
         )
 
     def close(self) -> None:
-        """Close every pool."""
-        for pool in self._balancer.pools:
-            pool.close()
+        """Close every pool, even if closing one fails."""
+        with contextlib.ExitStack() as stack:
+            for pool in self._balancer.pools:
+                stack.callback(pool.close)
 
 
 class AsyncSpreadTransport(httpx.AsyncBaseTransport):
@@ -173,6 +176,27 @@ class AsyncSpreadTransport(httpx.AsyncBaseTransport):
         )
 
     async def aclose(self) -> None:
-        """Close every pool."""
-        for pool in self._balancer.pools:
-            await pool.aclose()
+        """Close every pool, even if closing one fails."""
+        async with contextlib.AsyncExitStack() as stack:
+            for pool in self._balancer.pools:
+                stack.push_async_callback(pool.aclose)
+
+
+def _environment_proxies() -> bool:
+    return any(scheme != "no" for scheme in urllib.request.getproxies())
+
+
+def spread_client() -> httpx.Client:
+    """An ``httpx.Client`` over ``SpreadTransport``.
+
+    With proxies set in the environment (``HTTPS_PROXY``, ...), httpx's own client
+    instead: httpx honours them only when no transport is given.
+    """
+    return httpx.Client() if _environment_proxies() else httpx.Client(transport=SpreadTransport())
+
+
+def async_spread_client() -> httpx.AsyncClient:
+    """An ``httpx.AsyncClient`` over ``AsyncSpreadTransport``, as ``spread_client``."""
+    if _environment_proxies():
+        return httpx.AsyncClient()
+    return httpx.AsyncClient(transport=AsyncSpreadTransport())
