@@ -286,7 +286,7 @@ class MoondreamRLModule(LightningModule):
         return None
 
     def configure_callbacks(self) -> list[Callback]:
-        """Close the connection when a stage stops on an error (Lightning then skips ``teardown``)."""
+        """End a stage that stops on an error as ``teardown`` ends others (Lightning skips it then)."""
         return [_CloseOnException()]
 
     def transfer_batch_to_device(self, batch: Any, device: Any, dataloader_idx: int) -> Any:
