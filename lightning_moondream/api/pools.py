@@ -100,6 +100,17 @@ class _AsyncReleasingStream(httpx.AsyncByteStream):
             self._release()
 
 
+def _with_stream(
+    response: httpx.Response, stream: httpx.SyncByteStream | httpx.AsyncByteStream
+) -> httpx.Response:
+    return httpx.Response(
+        response.status_code,
+        headers=response.headers,
+        stream=stream,
+        extensions=response.extensions,
+    )
+
+
 class SpreadTransport(httpx.BaseTransport):
     """Sync HTTP transport over ``pools`` small connection pools.
 
@@ -127,12 +138,7 @@ class SpreadTransport(httpx.BaseTransport):
             release()
             raise
         assert isinstance(response.stream, httpx.SyncByteStream)
-        return httpx.Response(
-            response.status_code,
-            headers=response.headers,
-            stream=_ReleasingStream(response.stream, release),
-            extensions=response.extensions,
-        )
+        return _with_stream(response, _ReleasingStream(response.stream, release))
 
     def close(self) -> None:
         """Close every pool, even if closing one fails."""
@@ -168,12 +174,7 @@ class AsyncSpreadTransport(httpx.AsyncBaseTransport):
             release()
             raise
         assert isinstance(response.stream, httpx.AsyncByteStream)
-        return httpx.Response(
-            response.status_code,
-            headers=response.headers,
-            stream=_AsyncReleasingStream(response.stream, release),
-            extensions=response.extensions,
-        )
+        return _with_stream(response, _AsyncReleasingStream(response.stream, release))
 
     async def aclose(self) -> None:
         """Close every pool, even if closing one fails."""
