@@ -592,16 +592,29 @@ class MoondreamRLModule(LightningModule):
         """Compute and log the test metrics."""
         self._log_metrics("test", self.test_metrics)
 
+    def generate(
+        self, samples: Sequence[Sample], settings: Settings | None = None
+    ) -> list[RolloutsResponse]:
+        """One rollout per sample from the current adapter, in the order given.
+
+        Args:
+            samples: The samples to answer.
+            settings: Sampling settings; by default ``eval_settings`` (greedy).
+
+        Returns:
+            One response per sample; ``response.rollouts[0].output`` is the answer.
+        """
+        settings = self.eval_settings if settings is None else settings
+        calls = [
+            RolloutCall(self.adapter.adapter_id, sample.to_request(settings), 1)
+            for sample in samples
+        ]
+        return self._run(self.client.rollouts_many(calls, max_concurrency=self.max_concurrency))
+
     def predict_step(self, batch: Sequence[Sample], batch_idx: int) -> list[dict[str, Any]]:
         """One greedy rollout per sample: ``{"id", "skill", "label", "output"}`` records."""
         samples = _check_batch(batch, batch_idx)
-        calls = [
-            RolloutCall(self.adapter.adapter_id, sample.to_request(self.eval_settings), 1)
-            for sample in samples
-        ]
-        responses = self._run(
-            self.client.rollouts_many(calls, max_concurrency=self.max_concurrency)
-        )
+        responses = self.generate(samples)
         return [
             {
                 "id": sample.id,
