@@ -52,7 +52,7 @@ from lightning_moondream.api import (
 from lightning_moondream.callbacks.prediction_images import draw_prediction
 from lightning_moondream.data.encoding import DEFAULT_MAX_SIDE, DEFAULT_QUALITY, EncodedDataset
 from lightning_moondream.data.errors import DatasetError
-from lightning_moondream.data.module import build_source
+from lightning_moondream.data.module import build_source, stage_split
 from lightning_moondream.images import EncodingOptions
 from lightning_moondream.metrics import SkillMetrics
 from lightning_moondream.scoring import RewardSpec, Sample, Scorer, sample_and_score
@@ -175,8 +175,10 @@ def load_data(spec: str, format: str | None = None) -> tuple[str, Dataset]:
         format: Dataset format for a path (``voc``, ``coco``, ``yolo``, ``jsonl``).
 
     Returns:
-        A name for the table (the folder or file name, or the mapping as given) and the
-        dataset, built from its ``test`` split where the source has splits.
+        A name for the table (the folder or file name and the split, e.g.
+        ``raccoon (valid)``; ``synthetic`` or its mapping as given) and the dataset,
+        built from its validation split, else its test split, else its only one, where
+        the source has splits and none is named.
 
     Raises:
         EvaluationError: If the mapping is not valid YAML or has no ``source``.
@@ -189,11 +191,20 @@ def load_data(spec: str, format: str | None = None) -> tuple[str, Dataset]:
             raise EvaluationError(f"data {spec!r}: not a valid YAML mapping: {exc}") from exc
         if not isinstance(options, dict) or "source" not in options:
             raise EvaluationError(f"data {spec!r}: a mapping needs a 'source' key")
+    elif text == "synthetic":
+        options = {"source": text}
+    else:
+        options = {"source": text} if format is None else {"source": text, "format": format}
+    source = str(options["source"])
+    if source == "synthetic":
         return text, build_source(options, "test")
-    if text == "synthetic":
-        return text, build_source(text, "test")
-    options = {"source": text} if format is None else {"source": text, "format": format}
-    return Path(text).name or text, build_source(options, "test")
+    options["split"] = options.get("split") or stage_split(source, options.get("format"), "val")
+    details = [str(options[key]) for key in ("split", "skill") if options.get(key)]
+    name = Path(source).name or source
+    if Path(source).is_file() and Path(source).suffix in (".yaml", ".yml", ".json", ".xml"):
+        name = Path(source).parent.name or name
+    name += f" ({', '.join(details)})" if details else ""
+    return name, build_source(options, "val")
 
 
 # Running ---------------------------------------------------------------------------------

@@ -100,7 +100,7 @@ def test_voc_devkit_splits(tmp_path):
     )
     assert train["b.jpg#virus"].boxes == (Box(x_min=0, y_min=0, x_max=1, y_max=1),)
     assert len(load_dataset(root, split="val", negative_rate=1.0)) == 2
-    with pytest.raises(DatasetError, match=r"test\.txt: no such split; available: train, val"):
+    with pytest.raises(DatasetError, match=r"devkit: no split 'test'; available: train, val"):
         load_dataset(root, split="test")
 
 

@@ -1,25 +1,37 @@
-"""``load_dataset``: find a folder's format and turn it into a dataset of samples.
+"""``load_dataset``: find a dataset's format and turn it into a dataset of samples.
 
-Formats, detected in this order when ``format`` is not given:
+Formats, tried in this order when ``format`` is not given (one registry,
+:data:`FORMAT_REGISTRY`, each entry telling whether a path is in its format):
 
 - ``"jsonl"``: a ``.jsonl`` manifest (see :mod:`lightning_moondream.data.sources.jsonl`),
   or a folder holding exactly one;
 - ``"yolo"``: a ``data.yaml``, or a folder with ``data.yaml`` or ``classes.txt`` and
-  ``images/``;
+  ``images/`` (Ultralytics and Roboflow exports);
+- ``"cvat"``: a CVAT for images 1.1 XML file, or a folder holding exactly one;
 - ``"voc"``: a devkit folder (``ImageSets/Main``, ``Annotations``, ``JPEGImages``) or a
   folder of VOC XML files (directly or in ``annotations/``);
-- ``"coco"``: a COCO ``.json`` file, or a folder holding exactly one (directly or in
-  ``annotations/``).
+- ``"labelstudio"``: a Label Studio JSON export (a list of tasks), or a folder holding
+  exactly one;
+- ``"labelme"``: a LabelMe JSON file, or a folder of them;
+- ``"coco"``: a COCO ``.json`` file, a folder holding exactly one (directly or in
+  ``annotations/``), or a root with ``annotations/instances_<split>.json``.
+
+A folder in none of these formats whose subfolders are named like splits (``train/``,
+``valid/``, ``test/``, as Roboflow exports COCO, VOC and others) is read one split folder
+at a time. Split names follow :mod:`~lightning_moondream.data.sources.splits`: ``val``
+and ``valid`` are one split; without ``split``, the training split (or the only one).
 
 Detection formats become samples of the chosen ``skill``: ``"detect"`` (one per image
 and class present, plus seeded negatives), ``"point"`` (the same prompts, ground truth
-the boxes a point must fall in; or, for COCO keypoint files with ``keypoints=True``, one
-prompt per visible keypoint name) or ``"query"`` (counting and presence questions).
+the keypoints of the class where the format has them, else the boxes a point must fall
+in; or, for COCO keypoint files with ``keypoints=True``, one prompt per visible keypoint
+name) or ``"query"`` (counting and presence questions).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,22 +39,26 @@ from torch.utils.data import Dataset
 
 from lightning_moondream.data.errors import DatasetError
 from lightning_moondream.data.records import AnnotatedImage, DetectionPrompts
-from lightning_moondream.data.sources.coco import read_coco
+from lightning_moondream.data.sources.coco import coco_split_files, read_coco
+from lightning_moondream.data.sources.cvat import find_cvat, read_cvat
+from lightning_moondream.data.sources.files import sniff_json, xml_root_tag
 from lightning_moondream.data.sources.jsonl import read_jsonl
 from lightning_moondream.data.sources.keypoints import read_coco_keypoints
+from lightning_moondream.data.sources.labelme import find_labelme, read_labelme
+from lightning_moondream.data.sources.labelstudio import find_label_studio, read_label_studio
 from lightning_moondream.data.sources.query import QUESTION_KINDS, DetectionQuestions
+from lightning_moondream.data.sources.splits import default_split, match_split, split_folders
 from lightning_moondream.data.sources.torchvision import torchvision_images
 from lightning_moondream.data.sources.voc import (
     is_voc_devkit,
-    is_voc_flat,
     read_voc_devkit,
     read_voc_flat,
+    voc_annotation_folder,
 )
-from lightning_moondream.data.sources.yolo import is_yolo, read_yolo
+from lightning_moondream.data.sources.yolo import available_splits, is_yolo, read_yolo
 
-Format = Literal["coco", "voc", "yolo", "jsonl"]
-FORMATS: tuple[str, ...] = ("coco", "voc", "yolo", "jsonl")
 PromptSkill = Literal["detect", "point", "query"]
+Records = tuple[list[AnnotatedImage], list[str]]
 
 
 def build_prompts(
@@ -113,6 +129,47 @@ def from_torchvision(
     )
 
 
+@dataclass(frozen=True)
+class ReadSettings:
+    """What every reader may need beyond the path and the split.
+
+    Attributes:
+        strict: Refuse instead of clamping or dropping with a warning.
+        image_root: The images' folder, for formats whose annotations sit apart.
+        skill: The skill asked for (JSONL keeps only lines of it).
+        keypoints: COCO: prompt keypoint names instead of classes.
+        template: Prompt template (COCO keypoints build their samples themselves).
+        options: Format-specific options, passed on to the reader.
+    """
+
+    strict: bool = False
+    image_root: str | None = None
+    skill: str | None = None
+    keypoints: bool = False
+    template: str = "{name}"
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DatasetFormat:
+    """One entry of the format registry.
+
+    Attributes:
+        name: The ``format=`` value.
+        find: The file or folder to read if a path is in this format, else ``None``.
+        read: Reads a found target and a split (``None``: the default) into annotated
+            images and classes, or directly into a dataset of samples.
+        expected: What a path of this format looks like, for messages.
+        splits: The split names of a found target (empty without splits).
+    """
+
+    name: str
+    find: Callable[[Path], Path | None]
+    read: Callable[[Path, str | None, ReadSettings], Records | Dataset]
+    expected: str
+    splits: Callable[[Path], list[str]] = lambda target: []
+
+
 def _single(files: list[Path], root: Path, kind: str) -> Path | None:
     if len(files) > 1:
         names = ", ".join(path.name for path in files)
@@ -120,53 +177,283 @@ def _single(files: list[Path], root: Path, kind: str) -> Path | None:
     return files[0] if files else None
 
 
-def _coco_file(root: Path) -> Path | None:
+def _no_split(target: Path, split: str | None) -> None:
+    if split is not None:
+        raise DatasetError(
+            f"{target}: this dataset has no splits, so split {split!r} cannot be chosen"
+        )
+
+
+def _find_jsonl(path: Path) -> Path | None:
+    if path.is_file():
+        return path if path.suffix == ".jsonl" else None
+    return _single(sorted(path.glob("*.jsonl")), path, "JSONL")
+
+
+def _read_jsonl(target: Path, split: str | None, settings: ReadSettings) -> Dataset:
+    _no_split(target, split)
+    return read_jsonl(target, skill=settings.skill, strict=settings.strict, **settings.options)
+
+
+def _find_yolo(path: Path) -> Path | None:
+    return path if is_yolo(path) else None
+
+
+def _read_yolo(target: Path, split: str | None, settings: ReadSettings) -> Records:
+    return read_yolo(target, split, strict=settings.strict, **settings.options)
+
+
+def _read_cvat(target: Path, split: str | None, settings: ReadSettings) -> Records:
+    _no_split(target, split)
+    return read_cvat(target, settings.image_root, strict=settings.strict, **settings.options)
+
+
+def _find_voc(path: Path) -> Path | None:
+    if path.is_file():
+        return None
+    if is_voc_devkit(path):
+        return path
+    first = next(iter(sorted(voc_annotation_folder(path).glob("*.xml"))), None)
+    return path if first is not None and xml_root_tag(first) == "annotation" else None
+
+
+def _voc_splits(target: Path) -> list[str]:
+    if not is_voc_devkit(target):
+        return []
+    # ImageSets/Main also holds per-class lists such as ``dog_train.txt``.
+    return sorted(
+        path.stem for path in (target / "ImageSets" / "Main").glob("*.txt") if "_" not in path.stem
+    )
+
+
+def _read_voc(target: Path, split: str | None, settings: ReadSettings) -> Records:
+    if is_voc_devkit(target):
+        available = _voc_splits(target)
+        chosen = (
+            match_split(split, available, str(target))
+            if split is not None
+            else default_split(available, "train", str(target))
+        )
+        return read_voc_devkit(
+            target, chosen or "train", strict=settings.strict, **settings.options
+        )
+    _no_split(target, split)
+    return read_voc_flat(target, strict=settings.strict, **settings.options)
+
+
+def _read_label_studio(target: Path, split: str | None, settings: ReadSettings) -> Records:
+    _no_split(target, split)
+    return read_label_studio(
+        target, settings.image_root, strict=settings.strict, **settings.options
+    )
+
+
+def _read_labelme(target: Path, split: str | None, settings: ReadSettings) -> Records:
+    _no_split(target, split)
+    return read_labelme(target, strict=settings.strict, **settings.options)
+
+
+def _is_coco_json(path: Path) -> bool:
+    return path.suffix == ".json" and sniff_json(path) == "object"
+
+
+def _find_coco(path: Path) -> Path | None:
+    if path.is_file():
+        return path if _is_coco_json(path) else None
+    if coco_split_files(path):
+        return path
     candidates = [
-        path
-        for folder in (root, root / "annotations")
+        file
+        for folder in (path, path / "annotations")
         if folder.is_dir()
-        for path in sorted(folder.glob("*.json"))
+        for file in sorted(folder.glob("*.json"))
+        if _is_coco_json(file)
     ]
-    return _single(candidates, root, "COCO JSON")
+    return _single(candidates, path, "COCO JSON")
 
 
-def detect_format(path: str | Path) -> tuple[Format, Path]:
+def _coco_splits(target: Path) -> list[str]:
+    return list(coco_split_files(target)) if target.is_dir() else []
+
+
+def _read_coco(target: Path, split: str | None, settings: ReadSettings) -> Records | Dataset:
+    image_root = settings.image_root
+    if target.is_dir():
+        prefix = "person_keypoints" if settings.keypoints else "instances"
+        files = coco_split_files(target, prefix)
+        if not files:
+            raise DatasetError(f"{target}: no annotations/{prefix}_<split>.json file")
+        chosen = (
+            match_split(split, list(files), str(target))
+            if split is not None
+            else default_split(list(files), "train", str(target))
+        )
+        target, folder = files[chosen or ""]
+        image_root = image_root or str(folder)
+    else:
+        _no_split(target, split)
+    if settings.keypoints:
+        return read_coco_keypoints(
+            target, image_root, template=settings.template, strict=settings.strict
+        )
+    return read_coco(target, image_root, strict=settings.strict, **settings.options)
+
+
+FORMAT_REGISTRY: dict[str, DatasetFormat] = {
+    entry.name: entry
+    for entry in (
+        DatasetFormat("jsonl", _find_jsonl, _read_jsonl, "a .jsonl manifest"),
+        DatasetFormat(
+            "yolo",
+            _find_yolo,
+            _read_yolo,
+            "a data.yaml, or classes.txt beside images/",
+            available_splits,
+        ),
+        DatasetFormat("cvat", find_cvat, _read_cvat, "a CVAT for images 1.1 XML file"),
+        DatasetFormat(
+            "voc", _find_voc, _read_voc, "VOC XML files, or a devkit folder", _voc_splits
+        ),
+        DatasetFormat(
+            "labelstudio",
+            find_label_studio,
+            _read_label_studio,
+            "a Label Studio JSON export (a list of tasks)",
+        ),
+        DatasetFormat("labelme", find_labelme, _read_labelme, "LabelMe JSON files"),
+        DatasetFormat(
+            "coco",
+            _find_coco,
+            _read_coco,
+            "a COCO JSON file, or annotations/instances_<split>.json",
+            _coco_splits,
+        ),
+    )
+}
+"""Every dataset format, in detection order."""
+
+FORMATS: tuple[str, ...] = tuple(FORMAT_REGISTRY)
+Format = str
+
+
+@dataclass(frozen=True)
+class Located:
+    """Where a dataset path's annotations are.
+
+    Attributes:
+        format: The format.
+        target: The file or folder its reader reads.
+        split_folders: For a root of split folders, each split's folder (the target is
+            then found in the chosen one); empty otherwise.
+    """
+
+    format: DatasetFormat
+    target: Path
+    split_folders: Mapping[str, Path] = field(default_factory=dict)
+
+
+def _find(path: Path, format: str | None) -> tuple[DatasetFormat, Path] | None:
+    if format is not None:
+        if format not in FORMAT_REGISTRY:
+            raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+        entry = FORMAT_REGISTRY[format]
+        target = entry.find(path)
+        return (entry, target) if target is not None else None
+    for entry in FORMAT_REGISTRY.values():
+        target = entry.find(path)
+        if target is not None:
+            return entry, target
+    return None
+
+
+def locate(path: str | Path, format: str | None = None) -> Located:
+    """Find the format of a dataset path and what to read.
+
+    Raises:
+        DatasetError: If the path does not exist or no format matches.
+        ValueError: For an unknown ``format``.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DatasetError(f"{path}: no such file or folder")
+    found = _find(path, format)
+    if found is not None:
+        return Located(*found)
+    folders = split_folders(path)
+    for folder in folders.values():
+        inner = _find(folder, format)
+        if inner is not None:
+            return Located(inner[0], path, folders)
+    if format is not None:
+        raise DatasetError(
+            f"{path}: not a {format} dataset; expected {FORMAT_REGISTRY[format].expected}"
+        )
+    raise DatasetError(
+        f"{path}: no dataset format recognized; expected "
+        + "; ".join(f"{entry.name}: {entry.expected}" for entry in FORMAT_REGISTRY.values())
+    )
+
+
+def detect_format(path: str | Path) -> tuple[str, Path]:
     """Find the format of a dataset path and the file or folder to read.
 
     Raises:
         DatasetError: If the path does not exist or no format matches.
     """
-    path = Path(path)
-    if not path.exists():
-        raise DatasetError(f"{path}: no such file or folder")
-    if path.is_file():
-        if path.suffix == ".jsonl":
-            return "jsonl", path
-        if path.suffix in (".yaml", ".yml"):
-            return "yolo", path
-        if path.suffix == ".json":
-            return "coco", path
-        raise DatasetError(f"{path}: unknown annotation file type; expected .json, .jsonl or .yaml")
-    manifest = _single(sorted(path.glob("*.jsonl")), path, "JSONL")
-    if manifest is not None:
-        return "jsonl", manifest
-    if is_yolo(path):
-        return "yolo", path
-    if is_voc_devkit(path) or is_voc_flat(path):
-        return "voc", path
-    coco = _coco_file(path)
-    if coco is not None:
-        return "coco", coco
-    raise DatasetError(
-        f"{path}: no dataset format recognized (COCO JSON, VOC XML, YOLO data.yaml or "
-        "classes.txt, JSONL manifest)"
+    located = locate(path)
+    return located.format.name, located.target
+
+
+def dataset_splits(path: str | Path, format: str | None = None) -> list[str]:
+    """The split names of a dataset path; empty for a dataset without splits.
+
+    Raises:
+        DatasetError: If the path does not exist or no format matches.
+    """
+    located = locate(path, format)
+    if located.split_folders:
+        return list(located.split_folders)
+    return located.format.splits(located.target)
+
+
+def read_records(
+    path: str | Path,
+    *,
+    format: str | None = None,
+    split: str | None = None,
+    settings: ReadSettings | None = None,
+) -> Records | Dataset:
+    """Read a dataset path's annotations: annotated images and classes, or samples.
+
+    Raises:
+        DatasetError: Naming the file and annotation, for anything that cannot be read.
+    """
+    located = locate(path, format)
+    settings = settings or ReadSettings()
+    if settings.keypoints and located.format.name != "coco":
+        raise ValueError("keypoints=True needs a COCO keypoint file and skill='point'")
+    if not located.split_folders:
+        return located.format.read(located.target, split, settings)
+    names = list(located.split_folders)
+    chosen = (
+        match_split(split, names, str(located.target))
+        if split is not None
+        else default_split(names, "train", str(located.target))
     )
+    folder = located.split_folders[chosen or names[0]]
+    inner = _find(folder, located.format.name)
+    if inner is None:
+        raise DatasetError(
+            f"{folder}: not a {located.format.name} dataset like the other split folders; "
+            f"expected {located.format.expected}"
+        )
+    return located.format.read(inner[1], None, settings)
 
 
 def load_dataset(
     path: str | Path,
     *,
-    format: Format | None = None,
+    format: str | None = None,
     split: str | None = None,
     skill: PromptSkill | None = None,
     template: str = "{name}",
@@ -184,10 +471,12 @@ def load_dataset(
     size where a format needs it, and decoded when samples are encoded.
 
     Args:
-        path: A folder, or an annotation file (``.json``, ``.jsonl``, ``data.yaml``).
-        format: ``"coco"``, ``"voc"``, ``"yolo"`` or ``"jsonl"``; detected if ``None``.
-        split: The split for formats with splits (VOC devkit, YOLO); ``None`` means
-            ``"train"`` there.
+        path: A folder, or an annotation file (``.json``, ``.jsonl``, ``.xml``,
+            ``data.yaml``).
+        format: One of :data:`FORMATS`; detected if ``None``.
+        split: The split, for datasets with splits (YOLO, VOC devkit, COCO
+            ``annotations/instances_<split>.json``, split folders); ``None`` means the
+            training split, or the only one. ``val`` and ``valid`` name one split.
         skill: Samples to make from boxes: ``"detect"`` (the default), ``"point"`` or
             ``"query"``. For JSONL, keeps only lines of this skill (default: all).
         template: Object phrase template with ``{name}``; for COCO keypoints,
@@ -197,7 +486,8 @@ def load_dataset(
         questions: For query, which of ``"count"`` and ``"presence"`` to ask.
         keypoints: For COCO with ``skill="point"``, prompt keypoint names instead of
             classes.
-        image_root: COCO only: the images' folder, if not beside the JSON file.
+        image_root: COCO, CVAT and Label Studio: the images' folder, if not beside
+            the annotation file.
         strict: Refuse (instead of clamping or dropping with a warning) boxes outside
             the image or without area, and missing images.
         **options: Format-specific options: ``coordinates`` (JSONL), ``classes`` and
@@ -209,37 +499,20 @@ def load_dataset(
     Raises:
         DatasetError: Naming the file and annotation, for anything that cannot be read.
     """
-    if format is None:
-        format, target = detect_format(path)
-    elif format not in FORMATS:
-        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
-    else:
-        target = Path(path)
-        if format == "jsonl" and target.is_dir():
-            target = detect_format(target)[1]
-        if format == "coco" and target.is_dir():
-            found = _coco_file(target)
-            if found is None:
-                raise DatasetError(f"{target}: no COCO JSON file found")
-            target = found
-    if format == "jsonl":
-        return read_jsonl(target, skill=skill, strict=strict, **options)
-    if keypoints:
-        if format != "coco" or skill != "point":
-            raise ValueError("keypoints=True needs a COCO keypoint file and skill='point'")
-        return read_coco_keypoints(target, image_root, template=template, strict=strict)
-    if format == "coco":
-        if split is not None:
-            raise DatasetError(f"{target}: a COCO file has no splits; pass the split's JSON file")
-        images, classes = read_coco(target, image_root, strict=strict, **options)
-    elif format == "yolo":
-        images, classes = read_yolo(target, split, strict=strict, **options)
-    elif is_voc_devkit(target):
-        images, classes = read_voc_devkit(target, split or "train", strict=strict, **options)
-    else:
-        if split is not None:
-            raise DatasetError(f"{target}: a flat VOC folder has no splits")
-        images, classes = read_voc_flat(target, strict=strict, **options)
+    if keypoints and skill != "point":
+        raise ValueError("keypoints=True needs a COCO keypoint file and skill='point'")
+    settings = ReadSettings(
+        strict=strict,
+        image_root=image_root,
+        skill=skill,
+        keypoints=keypoints,
+        template=template,
+        options=options,
+    )
+    records = read_records(path, format=format, split=split, settings=settings)
+    if isinstance(records, Dataset):
+        return records
+    images, classes = records
     return build_prompts(
         images,
         classes,

@@ -2,7 +2,11 @@
 
 Each stage (``train``, ``val``, ``test``, ``predict``) takes a source:
 
-- a path, read by :func:`~lightning_moondream.data.detect.load_dataset`;
+- a path, read by :func:`~lightning_moondream.data.detect.load_dataset`; without a
+  ``split``, a dataset with splits gives each stage its own (training: ``train``;
+  validation: ``val``/``valid``, else ``test``; test and predict: ``test``, else
+  validation; a single split serves every stage), so one folder can be named for both
+  ``train`` and ``val``;
 - ``"synthetic"``: :class:`~lightning_moondream.data.sources.synthetic.SyntheticShapes`
   of the stage's split (``train``, ``val``, ``test``; ``test`` for predict);
 - a mapping ``{"source": <path or "synthetic">, **options}``, the options going to
@@ -43,13 +47,14 @@ from torch.utils.data import (
     WeightedRandomSampler,
 )
 
-from lightning_moondream.data.detect import load_dataset
+from lightning_moondream.data.detect import dataset_splits, load_dataset
 from lightning_moondream.data.encoding import (
     DEFAULT_CACHE_BYTES,
     DEFAULT_MAX_SIDE,
     DEFAULT_QUALITY,
     EncodedDataset,
 )
+from lightning_moondream.data.sources.splits import default_split
 from lightning_moondream.data.sources.synthetic import SyntheticShapes
 from lightning_moondream.images import EncodingOptions
 
@@ -70,7 +75,8 @@ def build_source(spec: str | Mapping[str, Any] | Dataset, split: str, seed: int 
 
     Args:
         spec: A path, ``"synthetic"``, a mapping with ``source`` and options, or a dataset.
-        split: The split of the stage, used for synthetic sources.
+        split: The stage's split: synthetic sources use it, and a path without a
+            ``split`` option the split of the same kind (see the module docstring).
         seed: Default seed of negative draws and synthetic scenes.
 
     Raises:
@@ -90,7 +96,18 @@ def build_source(spec: str | Mapping[str, Any] | Dataset, split: str, seed: int 
     if source == SYNTHETIC:
         options.setdefault("split", split)
         return SyntheticShapes(**options)
+    if options.get("split") is None:
+        options["split"] = stage_split(str(source), options.get("format"), split)
     return load_dataset(str(source), **options)
+
+
+def stage_split(path: str, format: str | None, stage: str) -> str | None:
+    """The split of a dataset path a stage reads when none is named; ``None`` if it has none.
+
+    Raises:
+        DatasetError: If the dataset has several splits and none of the stage's kind.
+    """
+    return default_split(dataset_splits(path, format), stage, path)
 
 
 def build_mixture(

@@ -19,8 +19,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from lightning_moondream.api.models import Box
+from lightning_moondream.api.models import Box, Point
 from lightning_moondream.data.errors import DatasetError
+from lightning_moondream.data.geometry import normalize_box, normalize_point
 from lightning_moondream.data.samples import DetectSample, PointSample, QuerySample
 from lightning_moondream.images import ImageInput
 
@@ -70,7 +71,7 @@ def resolve_image(image: ImageRef) -> ImageInput:
 
 @dataclass(frozen=True)
 class AnnotatedImage:
-    """One image and its boxes.
+    """One image, its boxes and its keypoints.
 
     Attributes:
         image: A path (usually), or a reference fetched when a sample is built.
@@ -78,6 +79,10 @@ class AnnotatedImage:
         labels: Class name of each box.
         id: Identifier naming the image, e.g. its file name.
         size: Displayed ``(width, height)`` used to normalize the boxes, if known.
+        points: Normalized keypoints (labelled points, not boxes), validated.
+        point_labels: Class name of each keypoint.
+        occluded: Per box, whether the annotation tool marked it occluded; empty when
+            the format has no such flag.
     """
 
     image: ImageRef
@@ -85,11 +90,22 @@ class AnnotatedImage:
     labels: tuple[str, ...]
     id: str
     size: tuple[int, int] | None = None
+    points: tuple[Point, ...] = ()
+    point_labels: tuple[str, ...] = ()
+    occluded: tuple[bool, ...] = ()
 
     def boxes_of(self, name: str) -> tuple[Box, ...]:
         """The boxes of class ``name``."""
         return tuple(
             box for box, label in zip(self.boxes, self.labels, strict=True) if label == name
+        )
+
+    def points_of(self, name: str) -> tuple[Point, ...]:
+        """The keypoints of class ``name``."""
+        return tuple(
+            point
+            for point, label in zip(self.points, self.point_labels, strict=True)
+            if label == name
         )
 
 
@@ -115,7 +131,7 @@ def prompt_index(
         raise ValueError(f"negative_rate must be within 0 and 1, got {negative_rate}")
     index: list[tuple[int, str]] = []
     for position, image in enumerate(images):
-        present = set(image.labels)
+        present = set(image.labels) | set(image.point_labels)
         rng = random.Random(f"{seed}:{position}") if negative_rate > 0 else None
         for name in classes:
             if name in present or (rng is not None and rng.random() < negative_rate):
@@ -137,6 +153,9 @@ def format_prompt(template: str, name: str) -> str:
 
 class DetectionPrompts(Dataset):
     """Detect or point samples from annotated images: one per (image, class) prompt.
+
+    A class an image has only as keypoints makes point prompts (its points the ground
+    truth) and no detect prompt: it is neither boxed nor absent there.
 
     Args:
         images: The annotated images.
@@ -166,7 +185,15 @@ class DetectionPrompts(Dataset):
         self.classes = list(classes)
         self.skill = skill
         self.template = template
-        self.index = prompt_index(self.images, self.classes, negative_rate=negative_rate, seed=seed)
+        index = prompt_index(self.images, self.classes, negative_rate=negative_rate, seed=seed)
+        if skill == "detect":
+            index = [
+                (position, name)
+                for position, name in index
+                if name in self.images[position].labels
+                or name not in self.images[position].point_labels
+            ]
+        self.index = index
 
     def __len__(self) -> int:
         return len(self.index)
@@ -174,6 +201,15 @@ class DetectionPrompts(Dataset):
     def __getitem__(self, index: int) -> DetectSample | PointSample:
         position, name = self.index[index]
         record = self.images[position]
+        points = record.points_of(name)
+        if self.skill == "point" and points:
+            return PointSample(
+                image=resolve_image(record.image),
+                object=format_prompt(self.template, name),
+                points=points,
+                id=f"{record.id}#{name}",
+                image_size=record.size,
+            )
         make: Callable[..., DetectSample | PointSample] = (
             DetectSample if self.skill == "detect" else PointSample
         )
@@ -197,3 +233,50 @@ class SampleList(Dataset):
 
     def __getitem__(self, index: int) -> DetectSample | PointSample | QuerySample:
         return self.samples[index]
+
+
+class AnnotationCollector:
+    """Gathers one image's pixel boxes and keypoints, validated, into an :class:`AnnotatedImage`.
+
+    Args:
+        size: Displayed ``(width, height)`` the pixel coordinates refer to.
+        strict: Refuse boxes and points outside the image or boxes without area,
+            instead of clamping or dropping them with a warning.
+    """
+
+    def __init__(self, size: tuple[int, int], *, strict: bool = False) -> None:
+        self.size = size
+        self.strict = strict
+        self.boxes: list[Box] = []
+        self.labels: list[str] = []
+        self.occluded: list[bool] = []
+        self.points: list[Point] = []
+        self.point_labels: list[str] = []
+
+    def add_box(
+        self, xyxy: Sequence[float], label: str, *, where: str, occluded: bool = False
+    ) -> None:
+        """Add a pixel box ``(x_min, y_min, x_max, y_max)`` of class ``label``."""
+        box = normalize_box(xyxy, self.size, where=where, strict=self.strict)
+        if box is not None:
+            self.boxes.append(box)
+            self.labels.append(label)
+            self.occluded.append(occluded)
+
+    def add_point(self, xy: Sequence[float], label: str, *, where: str) -> None:
+        """Add a pixel keypoint ``(x, y)`` of class ``label``."""
+        self.points.append(normalize_point(xy, self.size, where=where, strict=self.strict))
+        self.point_labels.append(label)
+
+    def build(self, image: ImageRef, image_id: str) -> AnnotatedImage:
+        """The annotated image with everything added so far."""
+        return AnnotatedImage(
+            image=image,
+            boxes=tuple(self.boxes),
+            labels=tuple(self.labels),
+            id=image_id,
+            size=self.size,
+            points=tuple(self.points),
+            point_labels=tuple(self.point_labels),
+            occluded=tuple(self.occluded),
+        )

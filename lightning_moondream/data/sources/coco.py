@@ -27,6 +27,20 @@ from lightning_moondream.data.sources.files import (
 )
 
 
+def coco_split_files(root: Path, prefix: str = "instances") -> dict[str, tuple[Path, Path]]:
+    """The splits of a COCO root: ``annotations/<prefix>_<split>.json`` and their images.
+
+    A split's images are in ``<split>/`` (e.g. ``val2017/``) or ``images/<split>/``,
+    else in the root.
+    """
+    found = {}
+    for path in sorted((root / "annotations").glob(f"{prefix}_*.json")):
+        name = path.stem[len(prefix) + 1 :]
+        folders = (root / name, root / "images" / name)
+        found[name] = (path, next((folder for folder in folders if folder.is_dir()), root))
+    return found
+
+
 def read_coco_file(path: str | Path) -> dict[str, Any]:
     """Read and check the structure of a COCO JSON file.
 

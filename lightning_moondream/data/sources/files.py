@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from lightning_moondream.data.errors import DatasetError, warn
 from lightning_moondream.images import ImageError, displayed_size
@@ -23,6 +24,44 @@ def read_json(path: Path) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise DatasetError(f"{path}: malformed JSON at line {exc.lineno}: {exc.msg}") from exc
+
+
+_SNIFF_BYTES = 65536
+
+
+def sniff_json(path: Path) -> Literal["list", "labelme", "object"] | None:
+    """Tell a JSON file's kind from its start, without parsing a possibly huge file.
+
+    Returns:
+        ``"list"`` for a top-level array (a Label Studio export), ``"labelme"`` for an
+        object with LabelMe's ``shapes`` key, ``"object"`` for any other object (COCO),
+        ``None`` if the file cannot be read or is not JSON.
+    """
+    try:
+        with path.open("rb") as file:
+            head = file.read(_SNIFF_BYTES).decode("utf-8", errors="replace").lstrip("\ufeff \t\r\n")
+    except OSError:
+        return None
+    if head.startswith("["):
+        return "list"
+    if not head.startswith("{"):
+        return None
+    return "labelme" if '"shapes"' in head else "object"
+
+
+def xml_root_tag(path: Path) -> str | None:
+    """The root element of an XML file, read from its first element only."""
+    try:
+        for _, element in ET.iterparse(path, events=("start",)):
+            return element.tag
+    except (OSError, ET.ParseError):
+        return None
+    return None
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Every image file under ``folder``, sorted."""
+    return sorted(path for path in folder.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def find_image(candidates: Iterable[Path]) -> Path | None:

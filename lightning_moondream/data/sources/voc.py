@@ -164,10 +164,14 @@ def is_voc_devkit(root: Path) -> bool:
     return (root / "ImageSets" / "Main").is_dir() and (root / "Annotations").is_dir()
 
 
+def voc_annotation_folder(root: Path) -> Path:
+    """The folder of a flat layout's XML files: ``annotations/``, ``Annotations/`` or ``root``."""
+    return _subfolder(root, _ANNOTATION_FOLDERS) or root
+
+
 def is_voc_flat(root: Path) -> bool:
     """Tell whether ``root`` is a folder of VOC XML files (or has an annotations folder)."""
-    folder = _subfolder(root, _ANNOTATION_FOLDERS) or root
-    return any(folder.glob("*.xml"))
+    return any(voc_annotation_folder(root).glob("*.xml"))
 
 
 def voc_split_ids(root: Path, split: str) -> list[str]:
@@ -227,7 +231,7 @@ def read_voc_flat(
 ) -> tuple[list[AnnotatedImage], list[str]]:
     """Read a flat folder of VOC XML files and images; options as in :func:`voc_images`."""
     root = Path(root)
-    xml_folder = _subfolder(root, _ANNOTATION_FOLDERS) or root
+    xml_folder = voc_annotation_folder(root)
     image_folders = [xml_folder]
     image_folder = _subfolder(root, _IMAGE_FOLDERS)
     if image_folder is not None:

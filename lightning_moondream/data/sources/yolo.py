@@ -3,10 +3,18 @@
 Layouts:
 
 - ``data.yaml`` with ``names`` (a list, or a mapping of id to name), optional ``path``
-  (the root, relative to the YAML file) and one entry per split (``train``, ``val``,
-  ``test``): a folder of images, a text file listing images, or a list of those;
+  (the root, relative to the YAML file's folder; the folder itself when ``path`` is
+  absent or does not exist) and one entry per split (``train``, ``val``, ``test``, or
+  any split name): a folder of images, a text file listing images (relative to the text
+  file's folder), or a list of those. Entries resolve as Ultralytics resolves them: from
+  the root, and an entry starting with ``../`` that does not exist there is tried without
+  it, so Roboflow's ``train: ../train/images`` beside ``train/`` works;
 - ``classes.txt`` (one name per line) beside ``images/`` and ``labels/``, either flat or
   with one subfolder per split (``images/train``, ``labels/train``, ...).
+
+Split folders on disk that ``data.yaml`` does not list are splits too: ``<root>/<split>/
+images`` (Roboflow) and ``<root>/images/<split>`` (Ultralytics). Split names follow
+:mod:`~lightning_moondream.data.sources.splits` (``valid`` and ``val`` are one split).
 
 Each image's labels are in the file of the same stem under the matching ``labels``
 folder (the last ``images`` component of the path replaced by ``labels``); an image
@@ -27,9 +35,13 @@ from lightning_moondream.api.models import Box
 from lightning_moondream.data.errors import DatasetError
 from lightning_moondream.data.geometry import check_normalized_box
 from lightning_moondream.data.records import AnnotatedImage
-from lightning_moondream.data.sources.files import IMAGE_SUFFIXES
-
-SPLITS = ("train", "val", "test")
+from lightning_moondream.data.sources.files import image_files
+from lightning_moondream.data.sources.splits import (
+    default_split,
+    match_split,
+    split_folders,
+    split_kind,
+)
 
 
 def is_yolo(root: Path) -> bool:
@@ -55,9 +67,9 @@ def _names(value: Any, source: Path) -> list[str]:
     raise DatasetError(f"{source}: 'names' must be a list of class names or an id-to-name mapping")
 
 
-def _images_in(entry: Path, source: Path) -> list[Path]:
+def _images_in(entry: Path, where: str) -> list[Path]:
     if entry.is_dir():
-        return sorted(path for path in entry.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES)
+        return image_files(entry)
     if entry.is_file() and entry.suffix == ".txt":
         base = entry.parent
         lines = [line.strip() for line in entry.read_text().splitlines() if line.strip()]
@@ -65,7 +77,93 @@ def _images_in(entry: Path, source: Path) -> list[Path]:
             (base / line).resolve() if not Path(line).is_absolute() else Path(line)
             for line in lines
         ]
-    raise DatasetError(f"{source}: split entry {entry} is neither a folder of images nor a list")
+    raise DatasetError(f"{where}: {entry} is neither a folder of images nor a .txt list of images")
+
+
+def resolve_entry(base: Path, entry: str) -> Path:
+    """Where a ``data.yaml`` split entry points, resolved as Ultralytics does."""
+    path = Path(entry)
+    if path.is_absolute():
+        return path
+    resolved = (base / path).resolve()
+    if not resolved.exists() and entry.startswith("../"):
+        resolved = (base / entry[3:]).resolve()
+    return resolved
+
+
+def _disk_splits(root: Path) -> dict[str, list[Path]]:
+    """Split folders of images on disk: ``<split>/images`` or ``images/<split>``."""
+    found = {
+        name: [folder / "images"]
+        for name, folder in split_folders(root).items()
+        if (folder / "images").is_dir()
+    }
+    for name, folder in split_folders(root / "images").items():
+        found.setdefault(name, [folder])
+    return found
+
+
+def _read_config(config_file: Path) -> dict[str, Any]:
+    try:
+        config = yaml.safe_load(config_file.read_text())
+    except OSError as exc:
+        raise DatasetError(f"{config_file}: cannot read ({exc.strerror or exc})") from exc
+    except yaml.YAMLError as exc:
+        raise DatasetError(f"{config_file}: malformed YAML ({exc})") from exc
+    if not isinstance(config, dict) or "names" not in config:
+        raise DatasetError(f"{config_file}: no 'names' list of classes")
+    return config
+
+
+def yolo_splits(root: Path) -> tuple[list[str], dict[str, list[Path]], str]:
+    """Find the class names and every split's image entries.
+
+    Args:
+        root: The dataset folder, or its ``data.yaml``.
+
+    Returns:
+        The class names; each split's entries (folders or ``.txt`` lists, which may not
+        exist for a split ``data.yaml`` lists); the file that defines them, for messages.
+        A flat ``classes.txt`` layout has the one split ``""``.
+
+    Raises:
+        DatasetError: For a missing or malformed ``data.yaml``/``classes.txt``.
+    """
+    config_file = root if root.is_file() else root / "data.yaml"
+    if config_file.is_file():
+        config = _read_config(config_file)
+        names = _names(config["names"], config_file)
+        base = config_file.parent / str(config.get("path") or ".")
+        if not base.is_dir():
+            # A path written on another machine; the entries are relative to the YAML.
+            base = config_file.parent
+        entries: dict[str, list[Path]] = {}
+        for key, value in config.items():
+            if not isinstance(key, str) or split_kind(key) is None or not value:
+                continue
+            items = value if isinstance(value, list) else [value]
+            entries[key] = [resolve_entry(base, str(item)) for item in items]
+        listed = {path for paths in entries.values() for path in paths}
+        for folder in {base, config_file.parent}:
+            for name, paths in _disk_splits(folder).items():
+                if name not in entries and not set(paths) & listed:
+                    entries[name] = [path.resolve() for path in paths]
+        return names, entries, str(config_file)
+    classes_file = root / "classes.txt"
+    try:
+        names = [line.strip() for line in classes_file.read_text().splitlines() if line.strip()]
+    except OSError as exc:
+        raise DatasetError(f"{root}: no data.yaml or classes.txt ({exc.strerror or exc})") from exc
+    per_split = _disk_splits(root)
+    return names, per_split or {"": [root / "images"]}, str(classes_file)
+
+
+def available_splits(root: Path) -> list[str]:
+    """The splits of a YOLO dataset whose images exist (``[]`` for a flat layout)."""
+    _, entries, _ = yolo_splits(root)
+    return [
+        name for name, paths in entries.items() if name and all(path.exists() for path in paths)
+    ]
 
 
 def yolo_layout(root: Path, split: str | None) -> tuple[list[str], list[Path]]:
@@ -73,50 +171,31 @@ def yolo_layout(root: Path, split: str | None) -> tuple[list[str], list[Path]]:
 
     Args:
         root: The dataset folder, or its ``data.yaml``.
-        split: The split; ``None`` means ``train`` where there are splits, else all.
+        split: The split; ``None`` means the training split where there are splits
+            (or the only one), else all images.
 
     Raises:
         DatasetError: For a missing or malformed ``data.yaml``/``classes.txt``, or a
             split that is not there.
     """
-    config_file = root if root.is_file() else root / "data.yaml"
-    if config_file.is_file():
-        try:
-            config = yaml.safe_load(config_file.read_text())
-        except yaml.YAMLError as exc:
-            raise DatasetError(f"{config_file}: malformed YAML ({exc})") from exc
-        if not isinstance(config, dict) or "names" not in config:
-            raise DatasetError(f"{config_file}: no 'names' list of classes")
-        names = _names(config["names"], config_file)
-        base = config_file.parent / str(config.get("path") or ".")
-        wanted = split or "train"
-        entry = config.get(wanted)
-        if entry is None:
-            available = [key for key in SPLITS if config.get(key)]
+    names, entries, source = yolo_splits(root)
+    if "" in entries:
+        if split is not None:
             raise DatasetError(
-                f"{config_file}: no split {wanted!r}; available: {', '.join(available)}"
+                f"{root / 'images'}: no split folders, so split {split!r} cannot be chosen"
             )
-        entries = entry if isinstance(entry, list) else [entry]
-        images = [path for item in entries for path in _images_in(base / str(item), config_file)]
-        return names, images
-    classes_file = root / "classes.txt"
-    try:
-        names = [line.strip() for line in classes_file.read_text().splitlines() if line.strip()]
-    except OSError as exc:
-        raise DatasetError(f"{root}: no data.yaml or classes.txt ({exc.strerror or exc})") from exc
-    per_split = [name for name in SPLITS if (root / "images" / name).is_dir()]
-    if per_split:
-        wanted = split or "train"
-        if wanted not in per_split:
-            raise DatasetError(
-                f"{root / 'images'}: no split {wanted!r}; available: {', '.join(per_split)}"
-            )
-        return names, _images_in(root / "images" / wanted, classes_file)
-    if split is not None:
-        raise DatasetError(
-            f"{root / 'images'}: no split folders, so split {split!r} cannot be chosen"
-        )
-    return names, _images_in(root / "images", classes_file)
+        return names, image_files(entries[""][0])
+    if split is None:
+        chosen = default_split(available_splits(root) or list(entries), "train", source)
+    else:
+        chosen = match_split(split, list(entries), source)
+    assert chosen is not None
+    images = [
+        path
+        for entry in entries[chosen]
+        for path in _images_in(entry, f"{source} split {chosen!r}")
+    ]
+    return names, images
 
 
 def label_path(image: Path) -> Path:
