@@ -41,10 +41,11 @@ def labelme_files(path: Path) -> list[Path]:
 
 
 def find_labelme(path: Path) -> Path | None:
-    """``path`` if it is a LabelMe JSON or a folder whose JSON files are LabelMe's."""
+    """``path`` if it is a LabelMe JSON, or a folder whose JSON files (in it or in its
+    subfolders) are LabelMe's."""
     if path.is_file():
         return path if labelme_files(path) else None
-    first = next(iter(sorted(path.glob("*.json"))), None)
+    first = next(iter(sorted([*path.glob("*.json"), *path.glob("*/*.json")])), None)
     return path if first is not None and sniff_json(first) == "labelme" else None
 
 
@@ -127,7 +128,8 @@ def read_labelme_file(path: Path, *, strict: bool = False) -> AnnotatedImage | N
     collector = AnnotationCollector(_size(entry, image, path), strict=strict)
     for index, shape in enumerate(entry["shapes"]):
         _add_shape(collector, shape, f"{path} shapes[{index}]")
-    name = Path(image).name if isinstance(image, str) else f"{path.stem} (imageData)"
+    relative = entry.get("imagePath")
+    name = Path(str(relative).replace("\\", "/")).name if relative else path.name
     return collector.build(image, name)
 
 

@@ -68,6 +68,10 @@ def _names(value: Any, source: Path) -> list[str]:
 
 
 def _images_in(entry: Path, where: str) -> list[Path]:
+    if not entry.exists():
+        raise DatasetError(
+            f"{where}: {entry} does not exist; expected a folder of images or a .txt list"
+        )
     if entry.is_dir():
         return image_files(entry)
     if entry.is_file() and entry.suffix == ".txt":
@@ -186,10 +190,9 @@ def yolo_layout(root: Path, split: str | None) -> tuple[list[str], list[Path]]:
             )
         return names, image_files(entries[""][0])
     if split is None:
-        chosen = default_split(available_splits(root) or list(entries), "train", source)
+        chosen = default_split(available_splits(root) or list(entries), "train", source) or ""
     else:
         chosen = match_split(split, list(entries), source)
-    assert chosen is not None
     images = [
         path
         for entry in entries[chosen]
