@@ -227,7 +227,7 @@ def test_labelme_rectangle_needs_two_corners(tmp_path: Path) -> None:
 def test_forced_format_that_does_not_match_says_what_was_expected(tmp_path: Path) -> None:
     root = labelme_folder(tmp_path / "labelme")
     with pytest.raises(
-        DatasetError, match="not a cvat dataset; expected a CVAT for images 1.1 XML"
+        DatasetError, match=r"not a cvat dataset; expected a CVAT for images 1\.1 XML"
     ):
         load_dataset(root, format="cvat")
 

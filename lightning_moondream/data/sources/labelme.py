@@ -41,8 +41,7 @@ def labelme_files(path: Path) -> list[Path]:
 
 
 def find_labelme(path: Path) -> Path | None:
-    """``path`` if it is a LabelMe JSON, or a folder whose JSON files (in it or in its
-    subfolders) are LabelMe's."""
+    """``path`` if it is a LabelMe JSON, or a folder of them (directly or one level down)."""
     if path.is_file():
         return path if labelme_files(path) else None
     first = next(iter(sorted([*path.glob("*.json"), *path.glob("*/*.json")])), None)
