@@ -112,7 +112,8 @@ def data_overrides(config: str, root: Path) -> list[str]:
         return [f"--data.train={spec}", f"--data.val={spec}"]
     if config == "voc_detect.yaml":
         devkit = voc_devkit(root / "voc")
-        spec = f"{{source: {devkit}, format: voc, skill: detect}}"
+        # Its val split has no objects; both stages read the train split.
+        spec = f"{{source: {devkit}, format: voc, split: train, skill: detect}}"
         return [f"--data.train={spec}", f"--data.val={spec}"]
     if config == "coco_keypoints_point.yaml":
         path = keypoints_file(root / "keypoints")
