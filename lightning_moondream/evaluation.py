@@ -13,7 +13,8 @@ Models:
   new adapter created from it (deleted afterwards).
 
 Datasets (``--data``): a dataset folder or annotation file (``load_dataset``; ``--format``
-to force one), ``synthetic``, or a YAML/JSON mapping of source options such as
+to force one; its validation split, else test, else its only one, unless ``split`` is
+named), ``synthetic``, or a YAML/JSON mapping of source options such as
 ``'{source: synthetic, num_images: 32, skills: [point]}'``.
 
 Example:

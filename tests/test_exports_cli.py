@@ -14,19 +14,10 @@ from exports import (
     roboflow_yolo,
     voc_split_folders,
 )
+from test_cli import CONFIGS, command_line  # noqa: F401 (an autouse fixture)
 
 from lightning_moondream.api import TuningClient
 from lightning_moondream.cli import MoondreamCLI, main
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
-@pytest.fixture(autouse=True)
-def command_line(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Run as the installed command would: no key, no base URL, no pytest arguments."""
-    monkeypatch.setattr("sys.argv", ["lightning-moondream"])
-    monkeypatch.delenv("MOONDREAM_API_KEY", raising=False)
-    monkeypatch.delenv("MOONDREAM_TUNING_URL", raising=False)
 
 
 def label_studio_source(root: Path) -> str:

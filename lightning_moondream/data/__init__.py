@@ -1,6 +1,7 @@
 """Samples, image encoding, dataset readers and the DataModule.
 
-Start with :func:`load_dataset` (COCO, VOC, YOLO, JSONL folders), :func:`from_torchvision`
+Start with :func:`load_dataset` (YOLO, COCO, VOC, CVAT, Label Studio, LabelMe and JSONL
+exports, with their splits), :func:`from_torchvision`
 (torchvision detection datasets), :class:`SyntheticShapes` (no files), and
 :class:`MoondreamDataModule` to feed them to a Lightning trainer.
 """
@@ -8,6 +9,7 @@ Start with :func:`load_dataset` (COCO, VOC, YOLO, JSONL folders), :func:`from_to
 from lightning_moondream.data.detect import (
     FORMATS,
     build_prompts,
+    dataset_splits,
     detect_format,
     from_torchvision,
     load_dataset,
@@ -36,8 +38,11 @@ from lightning_moondream.data.records import (
 )
 from lightning_moondream.data.samples import DetectSample, PointSample, QuerySample, Sample
 from lightning_moondream.data.sources.coco import read_coco
+from lightning_moondream.data.sources.cvat import read_cvat
 from lightning_moondream.data.sources.jsonl import read_jsonl
 from lightning_moondream.data.sources.keypoints import CelebALandmarks, read_coco_keypoints
+from lightning_moondream.data.sources.labelme import read_labelme
+from lightning_moondream.data.sources.labelstudio import read_label_studio
 from lightning_moondream.data.sources.query import ClassificationQuestions, DetectionQuestions
 from lightning_moondream.data.sources.synthetic import SyntheticShapes
 from lightning_moondream.data.sources.torchvision import torchvision_images
@@ -71,6 +76,7 @@ __all__ = [
     "build_prompts",
     "build_source",
     "collate_samples",
+    "dataset_splits",
     "detect_format",
     "from_torchvision",
     "load_dataset",
@@ -78,7 +84,10 @@ __all__ = [
     "normalize_point",
     "read_coco",
     "read_coco_keypoints",
+    "read_cvat",
     "read_jsonl",
+    "read_label_studio",
+    "read_labelme",
     "read_voc_devkit",
     "read_voc_flat",
     "read_yolo",

@@ -28,6 +28,7 @@ from lightning_moondream.data.sources.files import (
     header_size,
     image_candidates,
     missing_image,
+    read_xml_root,
     xml_root_tag,
 )
 from lightning_moondream.data.sources.shapes import bounding_box, parse_point_list, rotated_box
@@ -114,14 +115,7 @@ def read_cvat(
             without coordinates, or a label not in ``<meta>``.
     """
     path = Path(annotation_file)
-    try:
-        root = ET.parse(path).getroot()
-    except OSError as exc:
-        raise DatasetError(f"{path}: cannot read annotation file ({exc.strerror or exc})") from exc
-    except ET.ParseError as exc:
-        raise DatasetError(f"{path}: malformed XML ({exc})") from exc
-    if root.tag != "annotations":
-        raise DatasetError(f"{path}: root element is <{root.tag}>, not CVAT's <annotations>")
+    root = read_xml_root(path, "annotations", "CVAT")
     if root.find("image") is None and root.find("track") is not None:
         raise DatasetError(f"{path}: CVAT for video (tracks); export as 'CVAT for images 1.1'")
     declared = _meta_labels(root)

@@ -49,6 +49,23 @@ def sniff_json(path: Path) -> Literal["list", "labelme", "object"] | None:
     return "labelme" if '"shapes"' in head else "object"
 
 
+def read_xml_root(path: Path, tag: str, kind: str) -> ET.Element:
+    """Parse an XML annotation file whose root element must be ``<tag>``.
+
+    Raises:
+        DatasetError: Naming the file, if it is missing, not XML, or of another kind.
+    """
+    try:
+        root = ET.parse(path).getroot()
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot read annotation file ({exc.strerror or exc})") from exc
+    except ET.ParseError as exc:
+        raise DatasetError(f"{path}: malformed XML ({exc})") from exc
+    if root.tag != tag:
+        raise DatasetError(f"{path}: root element is <{root.tag}>, not {kind}'s <{tag}>")
+    return root
+
+
 def xml_root_tag(path: Path) -> str | None:
     """The root element of an XML file, read from its first element only."""
     try:

@@ -30,6 +30,7 @@ from lightning_moondream.data.sources.files import (
     header_size,
     image_candidates,
     missing_image,
+    read_xml_root,
 )
 
 _ANNOTATION_FOLDERS = ("annotations", "Annotations")
@@ -67,14 +68,7 @@ def parse_voc_xml(path: Path) -> VocFile:
         DatasetError: Naming the file and object, if the file is missing, not XML, or
             an object lacks a name or a numeric box.
     """
-    try:
-        root = ET.parse(path).getroot()
-    except OSError as exc:
-        raise DatasetError(f"{path}: cannot read annotation file ({exc.strerror or exc})") from exc
-    except ET.ParseError as exc:
-        raise DatasetError(f"{path}: malformed XML ({exc})") from exc
-    if root.tag != "annotation":
-        raise DatasetError(f"{path}: root element is <{root.tag}>, not <annotation>")
+    root = read_xml_root(path, "annotation", "VOC")
     size = None
     size_element = root.find("size")
     if size_element is not None:
