@@ -209,6 +209,9 @@ def test_labelme_shapes_and_embedded_image(tmp_path: Path) -> None:
     assert "a.jpg#nose" not in detect and detect["a.jpg#cat"] == [(0.1, 0.1, 0.3, 0.5)]
     point = {sample.id: sample for sample in load_dataset(root, skill="point")}
     assert point["a.jpg#nose"].points == (Point(x=0.5, y=0.5),)
+    query = {sample.id: sample.answers for sample in load_dataset(root, skill="query")}
+    assert query["a.jpg#count:nose"][0] == "1" and query["a.jpg#presence:nose"] == ("yes",)
+    assert query["a.jpg#count:dog"][0] == "1" and query["b.png#count:dog"][0] == "1"
 
 
 def test_labelme_rectangle_needs_two_corners(tmp_path: Path) -> None:

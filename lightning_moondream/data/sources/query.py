@@ -79,7 +79,8 @@ class DetectionQuestions(Dataset):
     def __getitem__(self, index: int) -> QuerySample:
         position, name, kind = self.index[index]
         record = self.images[position]
-        count = record.labels.count(name)
+        # A keypoint marks one instance, as a box does.
+        count = record.labels.count(name) + record.point_labels.count(name)
         answers = count_answers(count) if kind == "count" else ("yes" if count else "no",)
         return QuerySample(
             image=resolve_image(record.image),
