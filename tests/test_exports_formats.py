@@ -267,3 +267,17 @@ def test_label_studio_in_the_data_module_with_its_image_folder(tmp_path: Path) -
     (batch,) = list(module.val_dataloader())
     assert {sample.id for sample in batch} == {"cat.jpg#cat", "cat.jpg#dog", "tall.jpg#cat"}
     assert {sample.id: sample.image_size for sample in batch}["tall.jpg#cat"] == (40, 80)
+
+
+def test_yolo_lists_of_entries_and_a_path_from_another_machine(tmp_path: Path) -> None:
+    root = roboflow_yolo(tmp_path / "pets")
+    (root / "train.txt").write_text("./train/images/t1.jpg\n\n")
+    (root / "data.yaml").write_text(
+        "path: /datasets/on/another/machine\ntrain: [train.txt, ../test/images]\n"
+        "val: ../valid/images\nnames: {0: cat, 1: dog}\n"
+    )
+    assert boxes_by_prompt(load_dataset(root / "data.yaml", split="train")) == {
+        "t1.jpg#cat": [(0.4, 0.3, 0.6, 0.7)],
+        "t1.jpg#dog": [(0.2, 0.2, 0.3, 0.3)],
+        "s1.jpg#cat": [(0, 0, 1, 1)],
+    }
