@@ -9,7 +9,10 @@ Formats, detected in this order when ``format`` is not given:
 - ``"voc"``: a devkit folder (``ImageSets/Main``, ``Annotations``, ``JPEGImages``) or a
   folder of VOC XML files (directly or in ``annotations/``);
 - ``"coco"``: a COCO ``.json`` file, or a folder holding exactly one (directly or in
-  ``annotations/``).
+  ``annotations/``);
+- ``"huggingface"``: a ``save_to_disk`` folder, parquet/arrow files, or a hub name
+  (``owner/name``) in the local cache (see
+  :mod:`lightning_moondream.data.sources.huggingface`).
 
 Detection formats become samples of the chosen ``skill``: ``"detect"`` (one per image
 and class present, plus seeded negatives), ``"point"`` (the same prompts, ground truth
@@ -28,6 +31,12 @@ from torch.utils.data import Dataset
 from lightning_moondream.data.errors import DatasetError
 from lightning_moondream.data.records import AnnotatedImage, DetectionPrompts
 from lightning_moondream.data.sources.coco import read_coco
+from lightning_moondream.data.sources.huggingface import (
+    RowQuestions,
+    has_questions,
+    is_huggingface,
+    read_huggingface,
+)
 from lightning_moondream.data.sources.jsonl import read_jsonl
 from lightning_moondream.data.sources.keypoints import read_coco_keypoints
 from lightning_moondream.data.sources.query import QUESTION_KINDS, DetectionQuestions
@@ -40,8 +49,8 @@ from lightning_moondream.data.sources.voc import (
 )
 from lightning_moondream.data.sources.yolo import is_yolo, read_yolo
 
-Format = Literal["coco", "voc", "yolo", "jsonl"]
-FORMATS: tuple[str, ...] = ("coco", "voc", "yolo", "jsonl")
+Format = Literal["coco", "voc", "yolo", "jsonl", "huggingface"]
+FORMATS: tuple[str, ...] = ("coco", "voc", "yolo", "jsonl", "huggingface")
 PromptSkill = Literal["detect", "point", "query"]
 
 
@@ -137,6 +146,8 @@ def detect_format(path: str | Path) -> tuple[Format, Path]:
         DatasetError: If the path does not exist or no format matches.
     """
     path = Path(path)
+    if is_huggingface(path):
+        return "huggingface", path
     if not path.exists():
         raise DatasetError(f"{path}: no such file or folder")
     if path.is_file():
@@ -159,7 +170,7 @@ def detect_format(path: str | Path) -> tuple[Format, Path]:
         return "coco", coco
     raise DatasetError(
         f"{path}: no dataset format recognized (COCO JSON, VOC XML, YOLO data.yaml or "
-        "classes.txt, JSONL manifest)"
+        "classes.txt, JSONL manifest, Hugging Face dataset)"
     )
 
 
@@ -201,7 +212,9 @@ def load_dataset(
         strict: Refuse (instead of clamping or dropping with a warning) boxes outside
             the image or without area, and missing images.
         **options: Format-specific options: ``coordinates`` (JSONL), ``classes`` and
-            ``include_difficult`` (VOC), ``include_crowd`` (COCO).
+            ``include_difficult`` (VOC), ``include_crowd`` (COCO), ``columns`` and
+            ``class_names`` (Hugging Face; with ``skill="query"`` and a question column,
+            one question per row).
 
     Returns:
         A ``torch.utils.data.Dataset`` whose items are samples.
@@ -224,11 +237,15 @@ def load_dataset(
             target = found
     if format == "jsonl":
         return read_jsonl(target, skill=skill, strict=strict, **options)
+    if format == "huggingface" and skill == "query" and has_questions(target, split, **options):
+        return RowQuestions(target, split, **options)
     if keypoints:
         if format != "coco" or skill != "point":
             raise ValueError("keypoints=True needs a COCO keypoint file and skill='point'")
         return read_coco_keypoints(target, image_root, template=template, strict=strict)
-    if format == "coco":
+    if format == "huggingface":
+        images, classes = read_huggingface(target, split, strict=strict, **options)
+    elif format == "coco":
         if split is not None:
             raise DatasetError(f"{target}: a COCO file has no splits; pass the split's JSON file")
         images, classes = read_coco(target, image_root, strict=strict, **options)
