@@ -228,7 +228,7 @@ def image_value(value: Any, where: str) -> ImageInput:
         raise DatasetError(f"{where}: image cell has neither bytes nor a path")
     if value is None:
         raise DatasetError(f"{where}: no image")
-    return value  # type: ignore[no-any-return]
+    return value
 
 
 def undecoded(dataset: datasets.Dataset, column: str) -> datasets.Dataset:
