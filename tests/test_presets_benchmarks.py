@@ -8,12 +8,16 @@ from typing import Any
 
 import datasets
 import pytest
+from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image
+from support import detect_samples, loader, quiet_trainer
 
 from lightning_moondream.api import TuningClient
+from lightning_moondream.callbacks import BenchmarkWatch
 from lightning_moondream.cli import main
 from lightning_moondream.data.errors import DatasetError
 from lightning_moondream.data.samples import DetectSample, QuerySample
+from lightning_moondream.module import MoondreamRLModule
 from lightning_moondream.presets import BENCHMARKS, BenchmarkDataset
 from lightning_moondream.presets.registry import COUNT_PREFIX, DOC_SUFFIX, POPE_SUFFIX
 
@@ -203,3 +207,39 @@ def test_evaluate_refuses_an_unknown_benchmark_and_no_data(
         main(["evaluate", *common])
     assert exit_info.value.code == 1
     assert "give at least one --data or --benchmark" in capsys.readouterr().err
+
+
+def test_benchmark_watch_logs_bench_metrics_during_fit(
+    benchmark_root: Path, tmp_path: Path
+) -> None:
+    watch = BenchmarkWatch(
+        [f"pope={benchmark_root / 'pope'}", f"coco={benchmark_root / 'coco'}"],
+        limit=3,
+        batch_size=2,
+        max_side=64,
+    )
+    best = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="bench/pope/f1", mode="max")
+    model = MoondreamRLModule(num_rollouts=2)
+    run = quiet_trainer(
+        tmp_path,
+        max_steps=1,
+        limit_val_batches=1,
+        callbacks=[watch, best],
+        enable_checkpointing=True,
+    )
+    samples = detect_samples("train", 2)
+    run.fit(model, loader(samples), loader(samples))
+    logged = {key: float(value) for key, value in run.callback_metrics.items()}
+    pope_keys = {"bench/pope/accuracy", "bench/pope/f1", "bench/pope/f1_adversarial"}
+    assert pope_keys | {"bench/coco/moondream_map", "bench/coco/map_50"} <= set(logged)
+    assert watch.scores == {key: logged[key] for key in watch.scores}
+    assert 0.0 <= logged["bench/pope/accuracy"] <= 1.0
+    assert best.best_model_path  # the checkpoint could monitor a bench metric
+
+
+def test_benchmark_watch_stops_before_training_on_a_missing_dataset(tmp_path: Path) -> None:
+    watch = BenchmarkWatch(["countbenchqa=nobody-here/countbench-not-cached"])
+    run = quiet_trainer(tmp_path, max_steps=1, callbacks=[watch])
+    samples = detect_samples("train", 2)
+    with pytest.raises(DatasetError, match=r"benchmark countbenchqa: .*not in the local cache"):
+        run.fit(MoondreamRLModule(num_rollouts=2), loader(samples))

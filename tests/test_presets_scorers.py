@@ -80,7 +80,6 @@ def test_pope_f1_when_every_answer_is_yes() -> None:
     assert result["precision"] == pytest.approx(0.5)
     assert result["recall"] == pytest.approx(1.0)
     assert result["f1"] == pytest.approx(2 / 3)
-    assert result["yes_ratio"] == pytest.approx(1.0)
     assert result["accuracy_adversarial"] == pytest.approx(0.5)
     assert result["f1_popular"] == pytest.approx(2 / 3)
     assert "accuracy_random" not in result  # no question of that group

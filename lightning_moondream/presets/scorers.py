@@ -313,7 +313,6 @@ class YesNoScores(BenchmarkMetric):
             result[f"f1{suffix}"] = 2 * precision * recall / both if both > 0 else both
             if not row:
                 result["precision"], result["recall"] = precision, recall
-                result["yes_ratio"] = (tp + fp) / total if total > 0 else total
         return result
 
 
