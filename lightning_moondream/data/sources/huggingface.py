@@ -131,13 +131,13 @@ def _offline() -> Iterator[None]:
 def missing_dataset_message(name: str, split: str | None) -> str:
     """What to do when a hub dataset is not on this machine."""
     cache = os.environ.get("HF_DATASETS_CACHE") or "~/.cache/huggingface/datasets"
+    wanted = f" (split {split!r})" if split else ""
     return (
-        f"Hugging Face dataset {name!r}"
-        + (f" (split {split!r})" if split else "")
-        + f" is not in the local cache ({cache}); nothing is downloaded at run time. Place it "
-        f"with `python -c \"import datasets; datasets.load_dataset('{name}')\"` on a machine "
-        "with network access (copy the cache folder over if needed), or save it with "
-        "`save_to_disk(FOLDER)` / as parquet files and name that folder instead"
+        f"{name}: no such file or folder, and no Hugging Face dataset {name!r}{wanted} in "
+        f"the local cache ({cache}); nothing is downloaded at run time. Place it with "
+        f"`python -c \"import datasets; datasets.load_dataset('{name}')\"` on a machine with "
+        "network access (copy the cache folder over if needed), or save it with "
+        "`save_to_disk(FOLDER)` or as parquet files and name that folder instead"
     )
 
 
