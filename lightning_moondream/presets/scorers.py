@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -168,6 +168,16 @@ def eleven_point_ap(
 # Metrics ----------------------------------------------------------------------------------
 
 
+class Observation(NamedTuple):
+    """One scored answer: the rollout's output, the sample's target and its context."""
+
+    output: Mapping[str, Any]
+    target: Mapping[str, Any]
+    group: str
+    label: str
+    image_size: tuple[int, int] | None
+
+
 class BenchmarkMetric(Metric):
     """A benchmark's scores: ``update`` one answer with its target and group, ``compute`` all.
 
@@ -201,7 +211,19 @@ class BenchmarkMetric(Metric):
         label: str = "",
         image_size: tuple[int, int] | None = None,
     ) -> None:
-        """Add one rollout ``output`` against the sample's ``target`` (see subclasses)."""
+        """Add one rollout ``output`` against the sample's ``target``.
+
+        Args:
+            output: The rollout's output (``answer`` or ``boxes``).
+            target: The sample's target (``answers`` or ``boxes``).
+            group: The sample's group, ``""`` for none.
+            label: The prompt (the class of detect boxes).
+            image_size: ``(width, height)`` of the image, for detect.
+        """
+        self._add(Observation(output, target, group, label, image_size))
+
+    def _add(self, observed: Observation) -> None:
+        """Accumulate one observation into the states."""
         raise NotImplementedError
 
 
@@ -232,19 +254,11 @@ class MeanScore(BenchmarkMetric):
         self.add_state("sums", torch.zeros(size, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("counts", torch.zeros(size, dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(
-        self,
-        output: Mapping[str, Any],
-        target: Mapping[str, Any],
-        group: str = "",
-        label: str = "",
-        image_size: tuple[int, int] | None = None,
-    ) -> None:
-        """Add one answer: ``output["answer"]`` against ``target["answers"]``."""
-        self._add(self.score(output.get("answer"), list(target.get("answers") or ())), group)
-
-    def _add(self, value: float, group: str) -> None:
-        index = self._group_index(group)
+    def _add(self, observed: Observation) -> None:
+        """Score ``output["answer"]`` against ``target["answers"]``."""
+        answers = list(observed.target.get("answers") or ())
+        value = self.score(observed.output.get("answer"), answers)
+        index = self._group_index(observed.group)
         positions = [0] if index is None else [0, index + 1]
         for position in positions:
             self.sums[position] += value
@@ -278,23 +292,17 @@ class YesNoScores(BenchmarkMetric):
             dist_reduce_fx="sum",
         )
 
-    def update(
-        self,
-        output: Mapping[str, Any],
-        target: Mapping[str, Any],
-        group: str = "",
-        label: str = "",
-        image_size: tuple[int, int] | None = None,
-    ) -> None:
-        """Add one answer against ``target["answers"][0]`` (``yes`` or ``no``)."""
-        truth = yes_no((target.get("answers") or [""])[0])
+    def _add(self, observed: Observation) -> None:
+        """Read ``output["answer"]`` against ``target["answers"][0]`` (yes or no)."""
+        answers = observed.target.get("answers") or [""]
+        truth = yes_no(answers[0])
         if truth is None:
-            raise ValueError(f"a yes/no target needs 'yes' or 'no', got {target.get('answers')}")
-        answer = yes_no(output.get("answer"))
+            raise ValueError(f"a yes/no target needs 'yes' or 'no', got {answers}")
+        answer = yes_no(observed.output.get("answer"))
         hit = answer == truth
         # Columns: true positive, false positive, false negative, true negative.
         cell = (0 if hit else 2) if truth == "yes" else (3 if hit else 1)
-        index = self._group_index(group)
+        index = self._group_index(observed.group)
         for row in [0] if index is None else [0, index + 1]:
             self.counts[row, cell] += 1
 
@@ -336,21 +344,14 @@ class DetectionScores(BenchmarkMetric):
         self.add_state("prompts", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.coco = DetectionMAP()
 
-    def update(
-        self,
-        output: Mapping[str, Any],
-        target: Mapping[str, Any],
-        group: str = "",
-        label: str = "",
-        image_size: tuple[int, int] | None = None,
-    ) -> None:
-        """Add one detect prompt: ``output["boxes"]`` against ``target["boxes"]``."""
-        predicted = output.get("boxes") or []
-        boxes = target.get("boxes") or []
+    def _add(self, observed: Observation) -> None:
+        """Score ``output["boxes"]`` against ``target["boxes"]`` of one prompt."""
+        predicted = observed.output.get("boxes") or []
+        boxes = observed.target.get("boxes") or []
         if boxes:
             self.ap_sum += eleven_point_ap(predicted, boxes)
             self.prompts += 1
-        self.coco.update(predicted, boxes, label=label, image_size=image_size)
+        self.coco.update(predicted, boxes, label=observed.label, image_size=observed.image_size)
 
     def compute(self) -> dict[str, Tensor]:
         """``moondream_map``, then COCO's ``map``, ``map_50`` and ``map_75``."""
@@ -377,17 +378,10 @@ class ReferringScores(BenchmarkMetric):
         # Hits, IoU sum, prompts.
         self.add_state("sums", torch.zeros(3, dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(
-        self,
-        output: Mapping[str, Any],
-        target: Mapping[str, Any],
-        group: str = "",
-        label: str = "",
-        image_size: tuple[int, int] | None = None,
-    ) -> None:
-        """Add one prompt: ``output["boxes"][0]`` against ``target["boxes"][0]``."""
-        predicted = as_boxes(output.get("boxes") or [])[:1]
-        true = as_boxes(target.get("boxes") or [])[:1]
+    def _add(self, observed: Observation) -> None:
+        """Score the first of ``output["boxes"]`` against the first true box."""
+        predicted = as_boxes(observed.output.get("boxes") or [])[:1]
+        true = as_boxes(observed.target.get("boxes") or [])[:1]
         iou = float(box_iou(predicted, true)[0, 0]) if len(predicted) and len(true) else 0.0
         self.sums += torch.tensor([float(iou >= AP_IOU_THRESHOLD), iou, 1.0], dtype=torch.float64)
 
