@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import datasets
 import pytest
 from PIL import Image
 
-from lightning_moondream.data import load_dataset
+from lightning_moondream.cli import main
+from lightning_moondream.data import MoondreamDataModule, load_dataset
 from lightning_moondream.data.detect import detect_format
 from lightning_moondream.data.errors import DatasetError
 from lightning_moondream.data.samples import DetectSample, QuerySample
@@ -167,3 +169,25 @@ def test_missing_boxes_column_is_named(tmp_path: Path) -> None:
     )
     with pytest.raises(DatasetError, match="no boxes column found"):
         load_dataset(tmp_path / "c")
+
+
+def test_named_in_a_data_module_mapping_and_in_evaluate(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "ds"
+    datasets.DatasetDict({"validation": _detection_dataset()}).save_to_disk(str(folder))
+    spec = {"source": str(folder), "split": "validation", "columns": {"boxes": "objects.bbox"}}
+    data = MoondreamDataModule(train=spec, val=spec, batch_size=2, num_workers=0)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    assert len(batch) == 2 and all(isinstance(sample, DetectSample) for sample in batch)
+    assert all(sample.image_size is not None for sample in batch)
+
+    out = tmp_path / "out"
+    arguments = ["evaluate", "--data", str(folder), "--model", "base", "--no-progress"]
+    arguments += ["--local-dir", str(tmp_path / "service"), "--out", str(out)]
+    with pytest.raises(SystemExit) as exit_info:
+        main(arguments)
+    assert exit_info.value.code == 0, capsys.readouterr().err
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [(row["dataset"], row["samples"]) for row in rows] == [("ds", 3)]

@@ -18,7 +18,7 @@ from lightning_moondream.cli import main
 from lightning_moondream.data.errors import DatasetError
 from lightning_moondream.data.samples import DetectSample, QuerySample
 from lightning_moondream.module import MoondreamRLModule
-from lightning_moondream.presets import BENCHMARKS, BenchmarkDataset
+from lightning_moondream.presets import BENCHMARKS, BenchmarkDataset, expand_names
 from lightning_moondream.presets.registry import COUNT_PREFIX, DOC_SUFFIX, POPE_SUFFIX
 
 
@@ -147,6 +147,12 @@ def test_limit_takes_the_same_subset_for_a_seed(benchmark_root: Path) -> None:
     assert len(ids(0)) == 3
     assert ids(0) == ids(0)
     assert {tuple(ids(seed)) for seed in range(6)} != {tuple(ids(0))}
+
+
+def test_all_names_every_benchmark_once() -> None:
+    everything = expand_names(["pope", "all", "coco"])
+    assert everything == ["pope", *(name for name in BENCHMARKS if name != "pope")]
+    assert expand_names(["pope=/data/pope", "pope=/data/pope"]) == ["pope=/data/pope"]
 
 
 def test_missing_benchmark_dataset_says_what_to_place_where() -> None:
