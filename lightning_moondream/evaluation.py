@@ -568,7 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="NAME[=SOURCE]",
         help="a Moondream benchmark (countbenchqa, pope, chartqa, textvqa, docvqa, "
-        "realworldqa, tallyqa, coco, refcoco) or 'all', read from the local Hugging Face "
+        "realworldqa, mmstar, tallyqa, coco, refcoco) or 'all', read from the local Hugging Face "
         "cache, or from SOURCE (a save_to_disk folder or parquet files); repeat for several",
     )
     parser.add_argument(

@@ -60,6 +60,10 @@ ROWS: dict[str, dict[str, list[Any]]] = {
         "question": ["Which is closer? A. car B. tree", "Left or right? A. left B. right"],
         "answer": ["A", "B"],
     },
+    "mmstar": {
+        "question": ["Which shape? A: circle B: square", "Colour? A: red"],
+        "answer": ["A"] * 2,
+    },
     "tallyqa": {
         "qa": [
             [{"question": "How many dogs?", "answer": 2, "is_simple": True}],
@@ -78,7 +82,7 @@ ROWS: dict[str, dict[str, list[Any]]] = {
     },
 }
 PROMPTS = {"countbenchqa": 2, "pope": 5, "chartqa": 3, "textvqa": 2, "docvqa": 2}
-PROMPTS |= {"realworldqa": 2, "tallyqa": 2, "coco": 3, "refcoco": 3}
+PROMPTS |= {"mmstar": 2, "realworldqa": 2, "tallyqa": 2, "coco": 3, "refcoco": 3}
 
 
 def save_benchmark(name: str, root: Path) -> Path:

@@ -56,6 +56,9 @@ TEXT_PREFIX = (
 )
 DOC_SUFFIX = " The answer should be a short text span taken verbatim from the document."
 POPE_SUFFIX = ". Answer yes or no."
+CHOICE_SUFFIX = (
+    " Please answer directly with only the letter of the correct option and nothing else."
+)
 POPE_GROUPS = ("adversarial", "popular", "random")
 
 COCO_CATEGORIES = (
@@ -179,6 +182,10 @@ def _realworldqa(row: Mapping[str, Any], index: int) -> list[Item]:
     return [Item(index, str(row["question"]), (str(row["answer"]),))]
 
 
+def _mmstar(row: Mapping[str, Any], index: int) -> list[Item]:
+    return [Item(index, str(row["question"]) + CHOICE_SUFFIX, (str(row["answer"]),))]
+
+
 def _tallyqa(row: Mapping[str, Any], index: int) -> list[Item]:
     return [
         Item(
@@ -262,6 +269,12 @@ BENCHMARKS: dict[str, Benchmark] = {
             "realworldqa", "lmms-lab/RealWorldQA", "test", "query",
             "multiple-choice spatial questions about real-world scenes",
             ("question", "answer"), _realworldqa,
+            lambda: MeanScore("accuracy", _first(plain_match)), ("accuracy",),
+        ),
+        Benchmark(
+            "mmstar", "Lin-Chen/MMStar", "val", "query",
+            "multiple-choice questions that need the image, over six core abilities",
+            ("question", "answer"), _mmstar,
             lambda: MeanScore("accuracy", _first(plain_match)), ("accuracy",),
         ),
         Benchmark(

@@ -85,8 +85,16 @@ def is_huggingface(path: str | Path) -> bool:
 
 
 def _table_files(folder: Path) -> list[Path]:
+    """Parquet or arrow files in ``folder`` or one level below (``data/``, ``train/``).
+
+    Not deeper: detection runs on every dataset folder, image trees included.
+    """
     return sorted(
-        path for suffix in _TABLE_SUFFIXES for path in folder.rglob(f"*{suffix}") if path.is_file()
+        path
+        for suffix in _TABLE_SUFFIXES
+        for pattern in (f"*{suffix}", f"*/*{suffix}")
+        for path in folder.glob(pattern)
+        if path.is_file()
     )
 
 
