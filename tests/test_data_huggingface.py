@@ -191,3 +191,36 @@ def test_named_in_a_data_module_mapping_and_in_evaluate(
     assert exit_info.value.code == 0, capsys.readouterr().err
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert [(row["dataset"], row["samples"]) for row in rows] == [("ds", 3)]
+
+
+def test_hub_name_is_read_from_the_local_cache_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A cache laid out as `datasets` leaves it after a download of "someone/tiny-qa".
+    rows = datasets.Dataset.from_dict(
+        {"image": [_image(40, 20, 7)], "question": ["How many?"], "answers": [["4"]]},
+        features=datasets.Features(
+            {
+                "image": datasets.Image(),
+                "question": datasets.Value("string"),
+                "answers": datasets.Sequence(datasets.Value("string")),
+            }
+        ),
+    )
+    rows.to_parquet(str(tmp_path / "rows.parquet"))
+    built = tmp_path / "built"
+    datasets.load_dataset(
+        "parquet", data_files={"test": str(tmp_path / "rows.parquet")}, cache_dir=str(built)
+    )
+    (info,) = built.glob("parquet/*/0.0.0/*/dataset_info.json")
+    cache = tmp_path / "cache"
+    target = cache / "someone___tiny-qa" / "default" / "0.0.0" / "0123abcd"
+    target.mkdir(parents=True)
+    (target / "dataset_info.json").write_bytes(info.read_bytes())
+    (target / "tiny-qa-test.arrow").write_bytes((info.parent / "parquet-test.arrow").read_bytes())
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+
+    assert detect_format("someone/tiny-qa") == ("huggingface", Path("someone/tiny-qa"))
+    dataset = load_dataset("someone/tiny-qa", skill="query")
+    assert (dataset[0].question, dataset[0].answers) == ("How many?", ("4",))
+    assert dataset[0].encoded().image_size == (40, 20)
