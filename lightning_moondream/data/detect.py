@@ -196,9 +196,10 @@ def load_dataset(
 
     Args:
         path: A folder, or an annotation file (``.json``, ``.jsonl``, ``data.yaml``).
-        format: ``"coco"``, ``"voc"``, ``"yolo"`` or ``"jsonl"``; detected if ``None``.
+        format: ``"coco"``, ``"voc"``, ``"yolo"``, ``"jsonl"`` or ``"huggingface"``;
+            detected if ``None``.
         split: The split for formats with splits (VOC devkit, YOLO); ``None`` means
-            ``"train"`` there.
+            ``"train"`` there (Hugging Face: the only split, else validation, test, train).
         skill: Samples to make from boxes: ``"detect"`` (the default), ``"point"`` or
             ``"query"``. For JSONL, keeps only lines of this skill (default: all).
         template: Object phrase template with ``{name}``; for COCO keypoints,
