@@ -20,6 +20,32 @@ from lightning_moondream.api import TuningAPIError, TuningClient
 from lightning_moondream.data import MoondreamDataModule
 from lightning_moondream.module import MoondreamRLModule
 
+SUBCOMMANDS: dict[str, str] = {
+    "fit": "tune an adapter by RL on a dataset (YAML config with --config)",
+    "validate": "score an adapter on the validation data",
+    "test": "score an adapter on the test data",
+    "predict": "answer the prediction data with an adapter",
+    "evaluate": "compare models on datasets and Moondream's benchmarks in one table",
+    "serve": "run the local tuning service over HTTP",
+    "adapters": "list and delete adapters and their checkpoints",
+}
+"""Every subcommand with its one-line summary, as ``--help`` lists them."""
+
+
+def _overview() -> str:
+    width = max(len(name) for name in SUBCOMMANDS)
+    lines = [
+        f"usage: lightning-moondream {{{','.join(SUBCOMMANDS)}}} ...",
+        "",
+        "Tune Moondream adapters by RL through Moondream's tuning API, or a local service.",
+        "",
+        "subcommands:",
+        *(f"  {name:<{width}}  {summary}" for name, summary in SUBCOMMANDS.items()),
+        "",
+        "Run `lightning-moondream SUBCOMMAND --help` for its options.",
+    ]
+    return "\n".join(lines)
+
 
 class MoondreamCLI(LightningCLI):
     """``LightningCLI`` with the Moondream module and data module as defaults."""
@@ -95,6 +121,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     # user of this command can act on.
     warnings.filterwarnings("ignore", message=r".*isinstance.treespec, LeafSpec.")
     arguments = list(sys.argv[1:] if argv is None else argv)
+    if not arguments or arguments[0] in ("-h", "--help"):
+        print(_overview())
+        raise SystemExit(0 if arguments else 2)
+    if not arguments[0].startswith("-") and arguments[0] not in SUBCOMMANDS:
+        print(_overview(), file=sys.stderr)
+        print(f"\nerror: unknown subcommand {arguments[0]!r}", file=sys.stderr)
+        raise SystemExit(2)
     if arguments and arguments[0] == "serve":
         from lightning_moondream.server.serve import main as serve_main
 

@@ -17,6 +17,11 @@ to force one; its validation split, else test, else its only one, unless ``split
 named), ``synthetic``, or a YAML/JSON mapping of source options such as
 ``'{source: synthetic, num_images: 32, skills: [point]}'``.
 
+Benchmarks (``--benchmark``): Moondream's standard benchmarks by name (``pope``,
+``countbenchqa``, ..., or ``all``; ``NAME=FOLDER`` to read one from a folder), scored as
+Moondream scores them (:mod:`lightning_moondream.presets`), in a ``scores`` column;
+``--limit N`` and ``--seed S`` take the same random subset of prompts for every model.
+
 Example:
     Base model against a checkpoint of the quickstart run, on a VOC folder::
 
@@ -51,11 +56,13 @@ from lightning_moondream.api import (
     UsageStats,
 )
 from lightning_moondream.callbacks.prediction_images import draw_prediction
+from lightning_moondream.data.detect import FORMATS
 from lightning_moondream.data.encoding import DEFAULT_MAX_SIDE, DEFAULT_QUALITY, EncodedDataset
 from lightning_moondream.data.errors import DatasetError
 from lightning_moondream.data.module import build_source, stage_split
 from lightning_moondream.images import EncodingOptions
 from lightning_moondream.metrics import SkillMetrics
+from lightning_moondream.presets import BenchmarkDataset, expand_names
 from lightning_moondream.scoring import RewardSpec, Sample, Scorer, sample_and_score
 
 BASE = "base"
@@ -82,6 +89,9 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("requests", "requests"),
 )
 """Table columns: ``(heading, key in each JSON row)``."""
+
+SCORES_COLUMN = ("scores", "scores")
+"""Column of the benchmark scores, shown when a row has them."""
 
 _TEXT_KEYS = ("dataset", "model")
 _INTEGER_KEYS = ("samples", "requests")
@@ -208,6 +218,26 @@ def load_data(spec: str, format: str | None = None) -> tuple[str, Dataset]:
     return name, build_source(options, "val")
 
 
+def load_benchmarks(
+    specs: Sequence[str], limit: int | None = None, seed: int = 0
+) -> list[tuple[str, Dataset]]:
+    """Build the datasets of ``--benchmark`` values (``all`` expands to every benchmark).
+
+    Raises:
+        EvaluationError: If a benchmark name is unknown or ``limit`` is below 1.
+    """
+    datasets: list[tuple[str, Dataset]] = []
+    for spec in expand_names(specs):
+        try:
+            dataset = BenchmarkDataset(spec, limit=limit, seed=seed)
+        except DatasetError:
+            raise
+        except ValueError as exc:
+            raise EvaluationError(f"benchmark {spec!r}: {exc}") from exc
+        datasets.append((dataset.benchmark.name, dataset))
+    return datasets
+
+
 # Running ---------------------------------------------------------------------------------
 
 
@@ -261,14 +291,21 @@ class EvaluationReport:
     datasets: dict[str, EncodedDataset] = field(default_factory=dict)
     """The encoded datasets by name, to draw samples from."""
 
+    def columns(self) -> tuple[tuple[str, str], ...]:
+        """The table's columns: ``COLUMNS``, and the benchmark scores when there are any."""
+        if any("scores" in row for row in self.rows):
+            return (*COLUMNS, SCORES_COLUMN)
+        return COLUMNS
+
     def markdown(self) -> str:
         """The table as Markdown; ``-`` where a dataset has no sample of a metric's skill."""
+        columns = self.columns()
         lines = [
-            "| " + " | ".join(heading for heading, _ in COLUMNS) + " |",
-            "|" + "|".join("---" if key in _TEXT_KEYS else "---:" for _, key in COLUMNS) + "|",
+            "| " + " | ".join(heading for heading, _ in columns) + " |",
+            "|" + "|".join("---" if key in _TEXT_KEYS else "---:" for _, key in columns) + "|",
         ]
         for row in self.rows:
-            lines.append("| " + " | ".join(_cell(row, key) for _, key in COLUMNS) + " |")
+            lines.append("| " + " | ".join(_cell(row, key) for _, key in columns) + " |")
         return "\n".join(lines)
 
 
@@ -276,6 +313,8 @@ def _cell(row: Mapping[str, Any], key: str) -> str:
     value = row.get(key)
     if value is None:
         return "-"
+    if isinstance(value, Mapping):
+        return ", ".join(f"{name} {score:.4f}" for name, score in value.items())
     if key in _TEXT_KEYS:
         return str(value).replace("|", "\\|")
     if key in _INTEGER_KEYS:
@@ -303,6 +342,8 @@ async def _evaluate_pair(
     advance: Callable[[int], None],
 ) -> tuple[dict[str, Any], list[Prediction]]:
     metrics = SkillMetrics()
+    benchmark = samples.dataset if isinstance(samples.dataset, BenchmarkDataset) else None
+    scores = benchmark.benchmark.metric() if benchmark is not None else None
     predictions: list[Prediction] = []
     # A fresh counter per dataset and model, so latencies and requests are theirs alone.
     client.usage = UsageStats()
@@ -326,6 +367,14 @@ async def _evaluate_pair(
             metrics.update(
                 sample.skill, output, target, getattr(sample, "image_size", None), sample.label
             )
+            if benchmark is not None and scores is not None:
+                scores.update(
+                    output,
+                    target,
+                    benchmark.group(index),
+                    sample.label,
+                    getattr(sample, "image_size", None),
+                )
             predictions.append(
                 Prediction(
                     dataset_name,
@@ -351,6 +400,8 @@ async def _evaluate_pair(
     row["latency_p50_ms"] = None if p50 is None else float(p50) * 1000
     row["latency_p95_ms"] = None if p95 is None else float(p95) * 1000
     row["requests"] = client.usage.requests
+    if scores is not None:
+        row["scores"] = {name: float(value) for name, value in scores.compute().items()}
     return row, predictions
 
 
@@ -465,7 +516,7 @@ def write_report(
     folder.mkdir(parents=True, exist_ok=True)
     written = [folder / "results.md", folder / "results.json"]
     written[0].write_text(report.markdown() + "\n")
-    columns = [{"heading": heading, "key": key} for heading, key in COLUMNS]
+    columns = [{"heading": heading, "key": key} for heading, key in report.columns()]
     written[1].write_text(json.dumps({"columns": columns, "rows": report.rows}, indent=2) + "\n")
     if save_predictions:
         path = folder / "predictions.jsonl"
@@ -519,10 +570,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--data",
         action="append",
-        required=True,
+        default=[],
         help="dataset folder or annotation file, 'synthetic', or a YAML mapping such as "
         "'{source: synthetic, num_images: 32}'; repeat for several",
     )
+    parser.add_argument(
+        "--benchmark",
+        action="append",
+        default=[],
+        metavar="NAME[=SOURCE]",
+        help="a Moondream benchmark (countbenchqa, pope, chartqa, textvqa, docvqa, "
+        "realworldqa, mmstar, tallyqa, coco, refcoco) or 'all', read from the local Hugging Face "
+        "cache, or from SOURCE (a save_to_disk folder or parquet files); repeat for several",
+    )
+    parser.add_argument(
+        "--limit", type=int, default=None, metavar="N", help="prompts per benchmark (a subset)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the --limit subset")
     parser.add_argument(
         "--model",
         action="append",
@@ -530,7 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="'base', an adapter id, or a checkpoint ADAPTER/chk_xxx or ADAPTER@chk_xxx; "
         "repeat for several",
     )
-    parser.add_argument("--format", choices=("coco", "voc", "yolo", "jsonl"), default=None)
+    parser.add_argument("--format", choices=FORMATS, default=None)
     parser.add_argument("--batch-size", type=int, default=32, help="samples per batch")
     parser.add_argument(
         "--max-concurrency", type=int, default=8, help="rollouts requests in flight at once"
@@ -581,10 +645,14 @@ def evaluate_main(argv: Sequence[str]) -> int:
     if args.draw_worst < 0:
         print("error: --draw-worst must not be negative", file=sys.stderr)
         return 1
+    if not args.data and not args.benchmark:
+        print("error: give at least one --data or --benchmark", file=sys.stderr)
+        return 1
     try:
         models = [ModelSpec.parse(text) for text in args.model]
         args.model = models
         datasets = [load_data(spec, args.format) for spec in args.data]
+        datasets += load_benchmarks(args.benchmark, args.limit, args.seed)
         report = asyncio.run(_run(args, datasets))
     except (EvaluationError, DatasetError, TuningAPIError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -3,6 +3,9 @@
 Formats, tried in this order when ``format`` is not given (one registry,
 :data:`FORMAT_REGISTRY`, each entry telling whether a path is in its format):
 
+- ``"huggingface"``: a ``save_to_disk`` folder, parquet/arrow files, or a hub name
+  (``owner/name``) in the local cache (see
+  :mod:`lightning_moondream.data.sources.huggingface`);
 - ``"jsonl"``: a ``.jsonl`` manifest (see :mod:`lightning_moondream.data.sources.jsonl`),
   or a folder holding exactly one;
 - ``"yolo"``: a ``data.yaml``, or a folder with ``data.yaml`` or ``classes.txt`` and
@@ -42,6 +45,12 @@ from lightning_moondream.data.records import AnnotatedImage, DetectionPrompts
 from lightning_moondream.data.sources.coco import coco_split_files, read_coco
 from lightning_moondream.data.sources.cvat import find_cvat, read_cvat
 from lightning_moondream.data.sources.files import sniff_json, xml_root_tag
+from lightning_moondream.data.sources.huggingface import (
+    RowQuestions,
+    has_questions,
+    is_huggingface,
+    read_huggingface,
+)
 from lightning_moondream.data.sources.jsonl import read_jsonl
 from lightning_moondream.data.sources.keypoints import read_coco_keypoints
 from lightning_moondream.data.sources.labelme import find_labelme, read_labelme
@@ -184,6 +193,17 @@ def _no_split(target: Path, split: str | None) -> None:
         )
 
 
+def _find_huggingface(path: Path) -> Path | None:
+    return path if is_huggingface(path) else None
+
+
+def _read_huggingface(target: Path, split: str | None, settings: ReadSettings) -> Records | Dataset:
+    options = dict(settings.options)
+    if settings.skill == "query" and has_questions(target, split, **options):
+        return RowQuestions(target, split, **options)
+    return read_huggingface(target, split, strict=settings.strict, **options)
+
+
 def _find_jsonl(path: Path) -> Path | None:
     if path.is_file():
         return path if path.suffix == ".jsonl" else None
@@ -302,6 +322,12 @@ def _read_coco(target: Path, split: str | None, settings: ReadSettings) -> Recor
 FORMAT_REGISTRY: dict[str, DatasetFormat] = {
     entry.name: entry
     for entry in (
+        DatasetFormat(
+            "huggingface",
+            _find_huggingface,
+            _read_huggingface,
+            "a Hugging Face save_to_disk folder, parquet/arrow files, or a cached hub name",
+        ),
         DatasetFormat("jsonl", _find_jsonl, _read_jsonl, "a .jsonl manifest"),
         DatasetFormat(
             "yolo",
@@ -374,6 +400,9 @@ def locate(path: str | Path, format: str | None = None) -> Located:
         ValueError: For an unknown ``format``.
     """
     path = Path(path)
+    if format in (None, "huggingface") and not path.exists() and is_huggingface(path):
+        # A hub name (owner/name) is no path: it is read from the local cache.
+        return Located(FORMAT_REGISTRY["huggingface"], path)
     if not path.exists():
         raise DatasetError(f"{path}: no such file or folder")
     found = _find(path, format)
