@@ -415,9 +415,12 @@ class _ClientCore(Generic[HttpClientT]):
         return (yield ops.read_metrics(adapter_id, dialect=dialect))
 
     @classmethod
-    def _local(cls, http_client: HttpClientT) -> Self:
+    def _local(cls, http_client: HttpClientT, dialect: DialectChoice = "auto") -> Self:
         client = cls(  # type: ignore[call-arg]
-            api_key=LOCAL_API_KEY, base_url=LOCAL_BASE_URL, http_client=http_client
+            api_key=LOCAL_API_KEY,
+            base_url=LOCAL_BASE_URL,
+            http_client=http_client,
+            dialect=dialect,
         )
         # The transport serves an app made for this client alone: close it with the client.
         client._owns_http = True
@@ -718,15 +721,23 @@ class TuningClient(_ClientCore[httpx.Client]):
         self.metrics = Metrics(self)
 
     @classmethod
-    def local(cls, *, data_dir: str | Path | None = None, **service_options: Any) -> TuningClient:
+    def local(
+        cls,
+        *,
+        data_dir: str | Path | None = None,
+        dialect: DialectChoice = "auto",
+        **service_options: Any,
+    ) -> TuningClient:
         """A client of the local tuning service running in this process (no port).
 
         Args:
             data_dir: Where the service keeps adapters; a temporary folder by default.
+            dialect: The wire dialect to speak (the service answers both).
             **service_options: Passed to ``lightning_moondream.server.create_app``.
         """
         app, close = _local_app(data_dir, service_options)
-        return cls._local(httpx.Client(transport=InProcessTransport(app, on_close=close)))
+        transport = InProcessTransport(app, on_close=close)
+        return cls._local(httpx.Client(transport=transport), dialect)
 
     def _execute(self, operation: ops.Operation[T]) -> T:
         request = self._build_request(operation)
@@ -949,16 +960,22 @@ class AsyncTuningClient(_ClientCore[httpx.AsyncClient]):
 
     @classmethod
     def local(
-        cls, *, data_dir: str | Path | None = None, **service_options: Any
+        cls,
+        *,
+        data_dir: str | Path | None = None,
+        dialect: DialectChoice = "auto",
+        **service_options: Any,
     ) -> AsyncTuningClient:
         """An async client of the local tuning service running in this process.
 
         Args:
             data_dir: Where the service keeps adapters; a temporary folder by default.
+            dialect: The wire dialect to speak (the service answers both).
             **service_options: Passed to ``lightning_moondream.server.create_app``.
         """
         app, close = _local_app(data_dir, service_options)
-        return cls._local(httpx.AsyncClient(transport=InProcessAsyncTransport(app, on_close=close)))
+        transport = InProcessAsyncTransport(app, on_close=close)
+        return cls._local(httpx.AsyncClient(transport=transport), dialect)
 
     async def _execute(self, operation: ops.Operation[T]) -> T:
         request = self._build_request(operation)
