@@ -17,33 +17,14 @@ def test_adapters_command_speaks_the_chosen_dialect(
     with TuningClient.local(data_dir=local, dialect="adapters") as client:
         adapter = client.adapters.create("kept", 16)
         checkpoint = client.checkpoints.save(adapter.adapter_id)
-    main(
-        [
-            "adapters",
-            "--local-dir",
-            str(local),
-            "--dialect",
-            "adapters",
-            "checkpoints",
-            adapter.adapter_id,
-        ]
-    )
+    command = ["adapters", "--local-dir", str(local), "--dialect", "adapters"]
+    main([*command, "checkpoints", adapter.adapter_id])
     listing = capsys.readouterr().out
     assert listing.splitlines()[0].split() == ["ref", "step", "created_at", "model_id"]
     assert checkpoint.ref in listing
     # Metrics travel only on /finetunes: the command says so and fails.
     with pytest.raises(SystemExit) as failed:
-        main(
-            [
-                "adapters",
-                "--local-dir",
-                str(local),
-                "--dialect",
-                "adapters",
-                "metrics",
-                adapter.adapter_id,
-            ]
-        )
+        main([*command, "metrics", adapter.adapter_id])
     assert failed.value.code == 1
     assert "reading metrics is not supported by the /adapters dialect" in capsys.readouterr().err
 

@@ -258,14 +258,11 @@ class _ClientCore(Generic[HttpClientT]):
                         "looked up: delete it by its id if it appears"
                     ),
                 ) from exc
-            try:
-                found = yield from self._plan_find_created(name, rank, started)
-            except TuningAPIError as lookup:
-                raise AmbiguousRequestError(
-                    operation.label,
-                    exc.cause,
-                    facts=f"looking for the adapter named {name!r} failed too ({lookup.message})",
-                ) from exc
+            found = yield from self._plan_lookup(
+                exc,
+                self._plan_find_created(name, rank, started),
+                f"looking for the adapter named {name!r}",
+            )
             if len(found) != 1:
                 raise AmbiguousRequestError(
                     operation.label,
@@ -282,6 +279,17 @@ class _ClientCore(Generic[HttpClientT]):
                 found[0].adapter_id,
             )
             return found[0]
+
+    def _plan_lookup(self, ambiguous: AmbiguousRequestError, lookup: Plan[T], what: str) -> Plan[T]:
+        """Run a lookup that resolves an unknown outcome; its failure keeps it unknown."""
+        try:
+            return (yield from lookup)
+        except TuningAPIError as failure:
+            raise AmbiguousRequestError(
+                ambiguous.operation,
+                ambiguous.cause,
+                facts=f"{what} failed too ({failure.message})",
+            ) from ambiguous
 
     def _plan_find_created(self, name: str, rank: int, started: datetime) -> Plan[list[Adapter]]:
         found: list[Adapter] = []
@@ -327,14 +335,11 @@ class _ClientCore(Generic[HttpClientT]):
         try:
             return (yield operation)
         except AmbiguousRequestError as exc:
-            try:
-                found = yield from self._plan_checkpoints_after(adapter_id, dialect, started)
-            except TuningAPIError as lookup:
-                raise AmbiguousRequestError(
-                    operation.label,
-                    exc.cause,
-                    facts=f"listing the checkpoints of {adapter_id} failed too ({lookup.message})",
-                ) from exc
+            found = yield from self._plan_lookup(
+                exc,
+                self._plan_checkpoints_after(adapter_id, dialect, started),
+                f"listing the checkpoints of {adapter_id}",
+            )
             if not found:
                 raise AmbiguousRequestError(
                     operation.label,

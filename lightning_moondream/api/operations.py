@@ -83,7 +83,10 @@ class Operation(Generic[T]):
         parts = self.path.strip("/").split("/")
         names = {1: ":adapter_id", 3: ":checkpoint_id"}
         if parts[0] in DIALECTS:
-            parts = [names.get(index, part) for index, part in enumerate(parts)]
+            parts = [
+                names.get(index, part) if part != "save" else part
+                for index, part in enumerate(parts)
+            ]
         return f"{self.method} /{'/'.join(parts)}"
 
 
