@@ -680,3 +680,38 @@ def test_secrets_stay_out_of_errors_and_reprs() -> None:
     for text in (str(raised.value), repr(raised.value), repr(client)):
         assert KEY not in text
     assert "dialect=None" in repr(client)
+
+
+def test_a_reader_of_the_adapters_wire_refuses_sft_groups() -> None:
+    from lightning_moondream.api.models import check_groups
+
+    with pytest.raises(ValueError, match=r"groups\[0\].mode must be 'rl' \(SFT groups need"):
+        check_groups([SFT_QUERY])
+    assert check_groups([SFT_QUERY], allow_sft=True)[0]["target"] == SFT_QUERY["target"]
+
+
+def test_two_candidates_for_an_unknown_creation_stay_ambiguous() -> None:
+    fake = AdaptersService()
+    client = client_of(fake, "adapters")
+    client.adapters.create("cats", 16)
+    fake.fail_next[("POST", "/adapters")] = "drop"
+    with pytest.raises(
+        AmbiguousRequestError, match="2 adapters named 'cats' with rank 16"
+    ) as raised:
+        client.adapters.create("cats", 16)
+    assert "ad_1, ad_2" in str(raised.value)
+    assert fake.calls()[-2:] == [("POST", "/adapters"), ("GET", "/adapters")]
+
+
+def test_usage_statistics_name_each_finetunes_route_once() -> None:
+    fake = FinetunesService()
+    client = client_of(fake, "finetunes")
+    client.adapters.create("cats", 16)
+    client.checkpoints.save("ft_1")
+    client.checkpoints.delete("ft_1@0")
+    for endpoint in (
+        "POST /finetunes",
+        "POST /finetunes/:adapter_id/checkpoints/save",
+        "DELETE /finetunes/:adapter_id/checkpoints/:checkpoint_id",
+    ):
+        assert len(client.usage.latencies(endpoint)) == 1, endpoint

@@ -643,12 +643,20 @@ def check_sft_target(skill: str, target: Any) -> dict[str, Any]:
     return truth.model_dump(mode="json", exclude_none=True)
 
 
-def check_groups(groups: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+def check_groups(
+    groups: Sequence[Mapping[str, Any]], *, allow_sft: bool = False
+) -> list[dict[str, Any]]:
     """Validate ``/train_step`` groups before sending them.
 
     A group is an RL group ``{request, rollouts, rewards}`` (``mode`` ``"rl"`` or absent)
-    or an SFT group ``{mode: "sft", request, target}``. RL groups come back without a
-    ``mode``, SFT groups with it: each dialect's route adds what its wire needs.
+    or, with ``allow_sft``, an SFT group ``{mode: "sft", request, target}``. RL groups
+    come back without a ``mode``, SFT groups with it: each dialect's route adds what its
+    wire needs.
+
+    Args:
+        groups: The groups.
+        allow_sft: Accept SFT groups (the ``/finetunes`` wire); refused otherwise, so a
+            reader of the ``/adapters`` wire only ever gets RL groups.
 
     Raises:
         ValueError: Naming the group and field that is wrong.
@@ -661,8 +669,9 @@ def check_groups(groups: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         if not isinstance(group, Mapping):
             raise ValueError(f"{where} must be an object with request, rollouts and rewards")
         mode = group.get("mode", "rl")
-        if mode not in ("rl", "sft"):
-            raise ValueError(f"{where}.mode must be 'rl' or 'sft', got {mode!r}")
+        if mode not in (("rl", "sft") if allow_sft else ("rl",)):
+            allowed = "'rl' or 'sft'" if allow_sft else "'rl' (SFT groups need /finetunes)"
+            raise ValueError(f"{where}.mode must be {allowed}, got {mode!r}")
         request = group.get("request")
         if not isinstance(request, dict) or request.get("skill") not in SKILLS:
             raise ValueError(f"{where}.request must be the echoed request of a known skill")

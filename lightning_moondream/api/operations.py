@@ -364,7 +364,7 @@ def train_step(
     _segment(adapter_id, "adapter_id")
     checked_lr = _check_lr(lr)
     try:
-        checked = check_groups(groups)
+        checked = check_groups(groups, allow_sft=True)
     except ValueError as exc:
         raise _invalid("train_step", exc) from exc
     extra = dict(extra or {})
