@@ -715,3 +715,24 @@ def test_usage_statistics_name_each_finetunes_route_once() -> None:
         "DELETE /finetunes/:adapter_id/checkpoints/:checkpoint_id",
     ):
         assert len(client.usage.latencies(endpoint)) == 1, endpoint
+
+
+def test_async_client_resolves_an_unknown_save_the_same_way() -> None:
+    fake = FinetunesService()
+    fake.fail_next[("POST", "/finetunes/ft_1/checkpoints/save")] = "drop"
+
+    async def run() -> str:
+        async with AsyncTuningClient(
+            api_key=KEY,
+            base_url=BASE,
+            http_client=httpx.AsyncClient(transport=httpx.MockTransport(fake)),
+        ) as client:
+            await client.adapters.create("cats", 16)
+            return (await client.checkpoints.save("ft_1")).ref
+
+    assert asyncio.run(run()) == "ft_1@0"
+    assert fake.calls() == [
+        ("POST", "/finetunes"),
+        ("POST", "/finetunes/ft_1/checkpoints/save"),
+        ("GET", "/finetunes/ft_1/checkpoints"),
+    ]
