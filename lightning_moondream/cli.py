@@ -3,7 +3,8 @@
 - ``fit``, ``validate``, ``test``, ``predict``: ``LightningCLI`` over ``MoondreamRLModule``
   and ``MoondreamDataModule`` (or any subclass), configured by YAML (``--config``).
 - ``serve``: the local tuning service over HTTP.
-- ``adapters list|delete|checkpoints``: housekeeping of adapters and checkpoints.
+- ``adapters list|delete|checkpoints|metrics``: housekeeping of adapters and checkpoints,
+  in either wire dialect (``--dialect``).
 - ``evaluate``: models times datasets in one table (``lightning_moondream.evaluation``).
 """
 
@@ -64,8 +65,8 @@ class MoondreamCLI(LightningCLI):
 
 def _client(args: argparse.Namespace) -> TuningClient:
     if args.local_dir:
-        return TuningClient.local(data_dir=args.local_dir)
-    return TuningClient(base_url=args.base_url)
+        return TuningClient.local(data_dir=args.local_dir, dialect=args.dialect)
+    return TuningClient(base_url=args.base_url, dialect=args.dialect)
 
 
 def adapters_main(argv: Sequence[str]) -> int:
@@ -79,14 +80,24 @@ def adapters_main(argv: Sequence[str]) -> int:
         "--base-url", default=None, help="API base URL (default: MOONDREAM_TUNING_URL or the cloud)"
     )
     parser.add_argument("--local-dir", default=None, help="data folder of a local tuning service")
+    parser.add_argument(
+        "--dialect",
+        choices=("auto", "adapters", "finetunes"),
+        default="auto",
+        help="wire dialect of the service: the spec's /adapters, the SDK's /finetunes, or "
+        "auto (found with read-only requests)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("list", help="list adapters")
     delete = commands.add_parser(
-        "delete", help="delete adapters, or checkpoints given as adapter/chk ids"
+        "delete",
+        help="delete adapters, or checkpoints given as refs (adapter/chk_id or finetune_id@step)",
     )
     delete.add_argument("ids", nargs="+")
     checkpoints = commands.add_parser("checkpoints", help="list the checkpoints of an adapter")
     checkpoints.add_argument("adapter_id")
+    metrics = commands.add_parser("metrics", help="the metrics logged for a finetune, by step")
+    metrics.add_argument("adapter_id")
     args = parser.parse_args(list(argv))
     try:
         with _client(args) as client:
@@ -100,11 +111,20 @@ def adapters_main(argv: Sequence[str]) -> int:
                         f"{adapter.adapter_id:<34} {adapter.rank:>4}  {steps:>11}  {adapter.created_at!s:<26} {adapter.name}"
                     )
             elif args.command == "checkpoints":
+                print(f"{'ref':<44} {'step':>6}  {'created_at':<26} model_id")
                 for checkpoint in client.checkpoints.iter(args.adapter_id, limit=100):
-                    print(f"{checkpoint.checkpoint_id:<44} {checkpoint.created_at}")
+                    step = "" if checkpoint.step is None else str(checkpoint.step)
+                    created = checkpoint.created_at or checkpoint.created_at_ms
+                    print(
+                        f"{checkpoint.ref:<44} {step:>6}  {created!s:<26} {checkpoint.model_id or ''}"
+                    )
+            elif args.command == "metrics":
+                print(f"{'step':>6}  {'name':<32} value")
+                for metric in client.metrics.read(args.adapter_id):
+                    print(f"{metric['step']:>6}  {metric['name']:<32} {metric['value']}")
             else:
                 for item in args.ids:
-                    if "/" in item:
+                    if "/" in item or "@" in item:
                         client.checkpoints.delete(item)
                     else:
                         client.adapters.delete(item)

@@ -301,6 +301,7 @@ def test_malformed_rollouts_answers_are_server_errors_naming_the_problem(
         base_url="http://test/v1/tuning",
         http_client=httpx.Client(transport=transport),
         max_retries=0,
+        dialect="adapters",
     )
     with pytest.raises(ServerError) as raised:
         client.rollouts("ad_1", {"skill": "point", "object": "dog", "image_url": _tiny_image()}, 2)
@@ -316,6 +317,7 @@ def test_a_malformed_adapter_answer_names_the_missing_field() -> None:
         api_key="bad-input-key",
         base_url="http://test/v1/tuning",
         http_client=httpx.Client(transport=transport),
+        dialect="adapters",
     )
     with pytest.raises(ServerError) as raised:
         client.adapters.get("ad_1")

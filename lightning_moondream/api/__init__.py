@@ -30,6 +30,7 @@ from lightning_moondream.api.errors import (
     RateLimitError,
     ServerError,
     TuningAPIError,
+    UnsupportedFeatureError,
 )
 from lightning_moondream.api.loop import BackgroundLoop
 from lightning_moondream.api.models import (
@@ -50,6 +51,7 @@ from lightning_moondream.api.models import (
     RolloutsResponse,
     Settings,
     TrainGroup,
+    TrainStepResult,
 )
 from lightning_moondream.api.retry import RetryPolicy
 from lightning_moondream.api.usage import UsageStats
@@ -87,8 +89,10 @@ __all__ = [
     "ServerError",
     "Settings",
     "TrainGroup",
+    "TrainStepResult",
     "TuningAPIError",
     "TuningClient",
+    "UnsupportedFeatureError",
     "UsageStats",
     "resolve_api_key",
     "resolve_base_url",

@@ -14,13 +14,23 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Callable,
+    Generator,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, get_args
 
 import httpx
 from pydantic import SecretStr
@@ -32,9 +42,11 @@ from lightning_moondream.api.errors import (
     APIConnectionError,
     APITimeoutError,
     MissingAPIKeyError,
+    NotFoundError,
     RateLimitError,
     ServerError,
     TuningAPIError,
+    UnsupportedFeatureError,
     error_class_for_status,
 )
 from lightning_moondream.api.inprocess import InProcessAsyncTransport, InProcessTransport
@@ -46,7 +58,9 @@ from lightning_moondream.api.models import (
     CheckpointPage,
     GroundTruth,
     RolloutsResponse,
+    TrainStepResult,
 )
+from lightning_moondream.api.operations import Dialect
 from lightning_moondream.api.pools import async_spread_client, spread_client
 from lightning_moondream.api.retry import (
     CallKind,
@@ -61,6 +75,13 @@ if TYPE_CHECKING:
     from typing_extensions import Self
 
 T = TypeVar("T")
+Plan = Generator["ops.Operation[Any]", Any, T]
+"""A call that may take several requests: yields operations, receives their results.
+
+Each client drives a plan with its own way of sending (``_drive``), so the logic of
+dialect detection and of resolving an unknown outcome is written once for both.
+"""
+DialectChoice = Literal["auto", "adapters", "finetunes"]
 HttpClientT = TypeVar("HttpClientT", httpx.Client, httpx.AsyncClient)
 
 DEFAULT_BASE_URL = "https://api.moondream.ai/v1/tuning"
@@ -69,6 +90,11 @@ LOCAL_API_KEY = "local"
 CONNECT_TIMEOUT = 10.0
 MIN_SCRUBBED_KEY = 8
 USER_AGENT = "lightning-moondream"
+CLOCK_SLACK = timedelta(seconds=5)
+"""How far the server's clock may run behind ours when matching what a request created."""
+MISSING_ROUTE_STATUSES = (404, 405)
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -80,9 +106,11 @@ class RolloutCall:
     num_rollouts: int
     ground_truth: GroundTruth | Mapping[str, Any] | None = None
 
-    def operation(self) -> ops.Operation[RolloutsResponse]:
-        """Validate the call and build its operation."""
-        return ops.rollouts(self.adapter_id, self.request, self.num_rollouts, self.ground_truth)
+    def operation(self, dialect: Dialect = "finetunes") -> ops.Operation[RolloutsResponse]:
+        """Validate the call and build its operation for a dialect."""
+        return ops.rollouts(
+            self.adapter_id, self.request, self.num_rollouts, self.ground_truth, dialect=dialect
+        )
 
 
 @dataclass(frozen=True)
@@ -125,7 +153,14 @@ class _ClientCore(Generic[HttpClientT]):
         max_retries: int,
         http_client: HttpClientT | None,
         default_http_client: Callable[[], HttpClientT],
+        dialect: DialectChoice = "auto",
     ) -> None:
+        if dialect not in get_args(DialectChoice):
+            raise ValueError(
+                f"dialect must be one of {', '.join(get_args(DialectChoice))}, got {dialect!r}"
+            )
+        self.dialect: Dialect | None = None if dialect == "auto" else dialect
+        """The dialect the service speaks: as given, detected, or ``None`` before detection."""
         self._api_key = resolve_api_key(api_key)
         self.base_url = resolve_base_url(base_url)
         self.timeout = timeout
@@ -135,12 +170,262 @@ class _ClientCore(Generic[HttpClientT]):
         self._http = http_client if http_client is not None else default_http_client()
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(base_url={self.base_url!r}, api_key='**********')"
+        return (
+            f"{type(self).__name__}(base_url={self.base_url!r}, dialect={self.dialect!r}, "
+            "api_key='**********')"
+        )
+
+    # Plans: calls of one or more requests, shared by both clients -----------------------
+
+    def _decide(self, dialect: Dialect) -> None:
+        if self.dialect is None:
+            self.dialect = dialect
+            logger.info("the tuning API at %s speaks the /%s dialect", self.base_url, dialect)
+
+    def _plan_one(self, operation: ops.Operation[T]) -> Plan[T]:
+        return (yield operation)
+
+    def _plan_attach(self, adapter_id: str) -> Plan[Adapter]:
+        """Read an adapter, finding the dialect from it if not known yet.
+
+        Only ``GET`` requests are sent. A 404 means either a missing route or a missing
+        adapter, so the dialect is decided only by a success: an id missing in both
+        dialects leaves it undecided.
+        """
+        if self.dialect is not None:
+            return (yield ops.get_adapter(adapter_id, dialect=self.dialect))
+        missing: list[str] = []
+        order: tuple[Dialect, ...] = ("finetunes", "adapters")
+        for dialect in order:
+            try:
+                adapter = yield ops.get_adapter(adapter_id, dialect=dialect)
+            except TuningAPIError as exc:
+                if exc.status_code not in MISSING_ROUTE_STATUSES:
+                    raise
+                missing.append(f"GET /{dialect}/... answered {exc.status_code}")
+                continue
+            self._decide(dialect)
+            return adapter
+        raise NotFoundError(
+            self._scrub(
+                f"adapter {adapter_id!r} not found in either dialect ({'; '.join(missing)})"
+            ),
+            status_code=404,
+        )
+
+    def _plan_dialect_for(self, adapter_id: str) -> Plan[Dialect]:
+        if self.dialect is None:
+            yield from self._plan_attach(adapter_id)
+        assert self.dialect is not None  # attaching decides it or raises
+        return self.dialect
+
+    def _plan_create(self, name: str, rank: int, from_checkpoint: str | None) -> Plan[Adapter]:
+        """Create an adapter; an unknown outcome is resolved by looking it up."""
+        if self.dialect is not None:
+            return (yield from self._plan_create_in(self.dialect, name, rank, from_checkpoint))
+        if from_checkpoint is not None:
+            # Only /adapters creates from a checkpoint: find the dialect from its adapter.
+            source = ops.create_adapter(name, rank, from_checkpoint).json["from_checkpoint"]
+            dialect = yield from self._plan_dialect_for(source.partition("/")[0])
+            return (yield from self._plan_create_in(dialect, name, rank, from_checkpoint))
+        try:
+            adapter = yield from self._plan_create_in("finetunes", name, rank, None)
+        except TuningAPIError as exc:
+            # No such route: nothing was created, so the other dialect may be asked.
+            if exc.status_code not in MISSING_ROUTE_STATUSES:
+                raise
+            adapter = yield from self._plan_create_in("adapters", name, rank, None)
+            self._decide("adapters")
+            return adapter
+        self._decide("finetunes")
+        return adapter
+
+    def _plan_create_in(
+        self, dialect: Dialect, name: str, rank: int, from_checkpoint: str | None
+    ) -> Plan[Adapter]:
+        operation = ops.create_adapter(name, rank, from_checkpoint, dialect=dialect)
+        started = datetime.now(timezone.utc)
+        try:
+            return (yield operation)
+        except AmbiguousRequestError as exc:
+            if dialect == "finetunes":
+                raise AmbiguousRequestError(
+                    operation.label,
+                    exc.cause,
+                    facts=(
+                        f"the /finetunes dialect cannot list finetunes, so the one named "
+                        f"{name!r} (rank {rank}) asked for at {started.isoformat()} cannot be "
+                        "looked up: delete it by its id if it appears"
+                    ),
+                ) from exc
+            found = yield from self._plan_lookup(
+                exc,
+                self._plan_find_created(name, rank, started),
+                f"looking for the adapter named {name!r}",
+            )
+            if len(found) != 1:
+                raise AmbiguousRequestError(
+                    operation.label,
+                    exc.cause,
+                    facts=(
+                        f"{len(found)} adapters named {name!r} with rank {rank} were created "
+                        f"after {started.isoformat()}"
+                        + (f": {', '.join(a.adapter_id for a in found)}" if found else "")
+                    ),
+                ) from exc
+            logger.warning(
+                "%s had an unknown outcome; it had created adapter %s, which is used",
+                operation.label,
+                found[0].adapter_id,
+            )
+            return found[0]
+
+    def _plan_lookup(self, ambiguous: AmbiguousRequestError, lookup: Plan[T], what: str) -> Plan[T]:
+        """Run a lookup that resolves an unknown outcome; its failure keeps it unknown."""
+        try:
+            return (yield from lookup)
+        except TuningAPIError as failure:
+            raise AmbiguousRequestError(
+                ambiguous.operation,
+                ambiguous.cause,
+                facts=f"{what} failed too ({failure.message})",
+            ) from ambiguous
+
+    def _plan_find_created(self, name: str, rank: int, started: datetime) -> Plan[list[Adapter]]:
+        found: list[Adapter] = []
+        cursor = None
+        while True:
+            page = yield ops.list_adapters(100, cursor)
+            found += [
+                adapter
+                for adapter in page.items
+                if adapter.name == name
+                and adapter.rank == rank
+                and adapter.created_after(started - CLOCK_SLACK)
+            ]
+            if not page.next_cursor:
+                return found
+            cursor = page.next_cursor
+
+    def _plan_list_adapters(self, limit: int, cursor: str | None) -> Plan[AdapterPage]:
+        if self.dialect == "finetunes":
+            raise UnsupportedFeatureError("listing adapters", "finetunes")
+        try:
+            page = yield ops.list_adapters(limit, cursor)
+        except TuningAPIError as exc:
+            if self.dialect is None and exc.status_code in MISSING_ROUTE_STATUSES:
+                raise UnsupportedFeatureError(
+                    "listing adapters (GET /adapters answered "
+                    f"{exc.status_code}: only /adapters can list)",
+                    "finetunes",
+                ) from exc
+            raise
+        self._decide("adapters")
+        return page
+
+    def _plan_delete_adapter(self, adapter_id: str) -> Plan[None]:
+        dialect = yield from self._plan_dialect_for(adapter_id)
+        yield ops.delete_adapter(adapter_id, dialect=dialect)
+
+    def _plan_save(self, adapter_id: str) -> Plan[Checkpoint]:
+        """Save a checkpoint; an unknown outcome is resolved by listing checkpoints."""
+        dialect = yield from self._plan_dialect_for(adapter_id)
+        operation = ops.save_checkpoint(adapter_id, dialect=dialect)
+        started = datetime.now(timezone.utc)
+        try:
+            return (yield operation)
+        except AmbiguousRequestError as exc:
+            found = yield from self._plan_lookup(
+                exc,
+                self._plan_checkpoints_after(adapter_id, dialect, started),
+                f"listing the checkpoints of {adapter_id}",
+            )
+            if not found:
+                raise AmbiguousRequestError(
+                    operation.label,
+                    exc.cause,
+                    facts=f"no checkpoint of {adapter_id} was created after {started.isoformat()}",
+                ) from exc
+            newest = found[-1]
+            logger.warning(
+                "%s had an unknown outcome; it had saved checkpoint %s, which is returned",
+                operation.label,
+                newest.ref,
+            )
+            return newest
+
+    def _plan_checkpoints_after(
+        self, adapter_id: str, dialect: Dialect, started: datetime
+    ) -> Plan[list[Checkpoint]]:
+        found: list[Checkpoint] = []
+        cursor = None
+        while True:
+            page = yield ops.list_checkpoints(adapter_id, 100, cursor, dialect=dialect)
+            found += [item for item in page.items if item.created_after(started - CLOCK_SLACK)]
+            if not page.next_cursor:
+                break
+            cursor = page.next_cursor
+        return sorted(
+            found, key=lambda item: (item.step or 0, str(item.created_at_ms or item.created_at))
+        )
+
+    def _plan_list_checkpoints(
+        self, adapter_id: str, limit: int, cursor: str | None
+    ) -> Plan[CheckpointPage]:
+        dialect = yield from self._plan_dialect_for(adapter_id)
+        return (yield ops.list_checkpoints(adapter_id, limit, cursor, dialect=dialect))
+
+    def _plan_rollouts(
+        self,
+        adapter_id: str,
+        request: AnyRequest | Mapping[str, Any],
+        num_rollouts: int,
+        ground_truth: GroundTruth | Mapping[str, Any] | None,
+    ) -> Plan[RolloutsResponse]:
+        call = RolloutCall(adapter_id, request, num_rollouts, ground_truth)
+        call.operation()  # invalid input fails before anything is sent, detection included
+        dialect = yield from self._plan_dialect_for(adapter_id)
+        return (yield call.operation(dialect))
+
+    def _plan_operations(self, calls: Iterable[RolloutCall]) -> Plan[list[ops.Operation[Any]]]:
+        calls = list(calls)
+        for call in calls:
+            call.operation()
+        dialects = {}
+        for call in calls:
+            if call.adapter_id not in dialects:
+                dialects[call.adapter_id] = yield from self._plan_dialect_for(call.adapter_id)
+        return [call.operation(dialects[call.adapter_id]) for call in calls]
+
+    def _plan_train_step(
+        self,
+        adapter_id: str,
+        groups: Sequence[Mapping[str, Any]],
+        lr: float | None,
+        extra: Mapping[str, Any],
+    ) -> Plan[TrainStepResult]:
+        ops.train_step(adapter_id, groups, lr=lr, extra=extra, dialect="finetunes")
+        dialect = yield from self._plan_dialect_for(adapter_id)
+        return (yield ops.train_step(adapter_id, groups, lr=lr, extra=extra, dialect=dialect))
+
+    def _plan_log_metrics(
+        self, adapter_id: str, step: int, metrics: Mapping[str, float]
+    ) -> Plan[int]:
+        ops.log_metrics(adapter_id, step, metrics)
+        dialect = yield from self._plan_dialect_for(adapter_id)
+        return (yield ops.log_metrics(adapter_id, step, metrics, dialect=dialect))
+
+    def _plan_read_metrics(self, adapter_id: str) -> Plan[list[dict[str, Any]]]:
+        dialect = yield from self._plan_dialect_for(adapter_id)
+        return (yield ops.read_metrics(adapter_id, dialect=dialect))
 
     @classmethod
-    def _local(cls, http_client: HttpClientT) -> Self:
+    def _local(cls, http_client: HttpClientT, dialect: DialectChoice = "auto") -> Self:
         client = cls(  # type: ignore[call-arg]
-            api_key=LOCAL_API_KEY, base_url=LOCAL_BASE_URL, http_client=http_client
+            api_key=LOCAL_API_KEY,
+            base_url=LOCAL_BASE_URL,
+            http_client=http_client,
+            dialect=dialect,
         )
         # The transport serves an app made for this client alone: close it with the client.
         client._owns_http = True
@@ -301,22 +586,31 @@ def _server_message(response: httpx.Response) -> str:
 
 
 class Adapters:
-    """``client.adapters``: create, read, list and delete adapters."""
+    """``client.adapters``: create, read, list and delete adapters (finetunes)."""
 
     def __init__(self, client: TuningClient) -> None:
         self._client = client
 
     def create(self, name: str, rank: int, from_checkpoint: str | None = None) -> Adapter:
-        """Create an adapter, optionally starting from a checkpoint ``adapter_id/chk_id``."""
-        return self._client._execute(ops.create_adapter(name, rank, from_checkpoint))
+        """Create an adapter, optionally starting from a checkpoint ``adapter_id/chk_id``.
+
+        An unknown outcome (timeout, dropped connection, 5xx) is resolved by listing
+        adapters (``/adapters`` dialect): the one created is returned, never a second.
+
+        Raises:
+            AmbiguousRequestError: If the outcome stays unknown (always on ``/finetunes``,
+                which has no list), with the name, rank and time asked.
+            UnsupportedFeatureError: ``from_checkpoint`` on ``/finetunes``.
+        """
+        return self._client._drive(self._client._plan_create(name, rank, from_checkpoint))
 
     def get(self, adapter_id: str) -> Adapter:
-        """Describe one adapter."""
-        return self._client._execute(ops.get_adapter(adapter_id))
+        """Describe one adapter; in ``auto`` this is how the dialect is found."""
+        return self._client._drive(self._client._plan_attach(adapter_id))
 
     def list(self, limit: int = 20, cursor: str | None = None) -> AdapterPage:
-        """One page of adapters, with the cursor of the next page."""
-        return self._client._execute(ops.list_adapters(limit, cursor))
+        """One page of adapters, with the cursor of the next page (``/adapters`` only)."""
+        return self._client._drive(self._client._plan_list_adapters(limit, cursor))
 
     def iter(self, limit: int = 20) -> Iterator[Adapter]:
         """Every adapter, across pages."""
@@ -330,7 +624,7 @@ class Adapters:
 
     def delete(self, adapter_id: str) -> None:
         """Delete an adapter and all its checkpoints."""
-        self._client._execute(ops.delete_adapter(adapter_id))
+        self._client._drive(self._client._plan_delete_adapter(adapter_id))
 
 
 class Checkpoints:
@@ -340,12 +634,19 @@ class Checkpoints:
         self._client = client
 
     def save(self, adapter_id: str) -> Checkpoint:
-        """Save the adapter's current state as a checkpoint."""
-        return self._client._execute(ops.save_checkpoint(adapter_id))
+        """Save the adapter's current state as a checkpoint.
+
+        An unknown outcome is resolved by listing checkpoints: the newest made since the
+        request started is returned, so exactly one checkpoint is tracked per save.
+
+        Raises:
+            AmbiguousRequestError: If no checkpoint made since then is found.
+        """
+        return self._client._drive(self._client._plan_save(adapter_id))
 
     def list(self, adapter_id: str, limit: int = 20, cursor: str | None = None) -> CheckpointPage:
         """One page of an adapter's checkpoints."""
-        return self._client._execute(ops.list_checkpoints(adapter_id, limit, cursor))
+        return self._client._drive(self._client._plan_list_checkpoints(adapter_id, limit, cursor))
 
     def iter(self, adapter_id: str, limit: int = 20) -> Iterator[Checkpoint]:
         """Every checkpoint of an adapter, across pages."""
@@ -357,9 +658,29 @@ class Checkpoints:
                 return
             cursor = page.next_cursor
 
-    def delete(self, checkpoint_id: str) -> None:
-        """Delete a checkpoint given by its full id ``adapter_id/chk_id``."""
-        self._client._execute(ops.delete_checkpoint(checkpoint_id))
+    def delete(self, ref: str) -> None:
+        """Delete a checkpoint by its ``ref``: ``adapter_id/chk_id`` or ``finetune_id@step``."""
+        self._client._execute(ops.delete_checkpoint(ref))
+
+
+class Metrics:
+    """``client.metrics``: log metrics of a train step, and read them back (``/finetunes``)."""
+
+    def __init__(self, client: TuningClient) -> None:
+        self._client = client
+
+    def log(self, adapter_id: str, step: int, metrics: Mapping[str, float]) -> int:
+        """Log named finite values for a step; returns how many the service logged.
+
+        Raises:
+            InvalidRequestError: A bad step, name or value (nothing is sent).
+            UnsupportedFeatureError: On the ``/adapters`` dialect.
+        """
+        return self._client._drive(self._client._plan_log_metrics(adapter_id, step, metrics))
+
+    def read(self, adapter_id: str) -> list[dict[str, Any]]:
+        """Every logged metric ``{step, name, value, logged_at_ms}`` (local service only)."""
+        return self._client._drive(self._client._plan_read_metrics(adapter_id))
 
 
 class TuningClient(_ClientCore[httpx.Client]):
@@ -372,6 +693,9 @@ class TuningClient(_ClientCore[httpx.Client]):
             10 s, read 120 s, and 900 s for train steps.
         max_retries: Retries of a failed request where retrying is safe.
         http_client: An ``httpx.Client`` to send through (not closed by ``close``).
+        dialect: ``"adapters"`` (the spec), ``"finetunes"`` (the Moondream SDK's wire) or
+            ``"auto"``: found by the first call, with read-only requests or a creation
+            that a missing route refuses (``client.dialect`` then says which).
 
     Raises:
         MissingAPIKeyError: If no API key is given or set.
@@ -385,6 +709,7 @@ class TuningClient(_ClientCore[httpx.Client]):
         timeout: float | httpx.Timeout | None = None,
         max_retries: int = 4,
         http_client: httpx.Client | None = None,
+        dialect: DialectChoice = "auto",
     ) -> None:
         super().__init__(
             api_key=api_key,
@@ -393,21 +718,31 @@ class TuningClient(_ClientCore[httpx.Client]):
             max_retries=max_retries,
             http_client=http_client,
             default_http_client=spread_client,
+            dialect=dialect,
         )
         self._sleep: Callable[[float], None] = time.sleep
         self.adapters = Adapters(self)
         self.checkpoints = Checkpoints(self)
+        self.metrics = Metrics(self)
 
     @classmethod
-    def local(cls, *, data_dir: str | Path | None = None, **service_options: Any) -> TuningClient:
+    def local(
+        cls,
+        *,
+        data_dir: str | Path | None = None,
+        dialect: DialectChoice = "auto",
+        **service_options: Any,
+    ) -> TuningClient:
         """A client of the local tuning service running in this process (no port).
 
         Args:
             data_dir: Where the service keeps adapters; a temporary folder by default.
+            dialect: The wire dialect to speak (the service answers both).
             **service_options: Passed to ``lightning_moondream.server.create_app``.
         """
         app, close = _local_app(data_dir, service_options)
-        return cls._local(httpx.Client(transport=InProcessTransport(app, on_close=close)))
+        transport = InProcessTransport(app, on_close=close)
+        return cls._local(httpx.Client(transport=transport), dialect)
 
     def _execute(self, operation: ops.Operation[T]) -> T:
         request = self._build_request(operation)
@@ -427,6 +762,19 @@ class TuningClient(_ClientCore[httpx.Client]):
             self._sleep(step)
             attempt += 1
 
+    def _drive(self, plan: Plan[T]) -> T:
+        try:
+            operation = next(plan)
+            while True:
+                try:
+                    result = self._execute(operation)
+                except TuningAPIError as exc:
+                    operation = plan.throw(exc)
+                else:
+                    operation = plan.send(result)
+        except StopIteration as stop:
+            return stop.value
+
     def rollouts(
         self,
         adapter_id: str,
@@ -442,7 +790,7 @@ class TuningClient(_ClientCore[httpx.Client]):
             num_rollouts: 1 to 16.
             ground_truth: For point and detect: the server then computes rewards.
         """
-        return self._execute(ops.rollouts(adapter_id, request, num_rollouts, ground_truth))
+        return self._drive(self._plan_rollouts(adapter_id, request, num_rollouts, ground_truth))
 
     def rollouts_many(
         self, calls: Iterable[RolloutCall], *, max_concurrency: int = 8
@@ -452,9 +800,9 @@ class TuningClient(_ClientCore[httpx.Client]):
         Every call is validated before any is sent. Results come in input order; the
         first failure cancels the calls not yet started and is raised.
         """
-        operations = [call.operation() for call in calls]
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
+        operations = self._drive(self._plan_operations(calls))
         with ThreadPoolExecutor(max_workers=max_concurrency) as pool:
             futures = [pool.submit(self._execute, operation) for operation in operations]
             try:
@@ -464,13 +812,31 @@ class TuningClient(_ClientCore[httpx.Client]):
                     future.cancel()
                 raise
 
-    def train_step(self, adapter_id: str, groups: Sequence[Mapping[str, Any]]) -> None:
-        """Apply one training step with scored groups (``RolloutsResponse.to_group``).
+    def train_step(
+        self,
+        adapter_id: str,
+        groups: Sequence[Mapping[str, Any]],
+        *,
+        lr: float | None = None,
+        **extra: Any,
+    ) -> TrainStepResult:
+        """Apply one training step, never repeated when its outcome is unknown.
+
+        Args:
+            adapter_id: The adapter (finetune) to train.
+            groups: RL groups (``RolloutsResponse.to_group``) or SFT groups
+                ``{"mode": "sft", "request", "target"}`` (``/finetunes`` only).
+            lr: Learning rate, finite and >= 0 (``/finetunes`` only).
+            **extra: Further ``/train_step`` fields (``/finetunes`` only).
+
+        Returns:
+            What the service said about the step; ``None`` fields where it said nothing.
 
         Raises:
             AmbiguousRequestError: If the step may or may not have been applied.
+            UnsupportedFeatureError: SFT groups, ``lr`` or extras on ``/adapters``.
         """
-        self._execute(ops.train_step(adapter_id, groups))
+        return self._drive(self._plan_train_step(adapter_id, groups, lr, extra))
 
     def close(self) -> None:
         """Close the HTTP client if this client created it."""
@@ -488,22 +854,22 @@ class TuningClient(_ClientCore[httpx.Client]):
 
 
 class AsyncAdapters:
-    """``client.adapters`` of the async client."""
+    """``client.adapters`` of the async client; see ``Adapters``."""
 
     def __init__(self, client: AsyncTuningClient) -> None:
         self._client = client
 
     async def create(self, name: str, rank: int, from_checkpoint: str | None = None) -> Adapter:
-        """Create an adapter, optionally starting from a checkpoint ``adapter_id/chk_id``."""
-        return await self._client._execute(ops.create_adapter(name, rank, from_checkpoint))
+        """Create an adapter; see ``Adapters.create``."""
+        return await self._client._drive(self._client._plan_create(name, rank, from_checkpoint))
 
     async def get(self, adapter_id: str) -> Adapter:
-        """Describe one adapter."""
-        return await self._client._execute(ops.get_adapter(adapter_id))
+        """Describe one adapter; in ``auto`` this is how the dialect is found."""
+        return await self._client._drive(self._client._plan_attach(adapter_id))
 
     async def list(self, limit: int = 20, cursor: str | None = None) -> AdapterPage:
-        """One page of adapters, with the cursor of the next page."""
-        return await self._client._execute(ops.list_adapters(limit, cursor))
+        """One page of adapters, with the cursor of the next page (``/adapters`` only)."""
+        return await self._client._drive(self._client._plan_list_adapters(limit, cursor))
 
     async def iter(self, limit: int = 20) -> AsyncIterator[Adapter]:
         """Every adapter, across pages."""
@@ -518,24 +884,26 @@ class AsyncAdapters:
 
     async def delete(self, adapter_id: str) -> None:
         """Delete an adapter and all its checkpoints."""
-        await self._client._execute(ops.delete_adapter(adapter_id))
+        await self._client._drive(self._client._plan_delete_adapter(adapter_id))
 
 
 class AsyncCheckpoints:
-    """``client.checkpoints`` of the async client."""
+    """``client.checkpoints`` of the async client; see ``Checkpoints``."""
 
     def __init__(self, client: AsyncTuningClient) -> None:
         self._client = client
 
     async def save(self, adapter_id: str) -> Checkpoint:
-        """Save the adapter's current state as a checkpoint."""
-        return await self._client._execute(ops.save_checkpoint(adapter_id))
+        """Save the adapter's current state as a checkpoint; see ``Checkpoints.save``."""
+        return await self._client._drive(self._client._plan_save(adapter_id))
 
     async def list(
         self, adapter_id: str, limit: int = 20, cursor: str | None = None
     ) -> CheckpointPage:
         """One page of an adapter's checkpoints."""
-        return await self._client._execute(ops.list_checkpoints(adapter_id, limit, cursor))
+        return await self._client._drive(
+            self._client._plan_list_checkpoints(adapter_id, limit, cursor)
+        )
 
     async def iter(self, adapter_id: str, limit: int = 20) -> AsyncIterator[Checkpoint]:
         """Every checkpoint of an adapter, across pages."""
@@ -548,9 +916,24 @@ class AsyncCheckpoints:
                 return
             cursor = page.next_cursor
 
-    async def delete(self, checkpoint_id: str) -> None:
-        """Delete a checkpoint given by its full id ``adapter_id/chk_id``."""
-        await self._client._execute(ops.delete_checkpoint(checkpoint_id))
+    async def delete(self, ref: str) -> None:
+        """Delete a checkpoint by its ``ref``: ``adapter_id/chk_id`` or ``finetune_id@step``."""
+        await self._client._execute(ops.delete_checkpoint(ref))
+
+
+class AsyncMetrics:
+    """``client.metrics`` of the async client; see ``Metrics``."""
+
+    def __init__(self, client: AsyncTuningClient) -> None:
+        self._client = client
+
+    async def log(self, adapter_id: str, step: int, metrics: Mapping[str, float]) -> int:
+        """Log named finite values for a step; see ``Metrics.log``."""
+        return await self._client._drive(self._client._plan_log_metrics(adapter_id, step, metrics))
+
+    async def read(self, adapter_id: str) -> list[dict[str, Any]]:
+        """Every logged metric (local service only)."""
+        return await self._client._drive(self._client._plan_read_metrics(adapter_id))
 
 
 class AsyncTuningClient(_ClientCore[httpx.AsyncClient]):
@@ -564,6 +947,7 @@ class AsyncTuningClient(_ClientCore[httpx.AsyncClient]):
         timeout: float | httpx.Timeout | None = None,
         max_retries: int = 4,
         http_client: httpx.AsyncClient | None = None,
+        dialect: DialectChoice = "auto",
     ) -> None:
         super().__init__(
             api_key=api_key,
@@ -572,23 +956,31 @@ class AsyncTuningClient(_ClientCore[httpx.AsyncClient]):
             max_retries=max_retries,
             http_client=http_client,
             default_http_client=async_spread_client,
+            dialect=dialect,
         )
         self._sleep: Callable[[float], Any] = asyncio.sleep
         self.adapters = AsyncAdapters(self)
         self.checkpoints = AsyncCheckpoints(self)
+        self.metrics = AsyncMetrics(self)
 
     @classmethod
     def local(
-        cls, *, data_dir: str | Path | None = None, **service_options: Any
+        cls,
+        *,
+        data_dir: str | Path | None = None,
+        dialect: DialectChoice = "auto",
+        **service_options: Any,
     ) -> AsyncTuningClient:
         """An async client of the local tuning service running in this process.
 
         Args:
             data_dir: Where the service keeps adapters; a temporary folder by default.
+            dialect: The wire dialect to speak (the service answers both).
             **service_options: Passed to ``lightning_moondream.server.create_app``.
         """
         app, close = _local_app(data_dir, service_options)
-        return cls._local(httpx.AsyncClient(transport=InProcessAsyncTransport(app, on_close=close)))
+        transport = InProcessAsyncTransport(app, on_close=close)
+        return cls._local(httpx.AsyncClient(transport=transport), dialect)
 
     async def _execute(self, operation: ops.Operation[T]) -> T:
         request = self._build_request(operation)
@@ -608,6 +1000,19 @@ class AsyncTuningClient(_ClientCore[httpx.AsyncClient]):
             await self._sleep(step)
             attempt += 1
 
+    async def _drive(self, plan: Plan[T]) -> T:
+        try:
+            operation = next(plan)
+            while True:
+                try:
+                    result = await self._execute(operation)
+                except TuningAPIError as exc:
+                    operation = plan.throw(exc)
+                else:
+                    operation = plan.send(result)
+        except StopIteration as stop:
+            return stop.value
+
     async def rollouts(
         self,
         adapter_id: str,
@@ -616,7 +1021,9 @@ class AsyncTuningClient(_ClientCore[httpx.AsyncClient]):
         ground_truth: GroundTruth | Mapping[str, Any] | None = None,
     ) -> RolloutsResponse:
         """Sample ``num_rollouts`` attempts at a request; see ``TuningClient.rollouts``."""
-        return await self._execute(ops.rollouts(adapter_id, request, num_rollouts, ground_truth))
+        return await self._drive(
+            self._plan_rollouts(adapter_id, request, num_rollouts, ground_truth)
+        )
 
     async def rollouts_many(
         self, calls: Iterable[RolloutCall], *, max_concurrency: int = 8
@@ -627,9 +1034,9 @@ class AsyncTuningClient(_ClientCore[httpx.AsyncClient]):
         first failure cancels the others and is raised. From synchronous code, run it on
         a ``BackgroundLoop`` (``loop.run(client.rollouts_many(calls))``) or ``asyncio.run``.
         """
-        operations = [call.operation() for call in calls]
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
+        operations = await self._drive(self._plan_operations(calls))
         limit = asyncio.Semaphore(max_concurrency)
 
         async def bounded(operation: ops.Operation[RolloutsResponse]) -> RolloutsResponse:
@@ -645,9 +1052,16 @@ class AsyncTuningClient(_ClientCore[httpx.AsyncClient]):
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
 
-    async def train_step(self, adapter_id: str, groups: Sequence[Mapping[str, Any]]) -> None:
+    async def train_step(
+        self,
+        adapter_id: str,
+        groups: Sequence[Mapping[str, Any]],
+        *,
+        lr: float | None = None,
+        **extra: Any,
+    ) -> TrainStepResult:
         """Apply one training step; see ``TuningClient.train_step``."""
-        await self._execute(ops.train_step(adapter_id, groups))
+        return await self._drive(self._plan_train_step(adapter_id, groups, lr, extra))
 
     async def close(self) -> None:
         """Close the HTTP client if this client created it."""

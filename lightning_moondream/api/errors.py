@@ -93,10 +93,10 @@ class AmbiguousRequestError(TuningAPIError):
         cause: The underlying failure (a timeout, a dropped connection, a 5xx).
     """
 
-    def __init__(self, operation: str, cause: TuningAPIError) -> None:
+    def __init__(self, operation: str, cause: TuningAPIError, *, facts: str = "") -> None:
         super().__init__(
             f"{operation} failed ({cause.message}); it may or may not have been applied, and it "
-            "was not retried so that it cannot be applied twice",
+            "was not retried so that it cannot be applied twice" + (f"; {facts}" if facts else ""),
             status_code=cause.status_code,
             request_id=cause.request_id,
         )
@@ -123,3 +123,17 @@ def error_class_for_status(status_code: int) -> type[TuningAPIError]:
     if status_code >= 500:
         return ServerError
     return InvalidRequestError if 400 <= status_code < 500 else ServerError
+
+
+class UnsupportedFeatureError(TuningAPIError):
+    """The dialect the service speaks cannot carry this feature; nothing was sent.
+
+    Attributes:
+        feature: What was asked for, e.g. ``"SFT groups"``.
+        dialect: The dialect that cannot carry it.
+    """
+
+    def __init__(self, feature: str, dialect: str) -> None:
+        super().__init__(f"{feature} is not supported by the /{dialect} dialect of the tuning API")
+        self.feature = feature
+        self.dialect = dialect

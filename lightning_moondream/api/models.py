@@ -88,9 +88,50 @@ class Settings(BaseModel):
     max_objects: int | None = Field(None, ge=1, le=100)
 
 
+def check_spatial_ref(ref: Any) -> list[float]:
+    """Return a spatial reference if valid: a point ``[x, y]`` or a box ``[x1, y1, x2, y2]``.
+
+    Coordinates are normalized to 0-1; a box must have ``x1 < x2`` and ``y1 < y2``.
+
+    Raises:
+        ValueError: Saying what is wrong with the reference.
+    """
+    if isinstance(ref, (str, bytes, Mapping)) or not isinstance(ref, Sequence):
+        raise ValueError(f"must be a list of 2 or 4 numbers, got {ref!r}")
+    if len(ref) not in (2, 4):
+        raise ValueError(f"must hold 2 numbers (a point) or 4 (a box), got {len(ref)}")
+    values = []
+    for value in ref:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"coordinates must be numbers, got {value!r}")
+        if not math.isfinite(value) or not 0.0 <= value <= 1.0:
+            raise ValueError(f"coordinates must be finite and within 0 to 1, got {value!r}")
+        values.append(float(value))
+    if len(values) == 4 and not (values[0] < values[2] and values[1] < values[3]):
+        raise ValueError(f"a box must have x1 < x2 and y1 < y2, got {values}")
+    return values
+
+
 class _RequestBase(BaseModel):
     model_config = _STRICT
     settings: Settings | None = None
+    spatial_refs: list[list[float]] | None = Field(None, max_length=100)
+    """Points ``[x, y]`` or boxes ``[x1, y1, x2, y2]`` (0-1) the request refers to."""
+
+    @field_validator("spatial_refs", mode="before")
+    @classmethod
+    def _check_spatial_refs(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Sequence):
+            raise ValueError("must be a list of points [x, y] or boxes [x1, y1, x2, y2]")
+        checked = []
+        for index, ref in enumerate(value):
+            try:
+                checked.append(check_spatial_ref(ref))
+            except ValueError as exc:
+                raise ValueError(f"spatial_refs[{index}] {exc}") from exc
+        return checked
 
     @field_validator("image_url", mode="before", check_fields=False)
     @classmethod
@@ -135,6 +176,8 @@ class QueryRequest(_RequestBase):
     skill: Literal["query"] = "query"
     question: str = Field(min_length=1, max_length=4096)
     image_url: str | None = None
+    reasoning: bool | None = None
+    """Ask for the reasoning behind the answer (the ``/finetunes`` dialect carries it)."""
 
 
 class PointRequest(_RequestBase):
@@ -284,21 +327,118 @@ class Adapter(BaseModel):
     name: str
     rank: int
     created_at: datetime | str | None = None
+    created_at_ms: int | None = None
     train_steps: int | None = None
     """Train steps applied so far, where the server reports it (the local service does)."""
 
+    def created_after(self, started: datetime) -> bool:
+        """Tell whether the server says this adapter was made at or after ``started``."""
+        return _created_after(self.created_at, self.created_at_ms, started)
+
+    @classmethod
+    def from_finetune(cls, data: Any) -> Adapter:
+        """Read a finetune of the ``/finetunes`` dialect, wrapped in ``finetune`` or not."""
+        if isinstance(data, Mapping) and isinstance(data.get("finetune"), Mapping):
+            data = data["finetune"]
+        if not isinstance(data, Mapping) or "finetune_id" not in data:
+            raise ValueError("the answer holds no finetune object with a finetune_id")
+        return cls.model_validate({"adapter_id": data["finetune_id"], **data})
+
+
+FINETUNE_MODEL = "moondream3-preview"
+"""The base model of ``/finetunes`` inference ids: ``moondream3-preview/{finetune_id}@{step}``."""
+
 
 class Checkpoint(BaseModel):
-    """A saved adapter state; ``checkpoint_id`` is ``adapter_id/chk_id``."""
+    """A saved adapter state, from either dialect.
+
+    In the ``/adapters`` dialect ``checkpoint_id`` is ``adapter_id/chk_id``; in the
+    ``/finetunes`` dialect a checkpoint belongs to ``finetune_id`` and is named by its
+    ``step``. ``ref`` is the one string that names it in both (``checkpoints.delete``).
+    """
 
     model_config = ConfigDict(extra="allow")
     checkpoint_id: str
-    created_at: datetime | str
+    created_at: datetime | str | None = None
+    finetune_id: str | None = None
+    step: int | None = None
+    expires_at_ms: int | None = None
+    created_at_ms: int | None = None
 
     @property
     def adapter_id(self) -> str:
-        """The adapter this checkpoint belongs to."""
+        """The adapter (or finetune) this checkpoint belongs to."""
+        if self.finetune_id is not None:
+            return self.finetune_id
         return split_checkpoint_id(self.checkpoint_id)[0]
+
+    @property
+    def ref(self) -> str:
+        """``adapter_id/chk_id`` (``/adapters``) or ``finetune_id@step`` (``/finetunes``)."""
+        if self.finetune_id is not None and self.step is not None:
+            return f"{self.finetune_id}@{self.step}"
+        return self.checkpoint_id
+
+    @property
+    def model_id(self) -> str | None:
+        """The inference model id of a ``/finetunes`` checkpoint, else ``None``."""
+        if self.finetune_id is None or self.step is None:
+            return None
+        return f"{FINETUNE_MODEL}/{self.ref}"
+
+    def created_after(self, started: datetime) -> bool:
+        """Tell whether the server says this checkpoint was made at or after ``started``."""
+        return _created_after(self.created_at, self.created_at_ms, started)
+
+
+class TrainStepResult(BaseModel):
+    """What the server said about a train step; ``None`` where it said nothing."""
+
+    model_config = ConfigDict(extra="allow")
+    step: int | None = None
+    applied: bool | None = None
+    kl: float | None = None
+    router_kl: float | None = None
+    grad_norm: float | None = None
+    sft_loss: float | None = None
+    reward_mean: float | None = None
+    reward_std: float | None = None
+
+
+def _created_after(
+    created_at: datetime | str | None, created_at_ms: int | None, started: datetime
+) -> bool:
+    if created_at_ms is not None:
+        return created_at_ms >= started.timestamp() * 1000
+    if isinstance(created_at, str):
+        try:
+            created_at = datetime.fromisoformat(created_at.replace("Z", "+00:00"))
+        except ValueError:
+            return False
+    if not isinstance(created_at, datetime):
+        return False
+    if created_at.tzinfo is None:
+        created_at = created_at.replace(tzinfo=started.tzinfo)
+    return created_at >= started
+
+
+def split_checkpoint_ref(ref: str) -> tuple[str, str | int]:
+    """Split a checkpoint reference: ``adapter_id/chk_id`` or ``finetune_id@step``.
+
+    Returns:
+        ``(adapter_id, chk_id)`` or ``(finetune_id, step)``.
+
+    Raises:
+        ValueError: If the reference has neither form.
+    """
+    if isinstance(ref, str) and "/" not in ref and "@" in ref:
+        finetune_id, _, step = ref.rpartition("@")
+        if finetune_id and step.isdigit():
+            return finetune_id, int(step)
+        raise ValueError(f"checkpoint ref must look like 'finetune_id@step', got {ref!r}")
+    if not isinstance(ref, str):
+        raise ValueError(f"checkpoint ref must be a string, got {ref!r}")
+    return split_checkpoint_id(ref)
 
 
 class Page(BaseModel):
@@ -372,8 +512,16 @@ class Rollout:
 
     @property
     def boxes(self) -> list[Box]:
-        """The boxes of a detect rollout (empty for other skills)."""
-        return [Box.model_validate(box) for box in self.output.get("boxes") or []]
+        """The boxes of a detect rollout: ``boxes``, or ``objects`` in the ``/finetunes`` wire."""
+        output = self.output
+        boxes = output.get("boxes") if output.get("boxes") is not None else output.get("objects")
+        return [Box.model_validate(box) for box in boxes or []]
+
+    @property
+    def reasoning(self) -> dict[str, Any] | None:
+        """The reasoning ``{text, grounding}`` of a query asked with ``reasoning``."""
+        reasoning = self.output.get("reasoning")
+        return reasoning if isinstance(reasoning, dict) else None
 
     def __repr__(self) -> str:
         return f"Rollout(skill={self.skill!r}, output={self.output!r})"
@@ -467,22 +615,78 @@ def check_rewards(rewards: Any, expected: int, *, where: str) -> list[float]:
     return checked
 
 
-def check_groups(groups: Sequence[Mapping[str, Any]]) -> list[TrainGroup]:
+def check_sft_target(skill: str, target: Any) -> dict[str, Any]:
+    """Validate the target of an SFT group for a skill.
+
+    Query takes ``{answer, reasoning?}``; point ``{points}`` or ``{boxes}``; detect
+    ``{boxes}``. Points and boxes are checked as ground truth is.
+
+    Raises:
+        ValueError: Saying what is wrong with the target.
+        pydantic.ValidationError: Naming the coordinate that is wrong.
+    """
+    if not isinstance(target, Mapping):
+        raise ValueError("target must be an object")
+    if skill == "query":
+        answer = target.get("answer")
+        if not isinstance(answer, str) or not answer:
+            raise ValueError("target.answer must be a non-empty string")
+        unknown = set(target) - {"answer", "reasoning"}
+        if unknown:
+            raise ValueError(f"target has unknown fields for query: {sorted(unknown)}")
+        reasoning = target.get("reasoning")
+        if reasoning is not None and not isinstance(reasoning, (str, Mapping)):
+            raise ValueError("target.reasoning must be text or a reasoning object")
+        return dict(target)
+    truth = parse_ground_truth(skill, target)
+    assert truth is not None  # a Mapping target is never None
+    return truth.model_dump(mode="json", exclude_none=True)
+
+
+def check_groups(
+    groups: Sequence[Mapping[str, Any]], *, allow_sft: bool = False
+) -> list[dict[str, Any]]:
     """Validate ``/train_step`` groups before sending them.
+
+    A group is an RL group ``{request, rollouts, rewards}`` (``mode`` ``"rl"`` or absent)
+    or, with ``allow_sft``, an SFT group ``{mode: "sft", request, target}``. RL groups
+    come back without a ``mode``, SFT groups with it: each dialect's route adds what its
+    wire needs.
+
+    Args:
+        groups: The groups.
+        allow_sft: Accept SFT groups (the ``/finetunes`` wire); refused otherwise, so a
+            reader of the ``/adapters`` wire only ever gets RL groups.
 
     Raises:
         ValueError: Naming the group and field that is wrong.
     """
     if isinstance(groups, Mapping) or not isinstance(groups, Sequence) or not groups:
         raise ValueError("groups must be a non-empty list of train groups")
-    checked: list[TrainGroup] = []
+    checked: list[dict[str, Any]] = []
     for index, group in enumerate(groups):
         where = f"groups[{index}]"
         if not isinstance(group, Mapping):
             raise ValueError(f"{where} must be an object with request, rollouts and rewards")
-        request, rollouts = group.get("request"), group.get("rollouts")
+        mode = group.get("mode", "rl")
+        if mode not in (("rl", "sft") if allow_sft else ("rl",)):
+            allowed = "'rl' or 'sft'" if allow_sft else "'rl' (SFT groups need /finetunes)"
+            raise ValueError(f"{where}.mode must be {allowed}, got {mode!r}")
+        request = group.get("request")
         if not isinstance(request, dict) or request.get("skill") not in SKILLS:
             raise ValueError(f"{where}.request must be the echoed request of a known skill")
+        if mode == "sft":
+            if "target" not in group:
+                raise ValueError(f"{where}: an SFT group needs a target")
+            try:
+                target = check_sft_target(request["skill"], group["target"])
+            except ValidationError as exc:
+                raise ValueError(f"{where}: {validation_message(exc, 'target')}") from exc
+            except (ValueError, TypeError) as exc:
+                raise ValueError(f"{where}: {exc}") from exc
+            checked.append({"mode": "sft", "request": request, "target": target})
+            continue
+        rollouts = group.get("rollouts")
         if not isinstance(rollouts, list) or not rollouts:
             raise ValueError(f"{where}.rollouts must be the non-empty list of rollouts received")
         if not all(isinstance(rollout, dict) for rollout in rollouts):

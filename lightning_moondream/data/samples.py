@@ -68,12 +68,40 @@ def _box_dicts(boxes: Sequence[Box]) -> list[dict[str, float]]:
     return [box.model_dump() for box in boxes]
 
 
+def _refs(refs: Sequence[Sequence[float]] | None) -> list[list[float]] | None:
+    return None if refs is None else [list(ref) for ref in refs]
+
+
 class _ImageCarrier:
     """What every sample does with its image: count it and encode it once."""
 
     image: ImageInput | None
     image_size: tuple[int, int] | None
     id: str
+    spatial_refs: tuple[tuple[float, ...], ...] | None
+
+    def to_request(self, settings: Settings | None = None) -> AnyRequest:
+        """Build the request of this sample's skill."""
+        raise NotImplementedError
+
+    def target(self) -> dict[str, Any]:
+        """The sample's ground truth as plain JSON."""
+        raise NotImplementedError
+
+    def sft_target(self) -> dict[str, Any]:
+        """The target of an SFT group: the sample's points or boxes."""
+        return self.target()
+
+    def sft_group(self, settings: Settings | None = None) -> dict[str, Any]:
+        """Build a supervised ``/train_step`` group ``{mode: "sft", request, target}``.
+
+        SFT groups travel only on the ``/finetunes`` dialect.
+        """
+        return {
+            "mode": "sft",
+            "request": self.to_request(settings).to_json(),
+            "target": self.sft_target(),
+        }
 
     @property
     def image_bytes(self) -> int:
@@ -123,6 +151,7 @@ class DetectSample(_ImageCarrier):
         boxes: True boxes, normalized; empty when the object is absent.
         id: An identifier naming the source, for messages and logs.
         image_size: Displayed ``(width, height)`` of the image, when known.
+        spatial_refs: Points or boxes (0-1) the request refers to (``/finetunes``).
     """
 
     skill: ClassVar[str] = "detect"
@@ -131,6 +160,7 @@ class DetectSample(_ImageCarrier):
     boxes: tuple[Box, ...]
     id: str = ""
     image_size: tuple[int, int] | None = None
+    spatial_refs: tuple[tuple[float, ...], ...] | None = None
 
     @classmethod
     def from_pixels(
@@ -181,7 +211,12 @@ class DetectSample(_ImageCarrier):
     def to_request(self, settings: Settings | None = None) -> AnyRequest:
         """Build the detect request; encodes the image if it is not encoded yet."""
         return DetectRequest.model_validate(
-            {"object": self.object, "image_url": self.image, "settings": settings}
+            {
+                "object": self.object,
+                "image_url": self.image,
+                "settings": settings,
+                "spatial_refs": _refs(self.spatial_refs),
+            }
         )
 
     def ground_truth(self) -> GroundTruth | None:
@@ -206,6 +241,7 @@ class PointSample(_ImageCarrier):
         boxes: Boxes that contain a correct point, normalized.
         id: An identifier naming the source.
         image_size: Displayed ``(width, height)`` of the image, when known.
+        spatial_refs: Points or boxes (0-1) the request refers to (``/finetunes``).
     """
 
     skill: ClassVar[str] = "point"
@@ -215,6 +251,7 @@ class PointSample(_ImageCarrier):
     boxes: tuple[Box, ...] | None = None
     id: str = ""
     image_size: tuple[int, int] | None = None
+    spatial_refs: tuple[tuple[float, ...], ...] | None = None
 
     def __post_init__(self) -> None:
         if (self.points is None) == (self.boxes is None):
@@ -278,6 +315,7 @@ class PointSample(_ImageCarrier):
                 "object": self.object,
                 "image_url": self.image,
                 "settings": _without_max_objects(settings),
+                "spatial_refs": _refs(self.spatial_refs),
             }
         )
 
@@ -305,6 +343,10 @@ class QuerySample(_ImageCarrier):
             ground truth for query).
         id: An identifier naming the source.
         image_size: Displayed ``(width, height)`` of the image, when known.
+        spatial_refs: Points ``(x, y)`` or boxes ``(x1, y1, x2, y2)`` (0-1) the question
+            refers to (``/finetunes`` dialect).
+        reasoning: Ask for reasoning with the answer (``/finetunes`` dialect).
+        reasoning_text: Reasoning to teach with the first answer in SFT groups.
     """
 
     skill: ClassVar[str] = "query"
@@ -313,6 +355,9 @@ class QuerySample(_ImageCarrier):
     answers: tuple[str, ...]
     id: str = ""
     image_size: tuple[int, int] | None = None
+    spatial_refs: tuple[tuple[float, ...], ...] | None = None
+    reasoning: bool = False
+    reasoning_text: str | None = None
 
     @property
     def label(self) -> str:
@@ -326,6 +371,8 @@ class QuerySample(_ImageCarrier):
                 "question": self.question,
                 "image_url": self.image,
                 "settings": _without_max_objects(settings),
+                "spatial_refs": _refs(self.spatial_refs),
+                "reasoning": self.reasoning or None,
             }
         )
 
@@ -336,6 +383,19 @@ class QuerySample(_ImageCarrier):
     def target(self) -> dict[str, Any]:
         """``{"answers": [...]}``, for reward functions and metrics."""
         return {"answers": list(self.answers)}
+
+    def sft_target(self) -> dict[str, Any]:
+        """``{answer, reasoning?}``: the first accepted answer, with ``reasoning_text``.
+
+        Raises:
+            ValueError: If the sample has no accepted answer to teach.
+        """
+        if not self.answers:
+            raise ValueError(f"query sample {self.id!r} has no answer to build an SFT target")
+        target: dict[str, Any] = {"answer": self.answers[0]}
+        if self.reasoning_text is not None:
+            target["reasoning"] = self.reasoning_text
+        return target
 
 
 Sample = DetectSample | PointSample | QuerySample
