@@ -1,0 +1,184 @@
+"""The ``/finetunes`` dialect of the local service, driven by Moondream's own SDK."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import moondream  # a missing SDK must fail these tests, not skip them
+import pytest
+
+from lightning_moondream.data import synthetic
+from lightning_moondream.server import create_app
+from lightning_moondream.server.codec import REASONING_VOCAB
+from tests.support import serving
+
+KEY = "finetunes-test-key"
+
+
+@pytest.fixture(scope="module")
+def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    app = create_app(
+        data_dir=tmp_path_factory.mktemp("finetunes"), checkpoint_retention=3600, seed=3
+    )
+    with serving(app) as url:
+        yield url
+
+
+def _scene(index: int) -> tuple[Any, str, list[tuple[float, float, float, float]]]:
+    scene = synthetic.make_scene(synthetic.split_seed("test", index))
+    phrase, boxes = synthetic.detect_tasks(scene)[0]
+    return scene.image, phrase, boxes
+
+
+def test_sdk_drives_a_whole_finetune(base_url: str) -> None:
+    image, phrase, boxes = _scene(0)
+    truth = {"boxes": [dict(zip(("x_min", "y_min", "x_max", "y_max"), b)) for b in boxes]}
+    ft = moondream.ft(KEY, name="sdk-run", rank=16, endpoint=base_url)
+    again = moondream.ft(KEY, finetune_id=ft.finetune_id, endpoint=base_url)
+    assert (again.finetune_id, again.name, again.rank) == (ft.finetune_id, "sdk-run", 16)
+
+    query = ft.rollouts(
+        "query",
+        image=image,
+        question="what color is the shape?",
+        num_rollouts=3,
+        reasoning=True,
+        spatial_refs=[[0.2, 0.3], [0.1, 0.1, 0.5, 0.6]],
+    )
+    for rollout in query["rollouts"]:
+        reasoning = rollout["output"]["reasoning"]
+        words = reasoning["text"].lower().replace(",", "").replace(".", "").split()
+        assert [REASONING_VOCAB[token] for token in rollout["thinking_tokens"]] == words
+        assert (
+            words[-len(rollout["output"]["answer"].split()) :]
+            == rollout["output"]["answer"].split()
+        )
+        (grounding,) = reasoning["grounding"]
+        assert (
+            reasoning["text"][grounding["start_idx"] : grounding["end_idx"]] == "the marked region"
+        )
+        assert grounding["points"] == [[0.2, 0.3], [0.3, 0.35]]
+        assert rollout["has_answer_separator"] is True
+        assert rollout["finish_reason"] in ("stop", "length")
+    point = ft.rollouts(
+        "point", image=image, object=phrase, num_rollouts=2, spatial_refs=[[0.5, 0.5]]
+    )
+    assert all("points" in rollout["output"] for rollout in point["rollouts"])
+    assert all(rollout["thinking_tokens"] == [] for rollout in point["rollouts"])
+    detect = ft.rollouts("detect", image=image, object=phrase, num_rollouts=4, ground_truth=truth)
+    assert len(detect["rewards"]) == 4
+    for rollout in detect["rollouts"]:
+        objects = rollout["output"]["objects"]
+        assert "boxes" not in rollout["output"]
+        assert rollout["sizes"] == [
+            pytest.approx([box["x_max"] - box["x_min"], box["y_max"] - box["y_min"]])
+            for box in objects
+        ]
+
+    requests = [
+        (
+            index,
+            {
+                "skill": "detect",
+                "image": _scene(index)[0],
+                "object": _scene(index)[1],
+                "num_rollouts": 4,
+            },
+        )
+        for index in range(5)
+    ]
+    streamed = dict(ft.rollout_stream(requests, max_concurrency=3))
+    assert sorted(streamed) == list(range(5))
+
+    rl = {
+        "mode": "rl",
+        "request": detect["request"],
+        "rollouts": detect["rollouts"],
+        "rewards": [0.0, 1.0, 0.5, 0.25],
+    }
+    sft = {
+        "mode": "sft",
+        "request": {"skill": "detect", "image": image, "object": phrase},
+        "target": truth,
+    }
+    first = ft.train_step([rl, sft], lr=1e-3)
+    assert first["step"] == 1 and first["applied"] is True
+    assert first["kl"] > 0 and first["grad_norm"] > 0 and first["sft_loss"] > 0
+    assert first["router_kl"] is None
+    assert first["reward_mean"] == pytest.approx(0.4375)
+    assert first["reward_std"] == pytest.approx(math.sqrt(0.546875 / 4))
+    second = ft.train_step([sft], lr=1e-3)
+    assert second["step"] == 2 and second["reward_mean"] is None
+    assert second["sft_loss"] < first["sft_loss"]
+
+    assert ft.log_metrics(2, {"reward": 0.5, "loss": 1.25}) == {
+        "ok": True,
+        "step": 2,
+        "logged_count": 2,
+    }
+    metrics = httpx.get(
+        f"{base_url}/finetunes/{ft.finetune_id}/metrics", headers={"X-Moondream-Auth": KEY}
+    ).json()
+    assert [(m["step"], m["name"], m["value"]) for m in metrics["metrics"]] == [
+        (2, "loss", 1.25),
+        (2, "reward", 0.5),
+    ]
+
+    saved = ft.save_checkpoint()
+    assert saved["ok"] is True and saved["checkpoint"]["step"] == 2
+    checkpoint = saved["checkpoint"]
+    assert checkpoint["expires_at_ms"] == checkpoint["created_at_ms"] + 3_600_000
+    listed = ft.list_checkpoints()
+    assert [c["step"] for c in listed["checkpoints"]] == [2] and listed["has_more"] is False
+    ft.delete_checkpoint(2)
+    assert ft.list_checkpoints()["checkpoints"] == []
+    assert ft.model(2) == f"moondream3-preview/{ft.finetune_id}@2"
+
+    ft.delete()
+    with pytest.raises(Exception, match="404"):
+        moondream.ft(KEY, finetune_id=ft.finetune_id, endpoint=base_url)
+
+
+def test_same_adapter_through_both_dialects(base_url: str) -> None:
+    image, phrase, _ = _scene(1)
+    ft = moondream.ft(KEY, name="both", rank=32, endpoint=base_url)
+    headers = {"X-Moondream-Auth": KEY}
+    adapter = httpx.get(f"{base_url}/adapters/{ft.finetune_id}", headers=headers).json()
+    assert adapter["name"] == "both" and adapter["train_steps"] == 0
+    answer = ft.rollouts("detect", image=image, object=phrase, num_rollouts=4)
+    # A rollout sampled through one dialect trains through the other.
+    group = {"request": answer["request"], "rollouts": answer["rollouts"], "rewards": [1, 0, 0, 0]}
+    step = httpx.post(
+        f"{base_url}/train_step",
+        headers=headers,
+        json={"adapter_id": ft.finetune_id, "groups": [group]},
+    )
+    assert step.status_code == 200 and step.json() == {}
+    finetune = httpx.get(f"{base_url}/finetunes/{ft.finetune_id}", headers=headers).json()
+    assert finetune["finetune"]["train_steps"] == 1
+    saved = httpx.post(f"{base_url}/adapters/{ft.finetune_id}/checkpoint", headers=headers).json()
+    assert [c["checkpoint_id"] for c in ft.list_checkpoints()["checkpoints"]] == [
+        saved["checkpoint_id"]
+    ]
+
+
+def test_dialects_can_be_served_alone(tmp_path: Path) -> None:
+    headers = {"X-Moondream-Auth": KEY}
+    only = create_app(data_dir=tmp_path, policy="constant", dialect="finetunes")
+    transport = httpx.ASGITransport(app=only)
+
+    async def calls() -> tuple[int, int]:
+        async with httpx.AsyncClient(transport=transport, base_url="http://t/v1/tuning") as client:
+            made = await client.post("/finetunes", json={"name": "x", "rank": 16}, headers=headers)
+            adapters = await client.get("/adapters", headers=headers)
+            return made.status_code, adapters.status_code
+
+    import asyncio
+
+    assert asyncio.run(calls()) == (200, 404)
+    with pytest.raises(ValueError, match="dialect"):
+        create_app(data_dir=tmp_path, dialect="v2")
