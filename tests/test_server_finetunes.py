@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +14,7 @@ import moondream  # a missing SDK must fail these tests, not skip them
 import pytest
 
 from lightning_moondream.data import synthetic
+from lightning_moondream.images import encode_image
 from lightning_moondream.server import create_app
 from lightning_moondream.server.codec import REASONING_VOCAB
 from tests.support import serving
@@ -36,7 +39,9 @@ def _scene(index: int) -> tuple[Any, str, list[tuple[float, float, float, float]
 
 def test_sdk_drives_a_whole_finetune(base_url: str) -> None:
     image, phrase, boxes = _scene(0)
-    truth = {"boxes": [dict(zip(("x_min", "y_min", "x_max", "y_max"), b)) for b in boxes]}
+    truth = {
+        "boxes": [dict(zip(("x_min", "y_min", "x_max", "y_max"), b, strict=True)) for b in boxes]
+    }
     ft = moondream.ft(KEY, name="sdk-run", rank=16, endpoint=base_url)
     again = moondream.ft(KEY, finetune_id=ft.finetune_id, endpoint=base_url)
     assert (again.finetune_id, again.name, again.rank) == (ft.finetune_id, "sdk-run", 16)
@@ -177,8 +182,117 @@ def test_dialects_can_be_served_alone(tmp_path: Path) -> None:
             adapters = await client.get("/adapters", headers=headers)
             return made.status_code, adapters.status_code
 
-    import asyncio
-
     assert asyncio.run(calls()) == (200, 404)
     with pytest.raises(ValueError, match="dialect"):
         create_app(data_dir=tmp_path, dialect="v2")
+
+
+def _sft(split: str, index: int) -> dict[str, Any]:
+    image, phrase, boxes = _scene(index) if split == "test" else _train_scene(index)
+    target = {
+        "boxes": [dict(zip(("x_min", "y_min", "x_max", "y_max"), b, strict=True)) for b in boxes]
+    }
+    return {
+        "mode": "sft",
+        "request": {"skill": "detect", "image": image, "object": phrase},
+        "target": target,
+    }
+
+
+def _train_scene(index: int) -> tuple[Any, str, list[tuple[float, float, float, float]]]:
+    scene = synthetic.make_scene(synthetic.split_seed("train", index))
+    phrase, boxes = synthetic.detect_tasks(scene)[0]
+    return scene.image, phrase, boxes
+
+
+def test_sft_teaches_held_out_targets_and_lr_sets_the_size(base_url: str) -> None:
+    ft = moondream.ft(KEY, name="sft", rank=16, endpoint=base_url)
+    held_out = [_sft("test", index) for index in range(4)]
+    measured = ft.train_step(held_out, lr=0)
+    # lr 0 measures without changing anything: not applied, not counted, no movement.
+    assert measured["applied"] is False and measured["step"] == 0 and measured["kl"] == 0.0
+    assert ft.train_step(held_out, lr=0)["sft_loss"] == pytest.approx(measured["sft_loss"])
+    train = [_sft("train", index) for index in range(8)]
+    for _ in range(8):
+        report = ft.train_step(train, lr=3e-3)
+        assert report["applied"] is True and report["kl"] > 0
+    after = ft.train_step(held_out, lr=0)
+    assert after["step"] == 8
+    assert after["sft_loss"] < measured["sft_loss"] - 1.0, (measured, after)
+
+    small = moondream.ft(KEY, name="small", rank=16, endpoint=base_url).train_step(train, lr=1e-4)
+    large = moondream.ft(KEY, name="large", rank=16, endpoint=base_url).train_step(train, lr=1e-2)
+    assert large["kl"] > 10 * small["kl"] > 0
+    assert large["grad_norm"] > 0 and small["grad_norm"] > 0
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        (lambda body: body["groups"][0].pop("target"), "groups[0].target"),
+        (lambda body: body.update(lr=-0.1), "lr"),
+        (lambda body: body.update(lr="fast"), "lr"),
+        (lambda body: body["groups"][0].update(target={"answer": "red"}), "groups[0].target"),
+        (lambda body: body["groups"][0].update(mode="dpo"), "groups[0].mode"),
+        (
+            lambda body: body["groups"][0]["request"].update(reasoning=True),
+            "groups[0].request.reasoning",
+        ),
+        (
+            lambda body: body["groups"][0]["request"].update(spatial_refs=[[0.5, 0.2, 0.1, 0.9]]),
+            "groups[0].request.spatial_refs[0]",
+        ),
+    ],
+)
+def test_bad_train_steps_are_refused_naming_the_field(
+    base_url: str, change: Any, field: str
+) -> None:
+    headers = {"X-Moondream-Auth": KEY}
+    ft = moondream.ft(KEY, name="bad", rank=16, endpoint=base_url)
+    image, phrase, _ = _scene(2)
+    body: dict[str, Any] = {
+        "finetune_id": ft.finetune_id,
+        "lr": 1e-3,
+        "groups": [
+            {
+                "mode": "sft",
+                "request": {"skill": "detect", "object": phrase, "image_url": encode_image(image)},
+                "target": {"boxes": [{"x_min": 0.1, "y_min": 0.1, "x_max": 0.4, "y_max": 0.5}]},
+            }
+        ],
+    }
+    change(body)
+    response = httpx.post(f"{base_url}/train_step", json=body, headers=headers)
+    assert response.status_code == 422
+    assert response.json()["error"]["message"].startswith(field)
+    assert ft_steps(base_url, ft.finetune_id) == 0
+
+
+def ft_steps(base_url: str, finetune_id: str) -> int:
+    answer = httpx.get(f"{base_url}/finetunes/{finetune_id}", headers={"X-Moondream-Auth": KEY})
+    return int(answer.json()["finetune"]["train_steps"])
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"step": 1, "metrics": {"loss": float("nan")}}, "metrics.loss"),
+        ({"step": -1, "metrics": {"loss": 1.0}}, "step"),
+        ({"step": 1, "metrics": {" ": 1.0}}, "metrics"),
+        ({"step": 1.5, "metrics": {"loss": 1.0}}, "step"),
+    ],
+)
+def test_bad_metrics_are_refused_and_not_stored(
+    base_url: str, body: dict[str, Any], field: str
+) -> None:
+    headers = {"X-Moondream-Auth": KEY}
+    ft = moondream.ft(KEY, name="metrics", rank=16, endpoint=base_url)
+    url = f"{base_url}/finetunes/{ft.finetune_id}/metrics"
+    response = httpx.post(
+        url, content=json.dumps(body), headers={**headers, "content-type": "application/json"}
+    )
+    assert response.status_code == 422
+    assert response.json()["error"]["message"].startswith(field)
+    assert httpx.get(url, headers=headers).json() == {"metrics": []}
+    with pytest.raises(Exception, match="422"):
+        ft.log_metrics(1, {"loss": float("inf")})
