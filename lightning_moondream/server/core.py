@@ -23,13 +23,13 @@ import random
 import statistics
 import threading
 from collections import OrderedDict
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import anyio
 import torch
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
@@ -236,6 +236,19 @@ class StepReport:
             "reward_mean": self.reward_mean,
             "reward_std": self.reward_std,
         }
+
+
+def rollouts_response(
+    request: dict[str, Any],
+    items: Sequence[SampledRollout],
+    rewards: list[float] | None,
+    shape: Callable[[SampledRollout], dict[str, Any]],
+) -> Response:
+    """The ``/rollouts`` answer, each rollout given its dialect's JSON by ``shape``."""
+    answer = {"request": request, "rollouts": [shape(item) for item in items], "rewards": rewards}
+    # Written directly: FastAPI's encoder walks every value in Python, about 2 ms
+    # for an answer of 16 rollouts.
+    return Response(wire.dumps(answer), media_type="application/json")
 
 
 def rollout_fields(rollout: dict[str, Any], where: str) -> tuple[list[int], list[float], str]:

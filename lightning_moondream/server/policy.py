@@ -282,13 +282,8 @@ class Policy(nn.Module):
     ) -> torch.Tensor:
         """Log-probability of each given token under the masked, tempered policy.
 
-        Args:
-            context: ``(batch, HIDDEN)`` contexts.
-            tokens: ``(batch, steps)`` token ids, padded with any valid id.
-            lengths: ``(batch,)`` number of real tokens per row.
-            rules: Decoding rules of the batch.
-            temperature: Softmax temperature (1 for greedy decoding).
-            lora: Adapter weights, or ``None`` for the base policy.
+        Arguments are those of ``log_distributions``, plus ``lengths``, the ``(batch,)``
+        number of real tokens per row.
 
         Returns:
             ``(batch, steps)`` log-probabilities, zero on padding.

@@ -12,7 +12,6 @@ from typing import Any
 from fastapi import FastAPI, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
-from lightning_moondream.api import wire
 from lightning_moondream.api.models import check_groups
 from lightning_moondream.server.core import (
     PREFIX,
@@ -23,6 +22,7 @@ from lightning_moondream.server.core import (
     decode_cursor,
     encode_cursor,
     page_limit,
+    rollouts_response,
 )
 
 
@@ -140,14 +140,7 @@ async def rollouts(service: Service, owner: str, body: dict[str, Any]) -> Respon
     items, rewards = await service.sample_rollouts(
         owner, parsed.adapter_id, parsed.num_rollouts, parsed.request, parsed.ground_truth
     )
-    # Written directly: FastAPI's encoder walks every value in Python, about 2 ms
-    # for an answer of 16 rollouts.
-    answer = {
-        "request": parsed.request,
-        "rollouts": [rollout_json(item) for item in items],
-        "rewards": rewards,
-    }
-    return Response(wire.dumps(answer), media_type="application/json")
+    return rollouts_response(parsed.request, items, rewards, rollout_json)
 
 
 async def train_step(

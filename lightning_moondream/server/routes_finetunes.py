@@ -21,7 +21,6 @@ from typing import Any
 from fastapi import FastAPI, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
-from lightning_moondream.api import wire
 from lightning_moondream.server.core import (
     PREFIX,
     ApiError,
@@ -33,6 +32,7 @@ from lightning_moondream.server.core import (
     decode_cursor,
     encode_cursor,
     page_limit,
+    rollouts_response,
 )
 from lightning_moondream.server.store import AdapterRecord, CheckpointRecord
 
@@ -221,12 +221,7 @@ async def rollouts(service: Service, owner: str, body: dict[str, Any]) -> Respon
     items, rewards = await service.sample_rollouts(
         owner, parsed.finetune_id, parsed.num_rollouts, parsed.request, parsed.ground_truth
     )
-    answer = {
-        "request": parsed.request,
-        "rollouts": [rollout_json(item) for item in items],
-        "rewards": rewards,
-    }
-    return Response(wire.dumps(answer), media_type="application/json")
+    return rollouts_response(parsed.request, items, rewards, rollout_json)
 
 
 async def train_step(
