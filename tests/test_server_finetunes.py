@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import urllib.error
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from lightning_moondream.data import synthetic
 from lightning_moondream.images import encode_image
 from lightning_moondream.server import create_app
 from lightning_moondream.server.codec import REASONING_VOCAB
+from lightning_moondream.server.serve import build_parser
 from tests.support import serving
 
 KEY = "finetunes-test-key"
@@ -296,3 +298,19 @@ def test_bad_metrics_are_refused_and_not_stored(
     assert httpx.get(url, headers=headers).json() == {"metrics": []}
     with pytest.raises(Exception, match="422"):
         ft.log_metrics(1, {"loss": float("inf")})
+
+
+@pytest.mark.parametrize("lr", [float("nan"), float("inf"), -1e-3])
+def test_sdk_train_step_with_a_bad_lr_is_refused(base_url: str, lr: float) -> None:
+    ft = moondream.ft(KEY, name="bad-lr", rank=16, endpoint=base_url)
+    with pytest.raises(urllib.error.HTTPError) as raised:
+        ft.train_step([_sft("test", 0)], lr=lr)
+    assert raised.value.code == 422
+    assert json.loads(raised.value.read())["error"]["message"].startswith("lr: ")
+    assert ft_steps(base_url, ft.finetune_id) == 0
+
+
+def test_serve_takes_dialect_and_checkpoint_retention() -> None:
+    args = build_parser().parse_args(["--dialect", "finetunes", "--checkpoint-retention", "60"])
+    assert (args.dialect, args.checkpoint_retention) == ("finetunes", 60.0)
+    assert build_parser().parse_args([]).dialect == "both"
