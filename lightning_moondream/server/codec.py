@@ -126,3 +126,44 @@ def coordinates(skill: str, tokens: Sequence[int]) -> list[float]:
                 break
             values.append(from_bin(token))
     return values
+
+
+REASONING_VOCAB: tuple[str, ...] = (
+    "looking",
+    "at",
+    "the",
+    "image",
+    "marked",
+    "region",
+    "answer",
+    "is",
+    *ANSWER_VOCAB[1:],
+)
+"""Words of the reference policy's reasoning: its template's, then the answer words."""
+_REGION_PHRASE = "the marked region"
+
+
+def reasoning(answer: str, anchors: Sequence[tuple[float, float]]) -> dict[str, Any]:
+    """The reasoning of a query answer: a sentence built from it, and its tokens.
+
+    The sentence looks at the marked region when the request gave spatial refs, and
+    grounds that phrase at their centers (``anchors``); otherwise at the whole image.
+
+    Returns:
+        ``{"text", "grounding", "tokens"}``: ``tokens`` index ``REASONING_VOCAB``, one
+        per word of ``text``.
+    """
+    subject = _REGION_PHRASE if anchors else "the image"
+    text = f"Looking at {subject}, the answer is {answer}."
+    grounding = []
+    if anchors:
+        start = text.index(_REGION_PHRASE)
+        grounding.append(
+            {
+                "start_idx": start,
+                "end_idx": start + len(_REGION_PHRASE),
+                "points": [[x, y] for x, y in anchors],
+            }
+        )
+    tokens = [REASONING_VOCAB.index(word) for word in _WORD.findall(text.lower())]
+    return {"text": text, "grounding": grounding, "tokens": tokens}

@@ -5,9 +5,9 @@ token sequences for a request and applies a train step to a state. Adapter state
 immutable values; a train step returns a new one, which the service swaps in.
 
 - ``"reference"``: the small torch policy of ``policy.py`` with LoRA adapters, trained
-  by GRPO (``grpo.py``).
+  by GRPO and supervised targets (``grpo.py``).
 - ``"constant"``: always the same valid answer, with valid training metadata; train
-  steps are counted but optimize nothing. It costs no model compute and never decodes
+  steps are counted but optimize nothing, and report no loss statistics. It costs no model compute and never decodes
   an image (its header is still checked), so client-side benchmarks measure the client
   and the wire, not the model.
 """
@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from lightning_moondream.server import codec
-from lightning_moondream.server.grpo import Hyperparameters, ScoredGroup, train_step
+from lightning_moondream.server.grpo import Hyperparameters, ScoredGroup, TargetGroup, train_step
 from lightning_moondream.server.lora import AdamState, LoRAWeights, init_lora
 from lightning_moondream.server.policy import Decoding, Policy, Sample, image_tensor, load_base
 
@@ -102,6 +102,29 @@ class TrainGroup:
     rewards: Sequence[float]
 
 
+@dataclass(frozen=True)
+class SupervisedGroup:
+    """A validated SFT group of ``/train_step``: the task and its target's tokens."""
+
+    task: Task
+    tokens: Sequence[int]
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """Quantities of one applied update (``None`` where the policy computes none).
+
+    Attributes:
+        kl: KL divergence from the pre-step to the post-step policy on the step's rows.
+        grad_norm: Global L2 norm of the loss gradient.
+        sft_loss: Mean target NLL before the step; ``None`` without SFT groups.
+    """
+
+    kl: float | None = None
+    grad_norm: float | None = None
+    sft_loss: float | None = None
+
+
 class Engine(Protocol):
     """What the service needs from a policy."""
 
@@ -116,8 +139,18 @@ class Engine(Protocol):
     ) -> list[Sample]:
         """Sample ``count`` sequences for a task."""
 
-    def train(self, state: AdapterState, groups: Sequence[TrainGroup]) -> AdapterState:
-        """Apply one train step; returns the new state."""
+    def train(
+        self,
+        state: AdapterState,
+        groups: Sequence[TrainGroup],
+        targets: Sequence[SupervisedGroup] = (),
+        lr: float | None = None,
+    ) -> tuple[AdapterState, StepStats]:
+        """Apply one train step at ``lr`` (the engine's default if ``None``).
+
+        Returns:
+            The new state and the step's statistics.
+        """
 
 
 def adapter_seed(adapter_id: str) -> int:
@@ -159,8 +192,14 @@ class ReferenceEngine:
             lora=state.weights,
         )
 
-    def train(self, state: AdapterState, groups: Sequence[TrainGroup]) -> AdapterState:
-        """One GRPO step on the adapter's LoRA weights."""
+    def train(
+        self,
+        state: AdapterState,
+        groups: Sequence[TrainGroup],
+        targets: Sequence[SupervisedGroup] = (),
+        lr: float | None = None,
+    ) -> tuple[AdapterState, StepStats]:
+        """One step on the adapter's LoRA weights: GRPO on ``groups``, NLL on ``targets``."""
         scored = [
             ScoredGroup(
                 image=image_tensor(group.task.image),
@@ -173,10 +212,26 @@ class ReferenceEngine:
             )
             for group in groups
         ]
+        supervised = [
+            TargetGroup(
+                image=image_tensor(target.task.image),
+                prompt=target.task.prompt,
+                rules=target.task.rules,
+                tokens=target.tokens,
+            )
+            for target in targets
+        ]
         result = train_step(
-            self.policy, state.weights, state.optimizer, scored, self.hyperparameters
+            self.policy,
+            state.weights,
+            state.optimizer,
+            scored,
+            self.hyperparameters,
+            targets=supervised,
+            lr=lr,
         )
-        return AdapterState(state.rank, result.weights, result.optimizer)
+        stats = StepStats(result.kl, result.grad_norm, result.sft_loss)
+        return AdapterState(state.rank, result.weights, result.optimizer), stats
 
 
 class ConstantEngine:
@@ -210,12 +265,18 @@ class ConstantEngine:
         tokens = tokens[: task.rules.max_len]
         return [Sample(list(tokens), [0.0] * len(tokens)) for _ in range(count)]
 
-    def train(self, state: AdapterState, groups: Sequence[TrainGroup]) -> AdapterState:
+    def train(
+        self,
+        state: AdapterState,
+        groups: Sequence[TrainGroup],
+        targets: Sequence[SupervisedGroup] = (),
+        lr: float | None = None,
+    ) -> tuple[AdapterState, StepStats]:
         """Count the step in the optimizer state; weights stay as they are."""
         optimizer = AdamState(
             state.optimizer.step + 1, state.optimizer.exp_avg, state.optimizer.exp_avg_sq
         )
-        return AdapterState(state.rank, state.weights, optimizer)
+        return AdapterState(state.rank, state.weights, optimizer), StepStats()
 
 
 def make_engine(policy: str) -> Engine:

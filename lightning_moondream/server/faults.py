@@ -1,8 +1,9 @@
 """Injected latency and failures, for benchmarks and for testing clients' retry logic.
 
 Off by default. Endpoints are grouped under four names: ``"adapters"`` (create, list,
-get, delete adapters), ``"checkpoints"`` (save, list, delete checkpoints),
-``"rollouts"`` and ``"train_step"``.
+get, delete adapters or finetunes, and a finetune's metrics), ``"checkpoints"`` (save,
+list, delete checkpoints), ``"rollouts"`` and ``"train_step"``; both API dialects map
+to the same groups.
 
 Failures drawn by ``FaultInjector.before`` are answered before the request reaches its
 handler, so they never change state: a client may safely retry any of them. The
@@ -24,8 +25,8 @@ FAULT_KINDS: tuple[str, ...] = ("429", "503", "500", "drop")
 AFTER_APPLY_KINDS: tuple[str, ...] = ("500", "drop")
 
 _PREFIX = "/v1/tuning"
-_CHECKPOINTS = re.compile(rf"{_PREFIX}/adapters/[^/]+/checkpoints?(/.*)?")
-_ADAPTERS = re.compile(rf"{_PREFIX}/adapters(/[^/]+)?")
+_CHECKPOINTS = re.compile(rf"{_PREFIX}/(adapters|finetunes)/[^/]+/checkpoints?(/.*)?")
+_ADAPTERS = re.compile(rf"{_PREFIX}/(adapters(/[^/]+)?|finetunes(/[^/]+(/metrics)?)?)")
 
 
 class DroppedConnection(Exception):

@@ -1,12 +1,22 @@
-"""GRPO: group-normalized advantages and a clipped policy-gradient step on an adapter.
+"""One train step on an adapter: GRPO on scored rollouts plus supervised targets.
 
-Each group is one request with several sampled rollouts and their rewards. A rollout's
+RL groups are one request with several sampled rollouts and their rewards. A rollout's
 advantage is its reward standardized within its group, ``(r - mean) / (std + eps)``;
-a group whose rewards are all equal carries no signal and is skipped. The loss is
+a group whose rewards are all equal carries no signal and is skipped. Their loss is
 PPO's clipped surrogate on every sampled token, with the log-probabilities recorded at
 sampling time as the old policy, summed over a rollout's tokens and averaged over
-rollouts. One Adam step on the adapter's LoRA weights follows. Groups of one decoding
-setting share a single batched forward pass.
+rollouts.
+
+Supervised (SFT) groups are one request and the target answer's tokens; their loss is
+the target's negative log-likelihood (temperature 1), summed over its tokens and
+averaged over targets. Both losses are added and one Adam step on the adapter's LoRA
+weights follows, so one step can mix both kinds. Rows of one decoding setting share a
+single batched forward pass.
+
+The step reports what it did: the KL divergence from the pre-step to the post-step
+policy, exact over the vocabulary at every position of the rows it trained on (summed
+over a row's tokens, averaged over rows), the gradient's global L2 norm and the mean
+target NLL before the step.
 """
 
 from __future__ import annotations
@@ -17,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from lightning_moondream.server.lora import AdamState, LoRAWeights, adam_update
-from lightning_moondream.server.policy import Decoding, Policy
+from lightning_moondream.server.policy import Decoding, Policy, gather_tokens
 
 ADVANTAGE_EPS = 1e-6
 """Groups whose reward standard deviation is below this are skipped."""
@@ -60,20 +70,44 @@ class ScoredGroup:
 
 
 @dataclass(frozen=True)
+class TargetGroup:
+    """One supervised group: a request and the token sequence of its target answer.
+
+    Attributes:
+        image: ``(3, 64, 64)`` input image.
+        prompt: The object phrase or question.
+        rules: Decoding rules of the request (the target must obey them).
+        tokens: The target's tokens, end token included.
+    """
+
+    image: torch.Tensor
+    prompt: str
+    rules: Decoding
+    tokens: Sequence[int]
+
+
+@dataclass(frozen=True)
 class StepResult:
     """What one train step did.
 
     Attributes:
         weights: The updated adapter weights (unchanged if no group carried signal).
         optimizer: The updated optimizer state.
-        groups_used: Groups with non-zero reward spread.
-        loss: The surrogate loss (0.0 if nothing was used).
+        groups_used: Groups that entered the loss (RL groups with reward spread, and
+            every supervised group).
+        loss: The loss the step descended (0.0 if nothing was used).
+        kl: KL divergence from the pre-step to the post-step policy on the rows trained on.
+        grad_norm: Global L2 norm of the loss gradient.
+        sft_loss: Mean target NLL before the step, ``None`` without supervised groups.
     """
 
     weights: LoRAWeights
     optimizer: AdamState
     groups_used: int
     loss: float
+    kl: float
+    grad_norm: float
+    sft_loss: float | None
 
 
 def advantages(rewards: Sequence[float]) -> torch.Tensor | None:
@@ -95,7 +129,10 @@ def _padded(rows: Sequence[Sequence[float]], dtype: torch.dtype) -> torch.Tensor
 
 @dataclass(frozen=True)
 class _Batch:
-    """Groups sharing decoding rules and temperature, stacked into one tensor batch."""
+    """Rows sharing decoding rules and temperature, stacked into one tensor batch.
+
+    ``advantage`` and ``old`` are ``None`` for a batch of supervised targets.
+    """
 
     features: torch.Tensor
     prompts: list[str]
@@ -103,12 +140,28 @@ class _Batch:
     rules: Decoding
     temperature: float
     tokens: torch.Tensor
-    old: torch.Tensor
     lengths: torch.Tensor
-    advantage: torch.Tensor
+    old: torch.Tensor | None = None
+    advantage: torch.Tensor | None = None
+
+    def contexts(self, policy: Policy, weights: LoRAWeights) -> torch.Tensor:
+        """One context row per token row."""
+        context = policy.context(self.features, self.prompts, self.rules.skill, weights)
+        return context.repeat_interleave(torch.tensor(self.rows_per_group), dim=0)
+
+    def distributions(self, policy: Policy, weights: LoRAWeights) -> torch.Tensor:
+        """``(rows, steps, vocab)`` log-distributions of the batch under ``weights``."""
+        return policy.log_distributions(
+            self.contexts(policy, weights), self.tokens, self.rules, self.temperature, weights
+        )
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """``(rows, steps)`` mask of real tokens."""
+        return torch.arange(self.tokens.shape[1])[None, :] < self.lengths[:, None]
 
 
-def _batches(policy: Policy, groups: Sequence[ScoredGroup]) -> list[_Batch]:
+def _rl_batches(policy: Policy, groups: Sequence[ScoredGroup]) -> list[_Batch]:
     """Stack the groups with signal; groups of one decoding setting share a forward pass."""
     buckets: dict[tuple[Decoding, float], list[tuple[ScoredGroup, torch.Tensor]]] = {}
     for group in groups:
@@ -129,26 +182,52 @@ def _batches(policy: Policy, groups: Sequence[ScoredGroup]) -> list[_Batch]:
                 rules=rules,
                 temperature=temperature,
                 tokens=_padded(rows, torch.long),
-                old=_padded([row for group, _ in members for row in group.logprobs], torch.float32),
                 lengths=torch.tensor([len(row) for row in rows]),
+                old=_padded([row for group, _ in members for row in group.logprobs], torch.float32),
                 advantage=torch.cat([advantage for _, advantage in members]),
             )
         )
     return batches
 
 
-def _surrogate(policy: Policy, batch: _Batch, weights: LoRAWeights, clip: float) -> torch.Tensor:
-    """Negative clipped surrogate of a batch, summed over its tokens and rollouts."""
-    context = policy.context(batch.features, batch.prompts, batch.rules.skill, weights)
-    context = context.repeat_interleave(torch.tensor(batch.rows_per_group), dim=0)
-    new = policy.token_logprobs(
-        context, batch.tokens, batch.lengths, batch.rules, batch.temperature, weights
-    )
-    valid = torch.arange(batch.tokens.shape[1])[None, :] < batch.lengths[:, None]
+def _target_batches(policy: Policy, groups: Sequence[TargetGroup]) -> list[_Batch]:
+    """Stack supervised targets; targets of one decoding setting share a forward pass."""
+    buckets: dict[Decoding, list[TargetGroup]] = {}
+    for group in groups:
+        buckets.setdefault(group.rules, []).append(group)
+    batches = []
+    for rules, members in buckets.items():
+        with torch.no_grad():
+            features = policy.encode_images(torch.stack([group.image for group in members]))
+        batches.append(
+            _Batch(
+                features=features,
+                prompts=[group.prompt for group in members],
+                rows_per_group=[1] * len(members),
+                rules=rules,
+                temperature=1.0,
+                tokens=_padded([group.tokens for group in members], torch.long),
+                lengths=torch.tensor([len(group.tokens) for group in members]),
+            )
+        )
+    return batches
+
+
+def _surrogate(batch: _Batch, distributions: torch.Tensor, clip: float) -> torch.Tensor:
+    """Negative clipped surrogate of an RL batch, summed over its tokens and rollouts."""
+    assert batch.old is not None and batch.advantage is not None
+    new = gather_tokens(distributions, batch.tokens, batch.lengths)
+    valid = batch.valid
     ratio = torch.exp((new - batch.old) * valid)
     advantage = batch.advantage[:, None]
     objective = torch.minimum(ratio * advantage, ratio.clamp(1 - clip, 1 + clip) * advantage)
     return -(objective * valid).sum()
+
+
+def _kl(before: torch.Tensor, after: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """KL(before || after) summed over the valid positions of every row."""
+    per_position = (before.exp() * (before - after)).sum(dim=2)
+    return (per_position * valid).sum()
 
 
 def train_step(
@@ -157,33 +236,79 @@ def train_step(
     optimizer: AdamState,
     groups: Sequence[ScoredGroup],
     hyperparameters: Hyperparameters,
+    targets: Sequence[TargetGroup] = (),
+    lr: float | None = None,
 ) -> StepResult:
-    """Apply one GRPO step to an adapter, out of place.
+    """Apply one train step to an adapter, out of place.
 
     Args:
         policy: The frozen base policy.
         weights: The adapter's current LoRA weights (not modified).
         optimizer: The adapter's Adam state (not modified).
-        groups: Scored groups of any skills.
-        hyperparameters: Learning rate and clipping.
+        groups: Scored RL groups of any skills.
+        hyperparameters: Default learning rate and clipping.
+        targets: Supervised groups of any skills.
+        lr: Learning rate of this step; ``hyperparameters.lr`` if ``None``. At 0 the
+            weights stay exactly as they are.
     """
-    batches = _batches(policy, groups)
-    if not batches:
-        return StepResult(dict(weights), optimizer, 0, 0.0)
-    rollouts = sum(len(batch.lengths) for batch in batches)
-    used = sum(len(batch.rows_per_group) for batch in batches)
+    rl_batches = _rl_batches(policy, groups)
+    target_batches = _target_batches(policy, targets)
+    if not rl_batches and not target_batches:
+        return StepResult(dict(weights), optimizer, 0, 0.0, 0.0, 0.0, None)
     trainable = {
         name: tensor.detach().clone().requires_grad_(True) for name, tensor in weights.items()
     }
-    loss = (
-        sum(
-            (_surrogate(policy, batch, trainable, hyperparameters.clip) for batch in batches),
+    batches = rl_batches + target_batches
+    before = [batch.distributions(policy, trainable) for batch in batches]
+    loss = torch.zeros(())
+    sft_loss = None
+    if rl_batches:
+        rollouts = sum(len(batch.lengths) for batch in rl_batches)
+        surrogate = sum(
+            (
+                _surrogate(batch, dist, hyperparameters.clip)
+                for batch, dist in zip(rl_batches, before, strict=False)
+            ),
             torch.zeros(()),
         )
-        / rollouts
-    )
+        loss = loss + surrogate / rollouts
+    if target_batches:
+        nll = -sum(
+            (
+                gather_tokens(dist, batch.tokens, batch.lengths).sum()
+                for batch, dist in zip(target_batches, before[len(rl_batches) :], strict=True)
+            ),
+            torch.zeros(()),
+        ) / len(targets)
+        loss = loss + nll
+        sft_loss = float(nll.detach())
     names = list(trainable)
     grads = torch.autograd.grad(loss, [trainable[name] for name in names], allow_unused=True)
     gradients = {name: grad for name, grad in zip(names, grads, strict=True) if grad is not None}
-    new_weights, new_optimizer = adam_update(weights, gradients, optimizer, lr=hyperparameters.lr)
-    return StepResult(new_weights, new_optimizer, used, float(loss.detach()))
+    grad_norm = float(
+        torch.sqrt(sum((grad.pow(2).sum() for grad in gradients.values()), torch.zeros(())))
+    )
+    step_lr = hyperparameters.lr if lr is None else lr
+    new_weights, new_optimizer = adam_update(weights, gradients, optimizer, lr=step_lr)
+    with torch.no_grad():
+        rows = sum(len(batch.lengths) for batch in batches)
+        kl = (
+            sum(
+                (
+                    _kl(dist.detach(), batch.distributions(policy, new_weights), batch.valid)
+                    for batch, dist in zip(batches, before, strict=True)
+                ),
+                torch.zeros(()),
+            )
+            / rows
+        )
+    used = sum(len(batch.rows_per_group) for batch in batches)
+    return StepResult(
+        new_weights,
+        new_optimizer,
+        used,
+        float(loss.detach()),
+        max(0.0, float(kl)),
+        grad_norm,
+        sft_loss,
+    )

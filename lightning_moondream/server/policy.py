@@ -240,6 +240,37 @@ class Policy(nn.Module):
     def _start_token(rules: Decoding) -> int:
         return len(codec.ANSWER_VOCAB) if rules.skill == "query" else codec.COORD_VOCAB
 
+    def log_distributions(
+        self,
+        context: torch.Tensor,
+        tokens: torch.Tensor,
+        rules: Decoding,
+        temperature: float,
+        lora: Mapping[str, torch.Tensor] | None,
+    ) -> torch.Tensor:
+        """Masked, tempered log-distribution over the vocabulary before each given token.
+
+        Args:
+            context: ``(batch, HIDDEN)`` contexts.
+            tokens: ``(batch, steps)`` token ids (teacher-forced), padded with any valid id.
+            rules: Decoding rules of the batch.
+            temperature: Softmax temperature (1 for greedy decoding).
+            lora: Adapter weights, or ``None`` for the base policy.
+
+        Returns:
+            ``(batch, steps, vocab)`` log-probabilities; rows past a sequence's end are
+            those of its padding.
+        """
+        hidden = self._start(context, lora)
+        previous = torch.full((tokens.shape[0],), self._start_token(rules), dtype=torch.long)
+        columns = []
+        for step in range(tokens.shape[1]):
+            hidden, logits = self._step(hidden, previous, step, context, rules, lora)
+            mask = _step_mask(rules, step, tokens)
+            columns.append(torch.log_softmax(logits.masked_fill(~mask, _MASKED) / temperature, 1))
+            previous = tokens[:, step]
+        return torch.stack(columns, dim=1)
+
     def token_logprobs(
         self,
         context: torch.Tensor,
@@ -251,29 +282,14 @@ class Policy(nn.Module):
     ) -> torch.Tensor:
         """Log-probability of each given token under the masked, tempered policy.
 
-        Args:
-            context: ``(batch, HIDDEN)`` contexts.
-            tokens: ``(batch, steps)`` token ids, padded with any valid id.
-            lengths: ``(batch,)`` number of real tokens per row.
-            rules: Decoding rules of the batch.
-            temperature: Softmax temperature (1 for greedy decoding).
-            lora: Adapter weights, or ``None`` for the base policy.
+        Arguments are those of ``log_distributions``, plus ``lengths``, the ``(batch,)``
+        number of real tokens per row.
 
         Returns:
             ``(batch, steps)`` log-probabilities, zero on padding.
         """
-        hidden = self._start(context, lora)
-        previous = torch.full((tokens.shape[0],), self._start_token(rules), dtype=torch.long)
-        columns = []
-        for step in range(tokens.shape[1]):
-            hidden, logits = self._step(hidden, previous, step, context, rules, lora)
-            mask = _step_mask(rules, step, tokens)
-            logprobs = torch.log_softmax(logits.masked_fill(~mask, _MASKED) / temperature, dim=1)
-            columns.append(logprobs.gather(1, tokens[:, step : step + 1]).squeeze(1))
-            previous = tokens[:, step]
-        result = torch.stack(columns, dim=1)
-        valid = torch.arange(tokens.shape[1])[None, :] < lengths[:, None]
-        return result * valid
+        distributions = self.log_distributions(context, tokens, rules, temperature, lora)
+        return gather_tokens(distributions, tokens, lengths)
 
     @torch.no_grad()
     def sample(
@@ -324,6 +340,15 @@ class Policy(nn.Module):
             )
             for row in range(batch)
         ]
+
+
+def gather_tokens(
+    distributions: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor
+) -> torch.Tensor:
+    """``(batch, steps)`` log-probabilities of ``tokens`` in ``distributions``, zero on padding."""
+    chosen = distributions.gather(2, tokens[:, :, None]).squeeze(2)
+    valid = torch.arange(tokens.shape[1])[None, :] < lengths[:, None]
+    return chosen * valid
 
 
 def shift_bins(logits: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:

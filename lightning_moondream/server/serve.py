@@ -1,6 +1,7 @@
 """Command line of the local tuning service: ``python -m lightning_moondream.server``.
 
-Serves the tuning API over HTTP with uvicorn. API keys come from ``--api-key``
+Serves the tuning API over HTTP with uvicorn, in the ``/adapters`` dialect, the
+``/finetunes`` dialect or both (``--dialect``, default both). API keys come from ``--api-key``
 (repeatable), else from ``MOONDREAM_API_KEY``; with neither, any non-empty key is
 accepted and each key sees only its own adapters. Keys are never printed or logged.
 """
@@ -16,7 +17,7 @@ import torch
 import uvicorn
 
 from lightning_moondream.images import DEFAULT_MAX_PIXELS
-from lightning_moondream.server.app import DEFAULT_MAX_BODY_BYTES, create_app
+from lightning_moondream.server.app import DEFAULT_MAX_BODY_BYTES, DIALECTS, create_app
 from lightning_moondream.server.engine import POLICIES
 from lightning_moondream.server.faults import AFTER_APPLY_KINDS, ENDPOINTS, FAULT_KINDS, FaultConfig
 
@@ -68,6 +69,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--policy", choices=POLICIES, default="reference", help="model behind the API"
+    )
+    parser.add_argument(
+        "--dialect",
+        choices=DIALECTS,
+        default="both",
+        help="API dialect(s) served: the spec's /adapters, the SDK's /finetunes, or both "
+        "(default both, over one store)",
+    )
+    parser.add_argument(
+        "--checkpoint-retention",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="seconds a checkpoint is kept, reported as expires_at_ms (default: for ever)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of sampling")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
@@ -134,6 +149,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             max_body_bytes=args.max_body_bytes,
             max_pixels=args.max_pixels,
             seed=args.seed,
+            dialect=args.dialect,
+            checkpoint_retention=args.checkpoint_retention,
         )
     except ValueError as exc:
         sys.exit(f"error: {exc}")

@@ -2,7 +2,7 @@
 
 Layout under the data directory::
 
-    tuning.sqlite3              adapters and checkpoints (metadata, creation order)
+    tuning.sqlite3              adapters, checkpoints and logged metrics (metadata)
     secret.key                  HMAC key signing rollouts and cursors (created once)
     adapters/<adapter_id>.pt    an adapter's current LoRA weights and optimizer state
     checkpoints/<adapter_id>/chk_NNN.pt
@@ -24,6 +24,7 @@ import secrets
 import sqlite3
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -54,12 +55,37 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     created_at TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS checkpoints_adapter ON checkpoints (adapter_id, seq);
+CREATE TABLE IF NOT EXISTS metrics (
+    adapter_id TEXT NOT NULL,
+    step INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    value REAL NOT NULL,
+    logged_at_ms INTEGER NOT NULL,
+    PRIMARY KEY (adapter_id, step, name)
+);
 """
+
+_ADDED_COLUMNS = {
+    "adapters": {"updated_at_ms": "INTEGER"},
+    "checkpoints": {"step": "INTEGER", "created_at_ms": "INTEGER", "expires_at_ms": "INTEGER"},
+}
+"""Columns later than the first schema, added to a data directory made before them."""
 
 
 def now() -> str:
     """Current UTC time in the spec's format, e.g. ``2025-01-15T10:30:00Z``."""
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def now_ms() -> int:
+    """Current time in milliseconds since the Unix epoch."""
+    return time.time_ns() // 1_000_000
+
+
+def to_ms(timestamp: str) -> int:
+    """Milliseconds since the epoch of a ``now()`` timestamp."""
+    moment = datetime.strptime(timestamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+    return int(moment.timestamp() * 1000)
 
 
 def is_adapter_id(value: str) -> bool:
@@ -85,6 +111,12 @@ class AdapterRecord:
     rank: int
     created_at: str
     train_steps: int
+    updated_at_ms: int | None = None
+
+    @property
+    def created_at_ms(self) -> int:
+        """Creation time in milliseconds since the epoch."""
+        return to_ms(self.created_at)
 
     def to_json(self) -> dict[str, Any]:
         """The spec's adapter JSON plus ``train_steps``."""
@@ -99,11 +131,32 @@ class AdapterRecord:
 
 @dataclass(frozen=True)
 class CheckpointRecord:
-    """A checkpoint's metadata row."""
+    """A checkpoint's metadata row.
+
+    Attributes:
+        step: Train steps of the adapter when saved (``None`` for rows made before
+            steps were recorded).
+        expires_at_ms: When the checkpoint expires, ``None`` for never.
+    """
 
     seq: int
     checkpoint_id: str
     created_at: str
+    step: int | None = None
+    created_at_ms: int | None = None
+    expires_at_ms: int | None = None
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> CheckpointRecord:
+        """The record of a ``checkpoints`` row."""
+        return cls(
+            row["seq"],
+            row["checkpoint_id"],
+            row["created_at"],
+            row["step"],
+            row["created_at_ms"],
+            row["expires_at_ms"],
+        )
 
     def to_json(self) -> dict[str, Any]:
         """The spec's checkpoint JSON."""
@@ -134,6 +187,11 @@ class Store:
         self._db.row_factory = sqlite3.Row
         with self._lock, self._db:
             self._db.executescript(_SCHEMA)
+            for table, columns in _ADDED_COLUMNS.items():
+                present = {row["name"] for row in self._db.execute(f"PRAGMA table_info({table})")}
+                for column, kind in columns.items():
+                    if column not in present:
+                        self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
         self.secret = self._load_secret()
 
     def _load_secret(self) -> bytes:
@@ -192,6 +250,7 @@ class Store:
             row["rank"],
             row["created_at"],
             row["train_steps"],
+            row["updated_at_ms"],
         )
 
     def create_adapter(
@@ -235,6 +294,7 @@ class Store:
             return False
         with self._lock, self._db:
             self._db.execute("DELETE FROM checkpoints WHERE adapter_id = ?", (adapter_id,))
+            self._db.execute("DELETE FROM metrics WHERE adapter_id = ?", (adapter_id,))
             self._db.execute("DELETE FROM adapters WHERE adapter_id = ?", (adapter_id,))
         self.adapter_path(adapter_id).unlink(missing_ok=True)
         folder = self.root / "checkpoints" / adapter_id
@@ -255,17 +315,31 @@ class Store:
         self.save_state(self.adapter_path(adapter_id), state)
         with self._lock, self._db:
             self._db.execute(
-                "UPDATE adapters SET train_steps = train_steps + 1 WHERE adapter_id = ?",
-                (adapter_id,),
+                "UPDATE adapters SET train_steps = train_steps + 1, updated_at_ms = ? "
+                "WHERE adapter_id = ?",
+                (now_ms(), adapter_id),
             )
         return True
 
     # Checkpoints ---------------------------------------------------------------------
 
     def create_checkpoint(
-        self, owner: str, adapter_id: str, state: dict[str, Any]
+        self,
+        owner: str,
+        adapter_id: str,
+        state: dict[str, Any],
+        step: int | None = None,
+        retention_ms: int | None = None,
     ) -> CheckpointRecord:
-        """Save a checkpoint of an adapter's state under the next free number."""
+        """Save a checkpoint of an adapter's state under the next free number.
+
+        Args:
+            owner: The adapter's owner.
+            adapter_id: The adapter.
+            state: Its state to save.
+            step: Its train steps at this state.
+            retention_ms: How long the checkpoint is kept; ``None`` for ever.
+        """
         with self._lock, self._db:
             self._db.execute(
                 "UPDATE adapters SET checkpoints_made = checkpoints_made + 1 WHERE adapter_id = ?",
@@ -276,15 +350,18 @@ class Store:
             ).fetchone()[0]
         checkpoint_id = f"{adapter_id}/chk_{number:03d}"
         self.save_state(self.checkpoint_path(checkpoint_id), state)
+        created_ms = now_ms()
+        expires_ms = None if retention_ms is None else created_ms + retention_ms
         with self._lock, self._db:
             cursor = self._db.execute(
-                "INSERT INTO checkpoints (checkpoint_id, adapter_id, owner, created_at) VALUES (?, ?, ?, ?)",
-                (checkpoint_id, adapter_id, owner, now()),
+                "INSERT INTO checkpoints (checkpoint_id, adapter_id, owner, created_at, step, "
+                "created_at_ms, expires_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (checkpoint_id, adapter_id, owner, now(), step, created_ms, expires_ms),
             )
             row = self._db.execute(
                 "SELECT * FROM checkpoints WHERE seq = ?", (cursor.lastrowid,)
             ).fetchone()
-        return CheckpointRecord(row["seq"], row["checkpoint_id"], row["created_at"])
+        return CheckpointRecord.from_row(row)
 
     def get_checkpoint(self, owner: str, checkpoint_id: str) -> CheckpointRecord | None:
         """A checkpoint of this owner, or ``None``."""
@@ -295,9 +372,7 @@ class Store:
                 "SELECT * FROM checkpoints WHERE checkpoint_id = ? AND owner = ?",
                 (checkpoint_id, owner),
             ).fetchone()
-        return (
-            CheckpointRecord(row["seq"], row["checkpoint_id"], row["created_at"]) if row else None
-        )
+        return CheckpointRecord.from_row(row) if row else None
 
     def list_checkpoints(
         self, owner: str, adapter_id: str, limit: int, after: int
@@ -309,10 +384,18 @@ class Store:
                 "ORDER BY seq LIMIT ?",
                 (owner, adapter_id, after, limit + 1),
             ).fetchall()
-        records = [
-            CheckpointRecord(row["seq"], row["checkpoint_id"], row["created_at"]) for row in rows
-        ]
+        records = [CheckpointRecord.from_row(row) for row in rows]
         return records[:limit], len(rows) > limit
+
+    def checkpoint_at_step(self, owner: str, adapter_id: str, step: int) -> CheckpointRecord | None:
+        """The latest checkpoint of an adapter saved at train step ``step``, or ``None``."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT * FROM checkpoints WHERE owner = ? AND adapter_id = ? AND step = ? "
+                "ORDER BY seq DESC LIMIT 1",
+                (owner, adapter_id, step),
+            ).fetchone()
+        return CheckpointRecord.from_row(row) if row else None
 
     def delete_checkpoint(self, owner: str, checkpoint_id: str) -> bool:
         """Delete a checkpoint and its file; ``False`` if not found."""
@@ -322,3 +405,30 @@ class Store:
             self._db.execute("DELETE FROM checkpoints WHERE checkpoint_id = ?", (checkpoint_id,))
         self.checkpoint_path(checkpoint_id).unlink(missing_ok=True)
         return True
+
+    # Metrics -------------------------------------------------------------------------
+
+    def log_metrics(self, adapter_id: str, step: int, metrics: dict[str, float]) -> int:
+        """Store metrics of a step; a name logged again at the same step is replaced.
+
+        Returns:
+            How many metrics were stored.
+        """
+        logged_at = now_ms()
+        with self._lock, self._db:
+            self._db.executemany(
+                "INSERT OR REPLACE INTO metrics (adapter_id, step, name, value, logged_at_ms) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [(adapter_id, step, name, value, logged_at) for name, value in metrics.items()],
+            )
+        return len(metrics)
+
+    def list_metrics(self, adapter_id: str) -> list[dict[str, Any]]:
+        """Every metric logged for an adapter, by step then name."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT step, name, value, logged_at_ms FROM metrics WHERE adapter_id = ? "
+                "ORDER BY step, name",
+                (adapter_id,),
+            ).fetchall()
+        return [dict(row) for row in rows]
