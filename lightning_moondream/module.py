@@ -35,6 +35,8 @@ from lightning_moondream.api import (
     TuningAPIError,
     UsageStats,
 )
+from lightning_moondream.data.encoding import DEFAULT_MAX_SIDE, DEFAULT_QUALITY
+from lightning_moondream.images import EncodingOptions
 from lightning_moondream.metrics import SkillMetrics
 from lightning_moondream.scoring import RewardSpec, Sample, Scorer, sample_and_score
 
@@ -45,6 +47,13 @@ warnings.filterwarnings(
 warnings.filterwarnings(
     "ignore", message=r".*overridden .transfer_batch_to_device.", category=UserWarning
 )
+
+MAX_DEFAULT_CONCURRENCY = 64
+"""Most rollouts requests in flight by default: the whole batch, up to this many."""
+
+SAMPLE_ENCODING = EncodingOptions(max_side=DEFAULT_MAX_SIDE, quality=DEFAULT_QUALITY)
+"""How a sample that reaches the module unencoded is encoded: as ``MoondreamDataModule``
+encodes by default, so a user's own DataLoader of paths or PIL images sends the same bytes."""
 
 CHECKPOINT_KEY = "moondream"
 """Key of the API state (adapter and checkpoint ids, never the key) in Lightning checkpoints."""
@@ -82,7 +91,8 @@ class MoondreamRLModule(LightningModule):
             ``reward(sample, rollout) -> float``, sync or async.
         reward_std_eps: Groups whose reward standard deviation is below this teach
             nothing and are not sent.
-        max_concurrency: Rollouts requests in flight at once.
+        max_concurrency: Rollouts requests in flight at once; by default the whole batch
+            (up to 64), so a step's rollouts go out in one wave.
         max_staleness: 0 samples each batch after the previous step is applied
             (on-policy); 1 samples the next batch while the current step is applied.
         api_key: Moondream API key; defaults to ``MOONDREAM_API_KEY``. Never saved.
@@ -112,7 +122,7 @@ class MoondreamRLModule(LightningModule):
         eval_settings: dict[str, Any] | None = None,
         reward: RewardSpec = None,
         reward_std_eps: float = 1e-6,
-        max_concurrency: int = 16,
+        max_concurrency: int | None = None,
         max_staleness: int = 0,
         api_key: SecretStr | None = None,
         base_url: str | None = None,
@@ -133,7 +143,7 @@ class MoondreamRLModule(LightningModule):
             raise ValueError(f"max_retries must be 0 or more, got {max_retries}")
         if max_staleness not in (0, 1):
             raise ValueError(f"max_staleness must be 0 or 1, got {max_staleness}")
-        if max_concurrency < 1:
+        if max_concurrency is not None and max_concurrency < 1:
             raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
         if on_ambiguous_step not in ("raise", "skip"):
             raise ValueError(
@@ -396,7 +406,7 @@ class MoondreamRLModule(LightningModule):
 
     def training_step(self, batch: Sequence[Sample], batch_idx: int) -> None:
         """Sample, score and apply one remote train step for the batch."""
-        samples = _check_batch(batch, batch_idx)
+        samples = _encoded(_check_batch(batch, batch_idx))
         adapter_id = self.adapter.adapter_id
         started = time.perf_counter()
         scored = self._run(
@@ -457,6 +467,11 @@ class MoondreamRLModule(LightningModule):
         if waited:
             self.log("train/train_step_time_s", time.perf_counter() - sent, batch_size=size)
 
+    def _concurrency(self, requests: int) -> int:
+        if self.max_concurrency is not None:
+            return self.max_concurrency
+        return max(1, min(MAX_DEFAULT_CONCURRENCY, requests))
+
     def _loop_submit(self, coroutine: Any) -> Future[Any]:
         self.client  # noqa: B018
         assert self._loop is not None
@@ -477,7 +492,7 @@ class MoondreamRLModule(LightningModule):
             settings=settings,
             num_rollouts=num_rollouts,
             scorer=self.scorer,
-            max_concurrency=self.max_concurrency,
+            max_concurrency=self._concurrency(len(samples)),
         )
 
     async def _apply_train_step(self, adapter_id: str, groups: list[Any]) -> None:
@@ -545,7 +560,7 @@ class MoondreamRLModule(LightningModule):
     def _evaluate(
         self, batch: Sequence[Sample], batch_idx: int, metrics: SkillMetrics
     ) -> list[dict[str, Any]]:
-        samples = _check_batch(batch, batch_idx)
+        samples = _encoded(_check_batch(batch, batch_idx))
         scored = self._run(
             self._sample_and_score(samples, self.adapter.adapter_id, self.eval_settings, 1)
         )
@@ -605,11 +620,14 @@ class MoondreamRLModule(LightningModule):
             One response per sample; ``response.rollouts[0].output`` is the answer.
         """
         settings = self.eval_settings if settings is None else settings
+        samples = _encoded(samples)
         calls = [
             RolloutCall(self.adapter.adapter_id, sample.to_request(settings), 1)
             for sample in samples
         ]
-        return self._run(self.client.rollouts_many(calls, max_concurrency=self.max_concurrency))
+        return self._run(
+            self.client.rollouts_many(calls, max_concurrency=self._concurrency(len(calls)))
+        )
 
     def predict_step(self, batch: Sequence[Sample], batch_idx: int) -> list[dict[str, Any]]:
         """One greedy rollout per sample: ``{"id", "skill", "label", "output"}`` records."""
@@ -682,6 +700,17 @@ def _spread(values: Sequence[float]) -> float:
     """
     mean = math.fsum(values) / len(values)
     return math.sqrt(math.fsum((value - mean) ** 2 for value in values) / len(values))
+
+
+def _encoded(samples: Sequence[Sample]) -> list[Sample]:
+    """The samples with their images encoded (``SAMPLE_ENCODING``) if they are not yet.
+
+    Samples of ``MoondreamDataModule`` arrive encoded and are returned as they are.
+    """
+    return [
+        sample.encoded(SAMPLE_ENCODING) if hasattr(sample, "encoded") else sample
+        for sample in samples
+    ]
 
 
 def _check_batch(batch: Sequence[Sample], batch_idx: int) -> Sequence[Sample]:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import statistics
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -332,3 +335,25 @@ def test_a_failure_after_a_step_is_sent_still_counts_it(tmp_path: Path, max_stal
     assert saved["global_step"] == state["train_steps"] == 3
     with TuningClient.local(data_dir=service, policy="constant") as client:
         assert client.adapters.get(state["adapter_id"]).train_steps == 3
+
+
+def test_a_sample_from_a_users_loader_is_sent_at_the_default_size_cap(tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from lightning_moondream.images import EncodingOptions
+    from lightning_moondream.module import SAMPLE_ENCODING
+
+    pixels = np.random.default_rng(0).integers(0, 256, (1200, 1600, 3), dtype=np.uint8)
+    [sample] = detect_samples("val", 1)
+    large = replace(sample, image=Image.fromarray(pixels), image_size=(1600, 1200))
+    model = MoondreamRLModule(local_service={"data_dir": str(tmp_path), "policy": "constant"})
+    model.generate([large])
+    model.close()
+    full = large.encoded(EncodingOptions()).image
+    capped = large.encoded(SAMPLE_ENCODING)
+    with Image.open(io.BytesIO(base64.b64decode(capped.image.split(",", 1)[1]))) as sent_image:
+        assert sent_image.size == (768, 576)
+    # One request carrying the capped image, not the full-size one.
+    sent = model.usage.snapshot()["bytes_sent"]
+    assert len(capped.image) <= sent < len(full)
