@@ -63,6 +63,10 @@ class AmbiguousTrainStepError(RuntimeError):
     """A train step may or may not have been applied, and the server cannot tell which."""
 
 
+class ResumeMismatchError(RuntimeError):
+    """A finetune is no longer at the step of the checkpoint a run resumes from."""
+
+
 class TrainStepFailedError(RuntimeError):
     """A train step failed on every attempt and is known not to have been applied."""
 
@@ -105,6 +109,8 @@ class MoondreamRLModule(LightningModule):
             from the last checkpoint) or ``skip`` (count it as applied, warn, never resend).
         max_retries: Retries of failed requests where retrying is safe.
         timeout: Seconds per request; by default 120 s for rollouts, 900 s for steps.
+        dialect: The tuning API's wire dialect: ``auto`` (detected without side effects,
+            ``/finetunes`` preferred), ``adapters`` or ``finetunes``.
     """
 
     # True from the moment a train step is sent until the server's state is known again
@@ -130,6 +136,7 @@ class MoondreamRLModule(LightningModule):
         on_ambiguous_step: Literal["raise", "skip"] = "raise",
         max_retries: int = 4,
         timeout: float | None = None,
+        dialect: Literal["auto", "adapters", "finetunes"] = "auto",
     ) -> None:
         super().__init__()
         if rank not in (16, 32):
@@ -167,6 +174,9 @@ class MoondreamRLModule(LightningModule):
         self.on_ambiguous_step = on_ambiguous_step
         self.max_retries = max_retries
         self.timeout = timeout
+        if dialect not in ("auto", "adapters", "finetunes"):
+            raise ValueError(f"dialect must be 'auto', 'adapters' or 'finetunes', got {dialect!r}")
+        self.dialect = dialect
         self.train_settings = _settings(train_settings, temperature=1.0)
         self.eval_settings = _settings(eval_settings, temperature=0.0)
         self.scorer = Scorer(reward)
@@ -179,7 +189,7 @@ class MoondreamRLModule(LightningModule):
         self._client: AsyncTuningClient | None = None
         self._adapter: Adapter | None = None
         self._remote_train_steps = 0
-        self._resume_checkpoint_id: str | None = None
+        self._resume_state: dict[str, Any] | None = None
         self._pending_step: Future[None] | None = None
         self._announced_local_service = False
         self._temporary_adapter = False
@@ -218,6 +228,7 @@ class MoondreamRLModule(LightningModule):
                 base_url=self.base_url,
                 timeout=self.timeout,
                 max_retries=self.max_retries,
+                dialect=self.dialect,
             )
         service = dict(self.local_service or {})
         root = self._trainer.default_root_dir if self._trainer is not None else os.getcwd()
@@ -228,7 +239,7 @@ class MoondreamRLModule(LightningModule):
                 "No MOONDREAM_API_KEY and no base_url: training against the local tuning service in "
                 f"this process (data in {service['data_dir']}), an offline stand-in for Moondream Cloud."
             )
-        client = AsyncTuningClient.local(**service)
+        client = AsyncTuningClient.local(dialect=self.dialect, **service)
         client.retry_policy.max_retries = self.max_retries
         client.timeout = self.timeout
         return client
@@ -242,11 +253,11 @@ class MoondreamRLModule(LightningModule):
     def adapter(self) -> Adapter:
         """The adapter being trained or evaluated, created or attached on first use."""
         if self._adapter is None:
-            self._adapter = self._run(self._open_adapter())
+            self._adapter, created = self._run(self._open_adapter())
             self._remote_train_steps = self._adapter.train_steps or 0
             stage = self._trainer.state.fn if self._trainer is not None else None
             # An adapter made only to validate, test or predict is removed with the stage.
-            self._temporary_adapter = self.adapter_id is None and stage in (
+            self._temporary_adapter = created and stage in (
                 TrainerFn.VALIDATING,
                 TrainerFn.TESTING,
                 TrainerFn.PREDICTING,
@@ -254,20 +265,41 @@ class MoondreamRLModule(LightningModule):
             rank_zero_info(
                 f"Moondream adapter {self._adapter.adapter_id} (rank {self._adapter.rank})"
                 + (
-                    f" from checkpoint {self._resume_checkpoint_id}"
-                    if self._resume_checkpoint_id
+                    f" from checkpoint {self._resume_state['checkpoint_id']}"
+                    if self._resume_state
                     else ""
                 )
             )
         return self._adapter
 
-    async def _open_adapter(self) -> Adapter:
+    async def _open_adapter(self) -> tuple[Adapter, bool]:
+        """The adapter to use, and whether it was created for this run."""
         adapters = self.client.adapters
-        if self._resume_checkpoint_id is not None:
-            return await adapters.create(self.name, self.rank, self._resume_checkpoint_id)
+        state = self._resume_state
+        if state is not None and state.get("dialect") == "finetunes":
+            return await self._reattach(state), False
+        if state is not None:
+            return await adapters.create(self.name, self.rank, state["checkpoint_id"]), True
         if self.adapter_id is not None:
-            return await adapters.get(self.adapter_id)
-        return await adapters.create(self.name, self.rank, self.from_checkpoint)
+            return await adapters.get(self.adapter_id), False
+        return await adapters.create(self.name, self.rank, self.from_checkpoint), True
+
+    async def _reattach(self, state: dict[str, Any]) -> Adapter:
+        """Resume on ``/finetunes``, which cannot create a finetune from a checkpoint.
+
+        The same finetune goes on only where it is exactly at the checkpoint's step, so
+        no step is counted twice or lost.
+        """
+        finetune = await self.client.adapters.get(state["adapter_id"])
+        if finetune.train_steps != state["train_steps"]:
+            raise ResumeMismatchError(
+                f"cannot resume finetune {finetune.adapter_id}: the checkpoint was taken at train "
+                f"step {state['train_steps']} but the finetune reports {finetune.train_steps}. "
+                "The /finetunes API cannot start a finetune from a checkpoint; resume from the "
+                "checkpoint whose step matches, or start a new run (its inference model "
+                f"{state['checkpoint_id']} stays usable)."
+            )
+        return finetune
 
     def close(self, wait: bool = True) -> None:
         """Close the client and its event loop.
@@ -371,35 +403,29 @@ class MoondreamRLModule(LightningModule):
                 f"not checkpointing: the trainer counted train step {self._remote_train_steps + 1} "
                 f"but adapter {adapter_id} may not have it; resume from an earlier checkpoint"
             )
-        attempts = self.max_retries + 1
-        for attempt in range(attempts):
-            try:
-                saved = self._run(self.client.checkpoints.save(adapter_id))
-                break
-            except AmbiguousRequestError as exc:
-                # Saving reads the adapter and changes nothing it trains on: a save applied
-                # twice leaves one unused API checkpoint, never a wrong adapter.
-                if attempt == attempts - 1:
-                    raise
-                rank_zero_warn(f"saving an API checkpoint failed ({exc.cause.message}); retrying")
-        self.last_saved_checkpoint_id = saved.checkpoint_id
+        # The client resolves a save of unknown outcome by listing, so this is the one
+        # checkpoint the save made.
+        saved = self._run(self.client.checkpoints.save(adapter_id))
+        self.last_saved_checkpoint_id = saved.ref
         checkpoint[CHECKPOINT_KEY] = {
             "adapter_id": adapter_id,
-            "checkpoint_id": saved.checkpoint_id,
+            "checkpoint_id": saved.ref,
+            "dialect": self.client.dialect,
             "train_steps": self._remote_train_steps,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Continue from the API checkpoint: a new adapter is created from it on first use.
+        """Continue from the API checkpoint on first use.
 
-        Steps applied to the old adapter after that checkpoint are not carried over, so
-        none is counted twice.
+        On ``/adapters`` a new adapter is created from it, so steps applied to the old
+        adapter after that checkpoint are not carried over and none is counted twice. On
+        ``/finetunes`` the same finetune goes on if it is still at the checkpoint's step.
         """
         state = checkpoint.get(CHECKPOINT_KEY)
         if not state:
             rank_zero_warn("the checkpoint has no Moondream state; starting a fresh adapter")
             return
-        self._resume_checkpoint_id = state["checkpoint_id"]
+        self._resume_state = dict(state)
         self._adapter = None
 
     # Training ------------------------------------------------------------------------------

@@ -414,7 +414,7 @@ def test_a_bad_sample_mid_run_stops_it_after_saving_the_steps_done(tmp_path: Pat
     assert state["train_steps"] == done
     with TuningClient.local(data_dir=service, policy="constant") as client:
         assert client.adapters.get(state["adapter_id"]).train_steps == done
-        checkpoints = [item.checkpoint_id for item in client.checkpoints.iter(state["adapter_id"])]
+        checkpoints = [item.ref for item in client.checkpoints.iter(state["adapter_id"])]
     assert state["checkpoint_id"] in checkpoints
 
 
@@ -438,10 +438,14 @@ def test_a_run_resumes_from_its_on_exception_checkpoint(tmp_path: Path) -> None:
         trainer.fit(first, loader(bad_run, batch_size=1))
     on_exception = tmp_path / "ckpt" / "on_exception.ckpt"
     assert torch.load(on_exception, weights_only=False)["global_step"] == 3
+    first_adapter = first.adapter.adapter_id
 
     second = MoondreamRLModule(reward=alternating_reward(), **options)
     trainer = quiet_trainer(tmp_path, max_steps=6)
     trainer.fit(second, loader(samples, batch_size=1), ckpt_path=on_exception)
     assert trainer.global_step == 6
+    # The local service speaks /finetunes by default: the run goes on with the same
+    # finetune, which was still at the checkpoint's step 3, and applies steps 4 to 6.
+    assert second.adapter.adapter_id == first_adapter
     with TuningClient.local(data_dir=service, policy="constant") as client:
-        assert client.adapters.get(second.adapter.adapter_id).train_steps == 3
+        assert client.adapters.get(first_adapter).train_steps == 6

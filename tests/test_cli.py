@@ -201,7 +201,7 @@ def test_adapters_housekeeping(tmp_path: Path, capsys: pytest.CaptureFixture[str
     listing = capsys.readouterr().out
     assert adapter.adapter_id in listing and doomed.adapter_id in listing
     main(["adapters", "--local-dir", str(local), "checkpoints", adapter.adapter_id])
-    assert checkpoint.checkpoint_id in capsys.readouterr().out
+    assert checkpoint.ref in capsys.readouterr().out
     main(
         [
             "adapters",
@@ -209,7 +209,7 @@ def test_adapters_housekeeping(tmp_path: Path, capsys: pytest.CaptureFixture[str
             str(local),
             "delete",
             doomed.adapter_id,
-            checkpoint.checkpoint_id,
+            checkpoint.ref,
         ]
     )
     with TuningClient.local(data_dir=local) as client:

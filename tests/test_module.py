@@ -25,6 +25,7 @@ from lightning_moondream.module import (
     CHECKPOINT_KEY,
     AmbiguousTrainStepError,
     MoondreamRLModule,
+    ResumeMismatchError,
     _CloseOnException,
     _spread,
 )
@@ -85,7 +86,7 @@ class StopAt(Callback):
 
 
 def test_resume_after_a_crash_continues_from_the_api_checkpoint(tmp_path: Path) -> None:
-    first = MoondreamRLModule(num_rollouts=4)
+    first = MoondreamRLModule(num_rollouts=4, dialect="adapters")
     checkpoints = RemoteCheckpoint(
         dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_last=True, save_top_k=-1
     )
@@ -105,7 +106,7 @@ def test_resume_after_a_crash_continues_from_the_api_checkpoint(tmp_path: Path) 
     assert saved[CHECKPOINT_KEY]["adapter_id"] == old_adapter
     assert saved[CHECKPOINT_KEY]["checkpoint_id"].startswith(f"{old_adapter}/")
 
-    second = MoondreamRLModule(num_rollouts=4)
+    second = MoondreamRLModule(num_rollouts=4, dialect="adapters")
     run = trainer(tmp_path, max_steps=5, limit_val_batches=0)
     run.fit(second, ShapesData(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
     assert run.global_step == 5
@@ -114,6 +115,44 @@ def test_resume_after_a_crash_continues_from_the_api_checkpoint(tmp_path: Path) 
     # The new adapter starts from the checkpoint at step 2: the third step of the crashed
     # run is not carried over, and 3 more are applied to reach step 5.
     assert service_adapter(tmp_path, resumed).train_steps == 3
+
+
+def test_resume_on_finetunes_reattaches_only_at_the_checkpoints_step(tmp_path: Path) -> None:
+    first = MoondreamRLModule(num_rollouts=4, dialect="finetunes")
+    checkpoints = RemoteCheckpoint(
+        dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_last=True, save_top_k=-1
+    )
+    run = trainer(
+        tmp_path,
+        max_steps=4,
+        enable_checkpointing=True,
+        callbacks=[checkpoints],
+        limit_val_batches=0,
+    )
+    run.fit(first, ShapesData())
+    finetune = first.adapter.adapter_id
+    state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)[CHECKPOINT_KEY]
+    assert state == {
+        "adapter_id": finetune,
+        "checkpoint_id": f"{finetune}@4",
+        "dialect": "finetunes",
+        "train_steps": 4,
+    }
+
+    second = MoondreamRLModule(num_rollouts=4, dialect="finetunes")
+    run = trainer(tmp_path, max_steps=6, limit_val_batches=0)
+    run.fit(second, ShapesData(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert second.adapter.adapter_id == finetune
+    assert run.global_step == 6
+    assert service_adapter(tmp_path, finetune).train_steps == 6
+
+    # The finetune has moved on past the step-2 checkpoint: resuming there would count
+    # steps 3 to 6 twice, so the run stops and says why.
+    third = MoondreamRLModule(num_rollouts=4, dialect="finetunes")
+    run = trainer(tmp_path, max_steps=8, limit_val_batches=0)
+    with pytest.raises(ResumeMismatchError, match="train step 2 but the finetune reports 6"):
+        run.fit(third, ShapesData(), ckpt_path=next((tmp_path / "ckpt").glob("*step=2.ckpt")))
+    assert service_adapter(tmp_path, finetune).train_steps == 6
 
 
 def test_remote_checkpoint_deletes_api_checkpoints_with_their_files(tmp_path: Path) -> None:
@@ -133,7 +172,7 @@ def test_remote_checkpoint_deletes_api_checkpoints_with_their_files(tmp_path: Pa
     files = sorted((tmp_path / "ckpt").glob("*.ckpt"))
     assert len(files) == 1
     with TuningClient.local(data_dir=tmp_path / "moondream-local-service") as client:
-        remote = [c.checkpoint_id for c in client.checkpoints.iter(model.adapter.adapter_id)]
+        remote = [c.ref for c in client.checkpoints.iter(model.adapter.adapter_id)]
     kept = torch.load(files[0], weights_only=False)[CHECKPOINT_KEY]["checkpoint_id"]
     assert remote == [kept]
     assert checkpoints.best_api_checkpoint_id == kept

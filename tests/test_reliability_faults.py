@@ -50,7 +50,9 @@ def direct_client(app: Any) -> TuningClient:
     """A client of ``app`` in this process, around any middleware and without faults' reach
     on the wire (the app's own injection still applies)."""
     http = httpx.Client(transport=InProcessTransport(app))
-    return TuningClient(api_key=KEY, base_url="http://local.invalid/v1/tuning", http_client=http)
+    return TuningClient(
+        api_key=KEY, base_url="http://local.invalid/v1/tuning", http_client=http, dialect="adapters"
+    )
 
 
 def train_steps_of(data_dir: Path, adapter_id: str) -> int:
@@ -74,6 +76,8 @@ def module(url: str, adapter_id: str | None, **options: Any) -> MoondreamRLModul
         "base_url": url,
         "adapter_id": adapter_id,
         "num_rollouts": 2,
+        # Faults and the proxy that hides train_steps address the /adapters routes.
+        "dialect": "adapters",
         "reward": alternating_reward(),
         "max_retries": 10,
         "max_concurrency": 4,

@@ -17,7 +17,7 @@ from lightning_moondream.server import create_app
 @pytest.fixture
 def client(tmp_path: Path) -> Iterator[TuningClient]:
     with serving(create_app(data_dir=tmp_path, api_keys={"contract-key"})) as url:
-        tuning = TuningClient(api_key="contract-key", base_url=url)
+        tuning = TuningClient(api_key="contract-key", base_url=url, dialect="adapters")
         try:
             yield tuning
         finally:

@@ -161,6 +161,7 @@ class _ClientCore(Generic[HttpClientT]):
             )
         self.dialect: Dialect | None = None if dialect == "auto" else dialect
         """The dialect the service speaks: as given, detected, or ``None`` before detection."""
+        self._detects = dialect == "auto"
         self._api_key = resolve_api_key(api_key)
         self.base_url = resolve_base_url(base_url)
         self.timeout = timeout
@@ -221,13 +222,15 @@ class _ClientCore(Generic[HttpClientT]):
 
     def _plan_create(self, name: str, rank: int, from_checkpoint: str | None) -> Plan[Adapter]:
         """Create an adapter; an unknown outcome is resolved by looking it up."""
+        if from_checkpoint is not None and self._detects:
+            # Only /adapters creates from a checkpoint, so in auto it is asked there whatever
+            # else the service speaks; a service without that route answers 404 and nothing
+            # is created.
+            adapter = yield from self._plan_create_in("adapters", name, rank, from_checkpoint)
+            self._decide("adapters")
+            return adapter
         if self.dialect is not None:
             return (yield from self._plan_create_in(self.dialect, name, rank, from_checkpoint))
-        if from_checkpoint is not None:
-            # Only /adapters creates from a checkpoint: find the dialect from its adapter.
-            source = ops.create_adapter(name, rank, from_checkpoint).json["from_checkpoint"]
-            dialect = yield from self._plan_dialect_for(source.partition("/")[0])
-            return (yield from self._plan_create_in(dialect, name, rank, from_checkpoint))
         try:
             adapter = yield from self._plan_create_in("finetunes", name, rank, None)
         except TuningAPIError as exc:

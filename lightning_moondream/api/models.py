@@ -495,9 +495,21 @@ class Rollout:
 
     @property
     def output(self) -> dict[str, Any]:
-        """The decoded output: ``answer``, ``points`` or ``boxes``."""
+        """The decoded output: ``answer``, ``points`` or ``boxes``.
+
+        The ``/finetunes`` wire names a detect rollout's boxes ``objects``; this view names
+        them ``boxes`` in both dialects, so rewards and metrics read one shape. ``raw``
+        keeps the wire's own names for ``/train_step``.
+        """
         output = self.raw.get("output")
-        return output if isinstance(output, dict) else {}
+        if not isinstance(output, dict):
+            return {}
+        if "boxes" not in output and "objects" in output:
+            return {
+                **{k: v for k, v in output.items() if k != "objects"},
+                "boxes": output["objects"],
+            }
+        return output
 
     @property
     def answer(self) -> str | None:
@@ -513,9 +525,7 @@ class Rollout:
     @property
     def boxes(self) -> list[Box]:
         """The boxes of a detect rollout: ``boxes``, or ``objects`` in the ``/finetunes`` wire."""
-        output = self.output
-        boxes = output.get("boxes") if output.get("boxes") is not None else output.get("objects")
-        return [Box.model_validate(box) for box in boxes or []]
+        return [Box.model_validate(box) for box in self.output.get("boxes") or []]
 
     @property
     def reasoning(self) -> dict[str, Any] | None:

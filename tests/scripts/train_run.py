@@ -92,7 +92,7 @@ def main() -> None:
             {
                 "global_step": trainer.global_step,
                 "adapter_id": adapter.adapter_id,
-                "resumed_from": model._resume_checkpoint_id,
+                "resumed_from": (model._resume_state or {}).get("checkpoint_id"),
             }
         ),
         flush=True,
