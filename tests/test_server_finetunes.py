@@ -19,7 +19,7 @@ from lightning_moondream.images import encode_image
 from lightning_moondream.server import create_app
 from lightning_moondream.server.codec import REASONING_VOCAB
 from lightning_moondream.server.serve import build_parser
-from tests.support import serving
+from support import serving
 
 KEY = "finetunes-test-key"
 

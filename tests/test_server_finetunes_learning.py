@@ -12,7 +12,7 @@ import pytest
 from moondream.types import Base64EncodedImage
 
 from lightning_moondream.server import create_app
-from tests.support import serving
+from support import serving
 
 _SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "learning_run.py"
 _spec = importlib.util.spec_from_file_location("learning_run", _SCRIPT)
