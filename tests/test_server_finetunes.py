@@ -13,13 +13,13 @@ from typing import Any
 import httpx
 import moondream  # a missing SDK must fail these tests, not skip them
 import pytest
+from support import serving
 
 from lightning_moondream.data import synthetic
 from lightning_moondream.images import encode_image
 from lightning_moondream.server import create_app
 from lightning_moondream.server.codec import REASONING_VOCAB
 from lightning_moondream.server.serve import build_parser
-from support import serving
 
 KEY = "finetunes-test-key"
 

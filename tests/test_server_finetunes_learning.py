@@ -10,9 +10,9 @@ from typing import Any
 import moondream
 import pytest
 from moondream.types import Base64EncodedImage
+from support import serving
 
 from lightning_moondream.server import create_app
-from support import serving
 
 _SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "learning_run.py"
 _spec = importlib.util.spec_from_file_location("learning_run", _SCRIPT)
