@@ -149,6 +149,11 @@ class Collective:
         dist.all_gather_object(gathered, value, group=self.group)
         return gathered
 
+    def barrier(self) -> None:
+        """Wait until every rank gets here."""
+        if self.distributed:
+            dist.barrier(group=self.group)
+
     def check(self, error: BaseException | None) -> None:
         """Raise on every rank if any rank brings an error; the lowest rank's wins.
 

@@ -1,52 +1,65 @@
 """``MoondreamRLModule``: a Moondream adapter trained by RL through the tuning API.
 
-The model lives on the server; this module holds no parameters. A training step asks
-for rollouts of every sample in the batch at once, scores them, and sends one
-``/train_step`` with every group whose rewards differ. Each applied remote step advances
-``global_step`` through a stand-in optimizer, so ``max_steps``, ``val_check_interval``,
-``ModelCheckpoint`` and early stopping behave as usual.
+The model lives on the service. The module stands for it with one local parameter, and
+its optimizer step *is* the remote train step: ``training_step`` samples and scores a
+batch, and the optimizer step sends one ``/train_step`` with the groups of every batch
+since the last one (accumulated batches, every DDP rank), at the optimizer's learning
+rate. So ``max_steps``, ``accumulate_grad_batches``, LR schedulers, ``ModelCheckpoint``,
+early stopping and DDP behave as they do for any model.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import statistics
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import Future
-from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from pydantic import SecretStr
+from torch.optim import SGD, Optimizer
+from torch.optim.lr_scheduler import LRScheduler
 
 from lightning_moondream.api import (
     Adapter,
-    AmbiguousRequestError,
-    AsyncTuningClient,
-    BackgroundLoop,
     RolloutCall,
     RolloutsResponse,
     Settings,
     TuningAPIError,
     UsageStats,
 )
+from lightning_moondream.connection import Connection, Dialect
 from lightning_moondream.data.encoding import DEFAULT_MAX_SIDE, DEFAULT_QUALITY
+from lightning_moondream.distributed import DEFAULT_TIMEOUT, Collective
 from lightning_moondream.images import EncodingOptions
 from lightning_moondream.metrics import SkillMetrics
+from lightning_moondream.remote_step import (
+    AmbiguousTrainStepError,
+    RemoteStep,
+    Shard,
+    StepReport,
+    TrainStepFailedError,
+    spread,
+)
 from lightning_moondream.scoring import RewardSpec, Sample, Scorer, sample_and_score
 
-# Expected by design: no local optimizer, and batches of samples that stay on the host.
-warnings.filterwarnings(
-    "ignore", message=r".*configure_optimizers. returned .None.", category=UserWarning
-)
+# Batches of samples stay on the host: they hold no tensors, and they go to the service.
 warnings.filterwarnings(
     "ignore", message=r".*overridden .transfer_batch_to_device.", category=UserWarning
 )
+
+__all__ = [
+    "CHECKPOINT_KEY",
+    "AmbiguousTrainStepError",
+    "MoondreamRLModule",
+    "ResumeMismatchError",
+    "TrainStepFailedError",
+]
 
 MAX_DEFAULT_CONCURRENCY = 64
 """Most rollouts requests in flight by default: the whole batch, up to this many."""
@@ -58,17 +71,12 @@ encodes by default, so a user's own DataLoader of paths or PIL images sends the 
 CHECKPOINT_KEY = "moondream"
 """Key of the API state (adapter and checkpoint ids, never the key) in Lightning checkpoints."""
 
-
-class AmbiguousTrainStepError(RuntimeError):
-    """A train step may or may not have been applied, and the server cannot tell which."""
+LRSchedulerFactory = Callable[[Optimizer], LRScheduler]
+"""Builds an LR scheduler for the module's optimizer, e.g. ``partial(CosineAnnealingLR, T_max=100)``."""
 
 
 class ResumeMismatchError(RuntimeError):
     """A finetune is no longer at the step of the checkpoint a run resumes from."""
-
-
-class TrainStepFailedError(RuntimeError):
-    """A train step failed on every attempt and is known not to have been applied."""
 
 
 def _settings(value: Settings | Mapping[str, Any] | None, **defaults: Any) -> Settings:
@@ -101,9 +109,9 @@ class MoondreamRLModule(LightningModule):
             (on-policy); 1 samples the next batch while the current step is applied.
         api_key: Moondream API key; defaults to ``MOONDREAM_API_KEY``. Never saved.
         base_url: API base URL; defaults to ``MOONDREAM_TUNING_URL`` or Moondream Cloud.
-        local_service: Options of the in-process local service, used when neither a key
-            nor a base URL is set (e.g. ``{"data_dir": "..."}``; by default it keeps its
-            data under the trainer's ``default_root_dir``).
+        local_service: Options of the local service, used when neither a key nor a base
+            URL is set (e.g. ``{"data_dir": "..."}``; by default it keeps its data under
+            the trainer's ``default_root_dir``).
         on_ambiguous_step: What to do when a train step may or may not have been applied
             and the server does not report ``train_steps``: ``raise`` (stop, to resume
             from the last checkpoint) or ``skip`` (count it as applied, warn, never resend).
@@ -111,11 +119,17 @@ class MoondreamRLModule(LightningModule):
         timeout: Seconds per request; by default 120 s for rollouts, 900 s for steps.
         dialect: The tuning API's wire dialect: ``auto`` (detected without side effects,
             ``/finetunes`` preferred), ``adapters`` or ``finetunes``.
+        lr: Learning rate of each train step, carried by the module's optimizer so LR
+            schedulers and ``LearningRateMonitor`` apply; ``None`` sends none (the
+            service's default). ``/finetunes`` only.
+        lr_scheduler: Builds an LR scheduler for the optimizer, stepped after every
+            train step (e.g. ``CosineAnnealingLR``); needs ``lr``.
+        sft_warmup_steps: The first steps are supervised: each sample's ground truth
+            is taught as an SFT group, with no rollouts. ``/finetunes`` only.
+        sft_share: Share of each RL step's samples also taught as SFT groups (0 to 1).
+        collective_timeout: Seconds a process of a multi-process run waits for the
+            others at a collective before the run fails.
     """
-
-    # True from the moment a train step is sent until the server's state is known again
-    # (applied, or provably not applied); no checkpoint may be taken in between.
-    _step_in_doubt: bool = False
 
     def __init__(
         self,
@@ -137,30 +151,37 @@ class MoondreamRLModule(LightningModule):
         max_retries: int = 4,
         timeout: float | None = None,
         dialect: Literal["auto", "adapters", "finetunes"] = "auto",
+        lr: float | None = None,
+        lr_scheduler: LRSchedulerFactory | None = None,
+        sft_warmup_steps: int = 0,
+        sft_share: float = 0.0,
+        collective_timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
         super().__init__()
-        if rank not in (16, 32):
-            raise ValueError(f"rank must be 16 or 32, got {rank}")
-        if not 2 <= num_rollouts <= 16:
-            raise ValueError(
-                f"num_rollouts must be from 2 to 16, got {num_rollouts}: training learns from "
-                "the differences between the rollouts of a sample"
-            )
-        if max_retries < 0:
-            raise ValueError(f"max_retries must be 0 or more, got {max_retries}")
-        if max_staleness not in (0, 1):
-            raise ValueError(f"max_staleness must be 0 or 1, got {max_staleness}")
-        if max_concurrency is not None and max_concurrency < 1:
-            raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
-        if on_ambiguous_step not in ("raise", "skip"):
-            raise ValueError(
-                f"on_ambiguous_step must be 'raise' or 'skip', got {on_ambiguous_step!r}"
-            )
-        ignored = ["api_key"] + (
+        _check_arguments(
+            rank=rank,
+            num_rollouts=num_rollouts,
+            max_retries=max_retries,
+            max_staleness=max_staleness,
+            max_concurrency=max_concurrency,
+            on_ambiguous_step=on_ambiguous_step,
+            dialect=dialect,
+            lr=lr,
+            sft_warmup_steps=sft_warmup_steps,
+            sft_share=sft_share,
+            collective_timeout=collective_timeout,
+        )
+        if lr_scheduler is not None and lr is None:
+            raise ValueError("lr_scheduler needs lr: a schedule scales the module's lr")
+        ignored = ["api_key", "lr_scheduler"] + (
             [] if reward is None or isinstance(reward, (str, dict)) else ["reward"]
         )
         self.save_hyperparameters(ignore=ignored)
-        self.automatic_optimization = False
+        # Stands for the adapter's weights on the service: DDP, the optimizer and its
+        # schedulers need a parameter; its gradient is always zero, so it never moves.
+        self.remote_weights = torch.nn.Parameter(torch.zeros(()))
+        # Checkpoints of earlier versions have no stand-in.
+        self.strict_loading = False
         self.name = name
         self.rank = rank
         self.adapter_id = adapter_id
@@ -169,34 +190,44 @@ class MoondreamRLModule(LightningModule):
         self.reward_std_eps = reward_std_eps
         self.max_concurrency = max_concurrency
         self.max_staleness = max_staleness
-        self.base_url = base_url
-        self.local_service = dict(local_service or {})
         self.on_ambiguous_step = on_ambiguous_step
-        self.max_retries = max_retries
-        self.timeout = timeout
-        if dialect not in ("auto", "adapters", "finetunes"):
-            raise ValueError(f"dialect must be 'auto', 'adapters' or 'finetunes', got {dialect!r}")
         self.dialect = dialect
+        self.lr = lr
+        self.lr_scheduler = lr_scheduler
+        self.sft_warmup_steps = sft_warmup_steps
+        self.sft_share = sft_share
+        self.collective_timeout = collective_timeout
         self.train_settings = _settings(train_settings, temperature=1.0)
         self.eval_settings = _settings(eval_settings, temperature=0.0)
         self.scorer = Scorer(reward)
-        self._api_key = (
-            api_key if isinstance(api_key, SecretStr) or api_key is None else SecretStr(api_key)
-        )
         self.val_metrics = SkillMetrics()
         self.test_metrics = SkillMetrics()
-        self._loop: BackgroundLoop | None = None
-        self._client: AsyncTuningClient | None = None
+        self._connection = Connection(
+            api_key=api_key
+            if isinstance(api_key, SecretStr) or api_key is None
+            else SecretStr(api_key),
+            base_url=base_url,
+            local_service=dict(local_service or {}),
+            dialect=dialect,
+            max_retries=max_retries,
+            timeout=timeout,
+            usage=UsageStats(),
+        )
+        self._collective = Collective()
+        self._remote = RemoteStep(
+            self._connection,
+            self._collective,
+            max_staleness=max_staleness,
+            max_retries=max_retries,
+            on_ambiguous_step=on_ambiguous_step,
+            resume_hint=self._resume_hint,
+        )
         self._adapter: Adapter | None = None
-        self._remote_train_steps = 0
         self._resume_state: dict[str, Any] | None = None
-        self._pending_step: Future[None] | None = None
-        self._announced_local_service = False
         self._temporary_adapter = False
-        self._warned_no_spread = False
-        self.usage = UsageStats()
-        """Counts of requests, rollouts, train steps, retries, bytes and latencies, kept
-        across reconnections (fit, then validate or test)."""
+        self._report: StepReport | None = None
+        self._run_usage: UsageStats | None = None
+        self._warned_clipping = False
         self.last_saved_checkpoint_id: str | None = None
         """Id of the API checkpoint saved with the most recent Lightning checkpoint."""
 
@@ -204,57 +235,50 @@ class MoondreamRLModule(LightningModule):
 
     @property
     def uses_local_service(self) -> bool:
-        """Whether no key and no base URL are set, so the in-process local service serves."""
-        return (
-            self._api_key is None
-            and not os.environ.get("MOONDREAM_API_KEY")
-            and self.base_url is None
-            and not os.environ.get("MOONDREAM_TUNING_URL")
-        )
+        """Whether no key and no base URL are set, so the local service serves."""
+        return self._connection.uses_local_service
 
     @property
-    def client(self) -> AsyncTuningClient:
-        """The API client, connected on first use."""
-        if self._client is None:
-            self._loop = BackgroundLoop()
-            self._client = self._connect()
-            self._client.usage = self.usage
-        return self._client
+    def client(self) -> Any:
+        """The API client (an ``AsyncTuningClient``), connected on first use."""
+        return self._connection.client
 
-    def _connect(self) -> AsyncTuningClient:
-        if not self.uses_local_service:
-            return AsyncTuningClient(
-                api_key=self._api_key,
-                base_url=self.base_url,
-                timeout=self.timeout,
-                max_retries=self.max_retries,
-                dialect=self.dialect,
-            )
-        service = dict(self.local_service or {})
-        root = self._trainer.default_root_dir if self._trainer is not None else os.getcwd()
-        service.setdefault("data_dir", str(Path(root) / "moondream-local-service"))
-        if not self._announced_local_service:
-            self._announced_local_service = True
-            rank_zero_info(
-                "No MOONDREAM_API_KEY and no base_url: training against the local tuning service in "
-                f"this process (data in {service['data_dir']}), an offline stand-in for Moondream Cloud."
-            )
-        client = AsyncTuningClient.local(dialect=self.dialect, **service)
-        client.retry_policy.max_retries = self.max_retries
-        client.timeout = self.timeout
-        return client
+    @property
+    def usage(self) -> UsageStats:
+        """Counts of requests, rollouts, train steps, retries, bytes and latencies.
 
-    def _run(self, coroutine: Any) -> Any:
-        self.client  # noqa: B018 - connect before the loop is needed
-        assert self._loop is not None
-        return self._loop.run(coroutine)
+        Kept across reconnections (fit, then validate or test). After a stage of a
+        multi-process run ends, they cover every process of the run.
+        """
+        return self._run_usage or self._connection.usage
+
+    @property
+    def train_steps(self) -> int:
+        """Train steps the adapter has, as far as this run knows."""
+        return self._remote.train_steps
+
+    @property
+    def skipped_steps(self) -> int:
+        """Global steps that applied nothing: no group had signal, or the lr was 0.
+
+        With them, ``global_step`` equals ``train_steps`` counted since the adapter was
+        opened plus ``skipped_steps``.
+        """
+        return self._remote.skipped_steps
 
     @property
     def adapter(self) -> Adapter:
-        """The adapter being trained or evaluated, created or attached on first use."""
+        """The adapter being trained or evaluated, created or attached on first use.
+
+        Rank 0 of a multi-process run opens it and shares it; no other rank creates one.
+        """
         if self._adapter is None:
-            self._adapter, created = self._run(self._open_adapter())
-            self._remote_train_steps = self._adapter.train_steps or 0
+            adapter, created, dialect = self._collective.on_zero(self._open_on_zero)
+            self._connection.dialect = dialect
+            self._adapter = adapter
+            self._remote.reset(
+                adapter.train_steps or 0, (self._resume_state or {}).get("skipped_steps", 0)
+            )
             stage = self._trainer.state.fn if self._trainer is not None else None
             # An adapter made only to validate, test or predict is removed with the stage.
             self._temporary_adapter = created and stage in (
@@ -263,7 +287,7 @@ class MoondreamRLModule(LightningModule):
                 TrainerFn.PREDICTING,
             )
             rank_zero_info(
-                f"Moondream adapter {self._adapter.adapter_id} (rank {self._adapter.rank})"
+                f"Moondream adapter {adapter.adapter_id} (rank {adapter.rank}, {dialect} dialect)"
                 + (
                     f" from checkpoint {self._resume_state['checkpoint_id']}"
                     if self._resume_state
@@ -272,9 +296,14 @@ class MoondreamRLModule(LightningModule):
             )
         return self._adapter
 
+    def _open_on_zero(self) -> tuple[Adapter, bool, Dialect]:
+        adapter, created = self._connection.run(self._open_adapter())
+        # Opening an adapter settles an ``auto`` dialect.
+        return adapter, created, self._connection.client.dialect or self.dialect
+
     async def _open_adapter(self) -> tuple[Adapter, bool]:
         """The adapter to use, and whether it was created for this run."""
-        adapters = self.client.adapters
+        adapters = self._connection.client.adapters
         state = self._resume_state
         if state is not None and state.get("dialect") == "finetunes":
             return await self._reattach(state), False
@@ -290,7 +319,7 @@ class MoondreamRLModule(LightningModule):
         The same finetune goes on only where it is exactly at the checkpoint's step, so
         no step is counted twice or lost.
         """
-        finetune = await self.client.adapters.get(state["adapter_id"])
+        finetune = await self._connection.client.adapters.get(state["adapter_id"])
         if finetune.train_steps != state["train_steps"]:
             raise ResumeMismatchError(
                 f"cannot resume finetune {finetune.adapter_id}: the checkpoint was taken at train "
@@ -302,54 +331,115 @@ class MoondreamRLModule(LightningModule):
         return finetune
 
     def close(self, wait: bool = True) -> None:
-        """Close the client and its event loop.
+        """Close the client, its event loop, and a local service this process serves.
 
         Args:
             wait: Wait for a pending train step first. Without waiting, a step still in
-                flight is cancelled and counts as in doubt: no checkpoint is taken until
+                flight is abandoned and counts as in doubt: no checkpoint is taken until
                 the adapter's state is known again.
         """
         try:
             if wait:
-                self._drain()
-            elif self._pending_step is not None and not self._pending_step.done():
-                self._step_in_doubt = True
+                self._remote.settle()
+            else:
+                self._remote.abandon()
         finally:
-            self._pending_step = None
-            if self._client is not None and self._loop is not None:
-                self._loop.run(self._client.close())
-                self._loop.close()
-            self._client, self._loop = None, None
+            self._connection.shutdown()
 
     # Lightning hooks -----------------------------------------------------------------------
 
-    def configure_optimizers(self) -> None:
-        """No local parameters: the optimizer runs on the server."""
-        return None
+    def configure_optimizers(self) -> Any:
+        """The stand-in's optimizer: it carries ``lr`` (and its scheduler) to the service."""
+        optimizer = SGD([self.remote_weights], lr=0.0 if self.lr is None else self.lr)
+        if self.lr_scheduler is None:
+            return optimizer
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": self.lr_scheduler(optimizer), "interval": "step"},
+        }
 
     def configure_callbacks(self) -> list[Callback]:
         """End a stage that stops on an error as ``teardown`` ends others (Lightning skips it then)."""
         return [_CloseOnException()]
 
+    def configure_gradient_clipping(
+        self,
+        optimizer: Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Say once that clipping is the service's: there are no local gradients."""
+        if gradient_clip_val and not self._warned_clipping:
+            self._warned_clipping = True
+            rank_zero_warn(
+                f"gradient_clip_val={gradient_clip_val} has no effect: the adapter's gradients are "
+                "computed and clipped on the Moondream service (it reports train/grad_norm)"
+            )
+
     def transfer_batch_to_device(self, batch: Any, device: Any, dataloader_idx: int) -> Any:
         """Leave batches where they are: samples hold no tensors, and they go to the server."""
         return batch
 
+    def setup(self, stage: str) -> None:
+        """Join the run's processes and settle where the local service lives."""
+        if not self._collective.distributed:
+            self._collective = Collective.create(self.collective_timeout)
+            self._remote.collective = self._collective
+        root = self._trainer.default_root_dir if self._trainer is not None else "."
+        self._connection.prepare(self._collective, root)
+        self._run_usage = None
+
     def on_fit_start(self) -> None:
-        """Open the adapter before the first batch, so set-up errors surface at once."""
+        """Open the adapter before the first batch, so set-up errors surface at once.
+
+        Raises:
+            ValueError: If SFT or ``lr`` is asked of a service speaking ``/adapters``.
+        """
         self.adapter  # noqa: B018
+        if self._connection.dialect == "adapters":
+            wanted = [
+                name
+                for name, value in (
+                    ("sft_warmup_steps", self.sft_warmup_steps),
+                    ("sft_share", self.sft_share),
+                    ("lr", self.lr),
+                )
+                if value
+            ]
+            if wanted:
+                raise ValueError(
+                    f"{', '.join(wanted)}: the service speaks the /adapters dialect, which has no "
+                    "SFT groups and no learning rate; unset them, or use a /finetunes service"
+                )
 
     def on_validation_start(self) -> None:
         """Evaluate the adapter with every train step applied."""
-        self._drain()
+        self._remote.drain()
+        self.adapter  # noqa: B018
 
     def on_test_start(self) -> None:
         """Evaluate the adapter with every train step applied."""
-        self._drain()
+        self._remote.drain()
+        self.adapter  # noqa: B018
+
+    def on_predict_start(self) -> None:
+        """Open the adapter on every rank at once."""
+        self.adapter  # noqa: B018
 
     def on_train_end(self) -> None:
-        """Apply the last pending train step before training ends."""
-        self._drain()
+        """Apply the last pending train step, and total the usage of every process."""
+        self._remote.drain()
+        self._total_usage()
+
+    def on_test_epoch_end(self) -> None:
+        """Compute and log the test metrics, and total the usage of every process."""
+        self._log_metrics("test", self.test_metrics)
+        self._total_usage()
+
+    def _total_usage(self) -> None:
+        if self._collective.distributed:
+            states = self._collective.all_gather(self._connection.usage.state())
+            self._run_usage = UsageStats.combined(states)
 
     def teardown(self, stage: str) -> None:
         """Close the connection; a later stage reconnects.
@@ -357,6 +447,8 @@ class MoondreamRLModule(LightningModule):
         The adapter stays, unless it was made for this validate, test or predict stage
         alone (from a checkpoint, or fresh for the base model): then it is deleted.
         """
+        self._remote.drain()
+        self._collective.barrier()
         self._release()
 
     def _release(self, wait: bool = True) -> None:
@@ -368,50 +460,67 @@ class MoondreamRLModule(LightningModule):
 
     def _delete_temporary_adapter(self, adapter_id: str) -> None:
         self._adapter, self._temporary_adapter = None, False
+        if not self._collective.is_zero:
+            return
         try:
-            self._run(self.client.adapters.delete(adapter_id))
+            self._connection.run(self._connection.client.adapters.delete(adapter_id))
         except TuningAPIError as exc:
             rank_zero_warn(f"could not delete the evaluation adapter {adapter_id}: {exc}")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Save an API checkpoint and record its id (never the key) in the checkpoint.
+        """Save one API checkpoint (on rank 0) and record its id (never the key).
 
         Raises:
             AmbiguousTrainStepError: If the last train step may or may not have been
                 applied: no checkpoint can then pair ``global_step`` with the adapter's
                 state, so none is written (resume from an earlier one).
         """
+        interrupted = (
+            self._trainer is not None and self._trainer.state.status == TrainerStatus.INTERRUPTED
+        )
         try:
-            self._save_api_checkpoint(checkpoint)
+            self._save_api_checkpoint(checkpoint, interrupted)
         finally:
             # A stage stopping on an error closed the module before checkpoint callbacks
             # (OnExceptionCheckpoint) ran; saving reconnected, so close again.
-            if (
-                self._trainer is not None
-                and self._trainer.state.status == TrainerStatus.INTERRUPTED
-            ):
+            if interrupted:
                 self.close()
 
-    def _save_api_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+    def _save_api_checkpoint(self, checkpoint: dict[str, Any], interrupted: bool) -> None:
         self.last_saved_checkpoint_id = None
         if self._adapter is None:
             return
-        self._drain()
-        adapter_id = self._adapter.adapter_id
-        if self._step_in_doubt:
+        if interrupted:
+            # After an error the other ranks may be gone: no collectives, and only the
+            # owner of the remote state saves.
+            if not self._collective.is_zero:
+                return
+            self._remote.settle()
+            state = self._api_checkpoint_state()
+        else:
+            self._remote.drain()
+            state = self._collective.on_zero(self._api_checkpoint_state)
+        self.last_saved_checkpoint_id = state["checkpoint_id"]
+        checkpoint[CHECKPOINT_KEY] = state
+
+    def _api_checkpoint_state(self) -> dict[str, Any]:
+        adapter_id = self.adapter.adapter_id
+        if self._remote.in_doubt:
             raise AmbiguousTrainStepError(
-                f"not checkpointing: the trainer counted train step {self._remote_train_steps + 1} "
+                f"not checkpointing: the trainer counted train step {self._remote.train_steps + 1} "
                 f"but adapter {adapter_id} may not have it; resume from an earlier checkpoint"
             )
+        client = self._connection.client
         # The client resolves a save of unknown outcome by listing, so this is the one
         # checkpoint the save made.
-        saved = self._run(self.client.checkpoints.save(adapter_id))
-        self.last_saved_checkpoint_id = saved.ref
-        checkpoint[CHECKPOINT_KEY] = {
+        saved = self._connection.run(client.checkpoints.save(adapter_id))
+        return {
             "adapter_id": adapter_id,
             "checkpoint_id": saved.ref,
-            "dialect": self.client.dialect,
-            "train_steps": self._remote_train_steps,
+            "model_id": saved.model_id,
+            "dialect": client.dialect,
+            "train_steps": self._remote.train_steps,
+            "skipped_steps": self._remote.skipped_steps,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -428,91 +537,87 @@ class MoondreamRLModule(LightningModule):
         self._resume_state = dict(state)
         self._adapter = None
 
+    def _resume_hint(self) -> str:
+        callback = self._trainer.checkpoint_callback if self._trainer is not None else None
+        saved = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
+        return f"ckpt_path={saved!r}" if saved else "ckpt_path=<your last checkpoint>.ckpt"
+
     # Training ------------------------------------------------------------------------------
 
-    def training_step(self, batch: Sequence[Sample], batch_idx: int) -> None:
-        """Sample, score and apply one remote train step for the batch."""
-        samples = _encoded(_check_batch(batch, batch_idx))
-        adapter_id = self.adapter.adapter_id
+    def training_step(self, batch: Sequence[Sample], batch_idx: int) -> torch.Tensor:
+        """Sample and score the batch (or take its SFT targets) for the next train step.
+
+        Returns:
+            A zero loss on the stand-in parameter, for Lightning's backward pass.
+        """
+        error: Exception | None = None
+        try:
+            self._remote.add(self._shard_of(_encoded(_check_batch(batch, batch_idx))))
+        except Exception as exc:
+            error = exc
+        # A failure on any rank ends every rank here, before the backward pass that
+        # would wait for it.
+        self._collective.check(error)
+        return self.remote_weights * 0.0
+
+    def _shard_of(self, samples: list[Sample]) -> Shard:
+        if self.global_step < self.sft_warmup_steps:
+            taught = [sample.sft_group(self.train_settings) for sample in samples]
+            return Shard(groups=list(taught), sft_groups=len(taught))
         started = time.perf_counter()
-        scored = self._run(
-            self._sample_and_score(samples, adapter_id, self.train_settings, self.num_rollouts)
+        scored = self._connection.run(
+            self._sample_and_score(
+                samples, self.adapter.adapter_id, self.train_settings, self.num_rollouts
+            )
         )
-        rollout_seconds = time.perf_counter() - started
-        # With max_staleness=1 the previous step was applied while these rollouts ran.
-        self._drain()
-        groups = [
+        groups: list[Any] = [
             response.to_group(rewards)
             for response, rewards in scored
-            if len(rewards) > 1 and _spread(rewards) >= self.reward_std_eps
+            if len(rewards) > 1 and spread(rewards) >= self.reward_std_eps
         ]
-        # Sent before anything is logged: Lightning's logging costs milliseconds per value.
-        sent = time.perf_counter()
-        if groups:
-            self._pending_step = self._loop_submit(self._apply_train_step(adapter_id, groups))
-        try:
-            self._log_batch(scored, len(groups), rollout_seconds, batch_idx)
-        finally:
-            # Counted even if logging failed: global_step must match the adapter's steps.
-            if groups:
-                self._count_step(sent, len(samples))
-
-    def _log_batch(
-        self,
-        scored: list[tuple[RolloutsResponse, list[float]]],
-        groups: int,
-        rollout_seconds: float,
-        batch_idx: int,
-    ) -> None:
-        every_reward = [reward for _, rewards in scored for reward in rewards]
-        size = len(scored)
-        self.log(
-            "train/reward_mean", statistics.fmean(every_reward), prog_bar=True, batch_size=size
+        taught = [
+            sample.sft_group(self.train_settings) for sample in _share(samples, self.sft_share)
+        ]
+        return Shard(
+            groups=groups + taught,
+            rewards=[rewards for _, rewards in scored],
+            sft_groups=len(taught),
+            rollout_seconds=time.perf_counter() - started,
         )
-        self.log("train/reward_std", _spread(every_reward), batch_size=size)
-        self.log("train/frac_zero_std", 1.0 - groups / size, batch_size=size)
-        self.log("train/groups", float(groups), batch_size=size)
-        self.log("train/rollouts_time_s", rollout_seconds, batch_size=size)
-        if not groups and not self._warned_no_spread:
-            self._warned_no_spread = True
-            rank_zero_warn(
-                f"batch {batch_idx}: every sample's rollouts scored alike, so there is nothing "
-                "to learn from and no train step was applied (global_step does not advance); "
-                "check the reward, or sample with more variety (temperature, num_rollouts)"
-            )
 
-    def _count_step(self, sent: float, size: int) -> None:
-        """Advance ``global_step`` for a sent train step, once applied at staleness 0."""
-        waited = self.max_staleness == 0 and self._pending_step is not None
-        if waited:
-            self._drain()
-        # The stand-in optimizer's step is what advances global_step in manual optimization.
-        optimizer = self.optimizers()
-        assert not isinstance(optimizer, list)
-        optimizer.step()
-        if waited:
-            self.log("train/train_step_time_s", time.perf_counter() - sent, batch_size=size)
+    def optimizer_step(
+        self,
+        epoch: int,
+        batch_idx: int,
+        optimizer: Any,
+        optimizer_closure: Callable[[], Any] | None = None,
+    ) -> None:
+        """Run the last batch's step, then send one remote train step at the current lr."""
+        optimizer.step(closure=optimizer_closure)
+        lr = None if self.lr is None else float(optimizer.param_groups[0]["lr"])
+        self._report = self._remote.step(self.adapter.adapter_id, lr)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Log the train step's statistics, the same on every rank."""
+        report, self._report = self._report, None
+        if report is None:
+            return
+        metrics = {f"train/{name}": value for name, value in report.metrics.items()}
+        reward = metrics.pop("train/reward_mean", None)
+        if reward is not None:
+            self.log("train/reward_mean", reward, prog_bar=True, batch_size=1)
+        self.log_dict(metrics, batch_size=1)
 
     def _concurrency(self, requests: int) -> int:
         if self.max_concurrency is not None:
             return self.max_concurrency
         return max(1, min(MAX_DEFAULT_CONCURRENCY, requests))
 
-    def _loop_submit(self, coroutine: Any) -> Future[Any]:
-        self.client  # noqa: B018
-        assert self._loop is not None
-        return self._loop.submit(coroutine)
-
-    def _drain(self) -> None:
-        pending, self._pending_step = self._pending_step, None
-        if pending is not None:
-            pending.result()
-
     async def _sample_and_score(
         self, samples: Sequence[Sample], adapter_id: str, settings: Settings, num_rollouts: int
     ) -> list[tuple[RolloutsResponse, list[float]]]:
         return await sample_and_score(
-            self.client,
+            self._connection.client,
             adapter_id,
             samples,
             settings=settings,
@@ -521,73 +626,13 @@ class MoondreamRLModule(LightningModule):
             max_concurrency=self._concurrency(len(samples)),
         )
 
-    async def _apply_train_step(self, adapter_id: str, groups: list[Any]) -> None:
-        applied_before = self._remote_train_steps
-        self._step_in_doubt = True
-        for _ in range(self.max_retries + 1):
-            try:
-                await self.client.train_step(adapter_id, groups)
-                break
-            except AmbiguousRequestError as exc:
-                if not await self._resend_needed(adapter_id, applied_before, exc):
-                    break
-            except TuningAPIError:
-                # Refused or never sent: the step is known not to be applied. With
-                # max_staleness=1 it was already counted, so the count is now one ahead
-                # of the adapter and no checkpoint may pair them.
-                self._step_in_doubt = self.max_staleness == 1
-                raise
-        else:
-            self._step_in_doubt = self.max_staleness == 1
-            raise TrainStepFailedError(
-                f"train step {applied_before + 1} of adapter {adapter_id} failed on every attempt "
-                "and was not applied"
-            )
-        self._remote_train_steps = applied_before + 1
-        self._step_in_doubt = False
-
-    async def _resend_needed(
-        self, adapter_id: str, applied_before: int, error: AmbiguousRequestError
-    ) -> bool:
-        """Read the adapter back to learn whether an ambiguous train step was applied."""
-        reported = (await self.client.adapters.get(adapter_id)).train_steps
-        if reported == applied_before:
-            rank_zero_warn(
-                f"train step {applied_before + 1} was not applied ({error.cause.message}); resending it"
-            )
-            return True
-        if reported == applied_before + 1:
-            return False
-        if reported is None and self.on_ambiguous_step == "skip":
-            rank_zero_warn(
-                f"train step {applied_before + 1} may or may not have been applied ({error.cause.message}); "
-                "counting it as applied and going on (on_ambiguous_step='skip')"
-            )
-            return False
-        if reported is None:
-            callback = self._trainer.checkpoint_callback if self._trainer is not None else None
-            saved = getattr(callback, "last_model_path", "") or getattr(
-                callback, "best_model_path", ""
-            )
-            resume = f"ckpt_path={saved!r}" if saved else "ckpt_path=<your last checkpoint>.ckpt"
-            raise AmbiguousTrainStepError(
-                f"train step {applied_before + 1} of adapter {adapter_id} may or may not have been applied "
-                f"({error.cause.message}) and the server does not report train_steps. Resume from the "
-                f"last checkpoint ({resume}) to continue exactly, or set "
-                "on_ambiguous_step='skip' to count such steps as applied."
-            ) from error
-        raise AmbiguousTrainStepError(
-            f"adapter {adapter_id} reports {reported} train steps where {applied_before} or "
-            f"{applied_before + 1} were expected: is another run training it?"
-        ) from error
-
     # Evaluation ----------------------------------------------------------------------------
 
     def _evaluate(
         self, batch: Sequence[Sample], batch_idx: int, metrics: SkillMetrics
     ) -> list[dict[str, Any]]:
         samples = _encoded(_check_batch(batch, batch_idx))
-        scored = self._run(
+        scored = self._connection.run(
             self._sample_and_score(samples, self.adapter.adapter_id, self.eval_settings, 1)
         )
         records = []
@@ -605,12 +650,20 @@ class MoondreamRLModule(LightningModule):
 
     def _log_rewards(self, stage: str, records: list[dict[str, Any]]) -> None:
         mean = statistics.fmean(record["reward"] for record in records)
-        self.log(f"{stage}/reward", mean, prog_bar=stage == "val", batch_size=len(records))
+        self.log(
+            f"{stage}/reward",
+            mean,
+            prog_bar=stage == "val",
+            batch_size=len(records),
+            sync_dist=True,
+        )
 
     def _log_metrics(self, stage: str, metrics: SkillMetrics) -> None:
         values = metrics.compute()
         metrics.reset()
-        self.log_dict({f"{stage}/{name}": value for name, value in values.items()})
+        # Already totalled over every rank by torchmetrics; synced again only so that
+        # Lightning knows every rank holds the same value.
+        self.log_dict({f"{stage}/{name}": value for name, value in values.items()}, sync_dist=True)
 
     # Records, not a loss: callbacks (prediction images) read them in on_*_batch_end.
     def validation_step(self, batch: Sequence[Sample], batch_idx: int) -> list[dict[str, Any]]:  # type: ignore[override]
@@ -628,10 +681,6 @@ class MoondreamRLModule(LightningModule):
         records = self._evaluate(batch, batch_idx, self.test_metrics)
         self._log_rewards("test", records)
         return records
-
-    def on_test_epoch_end(self) -> None:
-        """Compute and log the test metrics."""
-        self._log_metrics("test", self.test_metrics)
 
     def generate(
         self, samples: Sequence[Sample], settings: Settings | None = None
@@ -651,8 +700,10 @@ class MoondreamRLModule(LightningModule):
             RolloutCall(self.adapter.adapter_id, sample.to_request(settings), 1)
             for sample in samples
         ]
-        return self._run(
-            self.client.rollouts_many(calls, max_concurrency=self._concurrency(len(calls)))
+        return self._connection.run(
+            self._connection.client.rollouts_many(
+                calls, max_concurrency=self._concurrency(len(calls))
+            )
         )
 
     def predict_step(self, batch: Sequence[Sample], batch_idx: int) -> list[dict[str, Any]]:
@@ -681,7 +732,7 @@ class MoondreamRLModule(LightningModule):
         Returns:
             The metrics of ``SkillMetrics`` plus ``reward`` and ``samples``.
         """
-        self._drain()
+        self._remote.drain()
         metrics = SkillMetrics()
         every_reward: list[float] = []
         for index, batch in enumerate(batches):
@@ -697,7 +748,7 @@ class MoondreamRLModule(LightningModule):
 
     def delete_api_checkpoint(self, checkpoint_id: str) -> None:
         """Delete an API checkpoint (used when its Lightning checkpoint is removed)."""
-        self._run(self.client.checkpoints.delete(checkpoint_id))
+        self._connection.run(self._connection.client.checkpoints.delete(checkpoint_id))
 
 
 class _CloseOnException(Callback):
@@ -716,16 +767,6 @@ class _CloseOnException(Callback):
             pl_module._release(wait=not isinstance(exception, KeyboardInterrupt))
         except Exception as exc:
             rank_zero_warn(f"closing the Moondream client after {type(exception).__name__}: {exc}")
-
-
-def _spread(values: Sequence[float]) -> float:
-    """Population standard deviation in float arithmetic.
-
-    ``statistics.pstdev`` computes in exact fractions, which costs milliseconds per batch
-    on the path between the rollouts and the train step.
-    """
-    mean = math.fsum(values) / len(values)
-    return math.sqrt(math.fsum((value - mean) ** 2 for value in values) / len(values))
 
 
 def _encoded(samples: Sequence[Sample]) -> list[Sample]:
@@ -758,3 +799,47 @@ def _check_batch(batch: Sequence[Sample], batch_idx: int) -> Sequence[Sample]:
                 "(DetectSample, PointSample or QuerySample)"
             )
     return batch
+
+
+def _share(samples: Sequence[Sample], share: float) -> list[Sample]:
+    """The samples that a ``share`` of the batch picks, spread evenly over it."""
+    return [
+        sample
+        for index, sample in enumerate(samples)
+        if math.floor((index + 1) * share) > math.floor(index * share)
+    ]
+
+
+_ARGUMENT_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "rank": (lambda value: value in (16, 32), "must be 16 or 32"),
+    "num_rollouts": (lambda value: 2 <= value <= 16, "must be from 2 to 16"),
+    "max_retries": (lambda value: value >= 0, "must be 0 or more"),
+    "max_staleness": (lambda value: value in (0, 1), "must be 0 or 1"),
+    "max_concurrency": (lambda value: value is None or value >= 1, "must be at least 1"),
+    "on_ambiguous_step": (lambda value: value in ("raise", "skip"), "must be 'raise' or 'skip'"),
+    "dialect": (
+        lambda value: value in ("auto", "adapters", "finetunes"),
+        "must be 'auto', 'adapters' or 'finetunes'",
+    ),
+    "lr": (
+        lambda value: value is None or (math.isfinite(value) and value >= 0),
+        "must be a finite number >= 0, or None for the service's default",
+    ),
+    "sft_warmup_steps": (lambda value: value >= 0, "must be 0 or more"),
+    "sft_share": (lambda value: 0.0 <= value <= 1.0, "must be from 0 to 1"),
+    "collective_timeout": (lambda value: value > 0, "must be a positive number of seconds"),
+}
+
+
+_ARGUMENT_REASONS = {
+    "num_rollouts": ": training learns from the differences between the rollouts of a sample",
+}
+
+
+def _check_arguments(**arguments: Any) -> None:
+    """Refuse arguments that cannot work, naming the argument and what it takes."""
+    for name, value in arguments.items():
+        valid, expected = _ARGUMENT_RULES[name]
+        if not valid(value):
+            why = _ARGUMENT_REASONS.get(name, "")
+            raise ValueError(f"{name} {expected}, got {value!r}{why}")

@@ -48,6 +48,9 @@ class Sample(Protocol):
     def target(self) -> dict[str, Any]:
         """The truth as JSON for metrics and client-side rewards."""
 
+    def sft_group(self, settings: Settings | None = None) -> dict[str, Any]:
+        """A supervised train step group teaching the sample's ground truth."""
+
 
 def _answers_reward(function: Callable[[str | None, Sequence[str]], float]) -> RewardFunction:
     def reward(sample: Any, rollout: Rollout) -> float:

@@ -15,19 +15,17 @@ import itertools
 import json
 import random
 import socket
-import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
 import lightning as L
-import uvicorn
 from torch.utils.data import DataLoader
 
 from lightning_moondream.api import Box
 from lightning_moondream.data import DetectSample
 from lightning_moondream.data.synthetic import detect_tasks, make_scene, split_seed
+from lightning_moondream.server.threaded import ThreadedServer
 
 ASGIApp = Callable[..., Any]
 
@@ -42,21 +40,8 @@ def free_port() -> int:
 @contextlib.contextmanager
 def serving(app: ASGIApp) -> Iterator[str]:
     """Serve ``app`` with uvicorn on 127.0.0.1 in a thread; yield the API base URL."""
-    port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}/v1/tuning"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+    with ThreadedServer(app) as server:
+        yield server.url
 
 
 class Slow:

@@ -58,7 +58,7 @@ def test_fit_trains_on_an_export_named_for_train_and_val(kind: str, tmp_path: Pa
     assert "val/reward" in metrics
     with TuningClient.local(data_dir=tmp_path / "run" / "moondream-local-service") as client:
         steps = [adapter.train_steps for adapter in client.adapters.iter()]
-    assert steps == [cli.trainer.global_step]
+    assert steps == [cli.trainer.global_step - cli.model.skipped_steps]
 
 
 def test_evaluate_names_each_export_by_folder_and_split(

@@ -27,8 +27,8 @@ from lightning_moondream.module import (
     MoondreamRLModule,
     ResumeMismatchError,
     _CloseOnException,
-    _spread,
 )
+from lightning_moondream.remote_step import spread
 
 
 class ShapesData(L.LightningDataModule):
@@ -135,8 +135,10 @@ def test_resume_on_finetunes_reattaches_only_at_the_checkpoints_step(tmp_path: P
     assert state == {
         "adapter_id": finetune,
         "checkpoint_id": f"{finetune}@4",
+        "model_id": f"moondream3-preview/{finetune}@4",
         "dialect": "finetunes",
         "train_steps": 4,
+        "skipped_steps": 0,
     }
 
     second = MoondreamRLModule(num_rollouts=4, dialect="finetunes")
@@ -282,7 +284,7 @@ def test_after_ctrl_c_a_step_in_flight_is_not_waited_for_and_blocks_checkpoints(
 ) -> None:
     model = MoondreamRLModule(local_service={"data_dir": str(tmp_path), "policy": "constant"})
     model.adapter  # noqa: B018
-    model._pending_step = model._loop_submit(asyncio.sleep(3600))
+    model._remote._pending = model._connection.submit(asyncio.sleep(3600))
     _CloseOnException().on_exception(cast(Any, None), model, KeyboardInterrupt())
     with pytest.raises(AmbiguousTrainStepError, match="not checkpointing"):
         model.on_save_checkpoint({})
@@ -340,11 +342,11 @@ def test_invalid_arguments_are_refused(arguments: dict[str, Any], fragment: str)
 
 @pytest.mark.parametrize("rewards", [[0.0, 1.0], [0.25] * 5, [0.1, 0.7, 0.3, 0.9, 0.55], [3.0]])
 def test_reward_spread_is_the_population_standard_deviation(rewards: list[float]) -> None:
-    assert _spread(rewards) == pytest.approx(statistics.pstdev(rewards), abs=1e-12)
+    assert spread(rewards) == pytest.approx(statistics.pstdev(rewards), abs=1e-12)
 
 
 class _LoggerFailsAtStep2(MoondreamRLModule):
-    """Its logging fails on the third batch, after that batch's train step was sent."""
+    """Its logging fails once the second train step was sent, as its statistics are logged."""
 
     def log(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
         if name == "train/reward_std" and self.global_step == 2:
@@ -371,9 +373,9 @@ def test_a_failure_after_a_step_is_sent_still_counts_it(tmp_path: Path, max_stal
         trainer.fit(model, loader(detect_samples("train", 8), batch_size=1))
     saved = torch.load(tmp_path / "ckpt" / "on_exception.ckpt", weights_only=False)
     state = saved[CHECKPOINT_KEY]
-    assert saved["global_step"] == state["train_steps"] == 3
+    assert saved["global_step"] == state["train_steps"] == 2
     with TuningClient.local(data_dir=service, policy="constant") as client:
-        assert client.adapters.get(state["adapter_id"]).train_steps == 3
+        assert client.adapters.get(state["adapter_id"]).train_steps == 2
 
 
 def test_a_sample_from_a_users_loader_is_sent_at_the_default_size_cap(tmp_path: Path) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict, deque
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
@@ -18,6 +20,16 @@ class UsageStats:
     (``POST /rollouts``, ``POST /train_step``, ...).
     """
 
+    _COUNTERS: tuple[str, ...] = (
+        "requests",
+        "retries",
+        "failures",
+        "rollouts",
+        "train_steps",
+        "images_sent",
+        "bytes_sent",
+    )
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.requests = 0
@@ -28,6 +40,31 @@ class UsageStats:
         self.images_sent = 0
         self.bytes_sent = 0
         self._latency: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=LATENCY_WINDOW))
+
+    def state(self) -> dict[str, Any]:
+        """Every counter and latency as plain data, to send to another process."""
+        with self._lock:
+            state: dict[str, Any] = {name: getattr(self, name) for name in self._COUNTERS}
+            state["latency"] = {name: list(values) for name, values in self._latency.items()}
+        return state
+
+    @classmethod
+    def combined(cls, states: Iterable[dict[str, Any]]) -> UsageStats:
+        """The usage of several clients (e.g. every process of a run) as one."""
+        total = cls()
+        for state in states:
+            for name in cls._COUNTERS:
+                setattr(total, name, getattr(total, name) + state[name])
+            for endpoint, values in state["latency"].items():
+                total._latency[endpoint].extend(values)
+        return total
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A lock does not pickle: a module spawned into new processes carries its usage.
+        return self.state()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(self.combined([state]).__dict__)
 
     def record_attempt(self, endpoint: str, seconds: float, bytes_sent: int) -> None:
         """Count one attempt of a request and its latency."""
@@ -63,15 +100,7 @@ class UsageStats:
     def snapshot(self) -> dict[str, float | int]:
         """Every counter, plus latency percentiles overall and per main endpoint."""
         with self._lock:
-            counts: dict[str, float | int] = {
-                "requests": self.requests,
-                "retries": self.retries,
-                "failures": self.failures,
-                "rollouts": self.rollouts,
-                "train_steps": self.train_steps,
-                "images_sent": self.images_sent,
-                "bytes_sent": self.bytes_sent,
-            }
+            counts: dict[str, float | int] = {name: getattr(self, name) for name in self._COUNTERS}
             series = {name: list(values) for name, values in self._latency.items()}
         every = [value for values in series.values() for value in values]
         counts.update(_percentiles("latency", every))

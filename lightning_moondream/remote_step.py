@@ -1,0 +1,288 @@
+"""The remote train step of each global step: gathered once, sent once, known to every rank.
+
+Every rank adds what its batches taught (groups and reward statistics) as a
+:class:`Shard`. At the optimizer step the shards of all ranks, and of all accumulated
+batches, meet on rank 0, which sends one ``/train_step`` and shares its outcome with the
+others, so every process agrees with the service about what was applied.
+
+With ``max_staleness=1`` the step is sent and left to run while the next batches are
+sampled; its outcome is learnt, and shared, at the next step. A step sent but not yet
+known to be applied is *in doubt*: no checkpoint may pair ``global_step`` with the
+adapter's state then.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from lightning.pytorch.utilities import rank_zero_warn
+
+from lightning_moondream.api import AmbiguousRequestError, TrainStepResult, TuningAPIError
+from lightning_moondream.connection import Connection
+from lightning_moondream.distributed import Collective
+
+SERVICE_STATISTICS = ("kl", "router_kl", "grad_norm", "sft_loss")
+"""Train step statistics logged as ``train/<name>`` where the service reports them."""
+
+
+class AmbiguousTrainStepError(RuntimeError):
+    """A train step may or may not have been applied, and the server cannot tell which."""
+
+
+class TrainStepFailedError(RuntimeError):
+    """A train step failed on every attempt and is known not to have been applied."""
+
+
+@dataclass
+class Shard:
+    """What one rank's batches of a global step bring to its train step.
+
+    Attributes:
+        groups: Train step groups (RL groups with reward spread, and SFT groups).
+        rewards: Every rollout's reward, per sample (empty lists for SFT-only batches).
+        sft_groups: How many of ``groups`` are SFT groups.
+        rollout_seconds: Time spent sampling and scoring.
+    """
+
+    groups: list[Any] = field(default_factory=list)
+    rewards: list[list[float]] = field(default_factory=list)
+    sft_groups: int = 0
+    rollout_seconds: float = 0.0
+
+    def add(self, other: Shard) -> None:
+        """Take in another batch's shard (gradient accumulation)."""
+        self.groups += other.groups
+        self.rewards += other.rewards
+        self.sft_groups += other.sft_groups
+        self.rollout_seconds += other.rollout_seconds
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """What every rank learns at a global step, the same on all of them.
+
+    Attributes:
+        train_steps: Train steps the adapter has, counting a step still in flight.
+        skipped_steps: Global steps that applied nothing (no group had signal, or lr 0).
+        metrics: ``train/...`` values to log for this step.
+    """
+
+    train_steps: int
+    skipped_steps: int
+    metrics: dict[str, float]
+
+
+def spread(values: Sequence[float]) -> float:
+    """Population standard deviation in float arithmetic.
+
+    ``statistics.pstdev`` computes in exact fractions, which costs milliseconds per batch
+    on the path between the rollouts and the train step.
+    """
+    mean = math.fsum(values) / len(values)
+    return math.sqrt(math.fsum((value - mean) ** 2 for value in values) / len(values))
+
+
+class RemoteStep:
+    """The bookkeeping of remote train steps for one adapter.
+
+    Args:
+        connection: The line to the service (used on rank 0 only).
+        collective: The run's collectives; a one-process run has a trivial one.
+        max_staleness: 0 waits for each step; 1 lets it run while the next batches sample.
+        max_retries: Resends of a step known not to be applied.
+        on_ambiguous_step: ``raise`` or ``skip`` when a step's outcome cannot be known.
+        resume_hint: Names the checkpoint to resume from, for error messages.
+    """
+
+    def __init__(
+        self,
+        connection: Connection,
+        collective: Collective,
+        *,
+        max_staleness: int,
+        max_retries: int,
+        on_ambiguous_step: Literal["raise", "skip"],
+        resume_hint: Callable[[], str],
+    ) -> None:
+        self.connection = connection
+        self.collective = collective
+        self.max_staleness = max_staleness
+        self.max_retries = max_retries
+        self.on_ambiguous_step = on_ambiguous_step
+        self.resume_hint = resume_hint
+        self.train_steps = 0
+        """Train steps the adapter has, as this run knows it."""
+        self.skipped_steps = 0
+        """Global steps of this run that applied nothing."""
+        self.in_doubt = False
+        """Whether a step was counted that the adapter may not have."""
+        self._shard = Shard()
+        self._pending: Future[TrainStepResult | None] | None = None
+
+    def reset(self, train_steps: int, skipped_steps: int = 0) -> None:
+        """Start counting from an adapter's state, forgetting any unsent groups."""
+        self.train_steps, self.skipped_steps = train_steps, skipped_steps
+        self.in_doubt = False
+        self._shard = Shard()
+
+    def add(self, shard: Shard) -> None:
+        """Keep a batch's contribution for the next step."""
+        self._shard.add(shard)
+
+    def step(self, adapter_id: str, lr: float | None) -> StepReport:
+        """Send one train step with every rank's groups; call on every rank.
+
+        Args:
+            adapter_id: The adapter to train.
+            lr: Learning rate to send; ``None`` for the service's default.
+
+        Returns:
+            The step's report, the same on every rank.
+        """
+        shard, self._shard = self._shard, Shard()
+        shards = self.collective.gather(shard)
+        report: StepReport = self.collective.on_zero(
+            lambda: self._step_on_zero(adapter_id, lr, shards or [])
+        )
+        self.train_steps, self.skipped_steps = report.train_steps, report.skipped_steps
+        return report
+
+    def _step_on_zero(self, adapter_id: str, lr: float | None, shards: list[Shard]) -> StepReport:
+        metrics = _batch_metrics(shards)
+        groups = [group for shard in shards for group in shard.groups]
+        previous = self.settle()
+        if previous is not None:
+            metrics.update(_service_metrics(previous))
+        if not groups:
+            self.skipped_steps += 1
+            if self.skipped_steps == 1:
+                rank_zero_warn(
+                    "a step's rollouts all scored alike, so there was nothing to learn from and no "
+                    "train step was sent (counted in train/skipped_steps); check the reward, or "
+                    "sample with more variety (temperature, num_rollouts)"
+                )
+        else:
+            sent = time.perf_counter()
+            applied_before, self.in_doubt = self.train_steps, True
+            self.train_steps += 1
+            future = self.connection.submit(self._apply(adapter_id, groups, lr, applied_before))
+            if self.max_staleness == 1:
+                self._pending = future
+            else:
+                result = future.result()
+                metrics["train_step_time_s"] = time.perf_counter() - sent
+                if result is not None:
+                    metrics.update(_service_metrics(result))
+        metrics["skipped_steps"] = float(self.skipped_steps)
+        return StepReport(self.train_steps, self.skipped_steps, metrics)
+
+    def drain(self) -> None:
+        """Wait for the step in flight, if any; call on every rank."""
+        counts = self.collective.on_zero(self._settled_counts)
+        self.train_steps, self.skipped_steps, self.in_doubt = counts
+
+    def _settled_counts(self) -> tuple[int, int, bool]:
+        self.settle()
+        return self.train_steps, self.skipped_steps, self.in_doubt
+
+    def abandon(self) -> None:
+        """Stop waiting for a step in flight: it counts as in doubt."""
+        pending, self._pending = self._pending, None
+        if pending is not None and not pending.done():
+            self.in_doubt = True
+
+    def settle(self) -> TrainStepResult | None:
+        """Wait for the pending step; its result, or ``None`` if none was pending."""
+        pending, self._pending = self._pending, None
+        return pending.result() if pending is not None else None
+
+    async def _apply(
+        self, adapter_id: str, groups: list[Any], lr: float | None, applied_before: int
+    ) -> TrainStepResult | None:
+        """Send a counted step until it is known to be applied (or provably not)."""
+        client = self.connection.client
+        result: TrainStepResult | None = None
+        try:
+            for _ in range(self.max_retries + 1):
+                try:
+                    result = await client.train_step(adapter_id, groups, lr=lr)
+                    break
+                except AmbiguousRequestError as exc:
+                    if not await self._resend_needed(adapter_id, applied_before, exc):
+                        break
+            else:
+                raise TrainStepFailedError(
+                    f"train step {applied_before + 1} of adapter {adapter_id} failed on every "
+                    "attempt and was not applied"
+                )
+        except (TuningAPIError, TrainStepFailedError):
+            # Known not applied. Waited for, the global step is not counted either; with
+            # max_staleness=1 it already was, so no checkpoint may pair the two counts.
+            self.train_steps = applied_before
+            self.in_doubt = self.max_staleness == 1
+            raise
+        if result is not None and result.applied is False:
+            # lr 0: the service took the step but changed nothing and did not count it.
+            self.train_steps = applied_before
+            self.skipped_steps += 1
+        self.in_doubt = False
+        return result
+
+    async def _resend_needed(
+        self, adapter_id: str, applied_before: int, error: AmbiguousRequestError
+    ) -> bool:
+        """Read the adapter back to learn whether an ambiguous train step was applied."""
+        reported = (await self.connection.client.adapters.get(adapter_id)).train_steps
+        step = applied_before + 1
+        if reported == applied_before:
+            rank_zero_warn(
+                f"train step {step} was not applied ({error.cause.message}); resending it"
+            )
+            return True
+        if reported == step:
+            return False
+        if reported is None and self.on_ambiguous_step == "skip":
+            rank_zero_warn(
+                f"train step {step} may or may not have been applied ({error.cause.message}); "
+                "counting it as applied and going on (on_ambiguous_step='skip')"
+            )
+            return False
+        if reported is None:
+            raise AmbiguousTrainStepError(
+                f"train step {step} of adapter {adapter_id} may or may not have been applied "
+                f"({error.cause.message}) and the server does not report train_steps. Resume from "
+                f"the last checkpoint ({self.resume_hint()}) to continue exactly, or set "
+                "on_ambiguous_step='skip' to count such steps as applied."
+            ) from error
+        raise AmbiguousTrainStepError(
+            f"adapter {adapter_id} reports {reported} train steps where {applied_before} or "
+            f"{step} were expected: is another run training it?"
+        ) from error
+
+
+def _batch_metrics(shards: list[Shard]) -> dict[str, float]:
+    """Reward statistics over every rank's samples of the step."""
+    rewards = [sample for shard in shards for sample in shard.rewards if sample]
+    every_reward = [reward for sample in rewards for reward in sample]
+    groups = sum(len(shard.groups) for shard in shards)
+    sft_groups = sum(shard.sft_groups for shard in shards)
+    metrics = {"groups": float(groups)}
+    if sft_groups:
+        metrics["sft_groups"] = float(sft_groups)
+    if every_reward:
+        metrics["reward_mean"] = math.fsum(every_reward) / len(every_reward)
+        metrics["reward_std"] = spread(every_reward)
+        metrics["frac_zero_std"] = 1.0 - (groups - sft_groups) / len(rewards)
+        metrics["rollouts_time_s"] = max(shard.rollout_seconds for shard in shards)
+    return metrics
+
+
+def _service_metrics(result: TrainStepResult) -> dict[str, float]:
+    """The statistics the service reported about a train step."""
+    values = {name: getattr(result, name) for name in SERVICE_STATISTICS}
+    return {name: float(value) for name, value in values.items() if value is not None}
