@@ -19,6 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from pydantic import SecretStr
 
 from lightning_moondream.api import AsyncTuningClient, BackgroundLoop, UsageStats
+from lightning_moondream.api.client import LOCAL_API_KEY
 from lightning_moondream.distributed import Collective
 
 T = TypeVar("T")
@@ -104,7 +105,8 @@ class Connection:
 
         key = SecretStr(secrets.token_urlsafe(24))
         options = {**self.local_service, "data_dir": self.data_dir}
-        app = create_app(api_keys=[key.get_secret_value()], **options)
+        # The run's adapters stay the local key's, for a later one-process stage.
+        app = create_app(api_keys=[key.get_secret_value()], owner_key=LOCAL_API_KEY, **options)
         self._server = ThreadedServer(app).start()
         self._announce(f"served on 127.0.0.1:{self._server.port} to every process of the run")
         return self._server.url, key

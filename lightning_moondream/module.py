@@ -725,6 +725,9 @@ class MoondreamRLModule(LightningModule):
     ) -> dict[str, float]:
         """Evaluate the current adapter outside a ``Trainer`` loop.
 
+        In a multi-process run, call it on every process, each with its own share of
+        the data (as ``MoondreamDataModule``'s loaders give it): the results cover all.
+
         Args:
             batches: Batches of samples, e.g. a validation ``DataLoader``.
             progress: Called with the number of samples done after each batch.
@@ -733,6 +736,7 @@ class MoondreamRLModule(LightningModule):
             The metrics of ``SkillMetrics`` plus ``reward`` and ``samples``.
         """
         self._remote.drain()
+        self.adapter  # noqa: B018 - opened on every rank at once
         metrics = SkillMetrics()
         every_reward: list[float] = []
         for index, batch in enumerate(batches):
@@ -740,10 +744,13 @@ class MoondreamRLModule(LightningModule):
             every_reward.extend(record["reward"] for record in records)
             if progress is not None:
                 progress(len(every_reward))
+        # torchmetrics totals the metrics over every process; the rewards, here.
         values = {name: float(value) for name, value in metrics.compute().items()}
-        if every_reward:
-            values["reward"] = statistics.fmean(every_reward)
-        values["samples"] = float(len(every_reward))
+        shares = self._collective.all_gather((math.fsum(every_reward), len(every_reward)))
+        total, count = math.fsum(share[0] for share in shares), sum(share[1] for share in shares)
+        if count:
+            values["reward"] = total / count
+        values["samples"] = float(count)
         return values
 
     def delete_api_checkpoint(self, checkpoint_id: str) -> None:

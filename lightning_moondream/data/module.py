@@ -34,8 +34,8 @@ YAML example (LightningCLI)::
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence, Sized
+from typing import Any, cast
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -54,6 +54,7 @@ from lightning_moondream.data.encoding import (
     DEFAULT_QUALITY,
     EncodedDataset,
 )
+from lightning_moondream.data.sharding import UnpaddedShardSampler
 from lightning_moondream.data.sources.splits import default_split
 from lightning_moondream.data.sources.synthetic import SyntheticShapes
 from lightning_moondream.images import EncodingOptions
@@ -248,13 +249,21 @@ class MoondreamDataModule(LightningDataModule):
         return self._loader("train", self.batch_size, sampler)
 
     def val_dataloader(self) -> DataLoader:
-        """Validation batches, in order."""
-        return self._loader("val", self.eval_batch_size)
+        """Validation batches, in order; with several processes, each gets its share once."""
+        return self._eval_loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        """Test batches, in order."""
-        return self._loader("test", self.eval_batch_size)
+        """Test batches, in order; with several processes, each gets its share once."""
+        return self._eval_loader("test")
 
     def predict_dataloader(self) -> DataLoader:
-        """Prediction batches, in order."""
-        return self._loader("predict", self.eval_batch_size)
+        """Prediction batches, in order; with several processes, each gets its share once."""
+        return self._eval_loader("predict")
+
+    def _eval_loader(self, stage: str) -> DataLoader:
+        trainer = self.trainer
+        if trainer is None or trainer.world_size == 1:
+            return self._loader(stage, self.eval_batch_size)
+        dataset = cast(Sized, self._dataset(stage))
+        sampler = UnpaddedShardSampler(dataset, trainer.world_size, trainer.global_rank)
+        return self._loader(stage, self.eval_batch_size, sampler)

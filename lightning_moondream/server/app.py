@@ -56,6 +56,7 @@ def create_app(
     seed: int = 0,
     dialect: str = "both",
     checkpoint_retention: float | None = None,
+    owner_key: str | None = None,
 ) -> FastAPI:
     """Build the local tuning service.
 
@@ -75,6 +76,8 @@ def create_app(
         dialect: ``"both"``, ``"adapters"`` or ``"finetunes"``: the API dialects served.
         checkpoint_retention: Seconds a checkpoint is kept, reported as its
             ``expires_at_ms``; ``None`` keeps checkpoints for ever.
+        owner_key: Every accepted key acts for the owner of this key: the processes
+            of a run share a fresh key, and their adapters stay those of this one.
 
     Raises:
         ValueError: For an unknown policy, dialect or latency endpoint, a negative
@@ -107,6 +110,7 @@ def create_app(
         checkpoint_retention_ms=(
             None if checkpoint_retention is None else round(checkpoint_retention * 1000)
         ),
+        owner_key=owner_key,
     )
     app.state.service = service
     _install_error_handlers(app)

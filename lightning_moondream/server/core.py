@@ -415,8 +415,10 @@ class Service:
         max_pixels: int,
         seed: int,
         checkpoint_retention_ms: int | None = None,
+        owner_key: str | None = None,
     ) -> None:
         self.store = store
+        self._acting_owner = None if owner_key is None else self._owner(owner_key)
         self.checkpoint_retention_ms = checkpoint_retention_ms
         self.engine = engine
         self.owners = None if api_keys is None else {self._owner(key) for key in api_keys}
@@ -449,7 +451,7 @@ class Service:
             hmac.compare_digest(owner, known) for known in self.owners
         ):
             raise ApiError(401, "invalid API key")
-        return owner
+        return self._acting_owner or owner
 
     async def json_body(self, request: Request) -> dict[str, Any]:
         """The request's JSON object, read within the size limit.

@@ -1,0 +1,107 @@
+"""A run of ``MoondreamRLModule`` under Lightning DDP on the CPU, for the multi-process tests.
+
+Usage: ``python tests/scripts/ddp_fit.py ROOT [--devices N] [--base-url URL]
+[--max-steps N] [--resume CKPT] [--accumulate K] [--fail-on-rank R] [--validate ADAPTER]``.
+
+Lightning starts the other processes by running this script again. Synthetic detect
+data comes from ``MoondreamDataModule``; a checkpoint is kept every two steps
+(``ROOT/ckpt``). Each rank writes ``ROOT/rank-<R>.json`` with what it saw. Without
+``--base-url`` the module starts its own local service (data in ``ROOT/service``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import LearningRateMonitor
+
+from lightning_moondream.callbacks import RemoteCheckpoint, UsageSummary
+from lightning_moondream.data import MoondreamDataModule
+from lightning_moondream.module import MoondreamRLModule
+
+_COUNTER = itertools.count()
+
+
+def varying_reward(sample: Any, rollout: Any) -> float:
+    """0, 1, 0, 1, ...: every group has spread, so every step is sent."""
+    if os.environ.get("FAIL_ON_RANK") == os.environ.get("LOCAL_RANK", "0"):
+        raise ZeroDivisionError(f"reward broken for sample {sample.id}")
+    return float(next(_COUNTER) % 2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("root", type=Path)
+    parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument("--base-url", default=None)
+    parser.add_argument("--max-steps", type=int, default=4)
+    parser.add_argument("--resume", default=None)
+    parser.add_argument("--accumulate", type=int, default=1)
+    parser.add_argument("--fail-on-rank", default=None)
+    parser.add_argument("--validate", default=None, help="validate this adapter instead")
+    parser.add_argument("--api-key", default=None)
+    parser.add_argument("--val-images", type=int, default=5)
+    args = parser.parse_args()
+    if args.fail_on_rank is not None:
+        os.environ["FAIL_ON_RANK"] = args.fail_on_rank
+
+    options: dict[str, Any] = {"num_rollouts": 2, "collective_timeout": 60.0, "lr": 0.003}
+    if not args.validate:
+        options["reward"] = varying_reward
+    if args.base_url:
+        options["base_url"] = args.base_url
+        options["api_key"] = args.api_key
+    else:
+        options["local_service"] = {"data_dir": str(args.root / "service")}
+    if args.validate:
+        options["adapter_id"] = args.validate
+    model = MoondreamRLModule(name="ddp-test", **options)
+    data = MoondreamDataModule(
+        train={"source": "synthetic", "num_images": 16, "skills": ["detect"]},
+        val={"source": "synthetic", "num_images": args.val_images, "skills": ["detect"]},
+        batch_size=2,
+        num_workers=0,
+    )
+    checkpoints = RemoteCheckpoint(
+        dirpath=args.root / "ckpt", every_n_train_steps=2, save_top_k=-1, save_last=True
+    )
+    trainer = L.Trainer(
+        default_root_dir=args.root,
+        strategy="ddp",
+        devices=args.devices,
+        accelerator="cpu",
+        max_steps=args.max_steps,
+        accumulate_grad_batches=args.accumulate,
+        limit_val_batches=None if args.validate else 0,
+        num_sanity_val_steps=0,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        logger=L.pytorch.loggers.CSVLogger(args.root, name="logs"),
+        callbacks=[checkpoints, UsageSummary(), LearningRateMonitor()],
+    )
+    if args.validate:
+        [metrics] = trainer.validate(model, data)
+    else:
+        trainer.fit(model, data, ckpt_path=args.resume)
+        metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
+    result = {
+        "global_step": trainer.global_step,
+        "adapter_id": model.adapter.adapter_id,
+        "train_steps": model.train_steps,
+        "skipped_steps": model.skipped_steps,
+        "metrics": metrics,
+        "usage": model.usage.snapshot(),
+        "api_checkpoints": sorted(checkpoints.api_checkpoints.values()),
+    }
+    (args.root / f"rank-{trainer.global_rank}.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
