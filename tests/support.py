@@ -2,8 +2,9 @@
 
 - ``serving``: the real local service app under uvicorn on 127.0.0.1, in a thread.
 - ``Slow``: test-only ASGI middleware holding back a seeded fraction of responses.
-- ``HideTrainSteps``: test-only ASGI middleware removing ``train_steps`` from answers,
-  to stand for a server that does not report it.
+- ``HideTrainSteps``: test-only ASGI middleware removing ``train_steps`` from answers of
+  either dialect, to stand for a server that does not report it (Moondream's own
+  ``/finetunes`` service does not).
 - Small samples, a reward that always varies, and a quiet ``Trainer``.
 """
 
@@ -73,7 +74,11 @@ class Slow:
 
 
 class HideTrainSteps:
-    """Remove ``train_steps`` from every JSON answer: a server that does not report it."""
+    """Remove ``train_steps`` from every JSON answer: a server that does not report it.
+
+    An adapter carries it at the top of its answer or in a list of ``adapters``; a
+    finetune, under ``finetune``.
+    """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -101,8 +106,7 @@ class HideTrainSteps:
             except ValueError:
                 data = None
             if isinstance(data, dict):
-                data.pop("train_steps", None)
-                for item in data.get("adapters") or []:
+                for item in [data, data.get("finetune") or {}, *(data.get("adapters") or [])]:
                     item.pop("train_steps", None)
                 content = json.dumps(data).encode()
             headers = [

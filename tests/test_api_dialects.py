@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -497,7 +498,20 @@ def test_what_finetunes_cannot_carry_fails_before_sending(call: Any, feature: st
         ),
         (lambda c: c.train_step("ft_1", [SFT_QUERY], lr=-1.0), "lr must be a finite number >= 0"),
         (lambda c: c.train_step("ft_1", [SFT_QUERY], lr=math.inf), "lr must be a finite number"),
+        (lambda c: c.train_step("ft_1", [SFT_QUERY], lr=math.nan), "lr must be a finite number"),
         (lambda c: c.metrics.log("ft_1", 1, {"loss": math.nan}), "metric 'loss' must be a finite"),
+        (
+            lambda c: c.metrics.log("ft_1", 1, {"reward": 0.5, "loss": -math.inf}),
+            "metric 'loss' must be a finite number, got -inf",
+        ),
+        (
+            lambda c: c.metrics.log("ft_1", 1, {"loss": "0.5"}),
+            "metric 'loss' must be a finite number, got '0.5'",
+        ),
+        (
+            lambda c: c.metrics.log("ft_1", 1, {"done": True}),
+            "metric 'done' must be a finite number, got True",
+        ),
         (lambda c: c.metrics.log("ft_1", 1, {"": 1.0}), "names must be non-empty strings"),
         (lambda c: c.metrics.log("ft_1", -1, {"loss": 1.0}), "step must be an integer >= 0"),
     ],
@@ -507,7 +521,11 @@ def test_what_finetunes_cannot_carry_fails_before_sending(call: Any, feature: st
         "sft-empty-answer",
         "negative-lr",
         "infinite-lr",
+        "nan-lr",
         "nan-metric",
+        "infinite-metric",
+        "string-metric",
+        "bool-metric",
         "empty-metric-name",
         "negative-step",
     ],
@@ -521,9 +539,29 @@ def test_bad_input_is_refused_before_sending_even_before_detection(call: Any, wo
     assert fake.requests == []
 
 
-def test_an_unknown_dialect_name_is_refused() -> None:
-    with pytest.raises(ValueError, match="dialect must be one of auto, adapters, finetunes"):
-        TuningClient(api_key=KEY, base_url=BASE, dialect="cloud")  # type: ignore[arg-type]
+UNKNOWN_DIALECT: Any = "cloud"
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda data_dir: TuningClient(api_key=KEY, base_url=BASE, dialect=UNKNOWN_DIALECT),
+        lambda data_dir: AsyncTuningClient(api_key=KEY, base_url=BASE, dialect=UNKNOWN_DIALECT),
+        lambda data_dir: TuningClient.local(data_dir=data_dir, dialect=UNKNOWN_DIALECT),
+        lambda data_dir: AsyncTuningClient.local(data_dir=data_dir, dialect=UNKNOWN_DIALECT),
+    ],
+    ids=["client", "async-client", "local", "async-local"],
+)
+def test_an_unknown_dialect_name_is_refused_before_anything_is_made(
+    make: Any, tmp_path: Path
+) -> None:
+    service_dir = tmp_path / "service"
+    with pytest.raises(
+        ValueError, match="dialect must be one of auto, adapters, finetunes, got 'cloud'"
+    ):
+        make(service_dir)
+    # Not even a local service's folder, key or database.
+    assert not service_dir.exists()
 
 
 # Detection -----------------------------------------------------------------------------

@@ -126,6 +126,12 @@ CONFIGS: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
         "max_concurrency must be at least 1",
     ),
     (
+        "dialect",
+        lambda: MoondreamRLModule(dialect="cloud"),  # type: ignore[arg-type]
+        ValueError,
+        "dialect must be 'auto', 'adapters' or 'finetunes', got 'cloud'",
+    ),
+    (
         "on_ambiguous_step",
         lambda: MoondreamRLModule(on_ambiguous_step="maybe"),  # type: ignore[arg-type]
         ValueError,

@@ -1,9 +1,10 @@
-"""A training process killed with SIGKILL resumes from ``last.ckpt`` exactly.
+"""A training process killed with SIGKILL resumes from ``last.ckpt`` without a step twice.
 
 The run is a real ``Trainer`` in a subprocess, training against the local service in
-that process, its data in a folder the resumed process shares. The first process is
-killed once it has done a step past its last checkpoint (it waits there, so where the
-kill lands does not depend on timing); the second resumes from ``last.ckpt``.
+that process, its data in a folder the resumed process shares, in each wire dialect.
+The first process is killed once it has done a step past its last checkpoint (it waits
+there, so where the kill lands does not depend on timing); the second resumes from
+``last.ckpt``.
 """
 
 from __future__ import annotations
@@ -40,12 +41,27 @@ def run_script(*args: str, **popen: object) -> subprocess.Popen[str]:
 
 
 @pytest.mark.slow
-def test_a_run_killed_mid_training_resumes_from_last_ckpt_with_a_continuous_step_count(
-    tmp_path: Path,
+@pytest.mark.parametrize("dialect", ["adapters", "finetunes"])
+def test_a_run_killed_mid_training_resumes_from_last_ckpt_without_counting_a_step_twice(
+    tmp_path: Path, dialect: str
 ) -> None:
+    """On ``/adapters`` the resumed run goes on from the checkpoint on a new adapter.
+
+    ``/finetunes`` cannot make a finetune from a checkpoint: the resumed run reattaches
+    the killed run's finetune, which took a step after ``last.ckpt``, so it is refused,
+    naming both steps, instead of counting that step twice.
+    """
     service = tmp_path / "service"
+    dialect_option = ("--dialect", dialect)
     first = run_script(
-        str(tmp_path), "--service-dir", str(service), "--max-steps", "50", "--pause-at", "5"
+        str(tmp_path),
+        "--service-dir",
+        str(service),
+        *dialect_option,
+        "--max-steps",
+        "50",
+        "--pause-at",
+        "5",
     )
     marker = tmp_path / "paused"
     deadline = time.monotonic() + 240
@@ -71,9 +87,23 @@ def test_a_run_killed_mid_training_resumes_from_last_ckpt_with_a_continuous_step
         assert client.adapters.get(state["adapter_id"]).train_steps == 5
 
     second = run_script(
-        str(tmp_path), "--service-dir", str(service), "--max-steps", "9", "--resume", str(last)
+        str(tmp_path),
+        "--service-dir",
+        str(service),
+        *dialect_option,
+        "--max-steps",
+        "9",
+        "--resume",
+        str(last),
     )
     out, err = second.communicate(timeout=240)
+    if dialect == "finetunes":
+        assert second.returncode != 0
+        assert "ResumeMismatchError" in err
+        assert "taken at train step 4 but the finetune reports 5" in err
+        with TuningClient.local(data_dir=service) as client:
+            assert client.adapters.get(state["adapter_id"]).train_steps == 5
+        return
     assert second.returncode == 0, err
     result = json.loads(out.strip().splitlines()[-1])
     assert result["global_step"] == 9

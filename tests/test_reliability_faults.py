@@ -1,12 +1,15 @@
-"""Training runs over real HTTP against a faulty local service.
+"""Training runs and client calls over real HTTP against a faulty local service.
 
-Every run here is a real ``MoondreamRLModule`` in a real ``Trainer``, talking to the real
-app under uvicorn on 127.0.0.1. The service's own fault injection answers a seeded
-fraction of requests with 429 (``Retry-After: 0``), 503, 500 or a dropped connection,
-and can apply a train step then fail its answer; test-only middleware adds answers
-slower than the client's timeout and hides ``train_steps``. The invariant checked
-throughout: the service's ``train_steps`` for the adapter equals what the trainer
-counted, so no step was applied twice and none was lost.
+Every run here is a real ``MoondreamRLModule`` in a real ``Trainer`` (or a real
+``TuningClient``), talking to the real app under uvicorn on 127.0.0.1. Every test runs
+once per wire dialect (ids ``adapters`` and ``finetunes``), against a service serving that
+dialect alone, so a client that strayed to the other wire would fail. The service's own
+fault injection answers a seeded fraction of requests with 429 (``Retry-After: 0``), 503,
+500 or a dropped connection, and can apply a train step then fail its answer; test-only
+middleware adds answers slower than the client's timeout, hides ``train_steps`` and
+loses the answers of creations and checkpoint saves. The invariant checked throughout:
+the service's ``train_steps`` for the adapter equals what the trainer counted, so no step
+was applied twice and none was lost.
 """
 
 from __future__ import annotations
@@ -39,45 +42,63 @@ from lightning_moondream.api import (
     TuningClient,
 )
 from lightning_moondream.api.inprocess import InProcessTransport
-from lightning_moondream.module import CHECKPOINT_KEY, AmbiguousTrainStepError, MoondreamRLModule
+from lightning_moondream.api.operations import DIALECTS, Dialect
+from lightning_moondream.module import (
+    CHECKPOINT_KEY,
+    AmbiguousTrainStepError,
+    MoondreamRLModule,
+    ResumeMismatchError,
+)
 from lightning_moondream.server import create_app
-from lightning_moondream.server.faults import FaultConfig
+from lightning_moondream.server.faults import DroppedConnection, FaultConfig, endpoint_of
 
 KEY = "fault-test-key"
 
 
-def direct_client(app: Any) -> TuningClient:
+@pytest.fixture(params=DIALECTS)
+def dialect(request: pytest.FixtureRequest) -> Dialect:
+    """The wire dialect a test's service serves and its client speaks."""
+    return request.param
+
+
+def service(data_dir: Path, dialect: Dialect, faults: FaultConfig | None = None) -> Any:
+    """The local service serving ``dialect`` alone, with the constant policy."""
+    return create_app(
+        data_dir=data_dir, api_keys=[KEY], policy="constant", dialect=dialect, faults=faults
+    )
+
+
+def direct_client(app: Any, dialect: Dialect) -> TuningClient:
     """A client of ``app`` in this process, around any middleware and without faults' reach
     on the wire (the app's own injection still applies)."""
     http = httpx.Client(transport=InProcessTransport(app))
     return TuningClient(
-        api_key=KEY, base_url="http://local.invalid/v1/tuning", http_client=http, dialect="adapters"
+        api_key=KEY, base_url="http://local.invalid/v1/tuning", http_client=http, dialect=dialect
     )
 
 
-def train_steps_of(data_dir: Path, adapter_id: str) -> int:
+def train_steps_of(data_dir: Path, adapter_id: str, dialect: Dialect) -> int:
     """The adapter's step count as the service stores it, read with faults off."""
-    with direct_client(create_app(data_dir=data_dir, api_keys=[KEY], policy="constant")) as client:
+    with direct_client(service(data_dir, dialect), dialect) as client:
         steps = client.adapters.get(adapter_id).train_steps
     assert steps is not None
     return steps
 
 
-def new_adapter(data_dir: Path, name: str) -> str:
+def new_adapter(data_dir: Path, name: str, dialect: Dialect) -> str:
     """Create the adapter the run trains, with faults off (creation is not under test)."""
-    with direct_client(create_app(data_dir=data_dir, api_keys=[KEY], policy="constant")) as client:
+    with direct_client(service(data_dir, dialect), dialect) as client:
         return client.adapters.create(name, 16).adapter_id
 
 
-def module(url: str, adapter_id: str | None, **options: Any) -> MoondreamRLModule:
+def module(url: str, adapter_id: str | None, dialect: Dialect, **options: Any) -> MoondreamRLModule:
     """A module on ``url`` with short backoff, so faults cost milliseconds, not seconds."""
     settings: dict[str, Any] = {
         "api_key": KEY,
         "base_url": url,
         "adapter_id": adapter_id,
         "num_rollouts": 2,
-        # Faults and the proxy that hides train_steps address the /adapters routes.
-        "dialect": "adapters",
+        "dialect": dialect,
         "reward": alternating_reward(),
         "max_retries": 10,
         "max_concurrency": 4,
@@ -100,15 +121,14 @@ def recorded_warnings() -> Iterator[list[str]]:
 
 
 def test_a_run_with_one_request_in_five_failing_applies_every_step_exactly_once(
-    tmp_path: Path,
+    tmp_path: Path, dialect: Dialect
 ) -> None:
     data_dir = tmp_path / "service"
-    adapter_id = new_adapter(data_dir, "faulty-run")
-    app = create_app(
-        data_dir=data_dir,
-        api_keys=[KEY],
-        policy="constant",
-        faults=FaultConfig(
+    adapter_id = new_adapter(data_dir, "faulty-run", dialect)
+    app = service(
+        data_dir,
+        dialect,
+        FaultConfig(
             rate=0.2,
             kinds=("429", "503", "500", "drop"),
             retry_after=0,
@@ -120,14 +140,14 @@ def test_a_run_with_one_request_in_five_failing_applies_every_step_exactly_once(
     slow = Slow(app, rate=0.04, delay=0.6, seed=3)
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=10, save_last=True)
     with serving(slow) as url:
-        model = module(url, adapter_id, timeout=0.3)
+        model = module(url, adapter_id, dialect, timeout=0.3)
         trainer = quiet_trainer(
             tmp_path, max_steps=30, enable_checkpointing=True, callbacks=[checkpoints]
         )
         trainer.fit(model, loader(detect_samples("train", 60), batch_size=2))
 
     assert trainer.global_step == 30
-    assert train_steps_of(data_dir, adapter_id) == 30
+    assert train_steps_of(data_dir, adapter_id, dialect) == 30
     # The faults really happened: retries, answers slower than the timeout, and train
     # steps whose answer was lost after the server applied them (found by reading back).
     assert model.usage.retries > 0
@@ -137,8 +157,8 @@ def test_a_run_with_one_request_in_five_failing_applies_every_step_exactly_once(
     import torch
 
     state = torch.load(checkpoints.last_model_path, weights_only=False)[CHECKPOINT_KEY]
-    with direct_client(create_app(data_dir=data_dir, api_keys=[KEY], policy="constant")) as client:
-        saved = [item.checkpoint_id for item in client.checkpoints.iter(adapter_id)]
+    with direct_client(service(data_dir, dialect), dialect) as client:
+        saved = [item.ref for item in client.checkpoints.iter(adapter_id)]
     assert state["checkpoint_id"] in saved
     assert state["train_steps"] == 30
 
@@ -155,20 +175,18 @@ AMBIGUOUS_FAULTS = {
 
 @pytest.mark.parametrize("fault", AMBIGUOUS_FAULTS)
 def test_ambiguous_train_steps_are_resolved_by_reading_train_steps_back(
-    tmp_path: Path, fault: str
+    tmp_path: Path, fault: str, dialect: Dialect
 ) -> None:
     data_dir = tmp_path / "service"
-    adapter_id = new_adapter(data_dir, fault)
-    app = create_app(
-        data_dir=data_dir, api_keys=[KEY], policy="constant", faults=AMBIGUOUS_FAULTS[fault]
-    )
+    adapter_id = new_adapter(data_dir, fault, dialect)
+    app = service(data_dir, dialect, AMBIGUOUS_FAULTS[fault])
     with serving(app) as url, recorded_warnings() as messages:
-        model = module(url, adapter_id)
+        model = module(url, adapter_id, dialect)
         trainer = quiet_trainer(tmp_path, max_steps=6)
         trainer.fit(model, loader(detect_samples("train", 12), batch_size=2))
 
     assert trainer.global_step == 6
-    assert train_steps_of(data_dir, adapter_id) == 6
+    assert train_steps_of(data_dir, adapter_id, dialect) == 6
     resent = [
         message for message in messages if "was not applied" in message and "resending" in message
     ]
@@ -187,21 +205,27 @@ def first_failing_step(seed: int, rate: float) -> int:
 
 
 def test_ambiguous_step_without_train_steps_raises_with_a_checkpoint_to_resume_from(
-    tmp_path: Path,
+    tmp_path: Path, dialect: Dialect
 ) -> None:
+    """The run stops at a step of unknown outcome; what resuming then does is the dialect's.
+
+    On ``/adapters`` resuming from ``last.ckpt`` makes a new adapter from its API
+    checkpoint and continues exactly. ``/finetunes`` cannot make a finetune from a
+    checkpoint, so resuming reattaches the same finetune only at the checkpoint's step;
+    this one took the step in doubt, so resuming is refused rather than counting it twice.
+    """
     data_dir = tmp_path / "service"
-    adapter_id = new_adapter(data_dir, "no-report")
+    adapter_id = new_adapter(data_dir, "no-report", dialect)
     # A seed whose first failure comes after a few clean steps, so checkpoints exist.
     seed = next(seed for seed in range(1000) if first_failing_step(seed, 0.3) == 4)
-    app = create_app(
-        data_dir=data_dir,
-        api_keys=[KEY],
-        policy="constant",
-        faults=FaultConfig(after_train_step="drop", after_train_step_rate=0.3, seed=seed),
+    app = service(
+        data_dir,
+        dialect,
+        FaultConfig(after_train_step="drop", after_train_step_rate=0.3, seed=seed),
     )
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_last=True)
     with serving(HideTrainSteps(app)) as url:
-        model = module(url, adapter_id)
+        model = module(url, adapter_id, dialect)
         trainer = quiet_trainer(
             tmp_path, max_steps=8, enable_checkpointing=True, callbacks=[checkpoints]
         )
@@ -219,16 +243,15 @@ def test_ambiguous_step_without_train_steps_raises_with_a_checkpoint_to_resume_f
     assert trainer.global_step == 3
     # The server applied step 4 before dropping its answer: the old adapter is one ahead,
     # which is why the run stops instead of guessing.
-    assert train_steps_of(data_dir, adapter_id) == 4
+    assert train_steps_of(data_dir, adapter_id, dialect) == 4
 
-    # Resuming from last.ckpt on a healthy service continues exactly from step 3.
     import torch
 
     state = torch.load(last, weights_only=False)
     assert state["global_step"] == 3
     assert state[CHECKPOINT_KEY]["train_steps"] == 3
-    with serving(create_app(data_dir=data_dir, api_keys=[KEY], policy="constant")) as url:
-        resumed = module(url, None)
+    with serving(service(data_dir, dialect)) as url:
+        resumed = module(url, None, dialect)
         trainer = quiet_trainer(
             tmp_path,
             max_steps=8,
@@ -237,11 +260,20 @@ def test_ambiguous_step_without_train_steps_raises_with_a_checkpoint_to_resume_f
                 ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_last=True)
             ],
         )
-        trainer.fit(resumed, loader(detect_samples("train", 16), batch_size=2), ckpt_path=last)
+        batches = loader(detect_samples("train", 16), batch_size=2)
+        if dialect == "finetunes":
+            with pytest.raises(
+                ResumeMismatchError, match="train step 3 but the finetune reports 4"
+            ):
+                trainer.fit(resumed, batches, ckpt_path=last)
+            assert train_steps_of(data_dir, adapter_id, dialect) == 4
+            return
+        # Resuming on a healthy service continues exactly from step 3, on a new adapter.
+        trainer.fit(resumed, batches, ckpt_path=last)
         new_id = resumed.adapter.adapter_id
     assert trainer.global_step == 8
     assert new_id != adapter_id
-    assert train_steps_of(data_dir, new_id) == 8 - 3
+    assert train_steps_of(data_dir, new_id, dialect) == 8 - 3
 
 
 @pytest.mark.parametrize(
@@ -254,13 +286,13 @@ def test_ambiguous_step_without_train_steps_raises_with_a_checkpoint_to_resume_f
     ids=["applied-then-dropped", "applied-then-500", "dropped-before"],
 )
 def test_skip_counts_an_unknown_step_as_applied_and_never_resends_it(
-    tmp_path: Path, fault: FaultConfig, applied: int
+    tmp_path: Path, fault: FaultConfig, applied: int, dialect: Dialect
 ) -> None:
     data_dir = tmp_path / "service"
-    adapter_id = new_adapter(data_dir, "skip")
-    app = create_app(data_dir=data_dir, api_keys=[KEY], policy="constant", faults=fault)
+    adapter_id = new_adapter(data_dir, "skip", dialect)
+    app = service(data_dir, dialect, fault)
     with serving(HideTrainSteps(app)) as url, recorded_warnings() as messages:
-        model = module(url, adapter_id, on_ambiguous_step="skip")
+        model = module(url, adapter_id, dialect, on_ambiguous_step="skip")
         trainer = quiet_trainer(tmp_path, max_steps=5)
         trainer.fit(model, loader(detect_samples("train", 10), batch_size=2))
 
@@ -268,7 +300,7 @@ def test_skip_counts_an_unknown_step_as_applied_and_never_resends_it(
     skipped = [message for message in messages if "counting it as applied" in message]
     assert len(skipped) == 5
     # Each step was sent once: applied once when the server acted, lost when it did not.
-    assert train_steps_of(data_dir, adapter_id) == applied
+    assert train_steps_of(data_dir, adapter_id, dialect) == applied
 
 
 class FailRollouts:
@@ -316,20 +348,18 @@ class FailRollouts:
 
 
 def test_one_failed_rollouts_request_fails_its_step_and_trains_on_nothing_partial(
-    tmp_path: Path,
+    tmp_path: Path, dialect: Dialect
 ) -> None:
     from dataclasses import replace
 
     data_dir = tmp_path / "service"
-    adapter_id = new_adapter(data_dir, "partial")
+    adapter_id = new_adapter(data_dir, "partial", dialect)
     samples = detect_samples("train", 6)
     # The fourth sample (second batch) asks about an object only the middleware fails.
     samples[3] = replace(samples[3], object="poisoned object")
-    app = FailRollouts(
-        create_app(data_dir=data_dir, api_keys=[KEY], policy="constant"), b"poisoned object"
-    )
+    app = FailRollouts(service(data_dir, dialect), b"poisoned object")
     with serving(app) as url:
-        model = module(url, adapter_id, max_retries=3, max_concurrency=1)
+        model = module(url, adapter_id, dialect, max_retries=3, max_concurrency=1)
         trainer = quiet_trainer(tmp_path, max_steps=3)
         with pytest.raises(ServerError) as raised:
             trainer.fit(model, loader(samples, batch_size=3))
@@ -338,7 +368,7 @@ def test_one_failed_rollouts_request_fails_its_step_and_trains_on_nothing_partia
     assert app.failed == 4  # the first attempt and its 3 retries
     assert trainer.global_step == 1
     assert app.train_steps == 1
-    assert train_steps_of(data_dir, adapter_id) == 1
+    assert train_steps_of(data_dir, adapter_id, dialect) == 1
 
 
 class AbandonFirstTrainStep:
@@ -404,13 +434,13 @@ class AbandonFirstTrainStep:
 
 
 def test_a_step_still_running_when_the_client_gives_up_is_not_sent_again(
-    tmp_path: Path,
+    tmp_path: Path, dialect: Dialect
 ) -> None:
     data_dir = tmp_path / "service"
-    adapter_id = new_adapter(data_dir, "abandoned")
-    app = AbandonFirstTrainStep(create_app(data_dir=data_dir, api_keys=[KEY], policy="constant"))
+    adapter_id = new_adapter(data_dir, "abandoned", dialect)
+    app = AbandonFirstTrainStep(service(data_dir, dialect))
     with serving(app) as url, recorded_warnings() as messages:
-        model = module(url, adapter_id)
+        model = module(url, adapter_id, dialect)
         trainer = quiet_trainer(tmp_path, max_steps=3)
         trainer.fit(model, loader(detect_samples("train", 6), batch_size=2))
 
@@ -418,4 +448,89 @@ def test_a_step_still_running_when_the_client_gives_up_is_not_sent_again(
     # The read-back waited for the running step and found it applied: nothing resent.
     assert [message for message in messages if "resending" in message] == []
     assert trainer.global_step == 3
-    assert train_steps_of(data_dir, adapter_id) == 3
+    assert train_steps_of(data_dir, adapter_id, dialect) == 3
+
+
+class LoseAnswer:
+    """Let the first ``POST`` to an endpoint group act, then drop its connection.
+
+    The service has made its change when the answer is lost: the client cannot tell
+    whether it did, the ambiguous case of a creation or a checkpoint save.
+    """
+
+    def __init__(self, app: Any, endpoint: str) -> None:
+        self.app, self.endpoint = app, endpoint
+        self.lost: list[int] = []
+        """The status of each answer lost."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if (
+            self.lost
+            or scope["type"] != "http"
+            or scope["method"] != "POST"
+            or endpoint_of(scope["path"]) != self.endpoint
+        ):
+            await self.app(scope, receive, send)
+            return
+
+        async def discard(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                self.lost.append(message["status"])
+
+        await self.app(scope, receive, discard)
+        # Started then failed, the answer is cut short by uvicorn (a clean 500 otherwise).
+        await send(
+            {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]}
+        )
+        raise DroppedConnection("the answer was lost after the service acted")
+
+
+def test_a_creation_whose_answer_is_lost_is_resolved_where_the_dialect_can_list(
+    tmp_path: Path, dialect: Dialect, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The service made the adapter, then the connection dropped; it is never made twice.
+
+    ``/adapters`` lists adapters, so the client finds the one it made and returns it.
+    ``/finetunes`` cannot list finetunes, so a lookup has no meaning there: the client
+    raises instead, with the name, rank and time it asked for.
+    """
+    data_dir = tmp_path / "service"
+    app = LoseAnswer(service(data_dir, dialect), "adapters")
+    with (
+        serving(app) as url,
+        TuningClient(api_key=KEY, base_url=url, dialect=dialect) as client,
+    ):
+        if dialect == "adapters":
+            created = client.adapters.create("lost-answer", 16).adapter_id
+            assert f"it had created adapter {created}, which is used" in caplog.text
+        else:
+            with pytest.raises(AmbiguousRequestError) as raised:
+                client.adapters.create("lost-answer", 16)
+            message = str(raised.value)
+            assert "POST /finetunes failed" in message
+            assert "cannot list finetunes, so the one named 'lost-answer' (rank 16)" in message
+    assert app.lost == [200]
+    # The store as /adapters lists it: the one adapter the one request made.
+    with direct_client(service(data_dir, "adapters"), "adapters") as reader:
+        made = list(reader.adapters.iter())
+    assert [(adapter.name, adapter.rank) for adapter in made] == [("lost-answer", 16)]
+    if dialect == "adapters":
+        assert made[0].adapter_id == created
+
+
+def test_a_checkpoint_save_whose_answer_is_lost_is_resolved_by_listing(
+    tmp_path: Path, dialect: Dialect
+) -> None:
+    data_dir = tmp_path / "service"
+    adapter_id = new_adapter(data_dir, "saves", dialect)
+    app = LoseAnswer(service(data_dir, dialect), "checkpoints")
+    with (
+        serving(app) as url,
+        TuningClient(api_key=KEY, base_url=url, dialect=dialect) as client,
+    ):
+        saved = client.checkpoints.save(adapter_id)
+        listed = [item.ref for item in client.checkpoints.iter(adapter_id)]
+    assert app.lost == [200]
+    # The checkpoint the lost answer named, and no second one.
+    assert listed == [saved.ref]
+    assert saved.adapter_id == adapter_id

@@ -6,13 +6,14 @@ import asyncio
 import json
 import math
 import urllib.error
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import moondream  # a missing SDK must fail these tests, not skip them
 import pytest
+from moondream.finetune import Finetune
 from support import serving
 
 from lightning_moondream.data import synthetic
@@ -308,6 +309,108 @@ def test_sdk_train_step_with_a_bad_lr_is_refused(base_url: str, lr: float) -> No
     assert raised.value.code == 422
     assert json.loads(raised.value.read())["error"]["message"].startswith("lr: ")
     assert ft_steps(base_url, ft.finetune_id) == 0
+
+
+def sdk_refusal(call: Callable[[], object]) -> tuple[int, str]:
+    """The status and error message of an SDK call the service refuses.
+
+    The body is the API's ``{"error": {"type", "message"}}``; the statuses checked with
+    this are ones the SDK does not retry, so a refusal costs one request.
+    """
+    with pytest.raises(urllib.error.HTTPError) as raised:
+        call()
+    body = json.loads(raised.value.read())
+    assert set(body) == {"error"} and set(body["error"]) == {"type", "message"}
+    return raised.value.code, body["error"]["message"]
+
+
+@pytest.mark.parametrize("whose", ["deleted", "other-key"])
+def test_every_finetune_route_answers_404_for_an_unknown_finetune(
+    base_url: str, whose: str
+) -> None:
+    ft = moondream.ft(KEY, name="unknown", rank=16, endpoint=base_url)
+    finetune_id = ft.finetune_id
+    image, phrase, _ = _scene(3)
+    if whose == "deleted":
+        ft.delete()
+        key = KEY
+    else:
+        # Another key's finetune is as unknown as one that never existed.
+        key = "another-finetunes-key"
+        ft = Finetune(api_key=key, endpoint=base_url, finetune_id=finetune_id, name="", rank=0)
+    calls: dict[str, Callable[[], object]] = {
+        "get": lambda: moondream.ft(key, finetune_id=finetune_id, endpoint=base_url),
+        "rollouts": lambda: ft.rollouts("detect", image=image, object=phrase, num_rollouts=2),
+        "train_step": lambda: ft.train_step([_sft("test", 0)]),
+        "log_metrics": lambda: ft.log_metrics(1, {"loss": 1.0}),
+        "list_checkpoints": ft.list_checkpoints,
+        "save_checkpoint": ft.save_checkpoint,
+        "delete_checkpoint": lambda: ft.delete_checkpoint(1),
+        "delete": ft.delete,
+    }
+    for route, call in calls.items():
+        status, message = sdk_refusal(call)
+        assert (route, status) == (route, 404)
+        assert finetune_id in message, route
+    if whose == "other-key":
+        assert ft_steps(base_url, finetune_id) == 0
+
+
+def test_a_missing_checkpoint_step_is_404_and_a_bad_one_422(base_url: str) -> None:
+    ft = moondream.ft(KEY, name="steps", rank=16, endpoint=base_url)
+    status, message = sdk_refusal(lambda: ft.delete_checkpoint(7))
+    assert status == 404 and message == f"no checkpoint of finetune {ft.finetune_id!r} at step 7"
+    status, message = sdk_refusal(lambda: ft.delete_checkpoint(-1))
+    assert status == 422 and message.startswith("step: ")
+
+
+@pytest.mark.parametrize(
+    ("name", "rank", "field"),
+    [("x", 8, "rank: "), ("x", "16", "rank: "), ("", 16, "name: ")],
+    ids=["rank-8", "rank-string", "empty-name"],
+)
+def test_a_bad_finetune_is_refused_naming_the_field(
+    base_url: str, name: str, rank: Any, field: str
+) -> None:
+    status, message = sdk_refusal(
+        lambda: moondream.ft(KEY, name=name, rank=rank, endpoint=base_url)
+    )
+    assert status == 422 and message.startswith(field)
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [
+        ({"num_rollouts": 0}, "num_rollouts: "),
+        ({"num_rollouts": 17}, "num_rollouts: "),
+        ({"object": None}, "request.object: "),
+        ({"image": None}, "request.image_url: "),
+        ({"settings": {"temperature": -1}}, "request.settings.temperature: "),
+        (
+            {"ground_truth": {"boxes": [{"x_min": 0.5, "y_min": 0, "x_max": 0.1, "y_max": 1}]}},
+            "ground_truth.boxes.0: ",
+        ),
+    ],
+    ids=["no-rollouts", "too-many-rollouts", "no-object", "no-image", "temperature", "box"],
+)
+def test_bad_rollouts_are_refused_naming_the_field(
+    base_url: str, options: dict[str, Any], field: str
+) -> None:
+    ft = moondream.ft(KEY, name="bad-rollouts", rank=16, endpoint=base_url)
+    image, phrase, _ = _scene(4)
+    arguments: dict[str, Any] = {"image": image, "object": phrase, "num_rollouts": 2, **options}
+    status, message = sdk_refusal(lambda: ft.rollouts("detect", **arguments))
+    assert status == 422 and message.startswith(field)
+
+
+def test_an_unreadable_body_or_cursor_is_400(base_url: str) -> None:
+    headers = {"X-Moondream-Auth": KEY, "content-type": "application/json"}
+    answer = httpx.post(f"{base_url}/finetunes", content=b"{nope", headers=headers)
+    assert answer.status_code == 400
+    assert answer.json()["error"]["message"].startswith("body: ")
+    ft = moondream.ft(KEY, name="cursor", rank=16, endpoint=base_url)
+    status, message = sdk_refusal(lambda: ft.list_checkpoints(cursor="not-a-cursor"))
+    assert status == 400 and message.startswith("cursor: ")
 
 
 def test_serve_takes_dialect_and_checkpoint_retention() -> None:

@@ -118,6 +118,18 @@ class _Done(Generic[T]):
     value: T
 
 
+def check_dialect(dialect: str) -> None:
+    """Refuse a dialect name that is not ``auto``, ``adapters`` or ``finetunes``.
+
+    Raises:
+        ValueError: Naming the choices and the name given.
+    """
+    if dialect not in get_args(DialectChoice):
+        raise ValueError(
+            f"dialect must be one of {', '.join(get_args(DialectChoice))}, got {dialect!r}"
+        )
+
+
 def resolve_api_key(api_key: str | SecretStr | None) -> SecretStr:
     """Return the API key from the argument or ``MOONDREAM_API_KEY``.
 
@@ -155,10 +167,7 @@ class _ClientCore(Generic[HttpClientT]):
         default_http_client: Callable[[], HttpClientT],
         dialect: DialectChoice = "auto",
     ) -> None:
-        if dialect not in get_args(DialectChoice):
-            raise ValueError(
-                f"dialect must be one of {', '.join(get_args(DialectChoice))}, got {dialect!r}"
-            )
+        check_dialect(dialect)
         self.dialect: Dialect | None = None if dialect == "auto" else dialect
         """The dialect the service speaks: as given, detected, or ``None`` before detection."""
         self._detects = dialect == "auto"
@@ -742,7 +751,11 @@ class TuningClient(_ClientCore[httpx.Client]):
             data_dir: Where the service keeps adapters; a temporary folder by default.
             dialect: The wire dialect to speak (the service answers both).
             **service_options: Passed to ``lightning_moondream.server.create_app``.
+
+        Raises:
+            ValueError: For an unknown dialect name, before the service is made.
         """
+        check_dialect(dialect)
         app, close = _local_app(data_dir, service_options)
         transport = InProcessTransport(app, on_close=close)
         return cls._local(httpx.Client(transport=transport), dialect)
@@ -980,7 +993,11 @@ class AsyncTuningClient(_ClientCore[httpx.AsyncClient]):
             data_dir: Where the service keeps adapters; a temporary folder by default.
             dialect: The wire dialect to speak (the service answers both).
             **service_options: Passed to ``lightning_moondream.server.create_app``.
+
+        Raises:
+            ValueError: For an unknown dialect name, before the service is made.
         """
+        check_dialect(dialect)
         app, close = _local_app(data_dir, service_options)
         transport = InProcessAsyncTransport(app, on_close=close)
         return cls._local(httpx.AsyncClient(transport=transport), dialect)

@@ -1,7 +1,7 @@
 """A training run in its own process, for the crash and security tests.
 
 Usage: ``python tests/scripts/train_run.py ROOT [--service-dir DIR | --base-url URL]
-[--max-steps N] [--resume CKPT] [--pause-at STEP]``.
+[--dialect auto|adapters|finetunes] [--max-steps N] [--resume CKPT] [--pause-at STEP]``.
 
 Trains a ``MoondreamRLModule`` on synthetic detect samples with checkpoints every two
 steps (``ROOT/ckpt``, plus ``last.ckpt``) and prints one JSON line of results. With
@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("root", type=Path)
     parser.add_argument("--service-dir", default=None)
     parser.add_argument("--base-url", default=None)
+    parser.add_argument("--dialect", default="auto", choices=("auto", "adapters", "finetunes"))
     parser.add_argument("--max-steps", type=int, default=6)
     parser.add_argument("--resume", default=None)
     parser.add_argument("--pause-at", type=int, default=None)
@@ -56,6 +57,7 @@ def main() -> None:
         "num_rollouts": 2,
         "reward": alternating_reward(),
         "max_concurrency": 2,
+        "dialect": args.dialect,
     }
     if args.base_url:
         options["base_url"] = args.base_url
