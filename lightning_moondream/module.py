@@ -320,6 +320,14 @@ class MoondreamRLModule(LightningModule):
         no step is counted twice or lost.
         """
         finetune = await self._connection.client.adapters.get(state["adapter_id"])
+        if finetune.train_steps is None:
+            # Moondream Cloud does not report a finetune's step: the first train step's
+            # answer does, and a finetune that moved on stops the run then.
+            rank_zero_warn(
+                f"finetune {finetune.adapter_id} does not report its step; resuming at the "
+                f"checkpoint's step {state['train_steps']}, checked by the first train step"
+            )
+            return finetune.model_copy(update={"train_steps": state["train_steps"]})
         if finetune.train_steps != state["train_steps"]:
             raise ResumeMismatchError(
                 f"cannot resume finetune {finetune.adapter_id}: the checkpoint was taken at train "

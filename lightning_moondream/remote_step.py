@@ -226,12 +226,33 @@ class RemoteStep:
             self.train_steps = applied_before
             self.in_doubt = self.max_staleness == 1
             raise
-        if result is not None and result.applied is False:
-            # lr 0: the service took the step but changed nothing and did not count it.
-            self.train_steps = applied_before
-            self.skipped_steps += 1
+        if result is not None:
+            self._reconcile(adapter_id, applied_before + 1, result)
         self.in_doubt = False
         return result
+
+    def _reconcile(self, adapter_id: str, expected: int, result: TrainStepResult) -> None:
+        """Follow the step count the service reports after a train step.
+
+        A count below the expected one means steps that changed nothing (lr 0), or one
+        in doubt that was counted as applied and was not: they count as skipped, so
+        ``global_step`` still equals applied plus skipped steps. A count above it means
+        someone else trained the adapter, which no count can repair.
+        """
+        reported = result.step
+        if reported is None:
+            if result.applied is False:
+                reported = expected - 1
+            else:
+                return
+        if reported > expected:
+            raise AmbiguousTrainStepError(
+                f"adapter {adapter_id} reports step {reported} after this run's train step "
+                f"{expected}: it was trained elsewhere (by another run, or past the checkpoint "
+                "this run resumed from)"
+            )
+        self.skipped_steps += expected - reported
+        self.train_steps = reported
 
     async def _resend_needed(
         self, adapter_id: str, applied_before: int, error: AmbiguousRequestError
@@ -245,6 +266,13 @@ class RemoteStep:
             )
             return True
         if reported == step:
+            return False
+        if reported is None and self.connection.client.dialect == "finetunes":
+            rank_zero_warn(
+                f"train step {step} may or may not have been applied ({error.cause.message}); "
+                "counting it as applied: the next train step's answer tells the finetune's step, "
+                "and the count follows it"
+            )
             return False
         if reported is None and self.on_ambiguous_step == "skip":
             rank_zero_warn(
