@@ -1,0 +1,152 @@
+"""The optimizer step is the remote train step: lr schedules, SFT, accumulation, clipping.
+
+Each run trains against the local service over real HTTP on 127.0.0.1, behind a
+recorder of the ``/train_step`` bodies it receives.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.loggers import CSVLogger
+from support import alternating_reward, detect_samples, loader, quiet_trainer, serving
+from torch.optim.lr_scheduler import CosineAnnealingLR
+
+from lightning_moondream.module import MoondreamRLModule
+from lightning_moondream.server import create_app
+
+KEY = "optimizer-test-key"
+
+
+class RecordTrainSteps:
+    """Keep the JSON body of every ``/train_step`` request the app receives."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.bodies: list[dict[str, Any]] = []
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not scope["path"].endswith("/train_step"):
+            await self.app(scope, receive, send)
+            return
+        messages, body = [], b""
+        while True:
+            message = await receive()
+            messages.append(message)
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        self.bodies.append(json.loads(body))
+        replay = iter(messages)
+
+        async def replayed() -> Any:
+            return next(replay)
+
+        await self.app(scope, replayed, send)
+
+
+def recorded_service(tmp_path: Path, dialect: str = "finetunes") -> RecordTrainSteps:
+    """The local service (constant policy) behind a train step recorder."""
+    app = create_app(
+        data_dir=tmp_path / "service", api_keys=[KEY], policy="constant", dialect=dialect
+    )
+    return RecordTrainSteps(app)
+
+
+def module(url: str, **options: Any) -> MoondreamRLModule:
+    return MoondreamRLModule(
+        api_key=KEY,
+        base_url=url,
+        num_rollouts=2,
+        reward=alternating_reward(),
+        **options,
+    )
+
+
+def test_each_train_step_carries_the_scheduled_lr(tmp_path: Path) -> None:
+    recorder = recorded_service(tmp_path)
+    with serving(recorder) as url:
+        model = module(url, lr=0.01, lr_scheduler=partial(CosineAnnealingLR, T_max=4))
+        trainer = quiet_trainer(
+            tmp_path,
+            max_steps=4,
+            logger=CSVLogger(tmp_path, name="logs"),
+            callbacks=[LearningRateMonitor()],
+            log_every_n_steps=1,
+        )
+        trainer.fit(model, loader(detect_samples("train", 8), batch_size=2))
+
+    cosine = [0.01 * (1 + math.cos(math.pi * step / 4)) / 2 for step in range(4)]
+    assert [body["lr"] for body in recorder.bodies] == pytest.approx(cosine)
+    with open(Path(trainer.logger.log_dir) / "metrics.csv") as file:
+        logged = [float(row["lr-SGD"]) for row in csv.DictReader(file) if row.get("lr-SGD")]
+    # LearningRateMonitor shows what the service received.
+    assert logged == pytest.approx(cosine, rel=1e-6)
+
+
+def test_without_lr_the_service_default_applies(tmp_path: Path) -> None:
+    recorder = recorded_service(tmp_path)
+    with serving(recorder) as url:
+        trainer = quiet_trainer(tmp_path, max_steps=2)
+        trainer.fit(module(url), loader(detect_samples("train", 4), batch_size=2))
+    assert [("lr" in body) for body in recorder.bodies] == [False, False]
+
+
+def test_sft_warmup_then_rl_steps_with_an_sft_share(tmp_path: Path) -> None:
+    recorder = recorded_service(tmp_path)
+    with serving(recorder) as url:
+        model = module(url, lr=0.003, sft_warmup_steps=2, sft_share=0.5)
+        trainer = quiet_trainer(tmp_path, max_steps=4, log_every_n_steps=1)
+        trainer.fit(model, loader(detect_samples("train", 16), batch_size=4))
+
+    modes = [
+        sorted(group.get("mode", "rl") for group in body["groups"]) for body in recorder.bodies
+    ]
+    # Warm-up: every sample's ground truth, no rollouts; then RL groups and half the
+    # batch taught again.
+    assert modes[:2] == [["sft"] * 4, ["sft"] * 4]
+    assert modes[2:] == [["rl"] * 4 + ["sft"] * 2] * 2
+    targets = [group["target"] for group in recorder.bodies[0]["groups"]]
+    assert all(target["boxes"] for target in targets)
+    assert trainer.callback_metrics["train/sft_groups"] == 2
+
+
+def test_accumulated_batches_are_sent_as_one_train_step(tmp_path: Path) -> None:
+    recorder = recorded_service(tmp_path)
+    with serving(recorder) as url:
+        model = module(url)
+        trainer = quiet_trainer(tmp_path, max_steps=2, accumulate_grad_batches=3)
+        trainer.fit(model, loader(detect_samples("train", 12), batch_size=2))
+
+    assert [len(body["groups"]) for body in recorder.bodies] == [6, 6]
+    assert trainer.global_step == model.train_steps == 2
+
+
+def test_gradient_clipping_is_left_to_the_service(tmp_path: Path) -> None:
+    recorder = recorded_service(tmp_path)
+    with serving(recorder) as url, pytest.warns(UserWarning, match="clipped on the Moondream"):
+        trainer = quiet_trainer(tmp_path, max_steps=2, gradient_clip_val=1.0)
+        trainer.fit(module(url), loader(detect_samples("train", 4), batch_size=2))
+    assert trainer.global_step == len(recorder.bodies) == 2
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [({"sft_warmup_steps": 2}, "sft_warmup_steps"), ({"lr": 0.01}, "lr")],
+)
+def test_sft_and_lr_need_a_finetunes_service(
+    tmp_path: Path, options: dict[str, Any], named: str
+) -> None:
+    recorder = recorded_service(tmp_path, dialect="adapters")
+    with serving(recorder) as url:
+        trainer = quiet_trainer(tmp_path, max_steps=2)
+        with pytest.raises(ValueError, match=f"^{named}: the service speaks the /adapters"):
+            trainer.fit(module(url, **options), loader(detect_samples("train", 4), batch_size=2))
+    assert recorder.bodies == []
