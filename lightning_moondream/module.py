@@ -15,6 +15,7 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future
 from typing import Any, Literal
 
 import torch
@@ -37,6 +38,7 @@ from lightning_moondream.connection import Connection, Dialect
 from lightning_moondream.data.encoding import DEFAULT_MAX_SIDE, DEFAULT_QUALITY
 from lightning_moondream.distributed import DEFAULT_TIMEOUT, Collective
 from lightning_moondream.images import EncodingOptions
+from lightning_moondream.loggers import CloudMetricsLogger
 from lightning_moondream.metrics import SkillMetrics
 from lightning_moondream.remote_step import (
     AmbiguousTrainStepError,
@@ -398,12 +400,14 @@ class MoondreamRLModule(LightningModule):
         self._run_usage = None
 
     def on_fit_start(self) -> None:
-        """Open the adapter before the first batch, so set-up errors surface at once.
+        """Open the adapter (and connect cloud loggers) before the first batch.
+
+        Set-up errors so surface at once.
 
         Raises:
             ValueError: If SFT or ``lr`` is asked of a service speaking ``/adapters``.
         """
-        self.adapter  # noqa: B018
+        self._bind_cloud_loggers()
         if self._connection.dialect == "adapters":
             wanted = [
                 name
@@ -423,12 +427,31 @@ class MoondreamRLModule(LightningModule):
     def on_validation_start(self) -> None:
         """Evaluate the adapter with every train step applied."""
         self._remote.drain()
-        self.adapter  # noqa: B018
+        self._bind_cloud_loggers()
 
     def on_test_start(self) -> None:
         """Evaluate the adapter with every train step applied."""
         self._remote.drain()
-        self.adapter  # noqa: B018
+        self._bind_cloud_loggers()
+
+    def _bind_cloud_loggers(self) -> None:
+        adapter_id = self.adapter.adapter_id
+        if self._collective.is_zero and self._trainer is not None:
+            for logger in self._cloud_loggers():
+                logger.bind(self, adapter_id)
+
+    def _cloud_loggers(self) -> list[CloudMetricsLogger]:
+        loggers = self._trainer.loggers if self._trainer is not None else []
+        return [logger for logger in loggers if isinstance(logger, CloudMetricsLogger)]
+
+    def send_metrics(self, step: int, metrics: Mapping[str, float]) -> Future[int]:
+        """Start logging ``metrics`` at ``step`` to the finetune (``/finetunes`` only).
+
+        Returns:
+            A future of how many metrics the service stored.
+        """
+        client = self._connection.client
+        return self._connection.submit(client.metrics.log(self.adapter.adapter_id, step, metrics))
 
     def on_predict_start(self) -> None:
         """Open the adapter on every rank at once."""
@@ -461,6 +484,8 @@ class MoondreamRLModule(LightningModule):
 
     def _release(self, wait: bool = True) -> None:
         try:
+            for logger in self._cloud_loggers():
+                logger.release()
             if self._adapter is not None and self._temporary_adapter:
                 self._delete_temporary_adapter(self._adapter.adapter_id)
         finally:

@@ -52,6 +52,7 @@ from lightning_moondream.api.models import (
     Settings,
     TrainGroup,
     TrainStepResult,
+    inference_model_id,
 )
 from lightning_moondream.api.retry import RetryPolicy
 from lightning_moondream.api.usage import UsageStats
@@ -94,6 +95,7 @@ __all__ = [
     "TuningClient",
     "UnsupportedFeatureError",
     "UsageStats",
+    "inference_model_id",
     "resolve_api_key",
     "resolve_base_url",
 ]

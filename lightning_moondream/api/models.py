@@ -346,6 +346,17 @@ class Adapter(BaseModel):
 
 
 FINETUNE_MODEL = "moondream3-preview"
+
+
+def inference_model_id(ref: str) -> str | None:
+    """The inference model of a checkpoint ref, or ``None`` for an ``/adapters`` one.
+
+    A ``/finetunes`` checkpoint ``finetune_id@step`` is served as
+    ``moondream3-preview/finetune_id@step``.
+    """
+    return f"{FINETUNE_MODEL}/{ref}" if "@" in ref else None
+
+
 """The base model of ``/finetunes`` inference ids: ``moondream3-preview/{finetune_id}@{step}``."""
 
 
@@ -382,9 +393,7 @@ class Checkpoint(BaseModel):
     @property
     def model_id(self) -> str | None:
         """The inference model id of a ``/finetunes`` checkpoint, else ``None``."""
-        if self.finetune_id is None or self.step is None:
-            return None
-        return f"{FINETUNE_MODEL}/{self.ref}"
+        return inference_model_id(self.ref)
 
     def created_after(self, started: datetime) -> bool:
         """Tell whether the server says this checkpoint was made at or after ``started``."""

@@ -7,10 +7,10 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from lightning_moondream.api import NotFoundError, TuningAPIError
+from lightning_moondream.api import NotFoundError, TuningAPIError, inference_model_id
 from lightning_moondream.module import MoondreamRLModule
 
 # The API checkpoint is saved after the remote step is applied: the state "after
@@ -78,6 +78,18 @@ class RemoteCheckpoint(ModelCheckpoint):
         except TuningAPIError as exc:
             # Cleanup is not worth a run: the checkpoint stays, and the run goes on.
             rank_zero_warn(f"could not delete API checkpoint {checkpoint_id}: {exc}")
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Say which API checkpoint each kept file holds, and how to run it."""
+        super().on_fit_end(trainer, pl_module)
+        if not self.api_checkpoints:
+            return
+        lines = ["Kept checkpoints (file -> API checkpoint -> inference model):"]
+        for filepath, ref in sorted(self.api_checkpoints.items()):
+            model = inference_model_id(ref) or "from_checkpoint=" + ref
+            lines.append(f"  {filepath} -> {ref} -> {model}")
+        rank_zero_info("\n".join(lines))
 
     @override
     def state_dict(self) -> dict[str, Any]:
