@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -100,7 +101,7 @@ def vqa_manifest(root: Path) -> Path:
 
 def data_overrides(config: str, root: Path) -> list[str]:
     """Point a cloud config's data paths at tiny generated files."""
-    if config == "quickstart.yaml":
+    if config in ("quickstart.yaml", "finetunes_sft.yaml"):
         return [
             "--data.train={source: synthetic, num_images: 8, skills: [detect]}",
             "--data.val={source: synthetic, num_images: 2, skills: [detect]}",
@@ -138,6 +139,7 @@ def common(config: str, root: Path) -> list[str]:
     "config",
     [
         "quickstart.yaml",
+        "finetunes_sft.yaml",
         "coco_detect.yaml",
         "voc_detect.yaml",
         "coco_keypoints_point.yaml",
@@ -256,3 +258,36 @@ def test_the_quickstart_improves_held_out_reward_and_map(tmp_path: Path) -> None
     assert report.after["samples"] == report.before["samples"] > 0
     assert report.after["reward"] > report.before["reward"]
     assert report.after["map"] > report.before["map"]
+
+
+def test_sft_warmup_cosine_lr_and_cloud_metrics_from_the_yaml_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # the config's CSV logger writes under runs/
+    cli = MoondreamCLI(
+        [
+            "fit",
+            *common("finetunes_sft.yaml", tmp_path),
+            "--trainer.max_steps=4",
+            "--trainer.val_check_interval=4",
+            "--trainer.limit_val_batches=1",
+            "--trainer.log_every_n_steps=1",
+            "--model.sft_warmup_steps=2",
+            "--model.lr_scheduler.init_args.T_max=4",
+        ]
+    )
+    finetune = cli.model.adapter.adapter_id
+    with TuningClient.local(data_dir=tmp_path / "moondream-local-service") as client:
+        rows = client.metrics.read(finetune)
+        assert client.adapters.get(finetune).train_steps == 4 - cli.model.skipped_steps
+    logged: dict[str, dict[int, float]] = {}
+    for row in rows:
+        logged.setdefault(row["name"], {})[row["step"]] = row["value"]
+    # The cosine schedule from 0.003 to 0.0003 over 4 steps, one lr per train step.
+    assert list(logged["lr-SGD"].values()) == pytest.approx(
+        [0.0003 + 0.0027 * (1 + math.cos(math.pi * step / 4)) / 2 for step in range(4)]
+    )
+    # Two SFT warm-up steps (no rollouts), then RL steps that also teach part of the batch.
+    assert sorted(logged["train/sft_loss"]) == sorted(logged["train/groups"])
+    assert len(logged["train/reward_mean"]) == 2
+    assert "val/map" in logged
