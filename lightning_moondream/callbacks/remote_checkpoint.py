@@ -52,8 +52,9 @@ class RemoteCheckpoint(ModelCheckpoint):
         if saved is None:
             return
         self.api_checkpoints[filepath] = saved
-        # Overwriting a file (last.ckpt) orphans the API checkpoint it pointed to.
-        if replaced is not None and replaced != saved:
+        # Overwriting a file (last.ckpt) orphans the API checkpoint it pointed to, unless
+        # another kept file holds it too (on /finetunes, saves at one step are one).
+        if replaced is not None and replaced not in self.api_checkpoints.values():
             self._delete_remote(trainer, replaced)
 
     @override
