@@ -572,6 +572,23 @@ def test_train_step_validation(client: httpx.Client, groups: Any, field: str) ->
     assert field in error(response, 422)
 
 
+def test_train_step_takes_an_optional_lr_beyond_the_spec(client: httpx.Client) -> None:
+    adapter_id = create(client)
+    request, truth = scene_request()
+    answer = sample(client, adapter_id, request, n=3, truth=truth)
+    body = {"adapter_id": adapter_id, "groups": [group(answer, spread_rewards(3))]}
+    refused = client.post(f"{URL}/train_step", json={**body, "lr": -1.0}, headers=KEY)
+    assert error(refused, 422).startswith("lr:")
+    before = greedy_outputs(client, adapter_id)
+    for lr, steps in ((0, 0), (1e-2, 1)):
+        response = client.post(f"{URL}/train_step", json={**body, "lr": lr}, headers=KEY)
+        assert response.status_code == 200 and response.json() == {}
+        adapter = client.get(f"{URL}/adapters/{adapter_id}", headers=KEY).json()
+        assert adapter["train_steps"] == steps
+        # At lr 0 the step is computed but changes nothing.
+        assert (greedy_outputs(client, adapter_id) == before) == (lr == 0)
+
+
 def test_rollouts_during_train_steps_see_whole_states(tmp_path: Path) -> None:
     app = create_app(data_dir=tmp_path)
 

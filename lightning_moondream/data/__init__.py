@@ -4,7 +4,15 @@ Start with :func:`load_dataset` (YOLO, COCO, VOC, CVAT, Label Studio, LabelMe an
 exports, with their splits), :func:`from_torchvision`
 (torchvision detection datasets), :class:`SyntheticShapes` (no files), and
 :class:`MoondreamDataModule` to feed them to a Lightning trainer.
+
+The DataModule and its helpers load on first access, so that the rest of the package
+(and the local service, which draws its synthetic scenes from it) imports without
+Lightning.
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from lightning_moondream.data.detect import (
     FORMATS,
@@ -23,13 +31,6 @@ from lightning_moondream.data.encoding import (
 )
 from lightning_moondream.data.errors import DatasetError, DatasetWarning
 from lightning_moondream.data.geometry import normalize_box, normalize_point
-from lightning_moondream.data.module import (
-    MoondreamDataModule,
-    SourceSpec,
-    build_mixture,
-    build_source,
-    collate_samples,
-)
 from lightning_moondream.data.records import (
     AnnotatedImage,
     DatasetItemImage,
@@ -48,6 +49,18 @@ from lightning_moondream.data.sources.synthetic import SyntheticShapes
 from lightning_moondream.data.sources.torchvision import torchvision_images
 from lightning_moondream.data.sources.voc import read_voc_devkit, read_voc_flat
 from lightning_moondream.data.sources.yolo import read_yolo
+
+if TYPE_CHECKING:
+    from lightning_moondream.data.module import (
+        MoondreamDataModule,
+        SourceSpec,
+        build_mixture,
+        build_source,
+        collate_samples,
+    )
+
+_LAZY = {"MoondreamDataModule", "SourceSpec", "build_mixture", "build_source", "collate_samples"}
+"""Names of ``lightning_moondream.data.module``, which imports Lightning."""
 
 __all__ = [
     "DEFAULT_MAX_SIDE",
@@ -93,3 +106,12 @@ __all__ = [
     "read_yolo",
     "torchvision_images",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Load the DataModule's names on first access."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module("lightning_moondream.data.module"), name)
+    raise AttributeError(f"module 'lightning_moondream.data' has no attribute {name!r}")

@@ -25,7 +25,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import anyio
 import torch
@@ -89,6 +89,11 @@ BodyT = TypeVar("BodyT", bound=BaseModel)
 _EXTENSIONS = ("reasoning", "spatial_refs")
 """Request fields newer than the spec, validated by the service itself."""
 MAX_SPATIAL_REFS = 64
+_GROUP_FIELDS = {
+    "rl": {"mode", "request", "rollouts", "rewards"},
+    "sft": {"mode", "request", "target"},
+}
+"""The fields a train group of each mode may have."""
 
 
 @dataclass(frozen=True)
@@ -138,13 +143,7 @@ def _spatial_refs(value: Any, where: str) -> tuple[tuple[float, ...], ...]:
         if (
             not isinstance(ref, list)
             or len(ref) not in (2, 4)
-            or not all(
-                isinstance(number, (int, float))
-                and not isinstance(number, bool)
-                and math.isfinite(number)
-                and 0.0 <= number <= 1.0
-                for number in ref
-            )
+            or not all(is_finite_number(number) and 0.0 <= number <= 1.0 for number in ref)
         ):
             raise ApiError(422, f"{where}[{index}]: must be 2 or 4 numbers in [0, 1], got {ref!r}")
         if len(ref) == 4 and not (ref[0] < ref[2] and ref[1] < ref[3]):
@@ -155,6 +154,11 @@ def _spatial_refs(value: Any, where: str) -> tuple[tuple[float, ...], ...]:
     return tuple(refs)
 
 
+def is_finite_number(value: Any) -> bool:
+    """Whether a JSON value is a finite number (``true`` and ``false`` are not numbers)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def check_lr(value: Any) -> float | None:
     """Validate a train step's learning rate: absent, or a finite number >= 0.
 
@@ -163,12 +167,7 @@ def check_lr(value: Any) -> float | None:
     """
     if value is None:
         return None
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value < 0
-    ):
+    if not is_finite_number(value) or value < 0:
         raise ApiError(422, f"lr: must be a finite number >= 0, got {value!r}")
     return float(value)
 
@@ -238,17 +237,12 @@ class StepReport:
         }
 
 
-def rollouts_response(
-    request: dict[str, Any],
-    items: Sequence[SampledRollout],
-    rewards: list[float] | None,
-    shape: Callable[[SampledRollout], dict[str, Any]],
-) -> Response:
-    """The ``/rollouts`` answer, each rollout given its dialect's JSON by ``shape``."""
-    answer = {"request": request, "rollouts": [shape(item) for item in items], "rewards": rewards}
-    # Written directly: FastAPI's encoder walks every value in Python, about 2 ms
-    # for an answer of 16 rollouts.
-    return Response(wire.dumps(answer), media_type="application/json")
+class RolloutsBody(Protocol):
+    """The fields of a ``/rollouts`` body that both dialects share (the id aside)."""
+
+    num_rollouts: int
+    request: dict[str, Any]
+    ground_truth: dict[str, Any] | None
 
 
 def rollout_fields(rollout: dict[str, Any], where: str) -> tuple[list[int], list[float], str]:
@@ -322,7 +316,7 @@ def decode_cursor(cursor: str | None) -> int:
     return after
 
 
-def page_limit(request: Request) -> int:
+def _page_limit(request: Request) -> int:
     """The request's ``limit`` query parameter, checked.
 
     Raises:
@@ -338,6 +332,22 @@ def page_limit(request: Request) -> int:
     if not 1 <= limit <= MAX_PAGE_SIZE:
         raise ApiError(422, f"limit: must be an integer from 1 to {MAX_PAGE_SIZE}, got {raw!r}")
     return limit
+
+
+def page_query(request: Request) -> tuple[int, int]:
+    """The page a listing asks for: its ``limit``, and the position its cursor continues after.
+
+    Raises:
+        ApiError: 422 for a bad ``limit`` (checked first), 400 for a malformed cursor.
+    """
+    return _page_limit(request), decode_cursor(request.query_params.get("cursor"))
+
+
+def next_cursor(
+    records: Sequence[AdapterRecord] | Sequence[CheckpointRecord], more: bool
+) -> str | None:
+    """The cursor of the page after ``records``, ``None`` on the last page."""
+    return encode_cursor(records[-1].seq) if more else None
 
 
 class TuningApp(FastAPI):
@@ -717,6 +727,36 @@ class Service:
 
         return await run_in_threadpool(save)
 
+    async def rollouts(
+        self,
+        owner: str,
+        adapter_id: str,
+        body: RolloutsBody,
+        shape: Callable[[SampledRollout], dict[str, Any]],
+    ) -> Response:
+        """Answer ``/rollouts``: sample, score against any ground truth, and write the answer.
+
+        Args:
+            owner: The caller's owner id.
+            adapter_id: The adapter to sample from.
+            body: The validated body.
+            shape: The dialect's JSON of one rollout.
+
+        Raises:
+            ApiError: As ``sample_rollouts``.
+        """
+        items, rewards = await self.sample_rollouts(
+            owner, adapter_id, body.num_rollouts, body.request, body.ground_truth
+        )
+        answer = {
+            "request": body.request,
+            "rollouts": [shape(item) for item in items],
+            "rewards": rewards,
+        }
+        # Written directly: FastAPI's encoder walks every value in Python, about 2 ms
+        # for an answer of 16 rollouts.
+        return Response(wire.dumps(answer), media_type="application/json")
+
     async def sample_rollouts(
         self,
         owner: str,
@@ -835,6 +875,57 @@ class Service:
         except ValueError as exc:
             raise ApiError(422, f"{where}.target: {exc}") from exc
         return parsed, tokens
+
+    async def train_step(
+        self,
+        owner: str,
+        adapter_id: str,
+        groups: Sequence[Any],
+        lr: float | None,
+        request: Request,
+    ) -> StepReport:
+        """Answer ``/train_step``: verify the groups, apply the step, inject after-step faults.
+
+        Groups are checked in order, each in full before the next: its shape (an object,
+        a known ``mode`` and only that mode's fields), then an RL group's request, rollout
+        signatures and rewards, or an SFT group's request and target. A dialect whose wire
+        takes fewer groups refuses the others before calling this.
+
+        Args:
+            owner: The caller's owner id.
+            adapter_id: The adapter to train.
+            groups: The body's groups as sent.
+            lr: The checked learning rate; the engine's default if ``None``.
+            request: The HTTP request, which an injected drop acts on.
+
+        Raises:
+            ApiError: 404 for an unknown adapter (checked before the groups), 422 naming a
+                bad group field, 400 for a changed or foreign rollout, 500 for an injected
+                failure after the step was applied.
+        """
+        self.get_adapter_or_404(owner, adapter_id)
+        rl: list[tuple[ParsedRequest, TrainGroupInput]] = []
+        sft: list[tuple[ParsedRequest, list[int]]] = []
+        for index, group in enumerate(groups):
+            where = f"groups[{index}]"
+            if not isinstance(group, dict):
+                raise ApiError(422, f"{where}: must be an rl or sft group object")
+            mode = group.get("mode", "rl")
+            # A tuple, not the dict: an unhashable mode must be refused, not raise.
+            if mode not in ("rl", "sft"):
+                raise ApiError(422, f"{where}.mode: must be 'rl' or 'sft', got {mode!r}")
+            unknown = sorted(set(group) - _GROUP_FIELDS[mode])
+            if unknown:
+                raise ApiError(
+                    422, f"{where}: field(s) {', '.join(unknown)} not valid in an {mode} group"
+                )
+            if mode == "rl":
+                rl.append(self.verify_rl_group(adapter_id, where, group))
+            else:
+                sft.append(self.supervised_group(where, group))
+        report = await self.train(owner, adapter_id, rl, sft, lr)
+        self.after_train_step(request)
+        return report
 
     async def train(
         self,

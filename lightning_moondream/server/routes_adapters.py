@@ -1,8 +1,11 @@
 """The ``/adapters`` dialect of the tuning API (the spec's), over the shared core.
 
 Answers follow the spec: ``{}`` for deletes and train steps, ISO timestamps, string
-checkpoint ids; adapters also report ``train_steps``. A train step takes an optional
-``lr`` (the service's default otherwise).
+checkpoint ids. Train steps take RL groups only, as in the spec. Two extensions:
+adapters also report ``train_steps``, and a train step takes an optional ``lr``, which
+the spec does not have: checked and honoured as on ``/finetunes`` (absent: the service's
+default; at 0 nothing changes), while the answer stays ``{}``. The client does not send
+``lr`` in this dialect.
 """
 
 from __future__ import annotations
@@ -19,10 +22,8 @@ from lightning_moondream.server.core import (
     SampledRollout,
     Service,
     check_lr,
-    decode_cursor,
-    encode_cursor,
-    page_limit,
-    rollouts_response,
+    next_cursor,
+    page_query,
 )
 
 
@@ -45,6 +46,7 @@ class _TrainStep(BaseModel):
     model_config = ConfigDict(extra="forbid")
     adapter_id: StrictStr
     groups: list[Any]
+    # Beyond the spec: see the module docstring.
     lr: Any = None
 
 
@@ -86,12 +88,10 @@ def install(app: FastAPI, service: Service) -> None:
     @app.get(f"{PREFIX}/adapters")
     async def list_adapters(request: Request) -> dict[str, Any]:
         owner = service.authenticate(request)
-        limit = page_limit(request)
-        after = decode_cursor(request.query_params.get("cursor"))
-        records, more = store.list_adapters(owner, limit, after)
+        records, more = store.list_adapters(owner, *page_query(request))
         return {
             "adapters": [record.to_json() for record in records],
-            "next_cursor": encode_cursor(records[-1].seq) if more else None,
+            "next_cursor": next_cursor(records, more),
         }
 
     @app.get(f"{PREFIX}/adapters/{{adapter_id}}")
@@ -113,13 +113,12 @@ def install(app: FastAPI, service: Service) -> None:
     @app.get(f"{PREFIX}/adapters/{{adapter_id}}/checkpoints")
     async def list_checkpoints(adapter_id: str, request: Request) -> dict[str, Any]:
         owner = service.authenticate(request)
-        limit = page_limit(request)
-        after = decode_cursor(request.query_params.get("cursor"))
+        limit, after = page_query(request)
         service.get_adapter_or_404(owner, adapter_id)
         records, more = store.list_checkpoints(owner, adapter_id, limit, after)
         return {
             "checkpoints": [record.to_json() for record in records],
-            "next_cursor": encode_cursor(records[-1].seq) if more else None,
+            "next_cursor": next_cursor(records, more),
         }
 
     @app.delete(f"{PREFIX}/adapters/{{adapter_id}}/checkpoints/{{checkpoint_id:path}}")
@@ -137,10 +136,7 @@ def install(app: FastAPI, service: Service) -> None:
 async def rollouts(service: Service, owner: str, body: dict[str, Any]) -> Response:
     """Answer ``POST /rollouts`` in this dialect."""
     parsed = service.validate_body(body, _Rollouts)
-    items, rewards = await service.sample_rollouts(
-        owner, parsed.adapter_id, parsed.num_rollouts, parsed.request, parsed.ground_truth
-    )
-    return rollouts_response(parsed.request, items, rewards, rollout_json)
+    return await service.rollouts(owner, parsed.adapter_id, parsed, rollout_json)
 
 
 async def train_step(
@@ -149,15 +145,12 @@ async def train_step(
     """Answer ``POST /train_step`` in this dialect: RL groups, ``{}`` when applied."""
     parsed = service.validate_body(body, _TrainStep)
     lr = check_lr(parsed.lr)
+    # Checked as the client checks them, before the adapter lookup: SFT groups are
+    # refused with a message naming /finetunes, and a malformed step is a 422 even for
+    # an unknown adapter.
     try:
         groups = check_groups(parsed.groups)
     except ValueError as exc:
         raise ApiError(422, str(exc)) from exc
-    service.get_adapter_or_404(owner, parsed.adapter_id)
-    verified = [
-        service.verify_rl_group(parsed.adapter_id, f"groups[{index}]", group)
-        for index, group in enumerate(groups)
-    ]
-    await service.train(owner, parsed.adapter_id, verified, [], lr)
-    service.after_train_step(request)
+    await service.train_step(owner, parsed.adapter_id, groups, lr, request)
     return {}

@@ -15,7 +15,6 @@ nothing), ``kl``, ``router_kl`` (always ``None``: the policy has no router),
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
@@ -24,22 +23,17 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from lightning_moondream.server.core import (
     PREFIX,
     ApiError,
-    ParsedRequest,
     SampledRollout,
     Service,
-    TrainGroupInput,
     check_lr,
-    decode_cursor,
-    encode_cursor,
-    page_limit,
-    rollouts_response,
+    is_finite_number,
+    next_cursor,
+    page_query,
 )
 from lightning_moondream.server.store import AdapterRecord, CheckpointRecord
 
 MAX_METRICS = 1000
 """Most metrics one call may log."""
-_RL_FIELDS = {"mode", "request", "rollouts", "rewards"}
-_SFT_FIELDS = {"mode", "request", "target"}
 
 
 class _CreateFinetune(BaseModel):
@@ -126,11 +120,7 @@ def _checked_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     for name, value in metrics.items():
         if not name.strip() or len(name) > 256:
             raise ApiError(422, f"metrics: names must be 1 to 256 characters, got {name!r}")
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or not math.isfinite(value)
-        ):
+        if not is_finite_number(value):
             raise ApiError(422, f"metrics.{name}: must be a finite number, got {value!r}")
         checked[name] = float(value)
     return checked
@@ -186,13 +176,12 @@ def install(app: FastAPI, service: Service) -> None:
     @app.get(f"{PREFIX}/finetunes/{{finetune_id}}/checkpoints")
     async def list_checkpoints(finetune_id: str, request: Request) -> dict[str, Any]:
         owner = service.authenticate(request)
-        limit = page_limit(request)
-        after = decode_cursor(request.query_params.get("cursor"))
+        limit, after = page_query(request)
         service.get_adapter_or_404(owner, finetune_id)
         records, more = store.list_checkpoints(owner, finetune_id, limit, after)
         return {
             "checkpoints": [checkpoint_json(record, finetune_id) for record in records],
-            "next_cursor": encode_cursor(records[-1].seq) if more else None,
+            "next_cursor": next_cursor(records, more),
             "has_more": more,
         }
 
@@ -218,10 +207,7 @@ def install(app: FastAPI, service: Service) -> None:
 async def rollouts(service: Service, owner: str, body: dict[str, Any]) -> Response:
     """Answer ``POST /rollouts`` in this dialect."""
     parsed = service.validate_body(body, _Rollouts)
-    items, rewards = await service.sample_rollouts(
-        owner, parsed.finetune_id, parsed.num_rollouts, parsed.request, parsed.ground_truth
-    )
-    return rollouts_response(parsed.request, items, rewards, rollout_json)
+    return await service.rollouts(owner, parsed.finetune_id, parsed, rollout_json)
 
 
 async def train_step(
@@ -230,26 +216,5 @@ async def train_step(
     """Answer ``POST /train_step`` in this dialect: RL and SFT groups, the step's report."""
     parsed = service.validate_body(body, _TrainStep)
     lr = check_lr(parsed.lr)
-    service.get_adapter_or_404(owner, parsed.finetune_id)
-    rl: list[tuple[ParsedRequest, TrainGroupInput]] = []
-    sft: list[tuple[ParsedRequest, list[int]]] = []
-    for index, group in enumerate(parsed.groups):
-        where = f"groups[{index}]"
-        if not isinstance(group, dict):
-            raise ApiError(422, f"{where}: must be an rl or sft group object")
-        mode = group.get("mode", "rl")
-        if mode not in ("rl", "sft"):
-            raise ApiError(422, f"{where}.mode: must be 'rl' or 'sft', got {mode!r}")
-        allowed = _RL_FIELDS if mode == "rl" else _SFT_FIELDS
-        unknown = sorted(set(group) - allowed)
-        if unknown:
-            raise ApiError(
-                422, f"{where}: field(s) {', '.join(unknown)} not valid in an {mode} group"
-            )
-        if mode == "rl":
-            rl.append(service.verify_rl_group(parsed.finetune_id, where, group))
-        else:
-            sft.append(service.supervised_group(where, group))
-    report = await service.train(owner, parsed.finetune_id, rl, sft, lr)
-    service.after_train_step(request)
+    report = await service.train_step(owner, parsed.finetune_id, parsed.groups, lr, request)
     return report.to_json()
