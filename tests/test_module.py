@@ -56,9 +56,12 @@ def service_adapter(root: Path, adapter_id: str) -> Any:
         return client.adapters.get(adapter_id)
 
 
+@pytest.mark.parametrize("dialect", ["adapters", "finetunes"])
 @pytest.mark.parametrize("max_staleness", [0, 1])
-def test_fit_in_a_plain_trainer_with_a_users_datamodule(tmp_path: Path, max_staleness: int) -> None:
-    model = MoondreamRLModule(num_rollouts=4, max_staleness=max_staleness)
+def test_fit_in_a_plain_trainer_with_a_users_datamodule(
+    tmp_path: Path, max_staleness: int, dialect: str
+) -> None:
+    model = MoondreamRLModule(num_rollouts=4, max_staleness=max_staleness, dialect=dialect)  # type: ignore[arg-type]
     run = trainer(tmp_path, max_steps=3, val_check_interval=3, check_val_every_n_epoch=None)
     run.fit(model, ShapesData())
     assert run.global_step == 3
@@ -157,8 +160,11 @@ def test_resume_on_finetunes_reattaches_only_at_the_checkpoints_step(tmp_path: P
     assert service_adapter(tmp_path, finetune).train_steps == 6
 
 
-def test_remote_checkpoint_deletes_api_checkpoints_with_their_files(tmp_path: Path) -> None:
-    model = MoondreamRLModule(num_rollouts=4)
+@pytest.mark.parametrize("dialect", ["adapters", "finetunes"])
+def test_remote_checkpoint_deletes_api_checkpoints_with_their_files(
+    tmp_path: Path, dialect: str
+) -> None:
+    model = MoondreamRLModule(num_rollouts=4, dialect=dialect)  # type: ignore[arg-type]
     checkpoints = RemoteCheckpoint(
         dirpath=tmp_path / "ckpt", monitor="val/reward", mode="max", save_top_k=1
     )
@@ -173,15 +179,17 @@ def test_remote_checkpoint_deletes_api_checkpoints_with_their_files(tmp_path: Pa
     run.fit(model, ShapesData())
     files = sorted((tmp_path / "ckpt").glob("*.ckpt"))
     assert len(files) == 1
-    with TuningClient.local(data_dir=tmp_path / "moondream-local-service") as client:
+    service = tmp_path / "moondream-local-service"
+    with TuningClient.local(data_dir=service, dialect=dialect) as client:  # type: ignore[arg-type]
         remote = [c.ref for c in client.checkpoints.iter(model.adapter.adapter_id)]
     kept = torch.load(files[0], weights_only=False)[CHECKPOINT_KEY]["checkpoint_id"]
     assert remote == [kept]
     assert checkpoints.best_api_checkpoint_id == kept
 
 
-def test_keep_remote_keeps_api_checkpoints(tmp_path: Path) -> None:
-    model = MoondreamRLModule(num_rollouts=2)
+@pytest.mark.parametrize("dialect", ["adapters", "finetunes"])
+def test_keep_remote_keeps_api_checkpoints(tmp_path: Path, dialect: str) -> None:
+    model = MoondreamRLModule(num_rollouts=2, dialect=dialect)  # type: ignore[arg-type]
     checkpoints = RemoteCheckpoint(
         dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=1, keep_remote=True
     )
@@ -193,7 +201,8 @@ def test_keep_remote_keeps_api_checkpoints(tmp_path: Path) -> None:
         limit_val_batches=0,
     )
     run.fit(model, ShapesData())
-    with TuningClient.local(data_dir=tmp_path / "moondream-local-service") as client:
+    service = tmp_path / "moondream-local-service"
+    with TuningClient.local(data_dir=service, dialect=dialect) as client:  # type: ignore[arg-type]
         assert len(list(client.checkpoints.iter(model.adapter.adapter_id))) == 3
 
 
