@@ -16,10 +16,13 @@ import itertools
 import json
 import random
 import socket
+import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
+import httpx
 import lightning as L
 from torch.utils.data import DataLoader
 
@@ -43,6 +46,33 @@ def serving(app: ASGIApp) -> Iterator[str]:
     """Serve ``app`` with uvicorn on 127.0.0.1 in a thread; yield the API base URL."""
     with ThreadedServer(app) as server:
         yield server.url
+
+
+async def read_request(receive: Any) -> tuple[bytes, Callable[[], Any]]:
+    """Read an ASGI request's whole body; give it and a ``receive`` replaying it to the app."""
+    messages, body = [], b""
+    while True:
+        message = await receive()
+        messages.append(message)
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+
+    async def replay() -> Any:
+        return messages.pop(0) if messages else await receive()
+
+    return body, replay
+
+
+def wait_for_serve(process: subprocess.Popen[Any], url: str, key: str) -> httpx.Response:
+    """Poll ``serve`` started in ``process`` until ``url`` answers; its first answer."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return httpx.get(url, headers={"X-Moondream-Auth": key})
+        except httpx.TransportError:
+            assert process.poll() is None and time.monotonic() < deadline, "serve did not start"
+            time.sleep(0.1)
 
 
 class Slow:

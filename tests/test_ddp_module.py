@@ -11,14 +11,12 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-from support import free_port
+from support import free_port, wait_for_serve
 
 from lightning_moondream.api import TuningClient
 
@@ -67,14 +65,7 @@ def serve(tmp_path: Path) -> Iterator[str]:
     )
     url = f"http://127.0.0.1:{port}/v1/tuning"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                httpx.get(url + "/adapters", headers={"X-Moondream-Auth": KEY})
-                break
-            except httpx.TransportError:
-                assert process.poll() is None and time.monotonic() < deadline, "serve did not start"
-                time.sleep(0.1)
+        wait_for_serve(process, url + "/adapters", KEY)
         yield url
     finally:
         process.terminate()

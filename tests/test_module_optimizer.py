@@ -16,7 +16,14 @@ from typing import Any
 import pytest
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger
-from support import alternating_reward, detect_samples, loader, quiet_trainer, serving
+from support import (
+    alternating_reward,
+    detect_samples,
+    loader,
+    quiet_trainer,
+    read_request,
+    serving,
+)
 from torch.optim.lr_scheduler import CosineAnnealingLR
 
 from lightning_moondream.module import MoondreamRLModule
@@ -36,20 +43,9 @@ class RecordTrainSteps:
         if scope["type"] != "http" or not scope["path"].endswith("/train_step"):
             await self.app(scope, receive, send)
             return
-        messages, body = [], b""
-        while True:
-            message = await receive()
-            messages.append(message)
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body, replay = await read_request(receive)
         self.bodies.append(json.loads(body))
-        replay = iter(messages)
-
-        async def replayed() -> Any:
-            return next(replay)
-
-        await self.app(scope, replayed, send)
+        await self.app(scope, replay, send)
 
 
 def recorded_service(tmp_path: Path, dialect: str = "finetunes") -> RecordTrainSteps:

@@ -33,6 +33,7 @@ from support import (
     detect_samples,
     loader,
     quiet_trainer,
+    read_request,
     serving,
 )
 
@@ -203,6 +204,19 @@ def first_failing_step(seed: int, rate: float) -> int:
     return next(step for step in range(1, 100) if draws.random() < rate)
 
 
+def dropping_from_step_four(data_dir: Path, dialect: Dialect) -> tuple[str, Any]:
+    """A new adapter, and a service that drops 30% of train step answers after applying
+    them, the first at step 4 (so checkpoints exist before it)."""
+    adapter_id = new_adapter(data_dir, "no-report", dialect)
+    seed = next(seed for seed in range(1000) if first_failing_step(seed, 0.3) == 4)
+    app = service(
+        data_dir,
+        dialect,
+        FaultConfig(after_train_step="drop", after_train_step_rate=0.3, seed=seed),
+    )
+    return adapter_id, app
+
+
 def test_ambiguous_step_without_train_steps_raises_with_a_checkpoint_to_resume_from(
     tmp_path: Path,
 ) -> None:
@@ -214,14 +228,7 @@ def test_ambiguous_step_without_train_steps_raises_with_a_checkpoint_to_resume_f
     """
     dialect: Dialect = "adapters"
     data_dir = tmp_path / "service"
-    adapter_id = new_adapter(data_dir, "no-report", dialect)
-    # A seed whose first failure comes after a few clean steps, so checkpoints exist.
-    seed = next(seed for seed in range(1000) if first_failing_step(seed, 0.3) == 4)
-    app = service(
-        data_dir,
-        dialect,
-        FaultConfig(after_train_step="drop", after_train_step_rate=0.3, seed=seed),
-    )
+    adapter_id, app = dropping_from_step_four(data_dir, dialect)
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_last=True)
     with serving(HideTrainSteps(app)) as url:
         model = module(url, adapter_id, dialect)
@@ -276,13 +283,7 @@ def test_on_finetunes_a_step_of_unknown_outcome_is_settled_by_the_next_answer(
     (never resent, so never applied twice), and the next answer confirms the count."""
     dialect: Dialect = "finetunes"
     data_dir = tmp_path / "service"
-    adapter_id = new_adapter(data_dir, "no-report", dialect)
-    seed = next(seed for seed in range(1000) if first_failing_step(seed, 0.3) == 4)
-    app = service(
-        data_dir,
-        dialect,
-        FaultConfig(after_train_step="drop", after_train_step_rate=0.3, seed=seed),
-    )
+    adapter_id, app = dropping_from_step_four(data_dir, dialect)
     with serving(HideTrainSteps(app)) as url, recorded_warnings() as messages:
         model = module(url, adapter_id, dialect)
         trainer = quiet_trainer(tmp_path, max_steps=8)
@@ -334,13 +335,7 @@ class FailRollouts:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        messages, body = [], b""
-        while True:
-            message = await receive()
-            messages.append(message)
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body, replay = await read_request(receive)
         if scope["path"].endswith("/train_step"):
             self.train_steps += 1
         if scope["path"].endswith("/rollouts") and self.marker in body:
@@ -359,10 +354,6 @@ class FailRollouts:
                 }
             )
             return
-
-        async def replay() -> Any:
-            return messages.pop(0) if messages else await receive()
-
         await self.app(scope, replay, send)
 
 

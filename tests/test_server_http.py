@@ -5,13 +5,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from support import free_port, serving
+from support import free_port, serving, wait_for_serve
 
 from lightning_moondream.data import synthetic
 from lightning_moondream.images import encode_image
@@ -90,14 +89,7 @@ def test_serve_command_answers_plain_http(tmp_path: Path) -> None:
     )
     try:
         url = f"http://127.0.0.1:{port}/v1/tuning/adapters"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                response = httpx.get(url, headers={"X-Moondream-Auth": "from-env-key"})
-                break
-            except httpx.ConnectError:
-                assert process.poll() is None and time.monotonic() < deadline, "serve did not start"
-                time.sleep(0.2)
+        response = wait_for_serve(process, url, "from-env-key")
         assert response.json() == {"adapters": [], "next_cursor": None}
         assert httpx.get(url, headers={"X-Moondream-Auth": "other"}).status_code == 401
     finally:
