@@ -13,18 +13,21 @@ import secrets
 from collections.abc import Coroutine
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 from lightning.pytorch.utilities import rank_zero_info
 from pydantic import SecretStr
 
 from lightning_moondream.api import AsyncTuningClient, BackgroundLoop, UsageStats
-from lightning_moondream.api.client import LOCAL_API_KEY
+from lightning_moondream.api.client import LOCAL_API_KEY, DialectChoice
 from lightning_moondream.distributed import Collective
 
 T = TypeVar("T")
 
-Dialect = Literal["auto", "adapters", "finetunes"]
+Dialect = DialectChoice
+
+LOCAL_SERVICE_DIR = "moondream-local-service"
+"""Folder of the local service's data, under the trainer's root folder."""
 
 
 class Connection:
@@ -58,11 +61,12 @@ class Connection:
         self.max_retries = max_retries
         self.timeout = timeout
         self.usage = usage
-        self._default_data_dir = str(Path.cwd() / "moondream-local-service")
+        self._default_data_dir = str(Path.cwd() / LOCAL_SERVICE_DIR)
         self._client: AsyncTuningClient | None = None
         self._loop: BackgroundLoop | None = None
         self._shared: tuple[str, SecretStr] | None = None
         self._server: Any = None
+        self._served_app: Any = None
         self._announced = False
 
     def __repr__(self) -> str:
@@ -94,7 +98,7 @@ class Connection:
             collective: The run's collectives.
             root_dir: The trainer's root folder, home of the local service's data.
         """
-        self._default_data_dir = str(Path(root_dir) / "moondream-local-service")
+        self._default_data_dir = str(Path(root_dir) / LOCAL_SERVICE_DIR)
         if not self.uses_local_service or not collective.distributed or self._shared:
             return
         self._shared = collective.on_zero(self._serve)
@@ -107,6 +111,7 @@ class Connection:
         options = {**self.local_service, "data_dir": self.data_dir}
         # The run's adapters stay the local key's, for a later one-process stage.
         app = create_app(api_keys=[key.get_secret_value()], owner_key=LOCAL_API_KEY, **options)
+        self._served_app = app
         self._server = ThreadedServer(app).start()
         self._announce(f"served on 127.0.0.1:{self._server.port} to every process of the run")
         return self._server.url, key
@@ -115,9 +120,9 @@ class Connection:
     def client(self) -> AsyncTuningClient:
         """The API client, connected on first use."""
         if self._client is None:
-            self._loop = BackgroundLoop()
-            self._client = self._connect()
-            self._client.usage = self.usage
+            client = self._connect()
+            client.usage = self.usage
+            self._loop, self._client = BackgroundLoop(), client
         return self._client
 
     def _connect(self) -> AsyncTuningClient:
@@ -179,5 +184,9 @@ class Connection:
             self.close()
         finally:
             server, self._server, self._shared = self._server, None, None
+            app, self._served_app = self._served_app, None
             if server is not None:
+                from lightning_moondream.server import close_app
+
                 server.stop()
+                close_app(app)

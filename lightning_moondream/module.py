@@ -34,6 +34,7 @@ from lightning_moondream.api import (
     TuningAPIError,
     UsageStats,
 )
+from lightning_moondream.api.client import check_dialect
 from lightning_moondream.connection import Connection, Dialect
 from lightning_moondream.data.encoding import DEFAULT_MAX_SIDE, DEFAULT_QUALITY
 from lightning_moondream.distributed import DEFAULT_TIMEOUT, Collective
@@ -152,7 +153,7 @@ class MoondreamRLModule(LightningModule):
         on_ambiguous_step: Literal["raise", "skip"] = "raise",
         max_retries: int = 4,
         timeout: float | None = None,
-        dialect: Literal["auto", "adapters", "finetunes"] = "auto",
+        dialect: Dialect = "auto",
         lr: float | None = None,
         lr_scheduler: LRSchedulerFactory | None = None,
         sft_warmup_steps: int = 0,
@@ -167,12 +168,12 @@ class MoondreamRLModule(LightningModule):
             max_staleness=max_staleness,
             max_concurrency=max_concurrency,
             on_ambiguous_step=on_ambiguous_step,
-            dialect=dialect,
             lr=lr,
             sft_warmup_steps=sft_warmup_steps,
             sft_share=sft_share,
             collective_timeout=collective_timeout,
         )
+        check_dialect(dialect)
         if lr_scheduler is not None and lr is None:
             raise ValueError("lr_scheduler needs lr: a schedule scales the module's lr")
         ignored = ["api_key", "lr_scheduler"] + (
@@ -182,8 +183,6 @@ class MoondreamRLModule(LightningModule):
         # Stands for the adapter's weights on the service: DDP, the optimizer and its
         # schedulers need a parameter; its gradient is always zero, so it never moves.
         self.remote_weights = torch.nn.Parameter(torch.zeros(()))
-        # Checkpoints of earlier versions have no stand-in.
-        self.strict_loading = False
         self.name = name
         self.rank = rank
         self.adapter_id = adapter_id
@@ -227,6 +226,7 @@ class MoondreamRLModule(LightningModule):
         self._adapter: Adapter | None = None
         self._resume_state: dict[str, Any] | None = None
         self._temporary_adapter = False
+        self._adapter_created = False
         self._report: StepReport | None = None
         self._run_usage: UsageStats | None = None
         self._warned_clipping = False
@@ -249,8 +249,8 @@ class MoondreamRLModule(LightningModule):
     def usage(self) -> UsageStats:
         """Counts of requests, rollouts, train steps, retries, bytes and latencies.
 
-        Kept across reconnections (fit, then validate or test). After a stage of a
-        multi-process run ends, they cover every process of the run.
+        Kept across reconnections (fit, then validate or test). In a multi-process run,
+        they cover every process once ``fit`` has trained or ``test`` has tested.
         """
         return self._run_usage or self._connection.usage
 
@@ -277,7 +277,7 @@ class MoondreamRLModule(LightningModule):
         if self._adapter is None:
             adapter, created, dialect = self._collective.on_zero(self._open_on_zero)
             self._connection.dialect = dialect
-            self._adapter = adapter
+            self._adapter, self._adapter_created = adapter, created
             self._remote.reset(
                 adapter.train_steps or 0, (self._resume_state or {}).get("skipped_steps", 0)
             )
@@ -346,7 +346,7 @@ class MoondreamRLModule(LightningModule):
         Args:
             wait: Wait for a pending train step first. Without waiting, a step still in
                 flight is abandoned and counts as in doubt: no checkpoint is taken until
-                the adapter's state is known again.
+                the adapter is opened again (resume from an earlier checkpoint).
         """
         try:
             if wait:
@@ -419,6 +419,8 @@ class MoondreamRLModule(LightningModule):
                 if value
             ]
             if wanted:
+                # Nothing was trained: an adapter made for this run goes with it.
+                self._temporary_adapter = self._adapter_created
                 raise ValueError(
                     f"{', '.join(wanted)}: the service speaks the /adapters dialect, which has no "
                     "SFT groups and no learning rate; unset them, or use a /finetunes service"
@@ -563,6 +565,8 @@ class MoondreamRLModule(LightningModule):
         adapter after that checkpoint are not carried over and none is counted twice. On
         ``/finetunes`` the same finetune goes on if it is still at the checkpoint's step.
         """
+        # Checkpoints of versions without the stand-in load as if it were there.
+        checkpoint.get("state_dict", {}).setdefault("remote_weights", torch.zeros(()))
         state = checkpoint.get(CHECKPOINT_KEY)
         if not state:
             rank_zero_warn("the checkpoint has no Moondream state; starting a fresh adapter")
@@ -758,8 +762,9 @@ class MoondreamRLModule(LightningModule):
     ) -> dict[str, float]:
         """Evaluate the current adapter outside a ``Trainer`` loop.
 
-        In a multi-process run, call it on every process, each with its own share of
-        the data (as ``MoondreamDataModule``'s loaders give it): the results cover all.
+        Within a multi-process ``Trainer`` run (from a callback, after ``setup``), call
+        it on every process, each with its own share of the data (as
+        ``MoondreamDataModule``'s loaders give it): the results cover all of them.
 
         Args:
             batches: Batches of samples, e.g. a validation ``DataLoader``.
@@ -857,10 +862,6 @@ _ARGUMENT_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "max_staleness": (lambda value: value in (0, 1), "must be 0 or 1"),
     "max_concurrency": (lambda value: value is None or value >= 1, "must be at least 1"),
     "on_ambiguous_step": (lambda value: value in ("raise", "skip"), "must be 'raise' or 'skip'"),
-    "dialect": (
-        lambda value: value in ("auto", "adapters", "finetunes"),
-        "must be 'auto', 'adapters' or 'finetunes'",
-    ),
     "lr": (
         lambda value: value is None or (math.isfinite(value) and value >= 0),
         "must be a finite number >= 0, or None for the service's default",

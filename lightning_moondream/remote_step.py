@@ -122,7 +122,8 @@ class RemoteStep:
         self.in_doubt = False
         """Whether a step was counted that the adapter may not have."""
         self._shard = Shard()
-        self._pending: Future[TrainStepResult | None] | None = None
+        self._pending: _Sent | None = None
+        self._drained: TrainStepResult | None = None
 
     def reset(self, train_steps: int, skipped_steps: int = 0) -> None:
         """Start counting from an adapter's state, forgetting any unsent groups."""
@@ -155,7 +156,8 @@ class RemoteStep:
     def _step_on_zero(self, adapter_id: str, lr: float | None, shards: list[Shard]) -> StepReport:
         metrics = _batch_metrics(shards)
         groups = [group for shard in shards for group in shard.groups]
-        previous = self.settle()
+        previous = self.settle() or self._drained
+        self._drained = None
         if previous is not None:
             metrics.update(_service_metrics(previous))
         if not groups:
@@ -171,10 +173,9 @@ class RemoteStep:
             applied_before, self.in_doubt = self.train_steps, True
             self.train_steps += 1
             future = self.connection.submit(self._apply(adapter_id, groups, lr, applied_before))
-            if self.max_staleness == 1:
-                self._pending = future
-            else:
-                result = future.result()
+            self._pending = _Sent(future, adapter_id, applied_before)
+            if self.max_staleness == 0:
+                result = self.settle()
                 metrics["train_step_time_s"] = time.perf_counter() - sent
                 if result is not None:
                     metrics.update(_service_metrics(result))
@@ -187,49 +188,55 @@ class RemoteStep:
         self.train_steps, self.skipped_steps, self.in_doubt = counts
 
     def _settled_counts(self) -> tuple[int, int, bool]:
-        self.settle()
+        # Its statistics are logged with the next step.
+        self._drained = self.settle() or self._drained
         return self.train_steps, self.skipped_steps, self.in_doubt
 
     def abandon(self) -> None:
         """Stop waiting for a step in flight: it counts as in doubt."""
         pending, self._pending = self._pending, None
-        if pending is not None and not pending.done():
+        if pending is not None and not pending.future.done():
             self.in_doubt = True
 
     def settle(self) -> TrainStepResult | None:
-        """Wait for the pending step; its result, or ``None`` if none was pending."""
+        """Wait for the pending step and count its outcome; its result, if one was pending.
+
+        Counts change here, on the caller's thread only, never on the client's loop.
+        """
         pending, self._pending = self._pending, None
-        return pending.result() if pending is not None else None
+        if pending is None:
+            return None
+        try:
+            result = pending.future.result()
+        except (TuningAPIError, TrainStepFailedError):
+            # Known not applied. Waited for, the global step is not counted either; with
+            # max_staleness=1 it already was, so no checkpoint may pair the two counts.
+            self.train_steps = pending.applied_before
+            self.in_doubt = self.max_staleness == 1
+            raise
+        if result is not None:
+            self._reconcile(pending.adapter_id, pending.applied_before + 1, result)
+        self.in_doubt = False
+        return result
 
     async def _apply(
         self, adapter_id: str, groups: list[Any], lr: float | None, applied_before: int
     ) -> TrainStepResult | None:
-        """Send a counted step until it is known to be applied (or provably not)."""
+        """Send a counted step until it is known to be applied (or provably not).
+
+        Runs on the client's loop: it reads the counts, and changes none.
+        """
         client = self.connection.client
-        result: TrainStepResult | None = None
-        try:
-            for _ in range(self.max_retries + 1):
-                try:
-                    result = await client.train_step(adapter_id, groups, lr=lr)
-                    break
-                except AmbiguousRequestError as exc:
-                    if not await self._resend_needed(adapter_id, applied_before, exc):
-                        break
-            else:
-                raise TrainStepFailedError(
-                    f"train step {applied_before + 1} of adapter {adapter_id} failed on every "
-                    "attempt and was not applied"
-                )
-        except (TuningAPIError, TrainStepFailedError):
-            # Known not applied. Waited for, the global step is not counted either; with
-            # max_staleness=1 it already was, so no checkpoint may pair the two counts.
-            self.train_steps = applied_before
-            self.in_doubt = self.max_staleness == 1
-            raise
-        if result is not None:
-            self._reconcile(adapter_id, applied_before + 1, result)
-        self.in_doubt = False
-        return result
+        for _ in range(self.max_retries + 1):
+            try:
+                return await client.train_step(adapter_id, groups, lr=lr)
+            except AmbiguousRequestError as exc:
+                if not await self._resend_needed(adapter_id, applied_before, exc):
+                    return None
+        raise TrainStepFailedError(
+            f"train step {applied_before + 1} of adapter {adapter_id} failed on every "
+            "attempt and was not applied"
+        )
 
     def _reconcile(self, adapter_id: str, expected: int, result: TrainStepResult) -> None:
         """Follow the step count the service reports after a train step.
@@ -291,6 +298,15 @@ class RemoteStep:
             f"adapter {adapter_id} reports {reported} train steps where {applied_before} or "
             f"{step} were expected: is another run training it?"
         ) from error
+
+
+@dataclass(frozen=True)
+class _Sent:
+    """A train step in flight, and the count it was sent after."""
+
+    future: Future[TrainStepResult | None]
+    adapter_id: str
+    applied_before: int
 
 
 def _batch_metrics(shards: list[Shard]) -> dict[str, float]:

@@ -129,7 +129,7 @@ CONFIGS: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
         "dialect",
         lambda: MoondreamRLModule(dialect="cloud"),  # type: ignore[arg-type]
         ValueError,
-        "dialect must be 'auto', 'adapters' or 'finetunes', got 'cloud'",
+        "dialect must be one of auto, adapters, finetunes, got 'cloud'",
     ),
     (
         "on_ambiguous_step",

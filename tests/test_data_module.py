@@ -93,3 +93,24 @@ data:
     assert isinstance(init, MoondreamDataModule)
     assert init.sources["train"] == {"source": "synthetic", "num_images": 4, "skills": ["detect"]}
     assert init.sources["test"] == "some/folder" and init.options.max_side == 512
+
+
+def test_evaluation_data_is_shared_by_processes_without_repeats() -> None:
+    from lightning_moondream.data.sharding import UnpaddedShardSampler
+
+    data = list(range(5))
+    shares = [list(UnpaddedShardSampler(data, num_replicas=2, rank=rank)) for rank in (0, 1)]
+    assert shares == [[0, 2, 4], [1, 3]]
+    assert [len(UnpaddedShardSampler(data, 2, rank)) for rank in (0, 1)] == [3, 2]
+
+
+def test_evaluation_data_smaller_than_the_run_is_refused() -> None:
+    from types import SimpleNamespace
+
+    data = MoondreamDataModule(
+        val={"source": "synthetic", "num_images": 1, "skills": ["point"]}, num_workers=0
+    )
+    # The trainer of a two-process run, as far as the data module asks it.
+    data.trainer = SimpleNamespace(world_size=64, global_rank=0)  # type: ignore[assignment]
+    with pytest.raises(ValueError, match="for 64 processes: each process needs at least one"):
+        data.val_dataloader()

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger
 from support import (
@@ -24,9 +25,11 @@ from support import (
     read_request,
     serving,
 )
-from torch.optim.lr_scheduler import CosineAnnealingLR
+from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR
 
-from lightning_moondream.module import MoondreamRLModule
+from lightning_moondream.api import TuningClient
+from lightning_moondream.callbacks import RemoteCheckpoint
+from lightning_moondream.module import CHECKPOINT_KEY, MoondreamRLModule
 from lightning_moondream.server import create_app
 
 KEY = "optimizer-test-key"
@@ -48,11 +51,11 @@ class RecordTrainSteps:
         await self.app(scope, replay, send)
 
 
-def recorded_service(tmp_path: Path, dialect: str = "finetunes") -> RecordTrainSteps:
-    """The local service (constant policy) behind a train step recorder."""
-    app = create_app(
-        data_dir=tmp_path / "service", api_keys=[KEY], policy="constant", dialect=dialect
-    )
+def recorded_service(
+    tmp_path: Path, dialect: str = "finetunes", policy: str = "constant"
+) -> RecordTrainSteps:
+    """The local service (by default the no-compute policy) behind a train step recorder."""
+    app = create_app(data_dir=tmp_path / "service", api_keys=[KEY], policy=policy, dialect=dialect)
     return RecordTrainSteps(app)
 
 
@@ -146,3 +149,33 @@ def test_sft_and_lr_need_a_finetunes_service(
         with pytest.raises(ValueError, match=f"^{named}: the service speaks the /adapters"):
             trainer.fit(module(url, **options), loader(detect_samples("train", 4), batch_size=2))
     assert recorder.bodies == []
+
+
+def test_a_step_at_lr_0_counts_as_skipped_and_checkpoints_stay_exact(tmp_path: Path) -> None:
+    recorder = recorded_service(tmp_path, policy="reference")
+    checkpoints = RemoteCheckpoint(
+        dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1, keep_remote=True
+    )
+    with serving(recorder) as url:
+        model = module(
+            url,
+            lr=0.01,
+            # A warm-up from lr 0: the first step is computed but changes nothing.
+            lr_scheduler=partial(LambdaLR, lr_lambda=lambda step: float(step > 0)),
+            max_staleness=1,
+        )
+        trainer = quiet_trainer(
+            tmp_path, max_steps=3, enable_checkpointing=True, callbacks=[checkpoints]
+        )
+        trainer.fit(model, loader(detect_samples("train", 6), batch_size=2))
+        with TuningClient(api_key=KEY, base_url=url) as client:
+            served = client.adapters.get(model.adapter.adapter_id).train_steps
+
+    assert [body["lr"] for body in recorder.bodies] == [0.0, 0.01, 0.01]
+    assert (model.train_steps, model.skipped_steps, served) == (2, 1, 2)
+    for path in sorted((tmp_path / "ckpt").glob("*.ckpt")):
+        saved = torch.load(path, weights_only=False)
+        state = saved[CHECKPOINT_KEY]
+        assert state["train_steps"] + state["skipped_steps"] == saved["global_step"]
+    # The statistics of steps drained for checkpoints are still logged.
+    assert "train/kl" in trainer.callback_metrics

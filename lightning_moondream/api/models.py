@@ -346,6 +346,7 @@ class Adapter(BaseModel):
 
 
 FINETUNE_MODEL = "moondream3-preview"
+"""The base model of ``/finetunes`` inference ids: ``moondream3-preview/{finetune_id}@{step}``."""
 
 
 def inference_model_id(ref: str) -> str | None:
@@ -355,9 +356,6 @@ def inference_model_id(ref: str) -> str | None:
     ``moondream3-preview/finetune_id@step``.
     """
     return f"{FINETUNE_MODEL}/{ref}" if "@" in ref else None
-
-
-"""The base model of ``/finetunes`` inference ids: ``moondream3-preview/{finetune_id}@{step}``."""
 
 
 class Checkpoint(BaseModel):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import lightning.pytorch as pl
@@ -12,10 +11,6 @@ from typing_extensions import override
 
 from lightning_moondream.api import NotFoundError, TuningAPIError, inference_model_id
 from lightning_moondream.module import MoondreamRLModule
-
-# The API checkpoint is saved after the remote step is applied: the state "after
-# optimization" that this warning describes is exactly the state to keep.
-warnings.filterwarnings("ignore", message=r".*manual optimization and every_n_train_steps.*")
 
 
 class RemoteCheckpoint(ModelCheckpoint):

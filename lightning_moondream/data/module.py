@@ -265,5 +265,10 @@ class MoondreamDataModule(LightningDataModule):
         if trainer is None or trainer.world_size == 1:
             return self._loader(stage, self.eval_batch_size)
         dataset = cast(Sized, self._dataset(stage))
+        if len(dataset) < trainer.world_size:
+            raise ValueError(
+                f"the {stage} data has {len(dataset)} samples for {trainer.world_size} processes: "
+                "each process needs at least one (use fewer devices, or more data)"
+            )
         sampler = UnpaddedShardSampler(dataset, trainer.world_size, trainer.global_rank)
         return self._loader(stage, self.eval_batch_size, sampler)

@@ -64,13 +64,13 @@ class ThreadedServer:
         deadline = time.monotonic() + START_TIMEOUT
         while not self._server.started:
             if not self._thread.is_alive() or time.monotonic() > deadline:
-                self._socket.close()
+                self.stop()
                 raise RuntimeError(f"the local tuning service did not start on port {self.port}")
             time.sleep(0.01)
         return self
 
     def stop(self) -> None:
-        """Stop serving and wait for the thread (answers in progress are finished)."""
+        """Stop serving: answers in progress get up to ``START_TIMEOUT`` seconds to finish."""
         self._server.should_exit = True
         if self._thread.is_alive():
             self._thread.join(timeout=START_TIMEOUT)
