@@ -20,12 +20,11 @@ import warnings
 from typing import Any
 
 import lightning.pytorch as pl
-from common import print_table, quiet_trainer, write_results
+from common import encoded_samples, print_table, quiet_trainer, write_results
 from torch.utils.data import DataLoader
 
 from lightning_moondream.api import Rollout, Settings, TuningClient
-from lightning_moondream.data import SampleList, SyntheticShapes, collate_samples
-from lightning_moondream.images import EncodingOptions
+from lightning_moondream.data import SampleList, collate_samples
 from lightning_moondream.module import MoondreamRLModule
 
 BATCH, NUM_ROLLOUTS, WARMUP, EVERY, LIMIT_MB = 8, 4, 20, 50, 50.0
@@ -105,8 +104,7 @@ def main() -> None:
     args = parser.parse_args()
     steps = 200 if args.quick else 500
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    dataset = SyntheticShapes("train", num_images=64, skills=("detect",), tasks_per_image=1)
-    data = [dataset[i].encoded(EncodingOptions(max_side=128)) for i in range(len(dataset))]
+    data = encoded_samples(64)
     results: dict[str, dict[str, Any]] = {}
     for name, run in (
         ("plain TuningClient loop (baseline)", plain_run),

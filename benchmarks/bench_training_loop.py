@@ -30,13 +30,12 @@ import warnings
 from typing import Any
 
 import lightning.pytorch as pl
-from common import print_table, quiet_trainer, serve_http, write_results
+from common import encoded_samples, print_table, quiet_trainer, serve_http, write_results
 from pydantic import SecretStr
 from torch.utils.data import DataLoader
 
 from lightning_moondream.api import Rollout, Settings, TuningClient
-from lightning_moondream.data import SampleList, SyntheticShapes, collate_samples
-from lightning_moondream.images import EncodingOptions
+from lightning_moondream.data import SampleList, collate_samples
 from lightning_moondream.module import MoondreamRLModule
 
 ROLLOUTS_LATENCY = 0.2
@@ -73,12 +72,6 @@ class StepTimer(pl.Callback):
 
     def on_train_batch_end(self, *args: Any) -> None:
         self.ends.append(time.perf_counter())
-
-
-def samples(count: int) -> list[Any]:
-    dataset = SyntheticShapes("train", num_images=count, skills=("detect",), tasks_per_image=1)
-    options = EncodingOptions(max_side=128)
-    return [dataset[index].encoded(options) for index in range(len(dataset))]
 
 
 def module_step_time(
@@ -142,7 +135,7 @@ def main() -> None:
     steps = 3 if args.quick else 6
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     batches, rollouts, stalenesses = (8, 32), (4, 16), (0, 1)
-    data = samples(max(batches) * (steps + 1))
+    data = encoded_samples(max(batches) * (steps + 1))
     rows, results = [], []
     latency = [f"rollouts={ROLLOUTS_LATENCY}", f"train_step={TRAIN_STEP_LATENCY}"]
     options = ["--policy", "constant", "--latency", latency[0], "--latency", latency[1]]

@@ -86,8 +86,25 @@ def serve_http(folder: str, *options: str) -> Iterator[str]:
         server.wait(timeout=30)
 
 
-def quiet_trainer(folder: str, max_steps: int, callback: Any) -> Any:
-    """A CPU ``Trainer`` that only trains: no logger, checkpoints, bars or validation."""
+def encoded_samples(count: int, max_side: int = 128) -> list[Any]:
+    """``count`` synthetic detect samples, their images encoded in advance (not measured)."""
+    from lightning_moondream.data import SyntheticShapes
+    from lightning_moondream.images import EncodingOptions
+
+    dataset = SyntheticShapes("train", num_images=count, skills=("detect",), tasks_per_image=1)
+    options = EncodingOptions(max_side=max_side)
+    return [dataset[index].encoded(options) for index in range(len(dataset))]
+
+
+def quiet_trainer(folder: str, max_steps: int, callback: Any, **options: Any) -> Any:
+    """A CPU ``Trainer`` that only trains: no logger, checkpoints, bars or validation.
+
+    Args:
+        folder: The trainer's root folder.
+        max_steps: Global steps to run.
+        callback: The one callback, e.g. a timer.
+        **options: More ``Trainer`` arguments, e.g. ``devices=2, strategy="ddp"``.
+    """
     import lightning.pytorch as pl
 
     return pl.Trainer(
@@ -100,4 +117,5 @@ def quiet_trainer(folder: str, max_steps: int, callback: Any) -> Any:
         limit_val_batches=0,
         callbacks=[callback],
         default_root_dir=folder,
+        **options,
     )
