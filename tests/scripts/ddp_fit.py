@@ -1,7 +1,8 @@
 """A run of ``MoondreamRLModule`` under Lightning DDP on the CPU, for the multi-process tests.
 
 Usage: ``python tests/scripts/ddp_fit.py ROOT [--devices N] [--base-url URL]
-[--max-steps N] [--resume CKPT] [--accumulate K] [--fail-on-rank R] [--validate ADAPTER]``.
+[--max-steps N] [--resume CKPT] [--accumulate K] [--fail-on-rank R] [--validate ADAPTER]
+[--strategy ddp|ddp_spawn] [--staleness 0|1]``.
 
 Lightning starts the other processes by running this script again. Synthetic detect
 data comes from ``MoondreamDataModule``; a checkpoint is kept every two steps
@@ -19,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor
+from lightning.pytorch.trainer.states import TrainerFn
 
 from lightning_moondream.callbacks import RemoteCheckpoint, UsageSummary
 from lightning_moondream.data import MoondreamDataModule
@@ -35,6 +37,33 @@ def varying_reward(sample: Any, rollout: Any) -> float:
     return float(next(_COUNTER) % 2)
 
 
+class Report(Callback):
+    """Write what this rank saw once its stage ends, inside the process that ran it
+    (under ``ddp_spawn`` the launching process holds no trained state)."""
+
+    def __init__(self, root: Path, checkpoints: RemoteCheckpoint) -> None:
+        self.root, self.checkpoints = root, checkpoints
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._write(trainer, pl_module)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.VALIDATING:
+            self._write(trainer, pl_module)
+
+    def _write(self, trainer: L.Trainer, model: Any) -> None:
+        result = {
+            "global_step": trainer.global_step,
+            "adapter_id": model.adapter.adapter_id,
+            "train_steps": model.train_steps,
+            "skipped_steps": model.skipped_steps,
+            "metrics": {name: float(value) for name, value in trainer.callback_metrics.items()},
+            "usage": model.usage.snapshot(),
+            "api_checkpoints": sorted(self.checkpoints.api_checkpoints.values()),
+        }
+        (self.root / f"rank-{trainer.global_rank}.json").write_text(json.dumps(result))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("root", type=Path)
@@ -46,12 +75,19 @@ def main() -> None:
     parser.add_argument("--fail-on-rank", default=None)
     parser.add_argument("--validate", default=None, help="validate this adapter instead")
     parser.add_argument("--api-key", default=None)
+    parser.add_argument("--strategy", default="ddp", choices=["ddp", "ddp_spawn"])
+    parser.add_argument("--staleness", type=int, default=0)
     parser.add_argument("--val-images", type=int, default=5)
     args = parser.parse_args()
     if args.fail_on_rank is not None:
         os.environ["FAIL_ON_RANK"] = args.fail_on_rank
 
-    options: dict[str, Any] = {"num_rollouts": 2, "collective_timeout": 60.0, "lr": 0.003}
+    options: dict[str, Any] = {
+        "num_rollouts": 2,
+        "collective_timeout": 60.0,
+        "lr": 0.003,
+        "max_staleness": args.staleness,
+    }
     if not args.validate:
         options["reward"] = varying_reward
     if args.base_url:
@@ -73,7 +109,7 @@ def main() -> None:
     )
     trainer = L.Trainer(
         default_root_dir=args.root,
-        strategy="ddp",
+        strategy=args.strategy,
         devices=args.devices,
         accelerator="cpu",
         max_steps=args.max_steps,
@@ -84,23 +120,17 @@ def main() -> None:
         enable_model_summary=False,
         log_every_n_steps=1,
         logger=L.pytorch.loggers.CSVLogger(args.root, name="logs"),
-        callbacks=[checkpoints, UsageSummary(), LearningRateMonitor()],
+        callbacks=[
+            checkpoints,
+            UsageSummary(),
+            LearningRateMonitor(),
+            Report(args.root, checkpoints),
+        ],
     )
     if args.validate:
-        [metrics] = trainer.validate(model, data)
+        trainer.validate(model, data)
     else:
         trainer.fit(model, data, ckpt_path=args.resume)
-        metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
-    result = {
-        "global_step": trainer.global_step,
-        "adapter_id": model.adapter.adapter_id,
-        "train_steps": model.train_steps,
-        "skipped_steps": model.skipped_steps,
-        "metrics": metrics,
-        "usage": model.usage.snapshot(),
-        "api_checkpoints": sorted(checkpoints.api_checkpoints.values()),
-    }
-    (args.root / f"rank-{trainer.global_rank}.json").write_text(json.dumps(result))
 
 
 if __name__ == "__main__":
