@@ -17,6 +17,7 @@ import json
 import random
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -62,6 +63,21 @@ async def read_request(receive: Any) -> tuple[bytes, Callable[[], Any]]:
         return messages.pop(0) if messages else await receive()
 
     return body, replay
+
+
+def serve_command(port: int, data_dir: Path, *options: str) -> list[str]:
+    """The command running ``serve`` on 127.0.0.1:``port`` with its data in ``data_dir``."""
+    module = "lightning_moondream.server"
+    return [
+        sys.executable,
+        "-m",
+        module,
+        "--port",
+        str(port),
+        "--data-dir",
+        str(data_dir),
+        *options,
+    ]
 
 
 def wait_for_serve(process: subprocess.Popen[Any], url: str, key: str) -> httpx.Response:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import free_port, wait_for_serve
+from support import free_port, serve_command, wait_for_serve
 
 from lightning_moondream.api import TuningClient
 
@@ -49,17 +49,7 @@ def serve(tmp_path: Path) -> Iterator[str]:
     """``serve`` in a process of its own on 127.0.0.1; yields its base URL."""
     port = free_port()
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "lightning_moondream.server",
-            "--port",
-            str(port),
-            "--data-dir",
-            str(tmp_path / "served"),
-            "--api-key",
-            KEY,
-        ],
+        serve_command(port, tmp_path / "served", "--api-key", KEY),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

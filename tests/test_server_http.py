@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from support import free_port, serving, wait_for_serve
+from support import free_port, serve_command, serving, wait_for_serve
 
 from lightning_moondream.data import synthetic
 from lightning_moondream.images import encode_image
@@ -75,17 +74,12 @@ def test_dropped_connection_over_http(tmp_path: Path) -> None:
 def test_serve_command_answers_plain_http(tmp_path: Path) -> None:
     port = free_port()
     env = {**os.environ, "MOONDREAM_API_KEY": "from-env-key"}
-    command = [
-        sys.executable,
-        "-m",
-        "lightning_moondream.server",
-        "--port",
-        str(port),
-        "--data-dir",
-        str(tmp_path),
-    ]
     process = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        serve_command(port, tmp_path),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         url = f"http://127.0.0.1:{port}/v1/tuning/adapters"
