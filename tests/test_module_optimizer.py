@@ -148,6 +148,9 @@ def test_sft_and_lr_need_a_finetunes_service(
         trainer = quiet_trainer(tmp_path, max_steps=2)
         with pytest.raises(ValueError, match=f"^{named}: the service speaks the /adapters"):
             trainer.fit(module(url, **options), loader(detect_samples("train", 4), batch_size=2))
+        with TuningClient(api_key=KEY, base_url=url) as client:
+            # The adapter made for the refused run went with it.
+            assert list(client.adapters.iter()) == []
     assert recorder.bodies == []
 
 
