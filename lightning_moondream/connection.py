@@ -24,8 +24,6 @@ from lightning_moondream.distributed import Collective
 
 T = TypeVar("T")
 
-Dialect = DialectChoice
-
 LOCAL_SERVICE_DIR = "moondream-local-service"
 """Folder of the local service's data, under the trainer's root folder."""
 
@@ -49,7 +47,7 @@ class Connection:
         api_key: SecretStr | None,
         base_url: str | None,
         local_service: dict[str, Any],
-        dialect: Dialect,
+        dialect: DialectChoice,
         max_retries: int,
         timeout: float | None,
         usage: UsageStats,

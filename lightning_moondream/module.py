@@ -28,14 +28,15 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from lightning_moondream.api import (
     Adapter,
+    AsyncTuningClient,
     RolloutCall,
     RolloutsResponse,
     Settings,
     TuningAPIError,
     UsageStats,
 )
-from lightning_moondream.api.client import check_dialect
-from lightning_moondream.connection import Connection, Dialect
+from lightning_moondream.api.client import DialectChoice, check_dialect
+from lightning_moondream.connection import Connection
 from lightning_moondream.data.encoding import DEFAULT_MAX_SIDE, DEFAULT_QUALITY
 from lightning_moondream.distributed import DEFAULT_TIMEOUT, Collective
 from lightning_moondream.images import EncodingOptions
@@ -153,7 +154,7 @@ class MoondreamRLModule(LightningModule):
         on_ambiguous_step: Literal["raise", "skip"] = "raise",
         max_retries: int = 4,
         timeout: float | None = None,
-        dialect: Dialect = "auto",
+        dialect: DialectChoice = "auto",
         lr: float | None = None,
         lr_scheduler: LRSchedulerFactory | None = None,
         sft_warmup_steps: int = 0,
@@ -241,8 +242,8 @@ class MoondreamRLModule(LightningModule):
         return self._connection.uses_local_service
 
     @property
-    def client(self) -> Any:
-        """The API client (an ``AsyncTuningClient``), connected on first use."""
+    def client(self) -> AsyncTuningClient:
+        """The API client, connected on first use."""
         return self._connection.client
 
     @property
@@ -298,7 +299,7 @@ class MoondreamRLModule(LightningModule):
             )
         return self._adapter
 
-    def _open_on_zero(self) -> tuple[Adapter, bool, Dialect]:
+    def _open_on_zero(self) -> tuple[Adapter, bool, DialectChoice]:
         adapter, created = self._connection.run(self._open_adapter())
         # Opening an adapter settles an ``auto`` dialect.
         return adapter, created, self._connection.client.dialect or self.dialect

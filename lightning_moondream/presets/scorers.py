@@ -20,6 +20,7 @@ exact when synchronized across processes.
 from __future__ import annotations
 
 import json
+from abc import abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -222,9 +223,9 @@ class BenchmarkMetric(Metric):
         """
         self._add(Observation(output, target, group, label, image_size))
 
+    @abstractmethod
     def _add(self, observed: Observation) -> None:
         """Accumulate one observation into the states."""
-        raise NotImplementedError
 
 
 class MeanScore(BenchmarkMetric):
