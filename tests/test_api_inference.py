@@ -428,6 +428,10 @@ def test_model_id_refuses_parts_that_cannot_form_one(
             r"query: spatial_refs: .*spatial_refs\[0\]",
         ),
         (
+            lambda c: c.point(IMAGE, "a", spatial_refs=[[0.5, 0.5]] * 65),
+            "point: spatial_refs holds 65 references; at most 64",
+        ),
+        (
             lambda c: c.point(IMAGE, "a", settings={"max_objects": 2}),
             "max_objects is only valid for detect",
         ),
@@ -690,6 +694,20 @@ def test_a_broken_stream_raises_and_is_not_retried(
     assert client.usage.failures == 1
 
 
+def test_a_stream_cut_after_its_text_began_is_not_retried() -> None:
+    class Cut(Reads):
+        def __iter__(self) -> Iterator[bytes]:
+            yield sse(STREAM_TEXT[:1], completed=False)
+            raise httpx.ReadError("connection reset")
+
+    client, recorder, _ = make_client(lambda request: httpx.Response(200, stream=Cut([])))
+    received: list[str] = []
+    with pytest.raises(APIConnectionError, match="POST /query failed: ReadError: connection reset"):
+        received.extend(client.query_stream(None, "q"))
+    assert received == STREAM_TEXT[:1]
+    assert len(recorder.requests) == 1 and client.usage.failures == 1
+
+
 def test_a_stream_is_retried_until_its_answer_begins() -> None:
     client, recorder, slept = make_client(
         failing(
@@ -839,6 +857,27 @@ def test_async_streams_survive_any_split_and_detect_a_cut(size: int) -> None:
     assert asyncio.run(collect(pieces(sse(STREAM_TEXT), size))) == STREAM_TEXT
     with pytest.raises(APIConnectionError, match="ended before its completed"):
         asyncio.run(collect(pieces(sse(STREAM_TEXT, completed=False), size)))
+
+
+def test_an_async_stream_left_early_is_closed() -> None:
+    closed = []
+
+    class Tracked(Reads):
+        async def aclose(self) -> None:
+            closed.append(True)
+
+    async def first_chunk() -> str:
+        client, _ = make_async_client(
+            lambda request: httpx.Response(200, stream=Tracked([sse(STREAM_TEXT)]))
+        )
+        async with client:
+            stream = client.caption_stream(IMAGE)
+            chunk = await anext(stream)
+            await stream.aclose()
+            return chunk
+
+    assert asyncio.run(first_chunk()) == STREAM_TEXT[0]
+    assert closed == [True]
 
 
 def test_async_stream_is_validated_when_called() -> None:

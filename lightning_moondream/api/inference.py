@@ -20,7 +20,7 @@ import asyncio
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Generator, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -426,7 +426,7 @@ class InferenceClient(_InferenceCore[httpx.Client]):
             self._sleep(self._retry_delay(operation, attempt, outcome))
             attempt += 1
 
-    def _stream(self, operation: Operation[Any]) -> Iterator[str]:
+    def _stream(self, operation: Operation[Any]) -> Generator[str, None, None]:
         request = self._build_request(operation)
         response, started = self._open_stream(request, operation)
         reader = self._event_reader(operation, response)
@@ -478,11 +478,12 @@ class InferenceClient(_InferenceCore[httpx.Client]):
         settings: SettingsInput = None,
         reasoning: bool | None = None,
         spatial_refs: SpatialRefs = None,
-    ) -> Iterator[str]:
+    ) -> Generator[str, None, None]:
         """Answer a question as a stream of text chunks; arguments as ``query``.
 
         The call is validated here; it is sent when iteration starts. A failure before
-        the first chunk is retried as any call; one after it raises.
+        the text begins is retried as any call; one after it raises. Closing the
+        generator early closes the connection.
 
         Raises:
             InvalidRequestError: Naming the argument that is wrong, before sending.
@@ -557,7 +558,7 @@ class InferenceClient(_InferenceCore[httpx.Client]):
         length: CaptionLength = "normal",
         model: str | None = None,
         settings: SettingsInput = None,
-    ) -> Iterator[str]:
+    ) -> Generator[str, None, None]:
         """Describe an image as a stream of text chunks; see ``caption`` and ``query_stream``."""
         call = CaptionCall(image, length, settings, model=model)
         return self._stream(self._operation(call, stream=True))
@@ -660,7 +661,7 @@ class AsyncInferenceClient(_InferenceCore[httpx.AsyncClient]):
             await self._sleep(self._retry_delay(operation, attempt, outcome))
             attempt += 1
 
-    async def _stream(self, operation: Operation[Any]) -> AsyncIterator[str]:
+    async def _stream(self, operation: Operation[Any]) -> AsyncGenerator[str, None]:
         request = self._build_request(operation)
         response, started = await self._open_stream(request, operation)
         reader = self._event_reader(operation, response)
@@ -701,7 +702,7 @@ class AsyncInferenceClient(_InferenceCore[httpx.AsyncClient]):
         settings: SettingsInput = None,
         reasoning: bool | None = None,
         spatial_refs: SpatialRefs = None,
-    ) -> AsyncIterator[str]:
+    ) -> AsyncGenerator[str, None]:
         """Answer as an async stream of text chunks; see ``InferenceClient.query_stream``.
 
         Raises:
@@ -752,7 +753,7 @@ class AsyncInferenceClient(_InferenceCore[httpx.AsyncClient]):
         length: CaptionLength = "normal",
         model: str | None = None,
         settings: SettingsInput = None,
-    ) -> AsyncIterator[str]:
+    ) -> AsyncGenerator[str, None]:
         """Describe an image as an async stream of text chunks; see ``caption_stream``."""
         call = CaptionCall(image, length, settings, model=model)
         return self._stream(self._operation(call, stream=True))

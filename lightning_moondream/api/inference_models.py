@@ -13,6 +13,7 @@ A model is the base model ``moondream3-preview`` or a saved finetune checkpoint
 from __future__ import annotations
 
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol, TypeVar, get_args
@@ -20,6 +21,7 @@ from typing import Any, ClassVar, Literal, Protocol, TypeVar, get_args
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from lightning_moondream.api.errors import InvalidRequestError
+from lightning_moondream.api.limits import MAX_SPATIAL_REFS
 from lightning_moondream.api.models import (
     FINETUNE_MODEL,
     Box,
@@ -127,6 +129,14 @@ def _encode(image: ImageInput) -> str:
         raise InvalidRequestError(f"image: {exc}") from exc
 
 
+def _spatial_refs(refs: Sequence[Sequence[float]] | None, what: str) -> Any:
+    if isinstance(refs, Sequence) and len(refs) > MAX_SPATIAL_REFS:
+        raise InvalidRequestError(
+            f"{what}: spatial_refs holds {len(refs)} references; at most {MAX_SPATIAL_REFS}"
+        )
+    return refs
+
+
 def _validated(model: type[BaseModel], fields: Mapping[str, Any], what: str) -> dict[str, Any]:
     """Validate fields with a request model; return what was given, as JSON."""
     given = {name: value for name, value in fields.items() if value is not None}
@@ -140,12 +150,24 @@ def _validated(model: type[BaseModel], fields: Mapping[str, Any], what: str) -> 
 
 
 @dataclass(frozen=True)
-class _Call:
+class _Call(ABC):
     model: str | None = field(default=None, kw_only=True)
 
     path: ClassVar[str]
     streams: ClassVar[bool] = False
     """Whether the endpoint can stream its text, so the body always says ``stream``."""
+
+    @abstractmethod
+    def to_json(self) -> dict[str, Any]:
+        """Validate the call and build its body (without ``stream``).
+
+        Raises:
+            InvalidRequestError: Naming the field that is wrong.
+        """
+
+    @abstractmethod
+    def parse(self, data: Any) -> InferenceResult:
+        """Read the answer."""
 
     def _body(self, fields: dict[str, Any]) -> dict[str, Any]:
         model = check_model(self.model)
@@ -186,7 +208,7 @@ class QueryCall(_Call):
             "image_url": image_url,
             "settings": self.settings,
             "reasoning": self.reasoning,
-            "spatial_refs": self.spatial_refs,
+            "spatial_refs": _spatial_refs(self.spatial_refs, "query"),
         }
         return self._body(_validated(QueryRequest, fields, "query"))
 
@@ -259,7 +281,7 @@ class PointCall(_Call):
             "image_url": _encode(self.image),
             "object": self.object,
             "settings": self.settings,
-            "spatial_refs": self.spatial_refs,
+            "spatial_refs": _spatial_refs(self.spatial_refs, "point"),
         }
         return self._body(_validated(PointRequest, fields, "point"))
 
