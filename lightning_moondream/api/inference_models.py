@@ -99,8 +99,7 @@ def model_id(finetune_id: str, step: int, *, base: str = BASE_MODEL) -> str:
     if not isinstance(finetune_id, str) or not re.fullmatch(_NAME, finetune_id):
         raise ValueError(
             "finetune_id must be letters, digits, '.', '_' or '-', starting with a letter or "
-            "digit, "
-            f"got {finetune_id!r}"
+            f"digit, got {finetune_id!r}"
         )
     return str(parse_model(f"{base}/{finetune_id}@{step}"))
 
