@@ -209,6 +209,14 @@ def test_naturalbench_subset_takes_whole_rows(benchmark_root: Path) -> None:
         assert sorted(rows.count(row) for row in set(rows)) == [1, 4], groups
 
 
+def test_naturalbench_without_its_second_image_column_names_it(tmp_path: Path) -> None:
+    rows = {"Image_0": _images(2), **ROWS["naturalbench"]}
+    dataset = datasets.Dataset.from_dict(rows).cast_column("Image_0", datasets.Image())
+    datasets.DatasetDict({"train": dataset}).save_to_disk(str(tmp_path / "nb"))
+    with pytest.raises(DatasetError, match="benchmark naturalbench: no column 'Image_1'"):
+        BenchmarkDataset("naturalbench", tmp_path / "nb")
+
+
 def test_limit_takes_the_same_subset_for_a_seed(benchmark_root: Path) -> None:
     def ids(seed: int) -> list[str]:
         dataset = BenchmarkDataset("pope", benchmark_root / "pope", limit=3, seed=seed)

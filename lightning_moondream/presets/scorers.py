@@ -14,8 +14,9 @@ The functions score one answer as Moondream's evaluation scripts do:
 - :func:`eleven_point_ap`: the AP of one image and label with every box at confidence 1.0
   and greedy matching at IoU 0.5 (Moondream's COCO protocol).
 
-The metrics keep summed states only (per group, in a fixed group order), so they are
-exact when synchronized across processes.
+The metrics keep summed states (per group, in a fixed group order), so they are exact
+when synchronized across processes; :class:`PairedScores`, whose groups of four may be
+answered in different processes, keeps each answer and joins them after synchronizing.
 """
 
 from __future__ import annotations
@@ -422,6 +423,14 @@ def _pair_place(group: str) -> tuple[int, int, int]:
     return row, image, question
 
 
+PAIRED_UNITS = {
+    "question_accuracy": ((0, 1), (2, 3)),
+    "image_accuracy": ((0, 2), (1, 3)),
+    "group_accuracy": ((0, 1, 2, 3),),
+}
+"""The places (``2 * question + image``) scored together, by the metric they make."""
+
+
 class PairedScores(BenchmarkMetric):
     """Accuracies of two questions asked of two images, in groups of four (NaturalBench).
 
@@ -465,13 +474,7 @@ class PairedScores(BenchmarkMetric):
             rows.setdefault(int(row), {})[int(place)] = bool(right)
         rights = [right for places in rows.values() for right in places.values()]
         result = {"accuracy": torch.tensor(_share(rights), dtype=torch.float64)}
-        # Places: 2 * question + image.
-        units = {
-            "question_accuracy": ((0, 1), (2, 3)),
-            "image_accuracy": ((0, 2), (1, 3)),
-            "group_accuracy": ((0, 1, 2, 3),),
-        }
-        for name, unit_places in units.items():
+        for name, unit_places in PAIRED_UNITS.items():
             outcomes = [
                 all(places[place] for place in unit)
                 for places in rows.values()
