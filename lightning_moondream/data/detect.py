@@ -21,8 +21,8 @@ Formats, tried in this order when ``format`` is not given (one registry,
 
 A folder in none of these formats whose subfolders are named like splits (``train/``,
 ``valid/``, ``test/``, as Roboflow exports COCO, VOC and others) is read one split folder
-at a time. Split names follow :mod:`~lightning_moondream.data.sources.splits`: ``val``
-and ``valid`` are one split; without ``split``, the training split (or the only one).
+at a time. Splits are chosen by :mod:`~lightning_moondream.data.splits`: ``val`` and ``valid`` are
+one split; without ``split``, the training split (or the only one).
 
 Detection formats become samples of the chosen ``skill``: ``"detect"`` (one per image
 and class present, plus seeded negatives), ``"point"`` (the same prompts, ground truth
@@ -48,6 +48,7 @@ from lightning_moondream.data.sources.files import sniff_json, xml_root_tag
 from lightning_moondream.data.sources.huggingface import (
     RowQuestions,
     has_questions,
+    huggingface_splits,
     is_huggingface,
     read_huggingface,
 )
@@ -56,7 +57,6 @@ from lightning_moondream.data.sources.keypoints import read_coco_keypoints
 from lightning_moondream.data.sources.labelme import find_labelme, read_labelme
 from lightning_moondream.data.sources.labelstudio import find_label_studio, read_label_studio
 from lightning_moondream.data.sources.query import QUESTION_KINDS, DetectionQuestions
-from lightning_moondream.data.sources.splits import default_split, match_split, split_folders
 from lightning_moondream.data.sources.torchvision import torchvision_images
 from lightning_moondream.data.sources.voc import (
     is_voc_devkit,
@@ -65,6 +65,7 @@ from lightning_moondream.data.sources.voc import (
     voc_annotation_folder,
 )
 from lightning_moondream.data.sources.yolo import available_splits, is_yolo, read_yolo
+from lightning_moondream.data.splits import choose_split, refuse_split, split_folders
 
 PromptSkill = Literal["detect", "point", "query"]
 Records = tuple[list[AnnotatedImage], list[str]]
@@ -186,13 +187,6 @@ def _single(files: list[Path], root: Path, kind: str) -> Path | None:
     return files[0] if files else None
 
 
-def _no_split(target: Path, split: str | None) -> None:
-    if split is not None:
-        raise DatasetError(
-            f"{target}: this dataset has no splits, so split {split!r} cannot be chosen"
-        )
-
-
 def _find_huggingface(path: Path) -> Path | None:
     return path if is_huggingface(path) else None
 
@@ -211,7 +205,7 @@ def _find_jsonl(path: Path) -> Path | None:
 
 
 def _read_jsonl(target: Path, split: str | None, settings: ReadSettings) -> Dataset:
-    _no_split(target, split)
+    refuse_split(split, str(target))
     return read_jsonl(target, skill=settings.skill, strict=settings.strict, **settings.options)
 
 
@@ -224,7 +218,7 @@ def _read_yolo(target: Path, split: str | None, settings: ReadSettings) -> Recor
 
 
 def _read_cvat(target: Path, split: str | None, settings: ReadSettings) -> Records:
-    _no_split(target, split)
+    refuse_split(split, str(target))
     return read_cvat(target, settings.image_root, strict=settings.strict, **settings.options)
 
 
@@ -248,28 +242,23 @@ def _voc_splits(target: Path) -> list[str]:
 
 def _read_voc(target: Path, split: str | None, settings: ReadSettings) -> Records:
     if is_voc_devkit(target):
-        available = _voc_splits(target)
-        chosen = (
-            match_split(split, available, str(target))
-            if split is not None
-            else default_split(available, "train", str(target))
-        )
+        chosen = choose_split(_voc_splits(target), split, str(target))
         return read_voc_devkit(
             target, chosen or "train", strict=settings.strict, **settings.options
         )
-    _no_split(target, split)
+    refuse_split(split, str(target))
     return read_voc_flat(target, strict=settings.strict, **settings.options)
 
 
 def _read_label_studio(target: Path, split: str | None, settings: ReadSettings) -> Records:
-    _no_split(target, split)
+    refuse_split(split, str(target))
     return read_label_studio(
         target, settings.image_root, strict=settings.strict, **settings.options
     )
 
 
 def _read_labelme(target: Path, split: str | None, settings: ReadSettings) -> Records:
-    _no_split(target, split)
+    refuse_split(split, str(target))
     return read_labelme(target, strict=settings.strict, **settings.options)
 
 
@@ -303,15 +292,10 @@ def _read_coco(target: Path, split: str | None, settings: ReadSettings) -> Recor
         files = coco_split_files(target, prefix)
         if not files:
             raise DatasetError(f"{target}: no annotations/{prefix}_<split>.json file")
-        chosen = (
-            match_split(split, list(files), str(target))
-            if split is not None
-            else default_split(list(files), "train", str(target))
-        )
-        target, folder = files[chosen or ""]
+        target, folder = files[choose_split(list(files), split, str(target)) or ""]
         image_root = image_root or str(folder)
     else:
-        _no_split(target, split)
+        refuse_split(split, str(target))
     if settings.keypoints:
         return read_coco_keypoints(
             target, image_root, template=settings.template, strict=settings.strict
@@ -327,6 +311,7 @@ FORMAT_REGISTRY: dict[str, DatasetFormat] = {
             _find_huggingface,
             _read_huggingface,
             "a Hugging Face save_to_disk folder, parquet/arrow files, or a cached hub name",
+            huggingface_splits,
         ),
         DatasetFormat("jsonl", _find_jsonl, _read_jsonl, "a .jsonl manifest"),
         DatasetFormat(
@@ -359,7 +344,6 @@ FORMAT_REGISTRY: dict[str, DatasetFormat] = {
 """Every dataset format, in detection order."""
 
 FORMATS: tuple[str, ...] = tuple(FORMAT_REGISTRY)
-Format = str
 
 
 @dataclass(frozen=True)
@@ -464,12 +448,7 @@ def read_records(
     if not located.split_folders:
         return located.format.read(located.target, split, settings)
     names = list(located.split_folders)
-    chosen = (
-        match_split(split, names, str(located.target))
-        if split is not None
-        else default_split(names, "train", str(located.target))
-    )
-    folder = located.split_folders[chosen or names[0]]
+    folder = located.split_folders[choose_split(names, split, str(located.target)) or names[0]]
     inner = _find(folder, located.format.name)
     if inner is None:
         raise DatasetError(

@@ -3,10 +3,11 @@
 Each stage (``train``, ``val``, ``test``, ``predict``) takes a source:
 
 - a path, read by :func:`~lightning_moondream.data.detect.load_dataset`; without a
-  ``split``, a dataset with splits gives each stage its own (training: ``train``;
-  validation: ``val``/``valid``, else ``test``; test and predict: ``test``, else
-  validation; a single split serves every stage), so one folder can be named for both
-  ``train`` and ``val``;
+  ``split``, a dataset with splits (of any format, Hugging Face included) gives each
+  stage its own by :mod:`~lightning_moondream.data.splits` (training: ``train``;
+  validation: ``val``/``valid``/``validation``, else ``test``; test and predict:
+  ``test``, else validation; a single split serves every stage), so one folder can be
+  named for both ``train`` and ``val``;
 - ``"synthetic"``: :class:`~lightning_moondream.data.sources.synthetic.SyntheticShapes`
   of the stage's split (``train``, ``val``, ``test``; ``test`` for predict);
 - a mapping ``{"source": <path or "synthetic">, **options}``, the options going to
@@ -55,15 +56,20 @@ from lightning_moondream.data.encoding import (
     EncodedDataset,
 )
 from lightning_moondream.data.sharding import UnpaddedShardSampler
-from lightning_moondream.data.sources.splits import default_split
 from lightning_moondream.data.sources.synthetic import SyntheticShapes
+from lightning_moondream.data.splits import Stage, choose_split
 from lightning_moondream.images import EncodingOptions
 
 SourceSpec = str | dict[str, Any] | list[dict[str, Any]] | Dataset | None
 """A stage's source: a path, ``"synthetic"``, an options mapping, a weighted list, or a dataset."""
 
 SYNTHETIC = "synthetic"
-_STAGE_SPLITS = {"train": "train", "val": "val", "test": "test", "predict": "test"}
+_STAGE_SPLITS: dict[str, Stage] = {
+    "train": "train",
+    "val": "val",
+    "test": "test",
+    "predict": "test",
+}
 
 
 def collate_samples(batch: list[Any]) -> list[Any]:
@@ -71,7 +77,7 @@ def collate_samples(batch: list[Any]) -> list[Any]:
     return list(batch)
 
 
-def build_source(spec: str | Mapping[str, Any] | Dataset, split: str, seed: int = 0) -> Dataset:
+def build_source(spec: str | Mapping[str, Any] | Dataset, split: Stage, seed: int = 0) -> Dataset:
     """Build one dataset of samples from a source spec (not a weighted list).
 
     Args:
@@ -102,17 +108,17 @@ def build_source(spec: str | Mapping[str, Any] | Dataset, split: str, seed: int 
     return load_dataset(str(source), **options)
 
 
-def stage_split(path: str, format: str | None, stage: str) -> str | None:
+def stage_split(path: str, format: str | None, stage: Stage) -> str | None:
     """The split of a dataset path a stage reads when none is named; ``None`` if it has none.
 
     Raises:
         DatasetError: If the dataset has several splits and none of the stage's kind.
     """
-    return default_split(dataset_splits(path, format), stage, path)
+    return choose_split(dataset_splits(path, format), None, path, stage)
 
 
 def build_mixture(
-    specs: Sequence[Mapping[str, Any]], split: str, seed: int = 0
+    specs: Sequence[Mapping[str, Any]], split: Stage, seed: int = 0
 ) -> tuple[ConcatDataset, list[float]]:
     """Build the datasets of a weighted list and one sampling weight per sample.
 
