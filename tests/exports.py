@@ -75,6 +75,37 @@ def roboflow_coco(root: Path) -> Path:
     return root
 
 
+CHESS_PIECES = ("black-bishop", "white-bishop", "black-king", "white-king")
+
+
+def roboflow_chess(folder: Path) -> Path:
+    """A split folder of a Roboflow COCO export as Roboflow writes categories.
+
+    Category 0 is the project's supercategory ``pieces`` (``supercategory: "none"``, no
+    boxes); the others have ``supercategory: "pieces"``. ``b0.jpg`` to ``b5.jpg`` hold
+    one of each of the four pieces; ``b6.jpg`` a black king and the export's only
+    ``bishop``, a stray class beside ``black-bishop`` and ``white-bishop``.
+    """
+    names = ("pieces", "bishop", *CHESS_PIECES)
+    categories = [
+        {"id": i, "name": name, "supercategory": "none" if i == 0 else "pieces"}
+        for i, name in enumerate(names)
+    ]
+    contents = [CHESS_PIECES] * 6 + [("black-king", "bishop")]
+    boxes = [
+        (image, names.index(piece), [10 * slot, 5, 10, 10])
+        for image, pieces in enumerate(contents)
+        for slot, piece in enumerate(pieces)
+    ]
+    images = [(image, f"b{image}.jpg") for image in range(len(contents))]
+    numbered = [(a, i, c, b) for a, (i, c, b) in enumerate(boxes)]
+    data = {**coco_json(images, numbered), "categories": categories}
+    for _, name in images:
+        save_image(folder / name, SIZE)
+    (folder / "_annotations.coco.json").write_text(json.dumps(data))
+    return folder
+
+
 def coco_2017(root: Path) -> Path:
     """COCO's own layout: ``annotations/instances_<split>.json`` beside ``<split>/``."""
     for split, name in (("train2017", "000000000009.jpg"), ("val2017", "000000000139.jpg")):

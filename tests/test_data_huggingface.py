@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import datasets
@@ -12,7 +13,7 @@ from PIL import Image
 from lightning_moondream.cli import main
 from lightning_moondream.data import MoondreamDataModule, load_dataset
 from lightning_moondream.data.detect import detect_format
-from lightning_moondream.data.errors import DatasetError
+from lightning_moondream.data.errors import DatasetError, MissingPackageError
 from lightning_moondream.data.samples import DetectSample, QuerySample
 
 CLASSES = ["cat", "dog"]
@@ -259,3 +260,18 @@ def test_hub_name_is_read_from_the_local_cache_only(
     dataset = load_dataset("someone/tiny-qa", skill="query")
     assert (dataset[0].question, dataset[0].answers) == ("How many?", ("4",))
     assert dataset[0].encoded().image_size == (40, 20)
+
+
+def test_without_the_datasets_package_the_error_names_the_install_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "dict"
+    _three_splits().save_to_disk(str(folder))
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` now fails
+    install = "pip install 'lightning-moondream[hf]'"
+    for source in (folder, "someone/tiny-qa"):
+        with pytest.raises(
+            MissingPackageError, match="'datasets' package is not installed"
+        ) as error:
+            load_dataset(source, format="huggingface")
+        assert install in str(error.value)

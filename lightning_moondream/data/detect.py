@@ -33,16 +33,22 @@ name) or ``"query"`` (counting and presence questions).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from torch.utils.data import Dataset
 
+from lightning_moondream.data.classes import annotated_classes, report_rare_classes
 from lightning_moondream.data.errors import DatasetError
 from lightning_moondream.data.records import AnnotatedImage, DetectionPrompts
-from lightning_moondream.data.sources.coco import coco_split_files, read_coco
+from lightning_moondream.data.sources.coco import (
+    coco_groups,
+    coco_split_files,
+    read_coco,
+    read_coco_file,
+)
 from lightning_moondream.data.sources.cvat import find_cvat, read_cvat
 from lightning_moondream.data.sources.files import sniff_json, xml_root_tag
 from lightning_moondream.data.sources.huggingface import (
@@ -68,7 +74,20 @@ from lightning_moondream.data.sources.yolo import available_splits, is_yolo, rea
 from lightning_moondream.data.splits import choose_split, refuse_split, split_folders
 
 PromptSkill = Literal["detect", "point", "query"]
-Records = tuple[list[AnnotatedImage], list[str]]
+
+
+class Records(NamedTuple):
+    """What a detection reader found: annotated images and their classes.
+
+    Attributes:
+        images: The annotated images.
+        classes: Every class the dataset declares, in its order.
+        groups: Names grouping other classes (COCO supercategories), never negatives.
+    """
+
+    images: list[AnnotatedImage]
+    classes: list[str]
+    groups: frozenset[str] = frozenset()
 
 
 def build_prompts(
@@ -80,8 +99,15 @@ def build_prompts(
     negative_rate: float = 0.0,
     seed: int = 0,
     questions: Sequence[str] = QUESTION_KINDS,
+    groups: Collection[str] = (),
+    phrase_labels: bool = False,
+    where: str = "dataset",
 ) -> Dataset:
     """Turn annotated images into detect, point or query samples.
+
+    Classes follow :mod:`~lightning_moondream.data.classes`: rare ones are reported (a
+    warning names them), and negatives skip ``groups`` and classes whose name is part of
+    a present class's name.
 
     Args:
         images: The annotated images.
@@ -91,15 +117,33 @@ def build_prompts(
         negative_rate: Probability, per image and absent class, of a prompt about it.
         seed: Seed of the negative draws.
         questions: For query, which of ``"count"`` and ``"presence"`` to ask.
+        groups: Names grouping other classes (supercategories), never negatives.
+        phrase_labels: Write class names as phrases in prompts (``black-king`` as
+            ``black king``).
+        where: The dataset, for warnings.
     """
+    if skill not in ("detect", "point", "query"):
+        raise ValueError(f"skill must be detect, point or query, got {skill!r}")
+    report_rare_classes(images, classes, where)
     if skill == "query":
         return DetectionQuestions(
-            images, classes, kinds=questions, negative_rate=negative_rate, seed=seed
+            images,
+            classes,
+            kinds=questions,
+            negative_rate=negative_rate,
+            seed=seed,
+            groups=groups,
+            phrase_labels=phrase_labels,
         )
-    if skill not in ("detect", "point"):
-        raise ValueError(f"skill must be detect, point or query, got {skill!r}")
     return DetectionPrompts(
-        images, classes, skill=skill, template=template, negative_rate=negative_rate, seed=seed
+        images,
+        classes,
+        skill=skill,
+        template=template,
+        negative_rate=negative_rate,
+        seed=seed,
+        groups=groups,
+        phrase_labels=phrase_labels,
     )
 
 
@@ -113,6 +157,7 @@ def from_torchvision(
     seed: int = 0,
     questions: Sequence[str] = QUESTION_KINDS,
     strict: bool = False,
+    phrase_labels: bool = False,
 ) -> Dataset:
     """Turn a torchvision detection dataset into samples (see :func:`build_prompts`).
 
@@ -126,6 +171,8 @@ def from_torchvision(
         seed: Seed of the negative draws.
         questions: For query, which of ``"count"`` and ``"presence"`` to ask.
         strict: Refuse boxes outside the image or without area.
+        phrase_labels: Write class names as phrases in prompts (``black-king`` as
+            ``black king``).
     """
     images, classes = torchvision_images(dataset, class_names=class_names, strict=strict)
     return build_prompts(
@@ -136,6 +183,8 @@ def from_torchvision(
         negative_rate=negative_rate,
         seed=seed,
         questions=questions,
+        phrase_labels=phrase_labels,
+        where=type(dataset).__name__,
     )
 
 
@@ -195,7 +244,7 @@ def _read_huggingface(target: Path, split: str | None, settings: ReadSettings) -
     options = dict(settings.options)
     if settings.skill == "query" and has_questions(target, split, **options):
         return RowQuestions(target, split, **options)
-    return read_huggingface(target, split, strict=settings.strict, **options)
+    return Records(*read_huggingface(target, split, strict=settings.strict, **options))
 
 
 def _find_jsonl(path: Path) -> Path | None:
@@ -214,12 +263,14 @@ def _find_yolo(path: Path) -> Path | None:
 
 
 def _read_yolo(target: Path, split: str | None, settings: ReadSettings) -> Records:
-    return read_yolo(target, split, strict=settings.strict, **settings.options)
+    return Records(*read_yolo(target, split, strict=settings.strict, **settings.options))
 
 
 def _read_cvat(target: Path, split: str | None, settings: ReadSettings) -> Records:
     refuse_split(split, str(target))
-    return read_cvat(target, settings.image_root, strict=settings.strict, **settings.options)
+    return Records(
+        *read_cvat(target, settings.image_root, strict=settings.strict, **settings.options)
+    )
 
 
 def _find_voc(path: Path) -> Path | None:
@@ -243,23 +294,23 @@ def _voc_splits(target: Path) -> list[str]:
 def _read_voc(target: Path, split: str | None, settings: ReadSettings) -> Records:
     if is_voc_devkit(target):
         chosen = choose_split(_voc_splits(target), split, str(target))
-        return read_voc_devkit(
-            target, chosen or "train", strict=settings.strict, **settings.options
+        return Records(
+            *read_voc_devkit(target, chosen or "train", strict=settings.strict, **settings.options)
         )
     refuse_split(split, str(target))
-    return read_voc_flat(target, strict=settings.strict, **settings.options)
+    return Records(*read_voc_flat(target, strict=settings.strict, **settings.options))
 
 
 def _read_label_studio(target: Path, split: str | None, settings: ReadSettings) -> Records:
     refuse_split(split, str(target))
-    return read_label_studio(
-        target, settings.image_root, strict=settings.strict, **settings.options
+    return Records(
+        *read_label_studio(target, settings.image_root, strict=settings.strict, **settings.options)
     )
 
 
 def _read_labelme(target: Path, split: str | None, settings: ReadSettings) -> Records:
     refuse_split(split, str(target))
-    return read_labelme(target, strict=settings.strict, **settings.options)
+    return Records(*read_labelme(target, strict=settings.strict, **settings.options))
 
 
 def _is_coco_json(path: Path) -> bool:
@@ -300,7 +351,11 @@ def _read_coco(target: Path, split: str | None, settings: ReadSettings) -> Recor
         return read_coco_keypoints(
             target, image_root, template=settings.template, strict=settings.strict
         )
-    return read_coco(target, image_root, strict=settings.strict, **settings.options)
+    data = read_coco_file(target)
+    images, classes = read_coco(
+        target, image_root, strict=settings.strict, data=data, **settings.options
+    )
+    return Records(images, annotated_classes(images, classes, str(target)), coco_groups(data))
 
 
 FORMAT_REGISTRY: dict[str, DatasetFormat] = {
@@ -471,6 +526,7 @@ def load_dataset(
     keypoints: bool = False,
     image_root: str | None = None,
     strict: bool = False,
+    phrase_labels: bool = False,
     **options: Any,
 ) -> Dataset:
     """Load a dataset folder or annotation file as a map-style dataset of samples.
@@ -498,6 +554,9 @@ def load_dataset(
             the annotation file.
         strict: Refuse (instead of clamping or dropping with a warning) boxes outside
             the image or without area, and missing images.
+        phrase_labels: Write class names as phrases in prompts (``black-king`` as
+            ``black king``, ``traffic_light`` as ``traffic light``); sample ids keep the
+            names. Detection formats only.
         **options: Format-specific options: ``coordinates`` (JSONL), ``classes`` and
             ``include_difficult`` (VOC), ``include_crowd`` (COCO).
 
@@ -520,13 +579,15 @@ def load_dataset(
     records = read_records(path, format=format, split=split, settings=settings)
     if isinstance(records, Dataset):
         return records
-    images, classes = records
     return build_prompts(
-        images,
-        classes,
+        records.images,
+        records.classes,
         skill=skill or "detect",
         template=template,
         negative_rate=negative_rate,
         seed=seed,
         questions=questions,
+        groups=records.groups,
+        phrase_labels=phrase_labels,
+        where=str(path),
     )

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from torch.utils.data import Dataset
 
 from lightning_moondream.api.models import Box
-from lightning_moondream.data.errors import DatasetError
+from lightning_moondream.data.errors import DatasetError, MissingPackageError
 from lightning_moondream.data.geometry import check_normalized_box, normalize_box
 from lightning_moondream.data.records import AnnotatedImage, DatasetItemImage
 from lightning_moondream.data.samples import QuerySample
@@ -65,10 +65,11 @@ _ANSWER_COLUMNS = ("answers", "answer", "number", "label")
 def _require_datasets() -> Any:
     try:
         import datasets
-    except ImportError as exc:  # pragma: no cover - the hf extra is part of the test set-up
-        raise DatasetError(
-            "Hugging Face datasets need the 'datasets' package: pip install "
-            "'lightning-moondream[hf]'"
+    except ImportError as exc:
+        raise MissingPackageError(
+            "the 'datasets' package is not installed, and Hugging Face data needs it "
+            "(benchmarks, hub names, save_to_disk folders, parquet and arrow files): "
+            "pip install 'lightning-moondream[hf]'"
         ) from exc
     return datasets
 
