@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from exports import CHESS_PIECES, roboflow_chess
 
-from lightning_moondream.data import DatasetWarning, load_dataset
+from lightning_moondream.data import DatasetWarning, MoondreamDataModule, load_dataset
 from lightning_moondream.data.classes import label_phrase, may_be_absent
 
 
@@ -59,6 +59,21 @@ def test_phrase_labels_turn_class_names_into_phrases(tmp_path: Path) -> None:
     assert by_id["b0.jpg#black-king"].object == "black king"
     assert query[0].question == "How many black bishop are there?"
     assert {plain[i].object for i in range(len(plain))} == {"bishop", *CHESS_PIECES}
+
+
+def test_phrase_labels_of_the_data_module_and_of_a_source_mapping(tmp_path: Path) -> None:
+    folder = str(roboflow_chess(tmp_path / "chess"))
+    module = MoondreamDataModule(
+        train=folder, val={"source": folder, "phrase_labels": False}, phrase_labels=True
+    )
+    with pytest.warns(DatasetWarning):
+        module.setup("fit")
+    train, val = (module.datasets[stage] for stage in ("train", "val"))
+    assert {train[i].object for i in range(len(train))} == {
+        "bishop",
+        *(piece.replace("-", " ") for piece in CHESS_PIECES),
+    }
+    assert {val[i].object for i in range(len(val))} == {"bishop", *CHESS_PIECES}
 
 
 @pytest.mark.parametrize(
