@@ -21,8 +21,9 @@ Formats, tried in this order when ``format`` is not given (one registry,
 
 A folder in none of these formats whose subfolders are named like splits (``train/``,
 ``valid/``, ``test/``, as Roboflow exports COCO, VOC and others) is read one split folder
-at a time. Splits are chosen by :mod:`~lightning_moondream.data.splits`: ``val`` and ``valid`` are
-one split; without ``split``, the training split (or the only one).
+at a time. Splits are chosen by :mod:`~lightning_moondream.data.splits`, the same for
+every format: ``val`` and ``valid`` are one split; without ``split``, the training split
+(or the only one).
 
 Detection formats become samples of the chosen ``skill``: ``"detect"`` (one per image
 and class present, plus seeded negatives), ``"point"`` (the same prompts, ground truth
@@ -539,8 +540,9 @@ def load_dataset(
             ``data.yaml``).
         format: One of :data:`FORMATS`; detected if ``None``.
         split: The split, for datasets with splits (YOLO, VOC devkit, COCO
-            ``annotations/instances_<split>.json``, split folders); ``None`` means the
-            training split, or the only one. ``val`` and ``valid`` name one split.
+            ``annotations/instances_<split>.json``, split folders, Hugging Face);
+            ``None`` means the training split, or the only one. ``val``, ``valid`` and
+            ``validation`` name one split.
         skill: Samples to make from boxes: ``"detect"`` (the default), ``"point"`` or
             ``"query"``. For JSONL, keeps only lines of this skill (default: all).
         template: Object phrase template with ``{name}``; for COCO keypoints,

@@ -80,9 +80,7 @@ def is_huggingface(path: str | Path) -> bool:
     if target.is_file():
         return target.suffix in _TABLE_SUFFIXES
     if target.is_dir():
-        if any((target / marker).is_file() for marker in _SAVED_MARKERS):
-            return True
-        return bool(_table_files(target))
+        return _is_saved(target) or bool(_table_files(target))
     return bool(_HUB_NAME.match(str(path)))
 
 
@@ -201,6 +199,7 @@ def open_dataset(source: str | Path, split: str | None = None) -> datasets.Datas
         if isinstance(loaded, hf.DatasetDict):
             return _pick(loaded, split, where)
         if split is not None and loaded.split is not None:
+            # Refuses a split other than the one saved (a name of its kind is the same).
             choose_split([str(loaded.split)], split, where)
         return loaded
     if path.exists():
