@@ -287,6 +287,14 @@ def label_studio_export(root: Path) -> tuple[Path, Path]:
     return export, images
 
 
+def label_studio_folder(folder: Path) -> Path:
+    """A Label Studio JSON export with the images in a subfolder beside it."""
+    export, _ = label_studio_export(folder)
+    export.rename(folder / export.name)
+    export.parent.rmdir()
+    return folder
+
+
 def labelme_folder(root: Path) -> Path:
     """LabelMe files in ``json/``, images in ``images/`` (``imagePath`` relative); one image embedded."""
     save_image(root / "images" / "a.jpg", SIZE)

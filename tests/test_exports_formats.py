@@ -12,6 +12,7 @@ from exports import (
     cvat_export,
     jsonl_folder,
     label_studio_export,
+    label_studio_folder,
     labelme_folder,
     roboflow_coco,
     roboflow_coco_folder,
@@ -279,10 +280,11 @@ def split_folders_read(dataset, root: Path) -> set[str]:
         ),
         lambda root: split_root(root, lambda folder: voc_folder(folder, [("cat", (1, 1, 9, 9))])),
         lambda root: split_root(root, cvat_export),
+        lambda root: split_root(root, label_studio_folder),
         lambda root: split_root(root, labelme_folder),
         lambda root: split_root(root, jsonl_folder),
     ],
-    ids=["yolo", "coco", "voc", "cvat", "labelme", "jsonl"],
+    ids=["yolo", "coco", "voc", "cvat", "labelstudio", "labelme", "jsonl"],
 )
 def test_a_split_root_named_for_every_stage_gives_each_its_split(build, tmp_path: Path) -> None:
     root = build(tmp_path / "export")
