@@ -7,6 +7,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+from builders import voc_devkit
 from exports import (
     coco_2017,
     cvat_export,
@@ -295,6 +296,18 @@ def test_a_split_root_named_for_every_stage_gives_each_its_split(build, tmp_path
     assert split_folders_read(module.datasets["val"], root) == {"valid"}
     assert split_folders_read(module.datasets["test"], root) == {"test"}
     assert split_folders_read(load_dataset(root), root) == {"train"}
+
+
+def test_split_files_give_each_stage_its_split(tmp_path: Path) -> None:
+    coco = str(coco_2017(tmp_path / "coco"))
+    devkit = {"source": str(voc_devkit(tmp_path / "devkit")), "negative_rate": 1.0}
+    module = MoondreamDataModule(train=[{"source": coco}, devkit], val=[{"source": coco}, devkit])
+    module.setup("fit")
+    ids = {stage: set(boxes_by_prompt(module.datasets[stage])) for stage in ("train", "val")}
+    assert ids == {
+        "train": {"000000000009.jpg#cat", "a.jpg#cell", "a.jpg#virus", "b.jpg#cell", "b.jpg#virus"},
+        "val": {"000000000139.jpg#cat", "c.jpg#cell", "c.jpg#virus"},
+    }
 
 
 def test_label_studio_in_the_data_module_with_its_image_folder(tmp_path: Path) -> None:
