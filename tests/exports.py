@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from builders import exif_rotated_jpeg, save_image, voc_xml
@@ -53,20 +54,56 @@ def coco_json(images: list[tuple[int, str]], boxes: list[tuple[int, int, int, li
     }
 
 
+def roboflow_coco_folder(
+    folder: Path, images: list[tuple[int, str]], boxes: list[tuple[int, int, int, list]]
+) -> Path:
+    """One split folder of Roboflow's COCO export: images beside ``_annotations.coco.json``."""
+    for _, name in images:
+        save_image(folder / name, SIZE)
+    (folder / "_annotations.coco.json").write_text(json.dumps(coco_json(images, boxes)))
+    return folder
+
+
 def roboflow_coco(root: Path) -> Path:
     """Roboflow's COCO export: one folder per split, images beside ``_annotations.coco.json``."""
-    content = {
-        "train": (
-            [(0, "a_jpg.rf.1.jpg")],
-            [(0, 0, 1, [10, 5, 20, 10]), (1, 0, 2, [0, 0, 100, 50])],
-        ),
-        "valid": ([(0, "b_jpg.rf.2.jpg")], [(0, 0, 2, [50, 25, 25, 20])]),
-    }
-    for split, (images, boxes) in content.items():
-        for _, name in images:
-            save_image(root / split / name, SIZE)
-        (root / split / "_annotations.coco.json").write_text(json.dumps(coco_json(images, boxes)))
+    roboflow_coco_folder(
+        root / "train",
+        [(0, "a_jpg.rf.1.jpg")],
+        [(0, 0, 1, [10, 5, 20, 10]), (1, 0, 2, [0, 0, 100, 50])],
+    )
+    roboflow_coco_folder(root / "valid", [(0, "b_jpg.rf.2.jpg")], [(0, 0, 2, [50, 25, 25, 20])])
     return root
+
+
+CHESS_PIECES = ("black-bishop", "white-bishop", "black-king", "white-king")
+
+
+def roboflow_chess(folder: Path) -> Path:
+    """A split folder of a Roboflow COCO export as Roboflow writes categories.
+
+    Category 0 is the project's supercategory ``pieces`` (``supercategory: "none"``, no
+    boxes); the others have ``supercategory: "pieces"``. ``b0.jpg`` to ``b5.jpg`` hold
+    one of each of the four pieces; ``b6.jpg`` a black king and the export's only
+    ``bishop``, a stray class beside ``black-bishop`` and ``white-bishop``.
+    """
+    names = ("pieces", "bishop", *CHESS_PIECES)
+    categories = [
+        {"id": i, "name": name, "supercategory": "none" if i == 0 else "pieces"}
+        for i, name in enumerate(names)
+    ]
+    contents = [CHESS_PIECES] * 6 + [("black-king", "bishop")]
+    boxes = [
+        (image, names.index(piece), [10 * slot, 5, 10, 10])
+        for image, pieces in enumerate(contents)
+        for slot, piece in enumerate(pieces)
+    ]
+    images = [(image, f"b{image}.jpg") for image in range(len(contents))]
+    numbered = [(a, i, c, b) for a, (i, c, b) in enumerate(boxes)]
+    data = {**coco_json(images, numbered), "categories": categories}
+    for _, name in images:
+        save_image(folder / name, SIZE)
+    (folder / "_annotations.coco.json").write_text(json.dumps(data))
+    return folder
 
 
 def coco_2017(root: Path) -> Path:
@@ -79,14 +116,36 @@ def coco_2017(root: Path) -> Path:
     return root
 
 
+def voc_folder(folder: Path, objects: list[tuple[str, tuple[int, int, int, int]]]) -> Path:
+    """One split folder of Roboflow's VOC export: an image with its XML beside it."""
+    stem = f"{folder.name}_img"
+    save_image(folder / f"{stem}.jpg", SIZE)
+    voc_xml(folder / f"{stem}.xml", f"{stem}.jpg", SIZE, objects)
+    return folder
+
+
 def voc_split_folders(root: Path) -> Path:
     """Roboflow's VOC export: per-split folders of images with their XML beside them."""
-    for split, objects in (
-        ("train", [("cat", (10, 5, 30, 15))]),
-        ("valid", [("dog", (0, 0, 50, 50))]),
-    ):
-        save_image(root / split / f"{split}_img.jpg", SIZE)
-        voc_xml(root / split / f"{split}_img.xml", f"{split}_img.jpg", SIZE, objects)
+    voc_folder(root / "train", [("cat", (10, 5, 30, 15))])
+    voc_folder(root / "valid", [("dog", (0, 0, 50, 50))])
+    return root
+
+
+def jsonl_folder(folder: Path) -> Path:
+    """A folder holding one JSONL manifest beside its image."""
+    save_image(folder / "a.jpg", SIZE)
+    line = {"image": "a.jpg", "skill": "detect", "object": "cat", "boxes": [[10, 5, 30, 15]]}
+    (folder / "manifest.jsonl").write_text(json.dumps(line) + "\n")
+    return folder
+
+
+SPLIT_FOLDERS = ("train", "valid", "test")
+
+
+def split_root(root: Path, build: Callable[[Path], object]) -> Path:
+    """A root of ``train/``, ``valid/`` and ``test/``, each an export made by ``build``."""
+    for split in SPLIT_FOLDERS:
+        build(root / split)
     return root
 
 
@@ -226,6 +285,14 @@ def label_studio_export(root: Path) -> tuple[Path, Path]:
     export.parent.mkdir(parents=True)
     export.write_text(json.dumps(tasks, indent=2))
     return export, images
+
+
+def label_studio_folder(folder: Path) -> Path:
+    """A Label Studio JSON export with the images in a subfolder beside it."""
+    export, _ = label_studio_export(folder)
+    export.rename(folder / export.name)
+    export.parent.rmdir()
+    return folder
 
 
 def labelme_folder(root: Path) -> Path:

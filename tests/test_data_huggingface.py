@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import datasets
@@ -12,7 +13,7 @@ from PIL import Image
 from lightning_moondream.cli import main
 from lightning_moondream.data import MoondreamDataModule, load_dataset
 from lightning_moondream.data.detect import detect_format
-from lightning_moondream.data.errors import DatasetError
+from lightning_moondream.data.errors import DatasetError, MissingPackageError
 from lightning_moondream.data.samples import DetectSample, QuerySample
 
 CLASSES = ["cat", "dog"]
@@ -80,17 +81,53 @@ def test_save_to_disk_folder_loads_every_box_and_label(tmp_path: Path) -> None:
     _check(load_dataset(folder), str(folder))
 
 
-def test_dataset_dict_picks_the_named_split_and_validation_by_default(tmp_path: Path) -> None:
+def test_dataset_dict_picks_the_named_split_and_train_by_default(tmp_path: Path) -> None:
     folder = tmp_path / "dict"
     train = _detection_dataset().select([1])
     datasets.DatasetDict({"train": train, "validation": _detection_dataset()}).save_to_disk(
         str(folder)
     )
-    assert len(load_dataset(folder)) == 3
+    assert len(load_dataset(folder)) == 1
     assert len(load_dataset(folder, split="train")) == 1
     assert len(load_dataset(folder, split="val")) == 3
-    with pytest.raises(DatasetError, match="no split 'test'; splits: train, validation"):
+    with pytest.raises(DatasetError, match="no split 'test'; available: train, validation"):
         load_dataset(folder, split="test")
+
+
+def _three_splits() -> datasets.DatasetDict:
+    """Train: 9 samples (three copies of the two rows); validation: 3; test: 1."""
+    rows = _detection_dataset()
+    return datasets.DatasetDict(
+        {
+            "train": datasets.concatenate_datasets([rows, rows, rows]),
+            "validation": rows,
+            "test": rows.select([1]),
+        }
+    )
+
+
+def test_a_saved_dataset_dict_gives_each_stage_its_split(tmp_path: Path) -> None:
+    folder = tmp_path / "dict"
+    _three_splits().save_to_disk(str(folder))
+    module = MoondreamDataModule(train=str(folder), val=str(folder), test=str(folder))
+    module.setup("fit")
+    module.setup("test")
+    sizes = {stage: len(module.datasets[stage]) for stage in ("train", "val", "test")}
+    assert sizes == {"train": 9, "val": 3, "test": 1}
+    # load_dataset without a split reads the training split, as its docstring says.
+    assert len(load_dataset(folder)) == 9
+
+
+def test_parquet_files_by_split_give_each_stage_its_split(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    for split, rows in _three_splits().items():
+        rows.to_parquet(str(tmp_path / "data" / f"{split}-00000-of-00001.parquet"))
+    module = MoondreamDataModule(train=str(tmp_path), val=str(tmp_path), test=str(tmp_path))
+    module.setup("fit")
+    module.setup("test")
+    sizes = {stage: len(module.datasets[stage]) for stage in ("train", "val", "test")}
+    assert sizes == {"train": 9, "val": 3, "test": 1}
+    assert len(load_dataset(tmp_path)) == 9
 
 
 def test_parquet_files_by_split_with_xyxy_normalized_string_labels(tmp_path: Path) -> None:
@@ -111,10 +148,9 @@ def test_parquet_files_by_split_with_xyxy_normalized_string_labels(tmp_path: Pat
     (tmp_path / "data").mkdir()
     rows.to_parquet(str(tmp_path / "data" / "validation-00000-of-00001.parquet"))
     rows.select([1]).to_parquet(str(tmp_path / "data" / "train-00000-of-00001.parquet"))
-    dataset = load_dataset(
-        tmp_path, columns={"boxes": "boxes", "labels": "names", "normalized": True}
-    )
-    _check(dataset, str(tmp_path))
+    columns = {"boxes": "boxes", "labels": "names", "normalized": True}
+    _check(load_dataset(tmp_path, split="val", columns=columns), str(tmp_path))
+    assert len(load_dataset(tmp_path, columns=columns)) == 1
     single = tmp_path / "data" / "train-00000-of-00001.parquet"
     assert len(load_dataset(single, columns={"labels": "names", "normalized": True})) == 1
 
@@ -190,7 +226,7 @@ def test_named_in_a_data_module_mapping_and_in_evaluate(
         main(arguments)
     assert exit_info.value.code == 0, capsys.readouterr().err
     rows = json.loads((out / "results.json").read_text())["rows"]
-    assert [(row["dataset"], row["samples"]) for row in rows] == [("ds", 3)]
+    assert [(row["dataset"], row["samples"]) for row in rows] == [("ds (validation)", 3)]
 
 
 def test_hub_name_is_read_from_the_local_cache_only(
@@ -224,3 +260,18 @@ def test_hub_name_is_read_from_the_local_cache_only(
     dataset = load_dataset("someone/tiny-qa", skill="query")
     assert (dataset[0].question, dataset[0].answers) == ("How many?", ("4",))
     assert dataset[0].encoded().image_size == (40, 20)
+
+
+def test_without_the_datasets_package_the_error_names_the_install_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "dict"
+    _three_splits().save_to_disk(str(folder))
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` now fails
+    install = "pip install 'lightning-moondream[hf]'"
+    for source in (folder, "someone/tiny-qa"):
+        with pytest.raises(
+            MissingPackageError, match="'datasets' package is not installed"
+        ) as error:
+            load_dataset(source, format="huggingface")
+        assert install in str(error.value)

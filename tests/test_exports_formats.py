@@ -7,13 +7,19 @@ import warnings
 from pathlib import Path
 
 import pytest
+from builders import voc_devkit
 from exports import (
     coco_2017,
     cvat_export,
+    jsonl_folder,
     label_studio_export,
+    label_studio_folder,
     labelme_folder,
     roboflow_coco,
+    roboflow_coco_folder,
     roboflow_yolo,
+    split_root,
+    voc_folder,
     voc_split_folders,
 )
 
@@ -257,6 +263,51 @@ def test_each_stage_of_the_data_module_takes_its_split(
     assert all(sample.image.startswith("data:image/jpeg;base64,") for sample in train_batch)
     expected_val = val_ids if val_ids is not None else {sample.id for sample in train_batch}
     assert {sample.id for sample in val_batch} == expected_val
+
+
+def split_folders_read(dataset, root: Path) -> set[str]:
+    """The split folders of ``root`` that a dataset's images come from."""
+    images = (dataset[index].image for index in range(len(dataset)))
+    return {Path(image).relative_to(root).parts[0] for image in images if isinstance(image, str)}
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda root: roboflow_yolo(root),
+        lambda root: split_root(
+            root,
+            lambda folder: roboflow_coco_folder(folder, [(0, "a.jpg")], [(0, 0, 1, [1, 1, 9, 9])]),
+        ),
+        lambda root: split_root(root, lambda folder: voc_folder(folder, [("cat", (1, 1, 9, 9))])),
+        lambda root: split_root(root, cvat_export),
+        lambda root: split_root(root, label_studio_folder),
+        lambda root: split_root(root, labelme_folder),
+        lambda root: split_root(root, jsonl_folder),
+    ],
+    ids=["yolo", "coco", "voc", "cvat", "labelstudio", "labelme", "jsonl"],
+)
+def test_a_split_root_named_for_every_stage_gives_each_its_split(build, tmp_path: Path) -> None:
+    root = build(tmp_path / "export")
+    module = MoondreamDataModule(train=str(root), val=str(root), test=str(root))
+    module.setup("fit")
+    module.setup("test")
+    assert split_folders_read(module.datasets["train"], root) == {"train"}
+    assert split_folders_read(module.datasets["val"], root) == {"valid"}
+    assert split_folders_read(module.datasets["test"], root) == {"test"}
+    assert split_folders_read(load_dataset(root), root) == {"train"}
+
+
+def test_split_files_give_each_stage_its_split(tmp_path: Path) -> None:
+    coco = str(coco_2017(tmp_path / "coco"))
+    devkit = {"source": str(voc_devkit(tmp_path / "devkit")), "negative_rate": 1.0}
+    module = MoondreamDataModule(train=[{"source": coco}, devkit], val=[{"source": coco}, devkit])
+    module.setup("fit")
+    ids = {stage: set(boxes_by_prompt(module.datasets[stage])) for stage in ("train", "val")}
+    assert ids == {
+        "train": {"000000000009.jpg#cat", "a.jpg#cell", "a.jpg#virus", "b.jpg#cell", "b.jpg#virus"},
+        "val": {"000000000139.jpg#cat", "c.jpg#cell", "c.jpg#virus"},
+    }
 
 
 def test_label_studio_in_the_data_module_with_its_image_folder(tmp_path: Path) -> None:

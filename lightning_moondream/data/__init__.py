@@ -29,7 +29,7 @@ from lightning_moondream.data.encoding import (
     EncodedImageCache,
     EncodingStats,
 )
-from lightning_moondream.data.errors import DatasetError, DatasetWarning
+from lightning_moondream.data.errors import DatasetError, DatasetWarning, MissingPackageError
 from lightning_moondream.data.geometry import normalize_box, normalize_point
 from lightning_moondream.data.records import (
     AnnotatedImage,
@@ -78,6 +78,7 @@ __all__ = [
     "EncodedDataset",
     "EncodedImageCache",
     "EncodingStats",
+    "MissingPackageError",
     "MoondreamDataModule",
     "PointSample",
     "QuerySample",

@@ -21,8 +21,9 @@ Formats, tried in this order when ``format`` is not given (one registry,
 
 A folder in none of these formats whose subfolders are named like splits (``train/``,
 ``valid/``, ``test/``, as Roboflow exports COCO, VOC and others) is read one split folder
-at a time. Split names follow :mod:`~lightning_moondream.data.sources.splits`: ``val``
-and ``valid`` are one split; without ``split``, the training split (or the only one).
+at a time. Splits are chosen by :mod:`~lightning_moondream.data.splits`, the same for
+every format: ``val`` and ``valid`` are one split; without ``split``, the training split
+(or the only one).
 
 Detection formats become samples of the chosen ``skill``: ``"detect"`` (one per image
 and class present, plus seeded negatives), ``"point"`` (the same prompts, ground truth
@@ -33,21 +34,28 @@ name) or ``"query"`` (counting and presence questions).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from torch.utils.data import Dataset
 
+from lightning_moondream.data.classes import annotated_classes, report_rare_classes
 from lightning_moondream.data.errors import DatasetError
 from lightning_moondream.data.records import AnnotatedImage, DetectionPrompts
-from lightning_moondream.data.sources.coco import coco_split_files, read_coco
+from lightning_moondream.data.sources.coco import (
+    coco_groups,
+    coco_split_files,
+    read_coco,
+    read_coco_file,
+)
 from lightning_moondream.data.sources.cvat import find_cvat, read_cvat
 from lightning_moondream.data.sources.files import sniff_json, xml_root_tag
 from lightning_moondream.data.sources.huggingface import (
     RowQuestions,
     has_questions,
+    huggingface_splits,
     is_huggingface,
     read_huggingface,
 )
@@ -56,7 +64,6 @@ from lightning_moondream.data.sources.keypoints import read_coco_keypoints
 from lightning_moondream.data.sources.labelme import find_labelme, read_labelme
 from lightning_moondream.data.sources.labelstudio import find_label_studio, read_label_studio
 from lightning_moondream.data.sources.query import QUESTION_KINDS, DetectionQuestions
-from lightning_moondream.data.sources.splits import default_split, match_split, split_folders
 from lightning_moondream.data.sources.torchvision import torchvision_images
 from lightning_moondream.data.sources.voc import (
     is_voc_devkit,
@@ -65,9 +72,23 @@ from lightning_moondream.data.sources.voc import (
     voc_annotation_folder,
 )
 from lightning_moondream.data.sources.yolo import available_splits, is_yolo, read_yolo
+from lightning_moondream.data.splits import choose_split, refuse_split, split_folders
 
 PromptSkill = Literal["detect", "point", "query"]
-Records = tuple[list[AnnotatedImage], list[str]]
+
+
+class Records(NamedTuple):
+    """What a detection reader found: annotated images and their classes.
+
+    Attributes:
+        images: The annotated images.
+        classes: Every class the dataset declares, in its order.
+        groups: Names grouping other classes (COCO supercategories), never negatives.
+    """
+
+    images: list[AnnotatedImage]
+    classes: list[str]
+    groups: frozenset[str] = frozenset()
 
 
 def build_prompts(
@@ -79,8 +100,15 @@ def build_prompts(
     negative_rate: float = 0.0,
     seed: int = 0,
     questions: Sequence[str] = QUESTION_KINDS,
+    groups: Collection[str] = (),
+    phrase_labels: bool = False,
+    where: str = "dataset",
 ) -> Dataset:
     """Turn annotated images into detect, point or query samples.
+
+    Classes follow :mod:`~lightning_moondream.data.classes`: rare ones are reported (a
+    warning names them), and negatives skip ``groups`` and classes whose name is part of
+    a present class's name.
 
     Args:
         images: The annotated images.
@@ -90,15 +118,33 @@ def build_prompts(
         negative_rate: Probability, per image and absent class, of a prompt about it.
         seed: Seed of the negative draws.
         questions: For query, which of ``"count"`` and ``"presence"`` to ask.
+        groups: Names grouping other classes (supercategories), never negatives.
+        phrase_labels: Write class names as phrases in prompts (``black-king`` as
+            ``black king``).
+        where: The dataset, for warnings.
     """
+    if skill not in ("detect", "point", "query"):
+        raise ValueError(f"skill must be detect, point or query, got {skill!r}")
+    report_rare_classes(images, classes, where)
     if skill == "query":
         return DetectionQuestions(
-            images, classes, kinds=questions, negative_rate=negative_rate, seed=seed
+            images,
+            classes,
+            kinds=questions,
+            negative_rate=negative_rate,
+            seed=seed,
+            groups=groups,
+            phrase_labels=phrase_labels,
         )
-    if skill not in ("detect", "point"):
-        raise ValueError(f"skill must be detect, point or query, got {skill!r}")
     return DetectionPrompts(
-        images, classes, skill=skill, template=template, negative_rate=negative_rate, seed=seed
+        images,
+        classes,
+        skill=skill,
+        template=template,
+        negative_rate=negative_rate,
+        seed=seed,
+        groups=groups,
+        phrase_labels=phrase_labels,
     )
 
 
@@ -112,6 +158,7 @@ def from_torchvision(
     seed: int = 0,
     questions: Sequence[str] = QUESTION_KINDS,
     strict: bool = False,
+    phrase_labels: bool = False,
 ) -> Dataset:
     """Turn a torchvision detection dataset into samples (see :func:`build_prompts`).
 
@@ -125,6 +172,8 @@ def from_torchvision(
         seed: Seed of the negative draws.
         questions: For query, which of ``"count"`` and ``"presence"`` to ask.
         strict: Refuse boxes outside the image or without area.
+        phrase_labels: Write class names as phrases in prompts (``black-king`` as
+            ``black king``).
     """
     images, classes = torchvision_images(dataset, class_names=class_names, strict=strict)
     return build_prompts(
@@ -135,6 +184,8 @@ def from_torchvision(
         negative_rate=negative_rate,
         seed=seed,
         questions=questions,
+        phrase_labels=phrase_labels,
+        where=type(dataset).__name__,
     )
 
 
@@ -186,13 +237,6 @@ def _single(files: list[Path], root: Path, kind: str) -> Path | None:
     return files[0] if files else None
 
 
-def _no_split(target: Path, split: str | None) -> None:
-    if split is not None:
-        raise DatasetError(
-            f"{target}: this dataset has no splits, so split {split!r} cannot be chosen"
-        )
-
-
 def _find_huggingface(path: Path) -> Path | None:
     return path if is_huggingface(path) else None
 
@@ -201,7 +245,7 @@ def _read_huggingface(target: Path, split: str | None, settings: ReadSettings) -
     options = dict(settings.options)
     if settings.skill == "query" and has_questions(target, split, **options):
         return RowQuestions(target, split, **options)
-    return read_huggingface(target, split, strict=settings.strict, **options)
+    return Records(*read_huggingface(target, split, strict=settings.strict, **options))
 
 
 def _find_jsonl(path: Path) -> Path | None:
@@ -211,7 +255,7 @@ def _find_jsonl(path: Path) -> Path | None:
 
 
 def _read_jsonl(target: Path, split: str | None, settings: ReadSettings) -> Dataset:
-    _no_split(target, split)
+    refuse_split(split, str(target))
     return read_jsonl(target, skill=settings.skill, strict=settings.strict, **settings.options)
 
 
@@ -220,12 +264,14 @@ def _find_yolo(path: Path) -> Path | None:
 
 
 def _read_yolo(target: Path, split: str | None, settings: ReadSettings) -> Records:
-    return read_yolo(target, split, strict=settings.strict, **settings.options)
+    return Records(*read_yolo(target, split, strict=settings.strict, **settings.options))
 
 
 def _read_cvat(target: Path, split: str | None, settings: ReadSettings) -> Records:
-    _no_split(target, split)
-    return read_cvat(target, settings.image_root, strict=settings.strict, **settings.options)
+    refuse_split(split, str(target))
+    return Records(
+        *read_cvat(target, settings.image_root, strict=settings.strict, **settings.options)
+    )
 
 
 def _find_voc(path: Path) -> Path | None:
@@ -248,29 +294,24 @@ def _voc_splits(target: Path) -> list[str]:
 
 def _read_voc(target: Path, split: str | None, settings: ReadSettings) -> Records:
     if is_voc_devkit(target):
-        available = _voc_splits(target)
-        chosen = (
-            match_split(split, available, str(target))
-            if split is not None
-            else default_split(available, "train", str(target))
+        chosen = choose_split(_voc_splits(target), split, str(target))
+        return Records(
+            *read_voc_devkit(target, chosen or "train", strict=settings.strict, **settings.options)
         )
-        return read_voc_devkit(
-            target, chosen or "train", strict=settings.strict, **settings.options
-        )
-    _no_split(target, split)
-    return read_voc_flat(target, strict=settings.strict, **settings.options)
+    refuse_split(split, str(target))
+    return Records(*read_voc_flat(target, strict=settings.strict, **settings.options))
 
 
 def _read_label_studio(target: Path, split: str | None, settings: ReadSettings) -> Records:
-    _no_split(target, split)
-    return read_label_studio(
-        target, settings.image_root, strict=settings.strict, **settings.options
+    refuse_split(split, str(target))
+    return Records(
+        *read_label_studio(target, settings.image_root, strict=settings.strict, **settings.options)
     )
 
 
 def _read_labelme(target: Path, split: str | None, settings: ReadSettings) -> Records:
-    _no_split(target, split)
-    return read_labelme(target, strict=settings.strict, **settings.options)
+    refuse_split(split, str(target))
+    return Records(*read_labelme(target, strict=settings.strict, **settings.options))
 
 
 def _is_coco_json(path: Path) -> bool:
@@ -303,20 +344,19 @@ def _read_coco(target: Path, split: str | None, settings: ReadSettings) -> Recor
         files = coco_split_files(target, prefix)
         if not files:
             raise DatasetError(f"{target}: no annotations/{prefix}_<split>.json file")
-        chosen = (
-            match_split(split, list(files), str(target))
-            if split is not None
-            else default_split(list(files), "train", str(target))
-        )
-        target, folder = files[chosen or ""]
+        target, folder = files[choose_split(list(files), split, str(target)) or ""]
         image_root = image_root or str(folder)
     else:
-        _no_split(target, split)
+        refuse_split(split, str(target))
     if settings.keypoints:
         return read_coco_keypoints(
             target, image_root, template=settings.template, strict=settings.strict
         )
-    return read_coco(target, image_root, strict=settings.strict, **settings.options)
+    data = read_coco_file(target)
+    images, classes = read_coco(
+        target, image_root, strict=settings.strict, data=data, **settings.options
+    )
+    return Records(images, annotated_classes(images, classes, str(target)), coco_groups(data))
 
 
 FORMAT_REGISTRY: dict[str, DatasetFormat] = {
@@ -327,6 +367,7 @@ FORMAT_REGISTRY: dict[str, DatasetFormat] = {
             _find_huggingface,
             _read_huggingface,
             "a Hugging Face save_to_disk folder, parquet/arrow files, or a cached hub name",
+            huggingface_splits,
         ),
         DatasetFormat("jsonl", _find_jsonl, _read_jsonl, "a .jsonl manifest"),
         DatasetFormat(
@@ -359,7 +400,6 @@ FORMAT_REGISTRY: dict[str, DatasetFormat] = {
 """Every dataset format, in detection order."""
 
 FORMATS: tuple[str, ...] = tuple(FORMAT_REGISTRY)
-Format = str
 
 
 @dataclass(frozen=True)
@@ -464,12 +504,7 @@ def read_records(
     if not located.split_folders:
         return located.format.read(located.target, split, settings)
     names = list(located.split_folders)
-    chosen = (
-        match_split(split, names, str(located.target))
-        if split is not None
-        else default_split(names, "train", str(located.target))
-    )
-    folder = located.split_folders[chosen or names[0]]
+    folder = located.split_folders[choose_split(names, split, str(located.target)) or names[0]]
     inner = _find(folder, located.format.name)
     if inner is None:
         raise DatasetError(
@@ -492,6 +527,7 @@ def load_dataset(
     keypoints: bool = False,
     image_root: str | None = None,
     strict: bool = False,
+    phrase_labels: bool = False,
     **options: Any,
 ) -> Dataset:
     """Load a dataset folder or annotation file as a map-style dataset of samples.
@@ -504,8 +540,9 @@ def load_dataset(
             ``data.yaml``).
         format: One of :data:`FORMATS`; detected if ``None``.
         split: The split, for datasets with splits (YOLO, VOC devkit, COCO
-            ``annotations/instances_<split>.json``, split folders); ``None`` means the
-            training split, or the only one. ``val`` and ``valid`` name one split.
+            ``annotations/instances_<split>.json``, split folders, Hugging Face);
+            ``None`` means the training split, or the only one. ``val``, ``valid`` and
+            ``validation`` name one split.
         skill: Samples to make from boxes: ``"detect"`` (the default), ``"point"`` or
             ``"query"``. For JSONL, keeps only lines of this skill (default: all).
         template: Object phrase template with ``{name}``; for COCO keypoints,
@@ -519,6 +556,9 @@ def load_dataset(
             the annotation file.
         strict: Refuse (instead of clamping or dropping with a warning) boxes outside
             the image or without area, and missing images.
+        phrase_labels: Write class names as phrases in prompts (``black-king`` as
+            ``black king``, ``traffic_light`` as ``traffic light``); sample ids keep the
+            names. Detection formats only.
         **options: Format-specific options: ``coordinates`` (JSONL), ``classes`` and
             ``include_difficult`` (VOC), ``include_crowd`` (COCO).
 
@@ -541,13 +581,15 @@ def load_dataset(
     records = read_records(path, format=format, split=split, settings=settings)
     if isinstance(records, Dataset):
         return records
-    images, classes = records
     return build_prompts(
-        images,
-        classes,
+        records.images,
+        records.classes,
         skill=skill or "detect",
         template=template,
         negative_rate=negative_rate,
         seed=seed,
         questions=questions,
+        groups=records.groups,
+        phrase_labels=phrase_labels,
+        where=str(path),
     )

@@ -13,6 +13,14 @@ class DatasetError(ValueError):
     """
 
 
+class MissingPackageError(DatasetError):
+    """A dataset needs an optional package that is not installed.
+
+    The message names the command that installs it; no other folder or file of the same
+    kind would load without it.
+    """
+
+
 class DatasetWarning(UserWarning):
     """An annotation was repaired (a box clamped into the image) or dropped."""
 

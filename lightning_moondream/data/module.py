@@ -3,10 +3,11 @@
 Each stage (``train``, ``val``, ``test``, ``predict``) takes a source:
 
 - a path, read by :func:`~lightning_moondream.data.detect.load_dataset`; without a
-  ``split``, a dataset with splits gives each stage its own (training: ``train``;
-  validation: ``val``/``valid``, else ``test``; test and predict: ``test``, else
-  validation; a single split serves every stage), so one folder can be named for both
-  ``train`` and ``val``;
+  ``split``, a dataset with splits (of any format, Hugging Face included) gives each
+  stage its own by :mod:`~lightning_moondream.data.splits` (training: ``train``;
+  validation: ``val``/``valid``/``validation``, else ``test``; test and predict:
+  ``test``, else validation; a single split serves every stage), so one folder can be
+  named for both ``train`` and ``val``;
 - ``"synthetic"``: :class:`~lightning_moondream.data.sources.synthetic.SyntheticShapes`
   of the stage's split (``train``, ``val``, ``test``; ``test`` for predict);
 - a mapping ``{"source": <path or "synthetic">, **options}``, the options going to
@@ -55,15 +56,20 @@ from lightning_moondream.data.encoding import (
     EncodedDataset,
 )
 from lightning_moondream.data.sharding import UnpaddedShardSampler
-from lightning_moondream.data.sources.splits import default_split
 from lightning_moondream.data.sources.synthetic import SyntheticShapes
+from lightning_moondream.data.splits import Stage, choose_split
 from lightning_moondream.images import EncodingOptions
 
 SourceSpec = str | dict[str, Any] | list[dict[str, Any]] | Dataset | None
 """A stage's source: a path, ``"synthetic"``, an options mapping, a weighted list, or a dataset."""
 
 SYNTHETIC = "synthetic"
-_STAGE_SPLITS = {"train": "train", "val": "val", "test": "test", "predict": "test"}
+_STAGE_SPLITS: dict[str, Stage] = {
+    "train": "train",
+    "val": "val",
+    "test": "test",
+    "predict": "test",
+}
 
 
 def collate_samples(batch: list[Any]) -> list[Any]:
@@ -71,7 +77,13 @@ def collate_samples(batch: list[Any]) -> list[Any]:
     return list(batch)
 
 
-def build_source(spec: str | Mapping[str, Any] | Dataset, split: str, seed: int = 0) -> Dataset:
+def build_source(
+    spec: str | Mapping[str, Any] | Dataset,
+    split: Stage,
+    seed: int = 0,
+    *,
+    phrase_labels: bool = False,
+) -> Dataset:
     """Build one dataset of samples from a source spec (not a weighted list).
 
     Args:
@@ -79,6 +91,8 @@ def build_source(spec: str | Mapping[str, Any] | Dataset, split: str, seed: int 
         split: The stage's split: synthetic sources use it, and a path without a
             ``split`` option the split of the same kind (see the module docstring).
         seed: Default seed of negative draws and synthetic scenes.
+        phrase_labels: Default of a path's ``phrase_labels``: class names written as
+            phrases in prompts (``black-king`` as ``black king``).
 
     Raises:
         ValueError: If a mapping has no ``source``.
@@ -99,25 +113,31 @@ def build_source(spec: str | Mapping[str, Any] | Dataset, split: str, seed: int 
         return SyntheticShapes(**options)
     if options.get("split") is None:
         options["split"] = stage_split(str(source), options.get("format"), split)
+    options.setdefault("phrase_labels", phrase_labels)
     return load_dataset(str(source), **options)
 
 
-def stage_split(path: str, format: str | None, stage: str) -> str | None:
+def stage_split(path: str, format: str | None, stage: Stage) -> str | None:
     """The split of a dataset path a stage reads when none is named; ``None`` if it has none.
 
     Raises:
         DatasetError: If the dataset has several splits and none of the stage's kind.
     """
-    return default_split(dataset_splits(path, format), stage, path)
+    return choose_split(dataset_splits(path, format), None, path, stage)
 
 
 def build_mixture(
-    specs: Sequence[Mapping[str, Any]], split: str, seed: int = 0
+    specs: Sequence[Mapping[str, Any]],
+    split: Stage,
+    seed: int = 0,
+    *,
+    phrase_labels: bool = False,
 ) -> tuple[ConcatDataset, list[float]]:
     """Build the datasets of a weighted list and one sampling weight per sample.
 
     A sample of source ``k`` gets ``weight_k / len_k``, so each draw picks source ``k``
-    with probability proportional to ``weight_k``.
+    with probability proportional to ``weight_k``. ``split``, ``seed`` and
+    ``phrase_labels`` are as for :func:`build_source`.
 
     Raises:
         ValueError: If a weight is negative, all are zero, or a source is empty.
@@ -128,7 +148,7 @@ def build_mixture(
         weight = float(spec.get("weight", 1.0))
         if weight < 0:
             raise ValueError(f"source {position}: weight must not be negative, got {weight}")
-        dataset = build_source(spec, split, seed)
+        dataset = build_source(spec, split, seed, phrase_labels=phrase_labels)
         length = len(dataset)  # type: ignore[arg-type]
         if length == 0:
             raise ValueError(f"source {position} ({spec.get('source')!r}) has no samples")
@@ -155,6 +175,9 @@ class MoondreamDataModule(LightningDataModule):
         seed: Seed of shuffling, mixing, negative draws and synthetic scenes.
         shuffle: Shuffle training samples each epoch.
         cache_mb: Encoded-image cache of each worker, in MiB; 0 disables it.
+        phrase_labels: Write class names as phrases in the prompts of dataset paths
+            (``black-king`` as ``black king``, ``traffic_light`` as ``traffic light``),
+            unless a source mapping says otherwise.
     """
 
     def __init__(
@@ -171,6 +194,7 @@ class MoondreamDataModule(LightningDataModule):
         seed: int = 0,
         shuffle: bool = True,
         cache_mb: int = DEFAULT_CACHE_BYTES // (1024 * 1024),
+        phrase_labels: bool = False,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -190,6 +214,7 @@ class MoondreamDataModule(LightningDataModule):
         self.seed = seed
         self.shuffle = shuffle
         self.cache_bytes = cache_mb * 1024 * 1024
+        self.phrase_labels = phrase_labels
         self.datasets: dict[str, Dataset] = {}
         self._weights: dict[str, list[float]] = {}
         # Datasets are not hyperparameters; only plain settings are saved.
@@ -203,9 +228,16 @@ class MoondreamDataModule(LightningDataModule):
         spec = self.sources[stage]
         split = _STAGE_SPLITS[stage]
         if isinstance(spec, list):
-            self.datasets[stage], self._weights[stage] = build_mixture(spec, split, self.seed)
+            self.datasets[stage], self._weights[stage] = build_mixture(
+                spec, split, self.seed, phrase_labels=self.phrase_labels
+            )
         else:
-            self.datasets[stage] = build_source(spec, split, self.seed)  # type: ignore[arg-type]
+            self.datasets[stage] = build_source(
+                spec,  # type: ignore[arg-type]
+                split,
+                self.seed,
+                phrase_labels=self.phrase_labels,
+            )
 
     def setup(self, stage: str | None = None) -> None:
         """Build the datasets a Lightning stage needs (annotations read, no images)."""

@@ -11,7 +11,7 @@ seeded by ``seed`` and the image's position, so the set is the same on every run
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -20,6 +20,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from lightning_moondream.api.models import Box, Point
+from lightning_moondream.data.classes import label_phrase, may_be_absent
 from lightning_moondream.data.errors import DatasetError
 from lightning_moondream.data.geometry import normalize_box, normalize_point
 from lightning_moondream.data.samples import DetectSample, PointSample, QuerySample
@@ -115,6 +116,7 @@ def prompt_index(
     *,
     negative_rate: float,
     seed: int,
+    groups: Collection[str] = (),
 ) -> list[tuple[int, str]]:
     """List ``(image position, class)`` pairs: each class present, plus drawn negatives.
 
@@ -123,6 +125,7 @@ def prompt_index(
         classes: Every class, in a fixed order (prompts follow it within an image).
         negative_rate: Probability of a prompt for each absent class of an image.
         seed: Seed of the negative draws.
+        groups: Names grouping other classes (supercategories), never negatives.
 
     Raises:
         ValueError: If ``negative_rate`` is not within 0 to 1.
@@ -134,19 +137,30 @@ def prompt_index(
         present = set(image.labels) | set(image.point_labels)
         rng = random.Random(f"{seed}:{position}") if negative_rate > 0 else None
         for name in classes:
-            if name in present or (rng is not None and rng.random() < negative_rate):
+            # The draw comes before the exclusion, so an excluded class leaves the other
+            # classes' draws as they were.
+            if name in present or (
+                rng is not None
+                and rng.random() < negative_rate
+                and may_be_absent(name, present, groups)
+            ):
                 index.append((position, name))
     return index
 
 
-def format_prompt(template: str, name: str) -> str:
+def format_prompt(template: str, name: str, *, phrase: bool = False) -> str:
     """Fill ``{name}`` in a prompt template, e.g. ``"{name}"`` or ``"a {name}"``.
+
+    Args:
+        template: The template.
+        name: The class name.
+        phrase: Write the name as a phrase (``black-king`` as ``black king``).
 
     Raises:
         ValueError: If the template has another placeholder.
     """
     try:
-        return template.format(name=name)
+        return template.format(name=label_phrase(name) if phrase else name)
     except (KeyError, IndexError) as exc:
         raise ValueError(f"prompt template {template!r} may only use {{name}}") from exc
 
@@ -166,6 +180,9 @@ class DetectionPrompts(Dataset):
         negative_rate: Probability, per image and absent class, of a prompt whose
             ground truth is empty.
         seed: Seed of the negative draws.
+        groups: Names grouping other classes (supercategories), never negatives.
+        phrase_labels: Write class names as phrases in prompts (``black-king`` as
+            ``black king``); sample ids keep the names.
     """
 
     def __init__(
@@ -177,6 +194,8 @@ class DetectionPrompts(Dataset):
         template: str = "{name}",
         negative_rate: float = 0.0,
         seed: int = 0,
+        groups: Collection[str] = (),
+        phrase_labels: bool = False,
     ) -> None:
         if skill not in ("detect", "point"):
             raise ValueError(f"skill must be 'detect' or 'point' for boxes, got {skill!r}")
@@ -185,7 +204,10 @@ class DetectionPrompts(Dataset):
         self.classes = list(classes)
         self.skill = skill
         self.template = template
-        index = prompt_index(self.images, self.classes, negative_rate=negative_rate, seed=seed)
+        self.phrase_labels = phrase_labels
+        index = prompt_index(
+            self.images, self.classes, negative_rate=negative_rate, seed=seed, groups=groups
+        )
         if skill == "detect":
             index = [
                 (position, name)
@@ -205,7 +227,7 @@ class DetectionPrompts(Dataset):
         if self.skill == "point" and points:
             return PointSample(
                 image=resolve_image(record.image),
-                object=format_prompt(self.template, name),
+                object=format_prompt(self.template, name, phrase=self.phrase_labels),
                 points=points,
                 id=f"{record.id}#{name}",
                 image_size=record.size,
@@ -215,7 +237,7 @@ class DetectionPrompts(Dataset):
         )
         return make(
             image=resolve_image(record.image),
-            object=format_prompt(self.template, name),
+            object=format_prompt(self.template, name, phrase=self.phrase_labels),
             boxes=record.boxes_of(name),
             id=f"{record.id}#{name}",
             image_size=record.size,

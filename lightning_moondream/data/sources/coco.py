@@ -68,6 +68,19 @@ def coco_categories(data: Mapping[str, Any], source: str) -> dict[int, dict[str,
     return categories
 
 
+def coco_groups(data: Mapping[str, Any]) -> frozenset[str]:
+    """Supercategory names that group other categories (Roboflow's ``pieces``).
+
+    A category that is its own supercategory (COCO's ``person``) groups nothing.
+    """
+    return frozenset(
+        str(category["supercategory"])
+        for category in data["categories"]
+        if isinstance(category, dict)
+        and category.get("supercategory") not in (None, "", "none", category.get("name"))
+    )
+
+
 def default_image_root(annotation_file: Path) -> Path:
     """The images' folder when none is given: beside the JSON, or above ``annotations/``."""
     folder = annotation_file.parent

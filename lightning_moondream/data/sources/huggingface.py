@@ -7,6 +7,8 @@ Where a dataset can come from (never downloaded at run time):
   ``data/validation-*.parquet``: the split is the file name's first word or its folder);
 - a hub name such as ``"vikhyatk/POPE"``, resolved from the local Hugging Face cache only.
 
+Splits are chosen by :mod:`~lightning_moondream.data.splits`, as for every format.
+
 Detection rows become :class:`AnnotatedImage` records through a column mapping
 (:class:`Columns`), whose defaults cover the common schemas: an ``image`` column, boxes in
 ``objects.bbox`` (COCO-style ``xywh`` pixels) or ``objects.boxes``/``boxes`` (``xyxy``),
@@ -29,10 +31,12 @@ from typing import TYPE_CHECKING, Any, Literal
 from torch.utils.data import Dataset
 
 from lightning_moondream.api.models import Box
-from lightning_moondream.data.errors import DatasetError
+from lightning_moondream.data.errors import DatasetError, MissingPackageError
 from lightning_moondream.data.geometry import check_normalized_box, normalize_box
 from lightning_moondream.data.records import AnnotatedImage, DatasetItemImage
 from lightning_moondream.data.samples import QuerySample
+from lightning_moondream.data.sources.files import read_json
+from lightning_moondream.data.splits import choose_split
 from lightning_moondream.images import ImageError, ImageInput, displayed_size
 
 if TYPE_CHECKING:
@@ -41,9 +45,6 @@ if TYPE_CHECKING:
     import datasets
 
 BoxFormat = Literal["xyxy", "xywh"]
-SPLIT_PREFERENCE = ("validation", "val", "valid", "test", "train")
-"""Splits tried, in order, when none is named and a dataset has several."""
-_SPLIT_ALIASES = dict.fromkeys(("val", "valid", "validation"), ("validation", "val", "valid"))
 _SAVED_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 _TABLE_SUFFIXES = (".parquet", ".arrow")
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -64,10 +65,11 @@ _ANSWER_COLUMNS = ("answers", "answer", "number", "label")
 def _require_datasets() -> Any:
     try:
         import datasets
-    except ImportError as exc:  # pragma: no cover - the hf extra is part of the test set-up
-        raise DatasetError(
-            "Hugging Face datasets need the 'datasets' package: pip install "
-            "'lightning-moondream[hf]'"
+    except ImportError as exc:
+        raise MissingPackageError(
+            "the 'datasets' package is not installed, and Hugging Face data needs it "
+            "(benchmarks, hub names, save_to_disk folders, parquet and arrow files): "
+            "pip install 'lightning-moondream[hf]'"
         ) from exc
     return datasets
 
@@ -78,9 +80,7 @@ def is_huggingface(path: str | Path) -> bool:
     if target.is_file():
         return target.suffix in _TABLE_SUFFIXES
     if target.is_dir():
-        if any((target / marker).is_file() for marker in _SAVED_MARKERS):
-            return True
-        return bool(_table_files(target))
+        return _is_saved(target) or bool(_table_files(target))
     return bool(_HUB_NAME.match(str(path)))
 
 
@@ -106,19 +106,47 @@ def _split_of(path: Path, root: Path) -> str:
     return re.split(r"[-_.]", path.name, maxsplit=1)[0]
 
 
-def _pick_split(available: Sequence[str], split: str | None, where: str) -> str:
-    names = list(available)
-    if split is not None:
-        for name in _SPLIT_ALIASES.get(split, (split,)):
-            if name in names:
-                return name
-        raise DatasetError(f"{where}: no split {split!r}; splits: {', '.join(names)}")
-    if len(names) == 1:
-        return names[0]
-    for name in SPLIT_PREFERENCE:
-        if name in names:
-            return name
-    raise DatasetError(f"{where}: several splits ({', '.join(names)}); pass split=...")
+def _is_saved(path: Path) -> bool:
+    return path.is_dir() and any((path / marker).is_file() for marker in _SAVED_MARKERS)
+
+
+def _tables_by_split(path: Path, where: str) -> dict[str, list[Path]]:
+    """Parquet/arrow data by split; a single file, or files of one split, as one entry."""
+    files = [path] if path.is_file() else _table_files(path)
+    if not files:
+        raise DatasetError(f"{where}: no parquet or arrow file found")
+    by_split: dict[str, list[Path]] = {}
+    for file in files:
+        by_split.setdefault(_split_of(file, path) if path.is_dir() else "data", []).append(file)
+    return by_split
+
+
+def _pick(splits: Mapping[str, Any], split: str | None, where: str) -> Any:
+    chosen = choose_split(list(splits), split, where)
+    if chosen is None:
+        raise DatasetError(f"{where}: holds no split")
+    return splits[chosen]
+
+
+def huggingface_splits(source: str | Path) -> list[str]:
+    """The split names of a Hugging Face dataset; empty for a dataset of one split.
+
+    Raises:
+        DatasetError: Naming the source, if it is missing or unreadable.
+    """
+    path = Path(source)
+    if _is_saved(path):
+        if not (path / "dataset_dict.json").is_file():
+            return []
+        listed = read_json(path / "dataset_dict.json")
+        splits = listed.get("splits") if isinstance(listed, dict) else None
+        if not isinstance(splits, list):
+            raise DatasetError(f"{path / 'dataset_dict.json'}: no 'splits' list")
+        return [str(name) for name in splits]
+    if path.exists():
+        by_split = _tables_by_split(path, str(source))
+        return list(by_split) if len(by_split) > 1 else []
+    return list(_cached_hub_dataset(str(source), None))
 
 
 @contextmanager
@@ -154,7 +182,8 @@ def open_dataset(source: str | Path, split: str | None = None) -> datasets.Datas
 
     Args:
         source: A ``save_to_disk`` folder, a parquet/arrow file or folder, or a hub name.
-        split: The split; ``None`` picks the only one, else validation, test, train.
+        split: The split, by any of its names (``val`` finds ``validation``); ``None``
+            picks the training split, or the only one.
 
     Raises:
         DatasetError: Naming the source, if it is missing, unreadable or has no such split.
@@ -162,36 +191,35 @@ def open_dataset(source: str | Path, split: str | None = None) -> datasets.Datas
     hf = _require_datasets()
     path = Path(source)
     where = str(source)
-    if path.is_dir() and any((path / marker).is_file() for marker in _SAVED_MARKERS):
+    if _is_saved(path):
         try:
             loaded = hf.load_from_disk(str(path))
         except (OSError, ValueError) as exc:
             raise DatasetError(f"{where}: not a readable saved dataset ({exc})") from exc
         if isinstance(loaded, hf.DatasetDict):
-            return loaded[_pick_split(list(loaded), split, where)]
-        if split is not None and loaded.split is not None and str(loaded.split) != split:
-            raise DatasetError(f"{where}: holds split {loaded.split!s}, not {split!r}")
+            return _pick(loaded, split, where)
+        if split is not None and loaded.split is not None:
+            # Refuses a split other than the one saved (a name of its kind is the same).
+            choose_split([str(loaded.split)], split, where)
         return loaded
     if path.exists():
-        files = [path] if path.is_file() else _table_files(path)
-        if not files:
-            raise DatasetError(f"{where}: no parquet or arrow file found")
-        by_split: dict[str, list[Path]] = {}
-        for file in files:
-            by_split.setdefault(_split_of(file, path) if path.is_dir() else "data", []).append(file)
-        if path.is_file() or len(by_split) == 1:
-            chosen = next(iter(by_split.values()))
-        else:
-            chosen = by_split[_pick_split(list(by_split), split, where)]
-        return _read_tables(hf, chosen, where)
-    if not _HUB_NAME.match(where):
-        raise DatasetError(f"{where}: no such file or folder, and not a hub name like 'owner/name'")
+        by_split = _tables_by_split(path, where)
+        if len(by_split) == 1:
+            return _read_tables(hf, next(iter(by_split.values())), where)
+        return _read_tables(hf, _pick(by_split, split, where), where)
+    return _pick(_cached_hub_dataset(where, split), split, where)
+
+
+def _cached_hub_dataset(name: str, split: str | None) -> datasets.DatasetDict:
+    """Every split of a hub dataset, from the local cache only."""
+    hf = _require_datasets()
+    if not _HUB_NAME.match(name):
+        raise DatasetError(f"{name}: no such file or folder, and not a hub name like 'owner/name'")
     with _offline():
         try:
-            loaded = hf.load_dataset(where)
+            return hf.load_dataset(name)
         except Exception as exc:
-            raise DatasetError(missing_dataset_message(where, split)) from exc
-    return loaded[_pick_split(list(loaded), split, where)]
+            raise DatasetError(missing_dataset_message(name, split)) from exc
 
 
 def _read_tables(hf: Any, files: list[Path], where: str) -> datasets.Dataset:

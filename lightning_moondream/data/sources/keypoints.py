@@ -19,6 +19,7 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from lightning_moondream.api.models import Point
+from lightning_moondream.data.classes import label_phrase
 from lightning_moondream.data.errors import DatasetError
 from lightning_moondream.data.geometry import normalize_point
 from lightning_moondream.data.records import SampleList, as_image
@@ -82,7 +83,7 @@ def read_coco_keypoints(
             x, y, visibility = values[3 * index : 3 * index + 3]
             if visibility <= 0:
                 continue
-            phrase = template.format(name=name.replace("_", " "), category=category["name"])
+            phrase = template.format(name=label_phrase(name), category=category["name"])
             point = normalize_point((x, y), size, where=f"{where} keypoint {name}", strict=strict)
             prompts[image_id].setdefault(phrase, []).append(point)
     samples = [

@@ -13,7 +13,7 @@ class name.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from torch.utils.data import Dataset
@@ -22,6 +22,7 @@ from torchvision.datasets import DatasetFolder
 from lightning_moondream.data.records import (
     AnnotatedImage,
     as_image,
+    format_prompt,
     prompt_index,
     resolve_image,
 )
@@ -52,6 +53,9 @@ class DetectionQuestions(Dataset):
             ``DEFAULT_TEMPLATES``.
         negative_rate: Probability, per image and absent class, of questions about it.
         seed: Seed of the negative draws.
+        groups: Names grouping other classes (supercategories), never asked as absent.
+        phrase_labels: Write class names as phrases in questions (``black-king`` as
+            ``black king``); sample ids keep the names.
     """
 
     def __init__(
@@ -63,6 +67,8 @@ class DetectionQuestions(Dataset):
         templates: dict[str, str] | None = None,
         negative_rate: float = 0.0,
         seed: int = 0,
+        groups: Collection[str] = (),
+        phrase_labels: bool = False,
     ) -> None:
         unknown = set(kinds) - set(QUESTION_KINDS)
         if unknown or not kinds:
@@ -70,7 +76,10 @@ class DetectionQuestions(Dataset):
         self.images = list(images)
         self.kinds = tuple(kinds)
         self.templates = {**DEFAULT_TEMPLATES, **(templates or {})}
-        prompts = prompt_index(self.images, list(classes), negative_rate=negative_rate, seed=seed)
+        self.phrase_labels = phrase_labels
+        prompts = prompt_index(
+            self.images, list(classes), negative_rate=negative_rate, seed=seed, groups=groups
+        )
         self.index = [(position, name, kind) for position, name in prompts for kind in self.kinds]
 
     def __len__(self) -> int:
@@ -84,7 +93,7 @@ class DetectionQuestions(Dataset):
         answers = count_answers(count) if kind == "count" else ("yes" if count else "no",)
         return QuerySample(
             image=resolve_image(record.image),
-            question=self.templates[kind].format(name=name),
+            question=format_prompt(self.templates[kind], name, phrase=self.phrase_labels),
             answers=answers,
             id=f"{record.id}#{kind}:{name}",
             image_size=record.size,

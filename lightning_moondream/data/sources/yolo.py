@@ -14,7 +14,7 @@ Layouts:
 
 Split folders on disk that ``data.yaml`` does not list are splits too: ``<root>/<split>/
 images`` (Roboflow) and ``<root>/images/<split>`` (Ultralytics). Split names follow
-:mod:`~lightning_moondream.data.sources.splits` (``valid`` and ``val`` are one split).
+:mod:`~lightning_moondream.data.splits` (``valid`` and ``val`` are one split).
 
 Each image's labels are in the file of the same stem under the matching ``labels``
 folder (the last ``images`` component of the path replaced by ``labels``); an image
@@ -36,9 +36,9 @@ from lightning_moondream.data.errors import DatasetError
 from lightning_moondream.data.geometry import check_normalized_box
 from lightning_moondream.data.records import AnnotatedImage
 from lightning_moondream.data.sources.files import image_files
-from lightning_moondream.data.sources.splits import (
-    default_split,
-    match_split,
+from lightning_moondream.data.splits import (
+    choose_split,
+    refuse_split,
     split_folders,
     split_kind,
 )
@@ -184,15 +184,11 @@ def yolo_layout(root: Path, split: str | None) -> tuple[list[str], list[Path]]:
     """
     names, entries, source = yolo_splits(root)
     if "" in entries:
-        if split is not None:
-            raise DatasetError(
-                f"{root / 'images'}: no split folders, so split {split!r} cannot be chosen"
-            )
+        refuse_split(split, str(root / "images"))
         return names, image_files(entries[""][0])
-    if split is None:
-        chosen = default_split(available_splits(root) or list(entries), "train", source) or ""
-    else:
-        chosen = match_split(split, list(entries), source)
+    # Without a name, a split whose images exist; a named one is read, or its absence said.
+    candidates = list(entries) if split is not None else available_splits(root) or list(entries)
+    chosen = choose_split(candidates, split, source) or ""
     images = [
         path
         for entry in entries[chosen]
