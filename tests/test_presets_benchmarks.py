@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from support import detect_samples, loader, quiet_trainer
 from lightning_moondream.api import TuningClient
 from lightning_moondream.callbacks import BenchmarkWatch
 from lightning_moondream.cli import main
-from lightning_moondream.data.errors import DatasetError
+from lightning_moondream.data.errors import DatasetError, MissingPackageError
 from lightning_moondream.data.samples import DetectSample, QuerySample
 from lightning_moondream.module import MoondreamRLModule
 from lightning_moondream.presets import BENCHMARKS, BenchmarkDataset, expand_names
@@ -327,3 +328,13 @@ def test_benchmark_watch_stops_before_training_on_a_missing_dataset(tmp_path: Pa
     samples = detect_samples("train", 2)
     with pytest.raises(DatasetError, match=r"benchmark countbenchqa: .*in the local cache"):
         run.fit(MoondreamRLModule(num_rollouts=2), loader(samples))
+
+
+def test_a_benchmark_without_the_datasets_package_names_the_install_not_a_folder(
+    benchmark_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` now fails
+    with pytest.raises(MissingPackageError) as error:
+        BenchmarkDataset("pope", benchmark_root / "pope")
+    assert "pip install 'lightning-moondream[hf]'" in str(error.value)
+    assert "=FOLDER" not in str(error.value)

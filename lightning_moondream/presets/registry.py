@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from torch.utils.data import Dataset
 
-from lightning_moondream.data.errors import DatasetError
+from lightning_moondream.data.errors import DatasetError, MissingPackageError
 from lightning_moondream.data.samples import DetectSample, QuerySample
 from lightning_moondream.data.sources.huggingface import (
     image_column,
@@ -480,6 +480,9 @@ class BenchmarkDataset(Dataset):
         where = f"benchmark {benchmark.name}"
         try:
             opened = open_dataset(source or benchmark.dataset, benchmark.split)
+        except MissingPackageError:
+            # A folder needs the package too: pointing at one would not help.
+            raise
         except DatasetError as exc:
             raise DatasetError(
                 f"{where}: {exc}; or pass {benchmark.name}=FOLDER (a save_to_disk folder or "

@@ -59,7 +59,7 @@ _LABEL_COLUMNS = (
     "label",
 )
 _QUESTION_COLUMNS = ("question", "query", "prompt")
-_ANSWER_COLUMNS = ("answers", "answer", "number", "label")
+_ANSWER_COLUMNS = ("answers", "answer", "number", "label", "class")
 
 
 def _require_datasets() -> Any:
@@ -522,11 +522,12 @@ def has_questions(
     split: str | None = None,
     *,
     columns: Columns | Mapping[str, Any] | None = None,
+    fixed_question: str | None = None,
     **_: Any,
 ) -> bool:
-    """Whether a dataset's rows are questions (a question column), not boxes."""
+    """Whether a dataset's rows are questions (a question column, or one fixed question)."""
     mapping = _as_columns(columns)
-    if mapping.question is not None:
+    if mapping.question is not None or fixed_question is not None:
         return True
     names = open_dataset(source, split).column_names
     return any(column in names for column in _QUESTION_COLUMNS)
@@ -540,6 +541,9 @@ class RowQuestions(Dataset):
         split: The split (see :func:`open_dataset`).
         columns: Column mapping; defaults: ``image``, ``question``, ``answers``/``answer``.
         prefix: Text put before every question (a benchmark's prompt).
+        fixed_question: One question asked of every row instead of a question column:
+            images labelled with a class, the class being the answer (classification,
+            as in Moondream's quickstart).
     """
 
     def __init__(
@@ -549,6 +553,7 @@ class RowQuestions(Dataset):
         *,
         columns: Columns | Mapping[str, Any] | None = None,
         prefix: str = "",
+        fixed_question: str | None = None,
     ) -> None:
         where = str(source)
         dataset = open_dataset(source, split)
@@ -556,13 +561,15 @@ class RowQuestions(Dataset):
         names = list(dataset.column_names)
         question = mapping.question or next((c for c in _QUESTION_COLUMNS if c in names), None)
         answers = mapping.answers or next((c for c in _ANSWER_COLUMNS if c in names), None)
-        for role, column in (("question", question), ("answers", answers)):
+        roles = [("answers", answers)] + ([] if fixed_question else [("question", question)])
+        for role, column in roles:
             if column is None or column not in names:
                 raise DatasetError(
                     f"{where}: no {role} column {'found' if column is None else repr(column)}; "
                     f"columns: {', '.join(names)}; name it with columns={{'{role}': ...}}"
                 )
-        assert question is not None and answers is not None
+        assert answers is not None
+        self.fixed_question = fixed_question
         self.where = where
         self.image = image_column(dataset, mapping.image, where)
         self.rows = undecoded(dataset, self.image)
@@ -580,7 +587,7 @@ class RowQuestions(Dataset):
         accepted = [answers] if not isinstance(answers, list) else answers
         return QuerySample(
             image=image_value(row[self.image], place),
-            question=self.prefix + str(row[self.question]),
+            question=self.prefix + (self.fixed_question or str(row[self.question])),
             answers=tuple(str(answer) for answer in accepted),
             id=place,
         )
