@@ -20,6 +20,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning_moondream.api import TuningAPIError, TuningClient
 from lightning_moondream.data import MoondreamDataModule
 from lightning_moondream.module import MoondreamRLModule
+from lightning_moondream.session import ServiceChoice
 
 SUBCOMMANDS: dict[str, str] = {
     "fit": "tune an adapter by RL on a dataset (YAML config with --config)",
@@ -64,9 +65,8 @@ class MoondreamCLI(LightningCLI):
 
 
 def _client(args: argparse.Namespace) -> TuningClient:
-    if args.local_dir:
-        return TuningClient.local(data_dir=args.local_dir, dialect=args.dialect)
-    return TuningClient(base_url=args.base_url, dialect=args.dialect)
+    choice = ServiceChoice(base_url=args.base_url, local_dir=args.local_dir, dialect=args.dialect)
+    return choice.client()
 
 
 def adapters_main(argv: Sequence[str]) -> int:
@@ -74,7 +74,9 @@ def adapters_main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="lightning-moondream adapters",
         description="List and delete adapters and their checkpoints. The API key comes from "
-        "MOONDREAM_API_KEY; --local-dir inspects a local service's data folder instead.",
+        "MOONDREAM_API_KEY; --local-dir inspects a local service's data folder instead, and "
+        "with neither a key nor a base URL the local service of ./moondream-local-service "
+        "is inspected.",
     )
     parser.add_argument(
         "--base-url", default=None, help="API base URL (default: MOONDREAM_TUNING_URL or the cloud)"
