@@ -19,6 +19,7 @@ import warnings
 from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal, Protocol, TypeVar
 
 from lightning_moondream.api import AmbiguousRequestError, TrainStepResult, TuningAPIError
@@ -178,9 +179,7 @@ class RemoteStep:
         """
         shard, self._shard = self._shard, Shard()
         shards = collective.gather(shard)
-        report: StepReport = collective.on_zero(
-            lambda: self._step_on_zero(adapter_id, lr, shards or [])
-        )
+        report = collective.on_zero(partial(self._step_on_zero, adapter_id, lr, shards or []))
         self.train_steps, self.skipped_steps = report.train_steps, report.skipped_steps
         return report
 
