@@ -31,7 +31,7 @@ from lightning_moondream.api import Adapter, AsyncTuningClient, RolloutsResponse
 from lightning_moondream.api.client import DialectChoice
 from lightning_moondream.api.usage import UsageStats
 from lightning_moondream.distributed import DEFAULT_TIMEOUT
-from lightning_moondream.loggers import CloudMetricsLogger
+from lightning_moondream.loggers import cloud_loggers
 from lightning_moondream.metrics import SkillMetrics
 from lightning_moondream.scoring import RewardSpec, Sample, Scorer
 from lightning_moondream.session import (
@@ -45,7 +45,7 @@ from lightning_moondream.session import (
     Tally,
     TrainStepFailedError,
 )
-from lightning_moondream.session.sampling import SAMPLE_ENCODING, check_batch
+from lightning_moondream.session.sampling import SAMPLE_ENCODING
 
 # Batches of samples stay on the host: they hold no tensors, and they go to the service.
 warnings.filterwarnings(
@@ -185,19 +185,12 @@ class MoondreamRLModule(LightningModule):
 
     @property
     def adapter(self) -> Adapter:
-        """The adapter being trained or evaluated, created or attached on first use.
-
-        Rank 0 of a multi-process run opens it and shares it; no other rank creates one.
-        """
+        """The adapter, opened on first use (by rank 0, shared with the other ranks)."""
         return self.session.adapter
 
     @property
     def usage(self) -> UsageStats:
-        """Counts of requests, rollouts, train steps, retries, bytes and latencies.
-
-        As ``Session.usage`` says: this process's while a stage runs, every process's
-        once ``fit`` has trained or ``test`` has tested.
-        """
+        """API usage: this process's while a stage runs, every process's once fit or test ends."""
         return self.session.usage
 
     @property
@@ -207,11 +200,7 @@ class MoondreamRLModule(LightningModule):
 
     @property
     def skipped_steps(self) -> int:
-        """Global steps that applied nothing: no group had signal, or the lr was 0.
-
-        With them, ``global_step`` equals ``train_steps`` counted since the adapter was
-        opened plus ``skipped_steps``.
-        """
+        """Global steps that applied nothing (``global_step`` = ``train_steps`` + these)."""
         return self.session.remote.skipped_steps
 
     # Set-up ------------------------------------------------------------------------------
@@ -316,9 +305,7 @@ class MoondreamRLModule(LightningModule):
         """Compute and log the epoch's metrics (``val/map``, ``val/det_f1``, ...)."""
         self._log_metrics("val", self.val_metrics)
 
-    def on_test_start(self) -> None:
-        """Evaluate the adapter with every train step applied."""
-        self.on_validation_start()
+    on_test_start = on_validation_start
 
     def test_step(self, batch: Sequence[Sample], batch_idx: int) -> list[dict[str, Any]]:  # type: ignore[override]
         """One greedy rollout per sample, scored and added to the test metrics."""
@@ -335,17 +322,7 @@ class MoondreamRLModule(LightningModule):
 
     def predict_step(self, batch: Sequence[Sample], batch_idx: int) -> list[dict[str, Any]]:
         """One greedy rollout per sample: ``{"id", "skill", "label", "output"}`` records."""
-        samples = check_batch(batch, batch_idx)
-        responses = self.generate(samples)
-        return [
-            {
-                "id": sample.id,
-                "skill": sample.skill,
-                "label": sample.label,
-                "output": response.rollouts[0].output,
-            }
-            for sample, response in zip(samples, responses, strict=True)
-        ]
+        return self.session.predict(batch, batch_idx)
 
     def _evaluate_step(
         self, stage: str, batch: Sequence[Sample], batch_idx: int, metrics: SkillMetrics
@@ -446,7 +423,7 @@ class MoondreamRLModule(LightningModule):
 
     def _release(self, wait: bool = True) -> None:
         try:
-            for logger in self._cloud_loggers():
+            for logger in cloud_loggers(self._trainer):
                 logger.release()
         finally:
             self.session.release(wait)
@@ -454,12 +431,8 @@ class MoondreamRLModule(LightningModule):
     def _bind_cloud_loggers(self) -> None:
         adapter_id = self.session.adapter.adapter_id
         if self.session.collective.is_zero:
-            for logger in self._cloud_loggers():
+            for logger in cloud_loggers(self._trainer):
                 logger.bind(self, adapter_id)
-
-    def _cloud_loggers(self) -> list[CloudMetricsLogger]:
-        loggers = self._trainer.loggers if self._trainer is not None else []
-        return [logger for logger in loggers if isinstance(logger, CloudMetricsLogger)]
 
     def _resume_hint(self) -> str:
         callback = self._trainer.checkpoint_callback if self._trainer is not None else None

@@ -373,6 +373,19 @@ class Session:
         model = self.greedy_model(settings, scored=False)
         return self.connection.run(model(encoded(samples)))
 
+    def predict(self, batch: Sequence[Sample], batch_idx: int) -> list[dict[str, Any]]:
+        """One greedy rollout per sample: ``{"id", "skill", "label", "output"}`` records."""
+        samples = check_batch(batch, batch_idx)
+        return [
+            {
+                "id": sample.id,
+                "skill": sample.skill,
+                "label": sample.label,
+                "output": response.rollouts[0].output,
+            }
+            for sample, response in zip(samples, self.generate(samples), strict=True)
+        ]
+
     # API checkpoints ----------------------------------------------------------------------
 
     def save_checkpoint(self, interrupted: bool = False) -> dict[str, Any] | None:
