@@ -434,46 +434,74 @@ async def evaluate_async(
         raise EvaluationError(f"datasets need distinct names, got {names}")
     specs = [spec if isinstance(spec, ModelSpec) else ModelSpec.parse(spec) for spec in models]
     settings = Settings.model_validate({"temperature": 0.0, **dict(eval_settings or {})})
-    scorer = Scorer(reward)
     options = encoding or EncodingOptions(max_side=DEFAULT_MAX_SIDE, quality=DEFAULT_QUALITY)
     report = EvaluationReport()
     for name, dataset in datasets:
         report.datasets[name] = EncodedDataset(dataset, options)
-    total = sum(len(encoded) for encoded in report.datasets.values()) * len(specs)
     opened: list[tuple[ModelSpec, str]] = []
     try:
         for spec in specs:
             opened.append((spec, await open_model(client, spec)))
-        with tqdm(total=total, unit="sample", disable=not progress) as bar:
-            for name, encoded in report.datasets.items():
-                for spec, adapter_id in opened:
-                    bar.set_description(f"{name} / {spec.name}")
-                    row, predictions = await _evaluate_pair(
-                        client,
-                        adapter_id,
-                        name,
-                        spec.name,
-                        encoded,
-                        batch_size=batch_size,
-                        max_concurrency=max_concurrency,
-                        settings=settings,
-                        scorer=scorer,
-                        advance=bar.update,
-                    )
-                    report.rows.append(row)
-                    report.predictions.extend(predictions)
+        await _evaluate_all(
+            client,
+            report,
+            opened,
+            batch_size=batch_size,
+            max_concurrency=max_concurrency,
+            settings=settings,
+            scorer=Scorer(reward),
+            progress=progress,
+        )
     finally:
-        for spec, adapter_id in opened:
-            if spec.temporary:
-                # One failed clean-up must neither hide the run's own error nor leave
-                # the other temporary adapters behind.
-                try:
-                    await client.adapters.delete(adapter_id)
-                except TuningAPIError as exc:
-                    warnings.warn(
-                        f"could not delete temporary adapter {adapter_id}: {exc}", stacklevel=2
-                    )
+        await _delete_temporary(client, opened)
     return report
+
+
+async def _evaluate_all(
+    client: AsyncTuningClient,
+    report: EvaluationReport,
+    opened: list[tuple[ModelSpec, str]],
+    *,
+    batch_size: int,
+    max_concurrency: int,
+    settings: Settings,
+    scorer: Scorer,
+    progress: bool,
+) -> None:
+    """Evaluate every opened model on every dataset of ``report``, into its rows."""
+    total = sum(len(encoded) for encoded in report.datasets.values()) * len(opened)
+    with tqdm(total=total, unit="sample", disable=not progress) as bar:
+        for name, encoded in report.datasets.items():
+            for spec, adapter_id in opened:
+                bar.set_description(f"{name} / {spec.name}")
+                row, predictions = await _evaluate_pair(
+                    client,
+                    adapter_id,
+                    name,
+                    spec.name,
+                    encoded,
+                    batch_size=batch_size,
+                    max_concurrency=max_concurrency,
+                    settings=settings,
+                    scorer=scorer,
+                    advance=bar.update,
+                )
+                report.rows.append(row)
+                report.predictions.extend(predictions)
+
+
+async def _delete_temporary(client: AsyncTuningClient, opened: list[tuple[ModelSpec, str]]) -> None:
+    """Delete the adapters made for the evaluation alone, warning where one cannot be."""
+    for spec, adapter_id in opened:
+        if spec.temporary:
+            # One failed clean-up must neither hide the run's own error nor leave
+            # the other temporary adapters behind.
+            try:
+                await client.adapters.delete(adapter_id)
+            except TuningAPIError as exc:
+                warnings.warn(
+                    f"could not delete temporary adapter {adapter_id}: {exc}", stacklevel=3
+                )
 
 
 # Output ----------------------------------------------------------------------------------
@@ -601,13 +629,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_MAX_SIDE,
         help="longest image side sent, in pixels",
     )
+    _add_service_options(parser)
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def _add_service_options(parser: argparse.ArgumentParser) -> None:
+    """``--local-dir`` or ``--base-url`` (``ServiceChoice`` decides with the environment)."""
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--local-dir", default=None, help="data folder of a local tuning service")
     where.add_argument(
         "--base-url", default=None, help="API base URL (default: MOONDREAM_TUNING_URL or the cloud)"
     )
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    return parser
 
 
 async def _run(args: argparse.Namespace, datasets: list[tuple[str, Dataset]]) -> EvaluationReport:
