@@ -79,6 +79,7 @@ class Connection:
 
         With several processes, rank 0 starts the one local service of the run and the
         others learn its URL and key; with one, the service will run in this process.
+        What else every process must share before the first request is settled here too.
 
         Args:
             collective: The run's collectives.
