@@ -20,6 +20,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning_moondream.api import TuningAPIError, TuningClient
 from lightning_moondream.data import MoondreamDataModule
 from lightning_moondream.module import MoondreamRLModule
+from lightning_moondream.session import ServiceChoice
 
 SUBCOMMANDS: dict[str, str] = {
     "fit": "tune an adapter by RL on a dataset (YAML config with --config)",
@@ -64,17 +65,17 @@ class MoondreamCLI(LightningCLI):
 
 
 def _client(args: argparse.Namespace) -> TuningClient:
-    if args.local_dir:
-        return TuningClient.local(data_dir=args.local_dir, dialect=args.dialect)
-    return TuningClient(base_url=args.base_url, dialect=args.dialect)
+    choice = ServiceChoice(base_url=args.base_url, local_dir=args.local_dir, dialect=args.dialect)
+    return choice.client()
 
 
-def adapters_main(argv: Sequence[str]) -> int:
-    """``lightning-moondream adapters``: list and delete adapters and checkpoints."""
+def _adapters_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lightning-moondream adapters",
         description="List and delete adapters and their checkpoints. The API key comes from "
-        "MOONDREAM_API_KEY; --local-dir inspects a local service's data folder instead.",
+        "MOONDREAM_API_KEY; --local-dir inspects a local service's data folder instead, and "
+        "with neither a key nor a base URL the local service of ./moondream-local-service "
+        "is inspected.",
     )
     parser.add_argument(
         "--base-url", default=None, help="API base URL (default: MOONDREAM_TUNING_URL or the cloud)"
@@ -98,37 +99,42 @@ def adapters_main(argv: Sequence[str]) -> int:
     checkpoints.add_argument("adapter_id")
     metrics = commands.add_parser("metrics", help="the metrics logged for a finetune, by step")
     metrics.add_argument("adapter_id")
-    args = parser.parse_args(list(argv))
+    return parser
+
+
+def _housekeeping(client: TuningClient, args: argparse.Namespace) -> None:
+    if args.command == "list":
+        print(f"{'adapter_id':<34} {'rank':>4}  {'train_steps':>11}  {'created_at':<26} name")
+        for adapter in client.adapters.iter(limit=100):
+            steps = "" if adapter.train_steps is None else str(adapter.train_steps)
+            print(
+                f"{adapter.adapter_id:<34} {adapter.rank:>4}  {steps:>11}  {adapter.created_at!s:<26} {adapter.name}"
+            )
+    elif args.command == "checkpoints":
+        print(f"{'ref':<44} {'step':>6}  {'created_at':<26} model_id")
+        for checkpoint in client.checkpoints.iter(args.adapter_id, limit=100):
+            step = "" if checkpoint.step is None else str(checkpoint.step)
+            created = checkpoint.created_at or checkpoint.created_at_ms
+            print(f"{checkpoint.ref:<44} {step:>6}  {created!s:<26} {checkpoint.model_id or ''}")
+    elif args.command == "metrics":
+        print(f"{'step':>6}  {'name':<32} value")
+        for metric in client.metrics.read(args.adapter_id):
+            print(f"{metric['step']:>6}  {metric['name']:<32} {metric['value']}")
+    else:
+        for item in args.ids:
+            if "/" in item or "@" in item:
+                client.checkpoints.delete(item)
+            else:
+                client.adapters.delete(item)
+            print(f"deleted {item}")
+
+
+def adapters_main(argv: Sequence[str]) -> int:
+    """``lightning-moondream adapters``: list and delete adapters and checkpoints."""
+    args = _adapters_parser().parse_args(list(argv))
     try:
         with _client(args) as client:
-            if args.command == "list":
-                print(
-                    f"{'adapter_id':<34} {'rank':>4}  {'train_steps':>11}  {'created_at':<26} name"
-                )
-                for adapter in client.adapters.iter(limit=100):
-                    steps = "" if adapter.train_steps is None else str(adapter.train_steps)
-                    print(
-                        f"{adapter.adapter_id:<34} {adapter.rank:>4}  {steps:>11}  {adapter.created_at!s:<26} {adapter.name}"
-                    )
-            elif args.command == "checkpoints":
-                print(f"{'ref':<44} {'step':>6}  {'created_at':<26} model_id")
-                for checkpoint in client.checkpoints.iter(args.adapter_id, limit=100):
-                    step = "" if checkpoint.step is None else str(checkpoint.step)
-                    created = checkpoint.created_at or checkpoint.created_at_ms
-                    print(
-                        f"{checkpoint.ref:<44} {step:>6}  {created!s:<26} {checkpoint.model_id or ''}"
-                    )
-            elif args.command == "metrics":
-                print(f"{'step':>6}  {'name':<32} value")
-                for metric in client.metrics.read(args.adapter_id):
-                    print(f"{metric['step']:>6}  {metric['name']:<32} {metric['value']}")
-            else:
-                for item in args.ids:
-                    if "/" in item or "@" in item:
-                        client.checkpoints.delete(item)
-                    else:
-                        client.adapters.delete(item)
-                    print(f"deleted {item}")
+            _housekeeping(client, args)
     except TuningAPIError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

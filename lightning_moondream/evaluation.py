@@ -1,8 +1,9 @@
 """``lightning-moondream evaluate``: compare models on datasets in one table.
 
 Every model is evaluated on every dataset with one greedy rollout per sample (temperature
-0), scored with the same metrics (``SkillMetrics``) and rewards (``Scorer``) as the
-module's validation, so the table matches ``val/...`` and ``test/...`` logs. Greedy
+0), through the evaluation loop of the module's validation
+(:class:`~lightning_moondream.session.EvaluationLoop`: ``SkillMetrics`` and ``Scorer``),
+so the table matches ``val/...`` and ``test/...`` logs. Greedy
 decoding makes the results independent of batch size and concurrency.
 
 Models:
@@ -34,7 +35,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import re
 import sys
 import warnings
@@ -61,9 +61,9 @@ from lightning_moondream.data.encoding import DEFAULT_MAX_SIDE, DEFAULT_QUALITY,
 from lightning_moondream.data.errors import DatasetError
 from lightning_moondream.data.module import build_source, stage_split
 from lightning_moondream.images import EncodingOptions
-from lightning_moondream.metrics import SkillMetrics
 from lightning_moondream.presets import BenchmarkDataset, expand_names
-from lightning_moondream.scoring import RewardSpec, Sample, Scorer, sample_and_score
+from lightning_moondream.scoring import RewardSpec, Sample, Scorer
+from lightning_moondream.session import BenchmarkTally, EvaluationLoop, ServiceChoice, tuning_model
 
 BASE = "base"
 TEMPORARY_ADAPTER_NAME = "lightning-moondream-evaluate"
@@ -341,9 +341,14 @@ async def _evaluate_pair(
     scorer: Scorer,
     advance: Callable[[int], None],
 ) -> tuple[dict[str, Any], list[Prediction]]:
-    metrics = SkillMetrics()
     benchmark = samples.dataset if isinstance(samples.dataset, BenchmarkDataset) else None
-    scores = benchmark.benchmark.metric() if benchmark is not None else None
+    tally = (
+        BenchmarkTally(benchmark.benchmark.metric(), benchmark.group)
+        if benchmark is not None
+        else None
+    )
+    model = tuning_model(client, adapter_id, settings, scorer, max_concurrency)
+    loop = EvaluationLoop(model, scorer, tallies=[tally] if tally is not None else [])
     predictions: list[Prediction] = []
     # A fresh counter per dataset and model, so latencies and requests are theirs alone.
     client.usage = UsageStats()
@@ -351,58 +356,44 @@ async def _evaluate_pair(
         indices = range(start, min(start + batch_size, len(samples)))
         # Encoding off the event loop, which also serves the in-process local service.
         batch: list[Sample] = await asyncio.to_thread(_encode_batch, samples, indices)
-        scored = await sample_and_score(
-            client,
-            adapter_id,
-            batch,
-            settings=settings,
-            num_rollouts=1,
-            scorer=scorer,
-            max_concurrency=max_concurrency,
-        )
-        for index, sample, (response, rewards) in zip(indices, batch, scored, strict=True):
-            reward = rewards[0]
-            output = dict(response.rollouts[0].output)
-            target = sample.target()
-            metrics.update(
-                sample.skill, output, target, getattr(sample, "image_size", None), sample.label
-            )
-            if benchmark is not None and scores is not None:
-                scores.update(
-                    output,
-                    target,
-                    benchmark.group(index),
-                    sample.label,
-                    getattr(sample, "image_size", None),
-                )
+        for scored in await loop.answer(batch):
+            sample = scored.sample
             predictions.append(
                 Prediction(
                     dataset_name,
                     model_name,
-                    index,
+                    scored.index,
                     sample.id,
                     sample.skill,
                     sample.label,
-                    output,
-                    target,
-                    reward,
+                    scored.output,
+                    sample.target(),
+                    scored.reward,
                 )
             )
         advance(len(batch))
-    row: dict[str, Any] = {"dataset": dataset_name, "model": model_name}
-    row["samples"] = len(predictions)
-    values = {name: float(value) for name, value in metrics.compute().items()}
-    for _, key in COLUMNS[3:12]:
+    return _row(dataset_name, model_name, loop.results(), client.usage, tally), predictions
+
+
+def _row(
+    dataset: str,
+    model: str,
+    values: dict[str, float],
+    usage: UsageStats,
+    tally: BenchmarkTally | None,
+) -> dict[str, Any]:
+    """One row of the table: the loop's results, the requests' latencies and count."""
+    row: dict[str, Any] = {"dataset": dataset, "model": model, "samples": int(values["samples"])}
+    for _, key in COLUMNS[3:13]:
         row[key] = values.get(key)
-    row["reward"] = float(np.mean([p.reward for p in predictions])) if predictions else None
-    latencies = client.usage.latencies("POST /rollouts")
+    latencies = usage.latencies("POST /rollouts")
     p50, p95 = np.percentile(latencies, [50, 95]) if latencies else (None, None)
     row["latency_p50_ms"] = None if p50 is None else float(p50) * 1000
     row["latency_p95_ms"] = None if p95 is None else float(p95) * 1000
-    row["requests"] = client.usage.requests
-    if scores is not None:
-        row["scores"] = {name: float(value) for name, value in scores.compute().items()}
-    return row, predictions
+    row["requests"] = usage.requests
+    if tally is not None:
+        row["scores"] = tally.compute()
+    return row
 
 
 async def evaluate_async(
@@ -443,46 +434,74 @@ async def evaluate_async(
         raise EvaluationError(f"datasets need distinct names, got {names}")
     specs = [spec if isinstance(spec, ModelSpec) else ModelSpec.parse(spec) for spec in models]
     settings = Settings.model_validate({"temperature": 0.0, **dict(eval_settings or {})})
-    scorer = Scorer(reward)
     options = encoding or EncodingOptions(max_side=DEFAULT_MAX_SIDE, quality=DEFAULT_QUALITY)
     report = EvaluationReport()
     for name, dataset in datasets:
         report.datasets[name] = EncodedDataset(dataset, options)
-    total = sum(len(encoded) for encoded in report.datasets.values()) * len(specs)
     opened: list[tuple[ModelSpec, str]] = []
     try:
         for spec in specs:
             opened.append((spec, await open_model(client, spec)))
-        with tqdm(total=total, unit="sample", disable=not progress) as bar:
-            for name, encoded in report.datasets.items():
-                for spec, adapter_id in opened:
-                    bar.set_description(f"{name} / {spec.name}")
-                    row, predictions = await _evaluate_pair(
-                        client,
-                        adapter_id,
-                        name,
-                        spec.name,
-                        encoded,
-                        batch_size=batch_size,
-                        max_concurrency=max_concurrency,
-                        settings=settings,
-                        scorer=scorer,
-                        advance=bar.update,
-                    )
-                    report.rows.append(row)
-                    report.predictions.extend(predictions)
+        await _evaluate_all(
+            client,
+            report,
+            opened,
+            batch_size=batch_size,
+            max_concurrency=max_concurrency,
+            settings=settings,
+            scorer=Scorer(reward),
+            progress=progress,
+        )
     finally:
-        for spec, adapter_id in opened:
-            if spec.temporary:
-                # One failed clean-up must neither hide the run's own error nor leave
-                # the other temporary adapters behind.
-                try:
-                    await client.adapters.delete(adapter_id)
-                except TuningAPIError as exc:
-                    warnings.warn(
-                        f"could not delete temporary adapter {adapter_id}: {exc}", stacklevel=2
-                    )
+        await _delete_temporary(client, opened)
     return report
+
+
+async def _evaluate_all(
+    client: AsyncTuningClient,
+    report: EvaluationReport,
+    opened: list[tuple[ModelSpec, str]],
+    *,
+    batch_size: int,
+    max_concurrency: int,
+    settings: Settings,
+    scorer: Scorer,
+    progress: bool,
+) -> None:
+    """Evaluate every opened model on every dataset of ``report``, into its rows."""
+    total = sum(len(encoded) for encoded in report.datasets.values()) * len(opened)
+    with tqdm(total=total, unit="sample", disable=not progress) as bar:
+        for name, encoded in report.datasets.items():
+            for spec, adapter_id in opened:
+                bar.set_description(f"{name} / {spec.name}")
+                row, predictions = await _evaluate_pair(
+                    client,
+                    adapter_id,
+                    name,
+                    spec.name,
+                    encoded,
+                    batch_size=batch_size,
+                    max_concurrency=max_concurrency,
+                    settings=settings,
+                    scorer=scorer,
+                    advance=bar.update,
+                )
+                report.rows.append(row)
+                report.predictions.extend(predictions)
+
+
+async def _delete_temporary(client: AsyncTuningClient, opened: list[tuple[ModelSpec, str]]) -> None:
+    """Delete the adapters made for the evaluation alone, warning where one cannot be."""
+    for spec, adapter_id in opened:
+        if spec.temporary:
+            # One failed clean-up must neither hide the run's own error nor leave
+            # the other temporary adapters behind.
+            try:
+                await client.adapters.delete(adapter_id)
+            except TuningAPIError as exc:
+                warnings.warn(
+                    f"could not delete temporary adapter {adapter_id}: {exc}", stacklevel=3
+                )
 
 
 # Output ----------------------------------------------------------------------------------
@@ -545,18 +564,14 @@ def write_report(
 
 
 def connect(local_dir: str | None, base_url: str | None) -> AsyncTuningClient:
-    """The client of an evaluation.
+    """The client of an evaluation, chosen as the module chooses (``ServiceChoice``).
 
     ``--local-dir`` uses the local service keeping its data there; without it, a key
     (``MOONDREAM_API_KEY``) or a base URL selects a remote service, and with neither the
-    local service runs in this process on a temporary folder, as the module does.
+    local service runs in this process on ``./moondream-local-service``, where a run
+    rooted in the current folder keeps its adapters.
     """
-    remote = (
-        base_url or os.environ.get("MOONDREAM_API_KEY") or os.environ.get("MOONDREAM_TUNING_URL")
-    )
-    if local_dir is not None or not remote:
-        return AsyncTuningClient.local(data_dir=local_dir)
-    return AsyncTuningClient(base_url=base_url)
+    return ServiceChoice(base_url=base_url, local_dir=local_dir).async_client()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -614,13 +629,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_MAX_SIDE,
         help="longest image side sent, in pixels",
     )
+    _add_service_options(parser)
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def _add_service_options(parser: argparse.ArgumentParser) -> None:
+    """``--local-dir`` or ``--base-url`` (``ServiceChoice`` decides with the environment)."""
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--local-dir", default=None, help="data folder of a local tuning service")
     where.add_argument(
         "--base-url", default=None, help="API base URL (default: MOONDREAM_TUNING_URL or the cloud)"
     )
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    return parser
 
 
 async def _run(args: argparse.Namespace, datasets: list[tuple[str, Dataset]]) -> EvaluationReport:

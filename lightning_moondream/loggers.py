@@ -12,12 +12,13 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from typing import Any, Protocol
 
+from lightning.pytorch import Trainer
 from lightning.pytorch.loggers.logger import Logger
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from lightning_moondream.api import UnsupportedFeatureError
 
-__all__ = ["CloudMetricsLogger", "MetricsSink"]
+__all__ = ["CloudMetricsLogger", "MetricsSink", "cloud_loggers"]
 
 
 class MetricsSink(Protocol):
@@ -134,3 +135,9 @@ class CloudMetricsLogger(Logger):
     def finalize(self, status: str) -> None:
         """Wait for what is in flight."""
         self.flush()
+
+
+def cloud_loggers(trainer: Trainer | None) -> list[CloudMetricsLogger]:
+    """The trainer's ``CloudMetricsLogger`` instances (none without a trainer)."""
+    loggers = trainer.loggers if trainer is not None else []
+    return [logger for logger in loggers if isinstance(logger, CloudMetricsLogger)]

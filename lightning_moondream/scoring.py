@@ -1,4 +1,4 @@
-"""Scores of rollouts: reward settings resolved to functions, and sampling with scoring.
+"""Scores of rollouts: reward settings resolved to functions, and the scorer that applies them.
 
 A reward function scores one rollout of one sample: ``reward(sample, rollout) -> float``,
 sync or async. ``None`` means: the server's ground-truth rewards for point and detect
@@ -16,7 +16,6 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from lightning_moondream import rewards as reward_functions
-from lightning_moondream.api.client import AsyncTuningClient, RolloutCall
 from lightning_moondream.api.models import (
     AnyRequest,
     GroundTruth,
@@ -192,43 +191,3 @@ class Scorer:
                 )
             checked.append(float(value))
         return checked
-
-
-async def sample_and_score(
-    client: AsyncTuningClient,
-    adapter_id: str,
-    samples: Sequence[Sample],
-    *,
-    settings: Settings,
-    num_rollouts: int,
-    scorer: Scorer,
-    max_concurrency: int,
-) -> list[tuple[RolloutsResponse, list[float]]]:
-    """Ask for rollouts of every sample at once and score each one.
-
-    Ground truth goes to the server where the scorer uses the server's rewards.
-
-    Returns:
-        One ``(response, rewards)`` pair per sample, in order.
-    """
-
-    def build_calls() -> list[RolloutCall]:
-        return [
-            RolloutCall(
-                adapter_id,
-                sample.to_request(settings),
-                num_rollouts,
-                sample.ground_truth() if scorer.sends_ground_truth(sample) else None,
-            )
-            for sample in samples
-        ]
-
-    # A sample not encoded yet encodes its image here: keep that off the event loop, which
-    # also carries other requests (and, in process, the local service).
-    calls = await asyncio.to_thread(build_calls)
-    responses = await client.rollouts_many(calls, max_concurrency=max_concurrency)
-    scores = [
-        await scorer.score(sample, response)
-        for sample, response in zip(samples, responses, strict=True)
-    ]
-    return list(zip(responses, scores, strict=True))

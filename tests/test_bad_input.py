@@ -222,7 +222,7 @@ def test_bad_batches_are_refused_before_any_request(
         model.training_step(batch, 3)
     assert words in str(raised.value)
     # Refused before connecting: nothing was sent anywhere.
-    assert model._connection._client is None
+    assert not model.session.connection.connected
 
 
 @pytest.mark.parametrize("value", [math.nan, "0.5", None, True])

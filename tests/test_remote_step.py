@@ -5,31 +5,35 @@ from __future__ import annotations
 import pytest
 from pydantic import SecretStr
 
-from lightning_moondream.api import TrainStepResult, UsageStats
-from lightning_moondream.connection import Connection
+from lightning_moondream.api import TrainStepResult
 from lightning_moondream.distributed import Collective
-from lightning_moondream.remote_step import AmbiguousTrainStepError, RemoteStep, Shard
+from lightning_moondream.scoring import Scorer
+from lightning_moondream.session import (
+    AmbiguousTrainStepError,
+    RemoteStep,
+    ServiceChoice,
+    Session,
+    SessionOptions,
+    Shard,
+)
 
 
 def remote_step(train_steps: int) -> RemoteStep:
-    connection = Connection(
+    service = ServiceChoice(
         api_key=SecretStr("unused"),
         base_url="http://127.0.0.1:9/v1/tuning",
-        local_service={},
         dialect="finetunes",
         max_retries=0,
-        timeout=None,
-        usage=UsageStats(),
     )
+    session = Session(SessionOptions(max_retries=0), service, Scorer())
     step = RemoteStep(
-        connection,
-        Collective(),
+        session,
         max_staleness=0,
         max_retries=0,
         on_ambiguous_step="raise",
         resume_hint=lambda: "ckpt_path='last.ckpt'",
     )
-    step.reset(train_steps)
+    step.reset(train_steps, steps_in_answers=True)
     return step
 
 
@@ -69,7 +73,7 @@ def test_a_step_without_groups_is_counted_as_skipped_and_not_sent() -> None:
     step = remote_step(2)
     step.add(Shard(rewards=[[1.0, 1.0]], rollout_seconds=0.5))
     # The base URL answers nothing: a request would fail the step.
-    report = step.step("ft", lr=0.01)
+    report = step.step(Collective(), "ft", lr=0.01)
     assert (report.train_steps, report.skipped_steps) == (2, 1)
     assert report.metrics == {
         "groups": 0.0,

@@ -12,14 +12,15 @@ from typing_extensions import override
 from lightning_moondream.data.encoding import DEFAULT_MAX_SIDE, DEFAULT_QUALITY
 from lightning_moondream.images import EncodingOptions
 from lightning_moondream.presets import BenchmarkDataset, expand_names
+from lightning_moondream.session import BenchmarkTally
 
 
 class BenchmarkWatch(Callback):
     """Score the current adapter on a subset of benchmarks at every validation.
 
     After each validation epoch (not the sanity check) it answers a fixed, seeded subset
-    of every benchmark with one greedy rollout per prompt (``pl_module.generate``) and
-    logs ``bench/<name>/<metric>``, e.g. ``bench/pope/f1``, next to the task's own
+    of every benchmark with one greedy rollout per prompt (``pl_module.evaluate``, the
+    evaluation loop of validation) and logs ``bench/<name>/<metric>``, e.g. ``bench/pope/f1``, next to the task's own
     metrics; a ``ModelCheckpoint`` can monitor them. Under several processes each scores
     a share of the prompts and the metrics' summed states are combined.
 
@@ -31,7 +32,7 @@ class BenchmarkWatch(Callback):
             one from a folder or parquet files.
         limit: Prompts per benchmark (a seeded subset); ``None`` for all.
         seed: Seed of the subset (the same prompts at every validation).
-        batch_size: Prompts per ``generate`` call.
+        batch_size: Prompts per batch of requests.
         every_n_epochs: Score every n-th validation only.
         max_side: Longest image side sent, in pixels.
     """
@@ -79,18 +80,16 @@ class BenchmarkWatch(Callback):
     def _score(
         self, dataset: BenchmarkDataset, pl_module: Any, rank: int, world_size: int
     ) -> Mapping[str, float]:
-        metric = dataset.benchmark.metric()
         indices = list(range(rank, len(dataset), world_size))
-        for start in range(0, len(indices), self.batch_size):
-            chunk = indices[start : start + self.batch_size]
-            samples = [dataset[index].encoded(self.options) for index in chunk]
-            responses = pl_module.generate(samples)
-            for index, sample, response in zip(chunk, samples, responses, strict=True):
-                metric.update(
-                    response.rollouts[0].output,
-                    sample.target(),
-                    dataset.group(index),
-                    sample.label,
-                    sample.image_size,
-                )
-        return {key: float(value) for key, value in metric.compute().items()}
+        tally = BenchmarkTally(
+            dataset.benchmark.metric(), lambda seen: dataset.group(indices[seen])
+        )
+        batches = (
+            [
+                dataset[index].encoded(self.options)
+                for index in indices[start : start + self.batch_size]
+            ]
+            for start in range(0, len(indices), self.batch_size)
+        )
+        pl_module.evaluate(batches, tallies=[tally])
+        return tally.compute()

@@ -11,15 +11,22 @@ from typing_extensions import override
 
 from lightning_moondream.api import NotFoundError, TuningAPIError, inference_model_id
 from lightning_moondream.module import MoondreamRLModule
+from lightning_moondream.session import CHECKPOINT_KEY
 
 
 class RemoteCheckpoint(ModelCheckpoint):
     """Save checkpoints the Lightning way, each paired with an API checkpoint.
 
     Every file it writes holds the id of the API checkpoint saved with it (the
-    ``MoondreamRLModule`` saves one per Lightning checkpoint). When this callback deletes a
-    file (top-k, or an overwritten ``last.ckpt``), it deletes that API checkpoint too,
-    unless ``keep_remote=True``.
+    ``MoondreamRLModule`` saves one per state of the adapter, however many files hold
+    it). When this callback deletes a file (top-k, or an overwritten ``last.ckpt``), it
+    deletes that API checkpoint too, unless ``keep_remote=True`` or another kept file
+    holds it.
+
+    It learns which API checkpoint a save holds from the checkpoint itself (its
+    ``on_save_checkpoint`` sees the dict the module fills), and which files were written
+    or removed by comparing the files it keeps before and after each of
+    ``ModelCheckpoint``'s saving hooks.
 
     Args:
         keep_remote: Keep API checkpoints when their files are deleted.
@@ -32,6 +39,7 @@ class RemoteCheckpoint(ModelCheckpoint):
         self.keep_remote = keep_remote
         self.api_checkpoints: dict[str, str] = {}
         """API checkpoint id of each file this callback saved and still keeps."""
+        self._saving: list[dict[str, Any]] = []
 
     @property
     def best_api_checkpoint_id(self) -> str | None:
@@ -39,25 +47,74 @@ class RemoteCheckpoint(ModelCheckpoint):
         return self.api_checkpoints.get(self.best_model_path)
 
     @override
-    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
-        replaced = self.api_checkpoints.get(filepath)
-        super()._save_checkpoint(trainer, filepath)
-        module = trainer.lightning_module
-        saved = module.last_saved_checkpoint_id if isinstance(module, MoondreamRLModule) else None
-        if saved is None:
-            return
-        self.api_checkpoints[filepath] = saved
-        # Overwriting a file (last.ckpt) orphans the API checkpoint it pointed to, unless
-        # another kept file holds it too (on /finetunes, saves at one step are one).
-        if replaced is not None and replaced not in self.api_checkpoints.values():
-            self._delete_remote(trainer, replaced)
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # The module's own hook runs after the callbacks' and fills this dict.
+        self._saving.append(checkpoint)
 
     @override
-    def _remove_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
-        super()._remove_checkpoint(trainer, filepath)
-        checkpoint_id = self.api_checkpoints.pop(filepath, None)
-        if checkpoint_id is not None and checkpoint_id not in self.api_checkpoints.values():
-            self._delete_remote(trainer, checkpoint_id)
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        kept = self._kept()
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self._follow(trainer, kept)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        kept = self._kept()
+        super().on_train_epoch_end(trainer, pl_module)
+        self._follow(trainer, kept)
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        kept = self._kept()
+        super().on_validation_end(trainer, pl_module)
+        self._follow(trainer, kept)
+
+    def _kept(self) -> dict[str, Any]:
+        """Every file kept now, with what says it was written again (its top-k score)."""
+        kept: dict[str, Any] = dict(self.best_k_models)
+        for path in (self.best_model_path, self.last_model_path):
+            if path:
+                kept.setdefault(path, None)
+        self._saving = []
+        return kept
+
+    def _follow(self, trainer: pl.Trainer, before: dict[str, Any]) -> None:
+        """Pair the files written since ``before`` with their API checkpoint; drop removed ones."""
+        saved = [
+            checkpoint[CHECKPOINT_KEY]
+            for checkpoint in self._saving
+            if CHECKPOINT_KEY in checkpoint
+        ]
+        self._saving = []
+        after = self._kept()
+        orphans = {self.api_checkpoints.pop(path, None) for path in before.keys() - after.keys()}
+        if saved:
+            # One state of the adapter is one API checkpoint: every save of a hook holds it.
+            checkpoint_id = saved[-1]["checkpoint_id"]
+            for path in self._written(before, after):
+                orphans.add(self.api_checkpoints.get(path))
+                self.api_checkpoints[path] = checkpoint_id
+        for orphan in orphans - set(self.api_checkpoints.values()) - {None}:
+            self._delete_remote(trainer, str(orphan))
+
+    def _written(self, before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+        """The kept files a hook that saved wrote: new ones, ``last``, and rewritten top-k."""
+        written = [path for path in after if path not in before]
+        if self.last_model_path:
+            written.append(self.last_model_path)
+        if self.monitor is None and self.best_model_path and self.save_top_k:
+            written.append(self.best_model_path)
+        written += [path for path in after if path in before and after[path] is not before[path]]
+        return list(dict.fromkeys(written))
 
     def _delete_remote(self, trainer: pl.Trainer, checkpoint_id: str) -> None:
         module = trainer.lightning_module

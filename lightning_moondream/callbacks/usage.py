@@ -53,42 +53,40 @@ class UsageSummary(Callback):
     end of every training epoch and of every validation, and printed as a table at the
     end of ``fit`` and ``test``.
 
-    Counters are cumulative since the module's client was created, and belong to the
-    process that reports them: with several processes, rank zero logs and prints its own.
+    Counters are cumulative since the module was made. What they cover is the module's
+    ``usage`` to say; ``MoondreamRLModule``'s are rank zero's own in the logs during a
+    stage, and every process's in the tables printed when ``fit`` or ``test`` ends.
 
     Raises:
         TypeError: At setup, if the module has no ``usage`` with a ``snapshot()`` method.
     """
 
-    def __init__(self) -> None:
-        self._source: UsageSource | None = None
-
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._snapshot(pl_module)
+
+    def _snapshot(self, pl_module: pl.LightningModule) -> dict[str, float | int]:
+        # Read at each use: a module may total its usage over processes at a stage's end.
         usage = getattr(pl_module, "usage", None)
         if not isinstance(usage, UsageSource):
             raise TypeError(
                 f"UsageSummary needs the LightningModule to have a `usage` attribute with a "
                 f"snapshot() method; {type(pl_module).__name__} has none"
             )
-        self._source = usage
-
-    def _snapshot(self) -> dict[str, float | int]:
-        if self._source is None:
-            raise RuntimeError("UsageSummary was used before the trainer set it up")
-        return self._source.snapshot()
+        return usage.snapshot()
 
     @rank_zero_only
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Straight to the loggers: `self.log` is not allowed in `on_validation_end`, and
         # these per-process totals must not be averaged over ranks as `self.log` would.
-        metrics = {f"usage/{name}": float(value) for name, value in self._snapshot().items()}
+        snapshot = self._snapshot(pl_module)
+        metrics = {f"usage/{name}": float(value) for name, value in snapshot.items()}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
 
     @rank_zero_only
-    def _print(self, title: str) -> None:
-        print(format_usage(self._snapshot(), title))
+    def _print(self, pl_module: pl.LightningModule, title: str) -> None:
+        print(format_usage(self._snapshot(pl_module), title))
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -101,8 +99,8 @@ class UsageSummary(Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._print("Moondream API usage (fit)")
+        self._print(pl_module, "Moondream API usage (fit)")
 
     @override
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._print("Moondream API usage (test)")
+        self._print(pl_module, "Moondream API usage (test)")

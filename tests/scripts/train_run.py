@@ -94,7 +94,7 @@ def main() -> None:
             {
                 "global_step": trainer.global_step,
                 "adapter_id": adapter.adapter_id,
-                "resumed_from": (model._resume_state or {}).get("checkpoint_id"),
+                "resumed_from": model.session.resumed_from,
             }
         ),
         flush=True,

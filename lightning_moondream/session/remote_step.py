@@ -15,16 +15,17 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Literal
-
-from lightning.pytorch.utilities import rank_zero_warn
+from functools import partial
+from typing import Any, Literal, Protocol, TypeVar
 
 from lightning_moondream.api import AmbiguousRequestError, TrainStepResult, TuningAPIError
-from lightning_moondream.connection import Connection
 from lightning_moondream.distributed import Collective
+
+T = TypeVar("T")
 
 SERVICE_STATISTICS = ("kl", "router_kl", "grad_norm", "sft_loss")
 """Train step statistics logged as ``train/<name>`` where the service reports them."""
@@ -77,6 +78,24 @@ class StepReport:
     metrics: dict[str, float]
 
 
+class TrainStepService(Protocol):
+    """What the remote step needs of the service (rank 0 only)."""
+
+    def submit(self, coroutine: Coroutine[Any, Any, T]) -> Future[T]:
+        """Start a coroutine on the client's event loop."""
+        ...
+
+    async def train_step(
+        self, adapter_id: str, groups: list[Any], lr: float | None
+    ) -> TrainStepResult:
+        """Send one ``/train_step``."""
+        ...
+
+    async def reported_steps(self, adapter_id: str) -> int | None:
+        """The train steps the service reports for the adapter, if it does."""
+        ...
+
+
 def spread(values: Sequence[float]) -> float:
     """Population standard deviation in float arithmetic.
 
@@ -90,9 +109,10 @@ def spread(values: Sequence[float]) -> float:
 class RemoteStep:
     """The bookkeeping of remote train steps for one adapter.
 
+    Every method that takes the run's collectives is called on every rank at once.
+
     Args:
-        connection: The line to the service (used on rank 0 only).
-        collective: The run's collectives; a one-process run has a trivial one.
+        service: Sends train steps and reads step counts (used on rank 0 only).
         max_staleness: 0 waits for each step; 1 lets it run while the next batches sample.
         max_retries: Resends of a step known not to be applied.
         on_ambiguous_step: ``raise`` or ``skip`` when a step's outcome cannot be known.
@@ -101,16 +121,16 @@ class RemoteStep:
 
     def __init__(
         self,
-        connection: Connection,
-        collective: Collective,
+        service: TrainStepService,
         *,
         max_staleness: int,
         max_retries: int,
         on_ambiguous_step: Literal["raise", "skip"],
         resume_hint: Callable[[], str],
     ) -> None:
-        self.connection = connection
-        self.collective = collective
+        self.service = service
+        self.steps_in_answers = False
+        """Whether each train step's answer tells the adapter's step (``/finetunes``)."""
         self.max_staleness = max_staleness
         self.max_retries = max_retries
         self.on_ambiguous_step = on_ambiguous_step
@@ -125,9 +145,20 @@ class RemoteStep:
         self._pending: _Sent | None = None
         self._drained: TrainStepResult | None = None
 
-    def reset(self, train_steps: int, skipped_steps: int = 0) -> None:
-        """Start counting from an adapter's state, forgetting any unsent groups."""
+    def reset(
+        self, train_steps: int, skipped_steps: int = 0, *, steps_in_answers: bool = False
+    ) -> None:
+        """Start counting from an adapter's state, forgetting any unsent groups.
+
+        Args:
+            train_steps: Train steps the adapter has.
+            skipped_steps: Global steps of the run so far that applied nothing.
+            steps_in_answers: Whether the service tells the adapter's step in each
+                train step's answer (``/finetunes``), so a step in doubt can count as
+                applied until the next answer says.
+        """
         self.train_steps, self.skipped_steps = train_steps, skipped_steps
+        self.steps_in_answers = steps_in_answers
         self.in_doubt = False
         self._shard = Shard()
 
@@ -135,10 +166,11 @@ class RemoteStep:
         """Keep a batch's contribution for the next step."""
         self._shard.add(shard)
 
-    def step(self, adapter_id: str, lr: float | None) -> StepReport:
+    def step(self, collective: Collective, adapter_id: str, lr: float | None) -> StepReport:
         """Send one train step with every rank's groups; call on every rank.
 
         Args:
+            collective: The run's collectives.
             adapter_id: The adapter to train.
             lr: Learning rate to send; ``None`` for the service's default.
 
@@ -146,10 +178,8 @@ class RemoteStep:
             The step's report, the same on every rank.
         """
         shard, self._shard = self._shard, Shard()
-        shards = self.collective.gather(shard)
-        report: StepReport = self.collective.on_zero(
-            lambda: self._step_on_zero(adapter_id, lr, shards or [])
-        )
+        shards = collective.gather(shard)
+        report = collective.on_zero(partial(self._step_on_zero, adapter_id, lr, shards or []))
         self.train_steps, self.skipped_steps = report.train_steps, report.skipped_steps
         return report
 
@@ -163,16 +193,17 @@ class RemoteStep:
         if not groups:
             self.skipped_steps += 1
             if self.skipped_steps == 1:
-                rank_zero_warn(
+                warnings.warn(
                     "a step's rollouts all scored alike, so there was nothing to learn from and no "
                     "train step was sent (counted in train/skipped_steps); check the reward, or "
-                    "sample with more variety (temperature, num_rollouts)"
+                    "sample with more variety (temperature, num_rollouts)",
+                    stacklevel=2,
                 )
         else:
             sent = time.perf_counter()
             applied_before, self.in_doubt = self.train_steps, True
             self.train_steps += 1
-            future = self.connection.submit(self._apply(adapter_id, groups, lr, applied_before))
+            future = self.service.submit(self._apply(adapter_id, groups, lr, applied_before))
             self._pending = _Sent(future, adapter_id, applied_before)
             if self.max_staleness == 0:
                 result = self.settle()
@@ -182,9 +213,9 @@ class RemoteStep:
         metrics["skipped_steps"] = float(self.skipped_steps)
         return StepReport(self.train_steps, self.skipped_steps, metrics)
 
-    def drain(self) -> None:
+    def drain(self, collective: Collective) -> None:
         """Wait for the step in flight, if any; call on every rank."""
-        counts = self.collective.on_zero(self._settled_counts)
+        counts = collective.on_zero(self._settled_counts)
         self.train_steps, self.skipped_steps, self.in_doubt = counts
 
     def _settled_counts(self) -> tuple[int, int, bool]:
@@ -226,10 +257,9 @@ class RemoteStep:
 
         Runs on the client's loop: it reads the counts, and changes none.
         """
-        client = self.connection.client
         for _ in range(self.max_retries + 1):
             try:
-                return await client.train_step(adapter_id, groups, lr=lr)
+                return await self.service.train_step(adapter_id, groups, lr)
             except AmbiguousRequestError as exc:
                 if not await self._resend_needed(adapter_id, applied_before, exc):
                     return None
@@ -265,26 +295,29 @@ class RemoteStep:
         self, adapter_id: str, applied_before: int, error: AmbiguousRequestError
     ) -> bool:
         """Read the adapter back to learn whether an ambiguous train step was applied."""
-        reported = (await self.connection.client.adapters.get(adapter_id)).train_steps
+        reported = await self.service.reported_steps(adapter_id)
         step = applied_before + 1
         if reported == applied_before:
-            rank_zero_warn(
-                f"train step {step} was not applied ({error.cause.message}); resending it"
+            warnings.warn(
+                f"train step {step} was not applied ({error.cause.message}); resending it",
+                stacklevel=2,
             )
             return True
         if reported == step:
             return False
-        if reported is None and self.connection.client.dialect == "finetunes":
-            rank_zero_warn(
+        if reported is None and self.steps_in_answers:
+            warnings.warn(
                 f"train step {step} may or may not have been applied ({error.cause.message}); "
                 "counting it as applied: the next train step's answer tells the finetune's step, "
-                "and the count follows it"
+                "and the count follows it",
+                stacklevel=2,
             )
             return False
         if reported is None and self.on_ambiguous_step == "skip":
-            rank_zero_warn(
+            warnings.warn(
                 f"train step {step} may or may not have been applied ({error.cause.message}); "
-                "counting it as applied and going on (on_ambiguous_step='skip')"
+                "counting it as applied and going on (on_ambiguous_step='skip')",
+                stacklevel=2,
             )
             return False
         if reported is None:

@@ -1,0 +1,110 @@
+"""The adapter's life: opened (created, attached, resumed or reattached), and API checkpoints.
+
+An API checkpoint's state is what a Lightning checkpoint keeps under ``"moondream"``:
+ids and counts, never the key. It is a plain dict, so checkpoints of earlier versions,
+which lack some of its keys, still load.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from lightning_moondream.api import Adapter, AsyncTuningClient
+
+CHECKPOINT_KEY = "moondream"
+"""Key of the API state (adapter and checkpoint ids, never the key) in Lightning checkpoints."""
+
+
+class ResumeMismatchError(RuntimeError):
+    """A finetune is no longer at the step of the checkpoint a run resumes from."""
+
+
+@dataclass(frozen=True)
+class AdapterPlan:
+    """Which adapter a session opens when none is given by a checkpoint.
+
+    Attributes:
+        name: Name of an adapter to create.
+        rank: LoRA rank of an adapter to create.
+        adapter_id: Attach to this existing adapter instead of creating one.
+        from_checkpoint: Create the adapter from this API checkpoint.
+    """
+
+    name: str
+    rank: int
+    adapter_id: str | None = None
+    from_checkpoint: str | None = None
+
+
+async def open_adapter(
+    client: AsyncTuningClient,
+    plan: AdapterPlan,
+    resume: Mapping[str, Any] | None,
+    warn: Callable[[str], None],
+) -> tuple[Adapter, bool]:
+    """The adapter to use, and whether it was created for this run.
+
+    Args:
+        client: The client of the service.
+        plan: The adapter the run asks for.
+        resume: The API state of the checkpoint the run resumes from, if any.
+        warn: Says what cannot be checked now.
+    """
+    adapters = client.adapters
+    if resume is not None and resume.get("dialect") == "finetunes":
+        return await reattach(client, resume, warn), False
+    if resume is not None:
+        return await adapters.create(plan.name, plan.rank, resume["checkpoint_id"]), True
+    if plan.adapter_id is not None:
+        return await adapters.get(plan.adapter_id), False
+    return await adapters.create(plan.name, plan.rank, plan.from_checkpoint), True
+
+
+async def reattach(
+    client: AsyncTuningClient, state: Mapping[str, Any], warn: Callable[[str], None]
+) -> Adapter:
+    """Resume on ``/finetunes``, which cannot create a finetune from a checkpoint.
+
+    The same finetune goes on only where it is exactly at the checkpoint's step, so no
+    step is counted twice or lost.
+
+    Raises:
+        ResumeMismatchError: If the finetune reports another step than the checkpoint's.
+    """
+    finetune = await client.adapters.get(state["adapter_id"])
+    if finetune.train_steps is None:
+        # Moondream Cloud does not report a finetune's step: the first train step's
+        # answer does, and a finetune that moved on stops the run then.
+        warn(
+            f"finetune {finetune.adapter_id} does not report its step; resuming at the "
+            f"checkpoint's step {state['train_steps']}, checked by the first train step"
+        )
+        return finetune.model_copy(update={"train_steps": state["train_steps"]})
+    if finetune.train_steps != state["train_steps"]:
+        raise ResumeMismatchError(
+            f"cannot resume finetune {finetune.adapter_id}: the checkpoint was taken at train "
+            f"step {state['train_steps']} but the finetune reports {finetune.train_steps}. "
+            "The /finetunes API cannot start a finetune from a checkpoint; resume from the "
+            "checkpoint whose step matches, or start a new run (its inference model "
+            f"{state['checkpoint_id']} stays usable)."
+        )
+    return finetune
+
+
+async def save_checkpoint(
+    client: AsyncTuningClient, adapter_id: str, train_steps: int, skipped_steps: int
+) -> dict[str, Any]:
+    """Save one API checkpoint of the adapter; its state for a Lightning checkpoint."""
+    # The client resolves a save of unknown outcome by listing, so this is the one
+    # checkpoint the save made.
+    saved = await client.checkpoints.save(adapter_id)
+    return {
+        "adapter_id": adapter_id,
+        "checkpoint_id": saved.ref,
+        "model_id": saved.model_id,
+        "dialect": client.dialect,
+        "train_steps": train_steps,
+        "skipped_steps": skipped_steps,
+    }

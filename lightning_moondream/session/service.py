@@ -1,0 +1,116 @@
+"""The one rule choosing the service: a remote one (the cloud, a base URL), or the local one.
+
+A local data folder, when named, chooses the local service. Otherwise an API key or a
+base URL (given, or from ``MOONDREAM_API_KEY`` / ``MOONDREAM_TUNING_URL``) chooses a
+remote service, and with neither the local service runs in this process, keeping its
+data under ``<root>/moondream-local-service``. The module, the ``adapters`` and
+``evaluate`` commands and :func:`lightning_moondream.evaluation.evaluate_async` callers
+all choose through :class:`ServiceChoice`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import SecretStr
+
+from lightning_moondream.api import AsyncTuningClient, TuningClient
+from lightning_moondream.api.client import DialectChoice, check_dialect
+
+LOCAL_SERVICE_DIR = "moondream-local-service"
+"""Folder of the local service's data, under a root folder (the trainer's, or the current one)."""
+
+
+@dataclass(frozen=True)
+class ServiceChoice:
+    """Which service to talk to, and how.
+
+    Attributes:
+        api_key: Moondream API key; ``MOONDREAM_API_KEY`` when ``None``. Never shown.
+        base_url: API base URL; ``MOONDREAM_TUNING_URL`` or Moondream Cloud when ``None``.
+        local_dir: Data folder of a local service; naming it chooses the local service.
+        local_options: Further options of the local service (``create_app`` arguments;
+            a ``data_dir`` among them is its folder without forcing the choice).
+        dialect: The wire dialect to speak; the client settles ``auto``.
+        max_retries: Retries of failed requests where retrying is safe.
+        timeout: Seconds per request; ``None`` for the client's defaults.
+    """
+
+    api_key: SecretStr | None = field(default=None, repr=False)
+    base_url: str | None = None
+    local_dir: str | None = None
+    local_options: Mapping[str, Any] = field(default_factory=dict)
+    dialect: DialectChoice = "auto"
+    max_retries: int = 4
+    timeout: float | None = None
+
+    def __post_init__(self) -> None:
+        check_dialect(self.dialect)
+
+    @property
+    def uses_local_service(self) -> bool:
+        """Whether the local service serves: a local folder is named, or no key and no URL."""
+        if self.local_dir is not None:
+            return True
+        return (
+            self.api_key is None
+            and not os.environ.get("MOONDREAM_API_KEY")
+            and self.base_url is None
+            and not os.environ.get("MOONDREAM_TUNING_URL")
+        )
+
+    def data_dir(self, root: str | Path = ".") -> str:
+        """Where the local service keeps its adapters, for a run rooted at ``root``."""
+        chosen = self.local_dir or self.local_options.get("data_dir")
+        return str(chosen or Path(root) / LOCAL_SERVICE_DIR)
+
+    def service_options(self, root: str | Path = ".") -> dict[str, Any]:
+        """The local service's options, its data folder settled."""
+        return {**self.local_options, "data_dir": self.data_dir(root)}
+
+    def announcement(self, root: str | Path = ".", where: str = "in this process") -> str:
+        """The one line saying that the local service serves, and where its data lives."""
+        return (
+            "No MOONDREAM_API_KEY and no base_url: training against the local tuning service, "
+            f"{where} (data in {self.data_dir(root)}), an offline stand-in for Moondream Cloud."
+        )
+
+    def async_client(self, root: str | Path = ".") -> AsyncTuningClient:
+        """An async client of the chosen service."""
+        if not self.uses_local_service:
+            return self.remote_async_client(self.api_key, self.base_url)
+        client = AsyncTuningClient.local(dialect=self.dialect, **self.service_options(root))
+        client.retry_policy.max_retries = self.max_retries
+        client.timeout = self.timeout
+        return client
+
+    def remote_async_client(
+        self, api_key: SecretStr | None, base_url: str | None
+    ) -> AsyncTuningClient:
+        """An async client of a service over HTTP, with this choice's dialect and limits."""
+        return AsyncTuningClient(
+            api_key=api_key,
+            base_url=base_url,
+            timeout=self.timeout,
+            max_retries=self.max_retries,
+            dialect=self.dialect,
+        )
+
+    def client(self, root: str | Path = ".") -> TuningClient:
+        """A synchronous client of the chosen service."""
+        if not self.uses_local_service:
+            return TuningClient(
+                api_key=self.api_key,
+                base_url=self.base_url,
+                timeout=self.timeout,
+                max_retries=self.max_retries,
+                dialect=self.dialect,
+            )
+        client = TuningClient.local(dialect=self.dialect, **self.service_options(root))
+        client.retry_policy.max_retries = self.max_retries
+        client.timeout = self.timeout
+        return client

@@ -1,0 +1,436 @@
+"""``Session``: one adapter trained and evaluated through the tuning API, without Lightning.
+
+The session owns what a run does with the service: the connection, the adapter's life,
+sampling and scoring, the remote train step, API checkpoints, usage and evaluation. The
+dialect is the client's (given, or settled by the client on its first requests); the
+session only reads it. Calls that take no collective are for one process; those marked
+"on every rank" are collectives of a multi-process run.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, TypeVar
+
+from lightning_moondream.api import (
+    Adapter,
+    AsyncTuningClient,
+    RolloutsResponse,
+    Settings,
+    TrainStepResult,
+    TuningAPIError,
+    UsageStats,
+)
+from lightning_moondream.api.client import DialectChoice
+from lightning_moondream.distributed import Collective
+from lightning_moondream.metrics import SkillMetrics
+from lightning_moondream.scoring import Sample, Scorer
+from lightning_moondream.session.adapter import AdapterPlan, open_adapter, save_checkpoint
+from lightning_moondream.session.connection import Connection
+from lightning_moondream.session.evaluation import EvaluationLoop, Scored, Tally
+from lightning_moondream.session.options import SessionOptions
+from lightning_moondream.session.remote_step import (
+    AmbiguousTrainStepError,
+    RemoteStep,
+    Shard,
+    StepReport,
+    spread,
+)
+from lightning_moondream.session.sampling import (
+    GreedyModel,
+    check_batch,
+    concurrency,
+    encoded,
+    rollout_calls,
+    sample_and_score,
+    share,
+    tuning_model,
+)
+from lightning_moondream.session.service import ServiceChoice
+
+T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
+
+
+class Session:
+    """A run's adapter on a tuning service: opened on first use, trained, evaluated, saved.
+
+    Args:
+        options: What to train and how.
+        choice: The service to talk to.
+        scorer: Scores rollouts (the service's rewards, or a reward function).
+        info: Reports progress (by default, this module's logger); in a multi-process
+            run, give one that speaks on rank 0 only.
+        warn: Reports what a user should know (by default, a ``UserWarning``).
+        resume_hint: Names the checkpoint to resume from, for error messages.
+    """
+
+    def __init__(
+        self,
+        options: SessionOptions,
+        choice: ServiceChoice,
+        scorer: Scorer,
+        *,
+        info: Callable[[str], None] = logger.info,
+        warn: Callable[[str], None] = _warn,
+        resume_hint: Callable[[], str] = lambda: "ckpt_path=<your last checkpoint>.ckpt",
+    ) -> None:
+        self.options = options
+        self.scorer = scorer
+        self.collective = Collective()
+        """The run's collectives, joined at :meth:`join`; trivial in one process."""
+        self.connection = Connection(choice, UsageStats(), info)
+        self.remote = RemoteStep(
+            self,
+            max_staleness=options.max_staleness,
+            max_retries=options.max_retries,
+            on_ambiguous_step=options.on_ambiguous_step,
+            resume_hint=resume_hint,
+        )
+        self._info, self._warn = info, warn
+        self._adapter: Adapter | None = None
+        self._created = self._temporary = self._evaluating_only = False
+        self._resume: dict[str, Any] | None = None
+        self._run_usage: UsageStats | None = None
+        self._saved: tuple[tuple[str, int, int], dict[str, Any]] | None = None
+
+    # The service --------------------------------------------------------------------------
+
+    def join(self, root_dir: str | Path, *, evaluating_only: bool) -> None:
+        """Join the run's processes and settle where the local service lives (on every rank).
+
+        Args:
+            root_dir: The run's root folder, home of the local service's data.
+            evaluating_only: Whether this stage only evaluates, so that an adapter it
+                creates is deleted when the stage ends.
+        """
+        if not self.collective.distributed:
+            self.collective = Collective.create(self.options.collective_timeout)
+        self.connection.prepare(self.collective, root_dir)
+        self._evaluating_only = evaluating_only
+        self._run_usage = None
+
+    @property
+    def client(self) -> AsyncTuningClient:
+        """The API client, connected on first use."""
+        return self.connection.client
+
+    @property
+    def dialect(self) -> DialectChoice | None:
+        """The dialect the service speaks, as the client settled it (``None`` before).
+
+        Once the adapter is open, every rank reads rank 0's client, which opened it.
+        """
+        return self.connection.dialect
+
+    @property
+    def usage(self) -> UsageStats:
+        """Counts of requests, rollouts, train steps, retries, bytes and latencies.
+
+        Kept across reconnections. While a stage runs they are this process's; once
+        ``fit`` has trained or ``test`` has tested, they cover every process of the run
+        (:meth:`total_usage`), until the next stage starts.
+        """
+        return self._run_usage or self.connection.usage
+
+    def total_usage(self) -> None:
+        """Total the usage of every process (on every rank)."""
+        if self.collective.distributed:
+            states = self.collective.all_gather(self.connection.usage.state())
+            self._run_usage = UsageStats.combined(states)
+
+    def send_metrics(self, step: int, metrics: Mapping[str, float]) -> Future[int]:
+        """Start logging ``metrics`` at ``step`` to the finetune; a future of how many were stored."""
+        return self.submit(self.client.metrics.log(self.adapter.adapter_id, step, metrics))
+
+    # What the remote step needs of the service.
+
+    def submit(self, coroutine: Coroutine[Any, Any, T]) -> Future[T]:
+        """Start a coroutine on the client's event loop."""
+        return self.connection.submit(coroutine)
+
+    async def train_step(
+        self, adapter_id: str, groups: list[Any], lr: float | None
+    ) -> TrainStepResult:
+        """Send one ``/train_step``."""
+        return await self.client.train_step(adapter_id, groups, lr=lr)
+
+    async def reported_steps(self, adapter_id: str) -> int | None:
+        """The train steps the service reports for the adapter, if it does."""
+        return (await self.client.adapters.get(adapter_id)).train_steps
+
+    # The adapter --------------------------------------------------------------------------
+
+    @property
+    def adapter(self) -> Adapter:
+        """The adapter, opened on first use: rank 0 opens it and shares it (on every rank)."""
+        if self._adapter is None:
+            adapter, created, dialect = self.collective.on_zero(self._open)
+            skipped = (self._resume or {}).get("skipped_steps", 0)
+            self.remote.reset(
+                adapter.train_steps or 0, skipped, steps_in_answers=dialect == "finetunes"
+            )
+            self._adapter, self._created = adapter, created
+            self.connection.settle(dialect)
+            self._temporary = created and self._evaluating_only
+            origin = f" from checkpoint {self.resumed_from}" if self._resume else ""
+            self._info(
+                f"Moondream adapter {adapter.adapter_id} (rank {adapter.rank}, {dialect} "
+                f"dialect){origin}"
+            )
+        return self._adapter
+
+    def _open(self) -> tuple[Adapter, bool, DialectChoice | None]:
+        options = self.options
+        plan = AdapterPlan(options.name, options.rank, options.adapter_id, options.from_checkpoint)
+        opened = self.connection.run(open_adapter(self.client, plan, self._resume, self._warn))
+        # Opening an adapter settles an ``auto`` dialect.
+        return (*opened, self.client.dialect)
+
+    @property
+    def resumed_from(self) -> str | None:
+        """The API checkpoint the adapter continues from, if a Lightning checkpoint gave one."""
+        return None if self._resume is None else self._resume.get("checkpoint_id")
+
+    def resume(self, state: Mapping[str, Any]) -> None:
+        """Continue from a Lightning checkpoint's API state when the adapter is next opened.
+
+        On ``/adapters`` a new adapter is created from the API checkpoint, so steps
+        applied to the old adapter after it are not carried over and none is counted
+        twice. On ``/finetunes`` the same finetune goes on if it is still at the
+        checkpoint's step.
+        """
+        self._resume = dict(state)
+        self._adapter = None
+
+    def check_training(self, lr: float | None) -> None:
+        """Open the adapter for training, refusing what its dialect cannot do (on every rank).
+
+        Raises:
+            ValueError: If SFT or an ``lr`` is asked of a service speaking ``/adapters``.
+        """
+        self.adapter  # noqa: B018 - opened at once, so set-up errors surface at once
+        wanted = [
+            name
+            for name, value in (
+                ("sft_warmup_steps", self.options.sft_warmup_steps),
+                ("sft_share", self.options.sft_share),
+                ("lr", lr),
+            )
+            if value
+        ]
+        if wanted and self.dialect == "adapters":
+            # Nothing was trained: an adapter made for this run goes with it.
+            self._temporary = self._created
+            raise ValueError(
+                f"{', '.join(wanted)}: the service speaks the /adapters dialect, which has no "
+                "SFT groups and no learning rate; unset them, or use a /finetunes service"
+            )
+
+    def release(self, wait: bool = True) -> None:
+        """End a stage: delete an adapter made for it alone, then :meth:`close`."""
+        try:
+            if self._adapter is not None and self._temporary:
+                self._delete_temporary(self._adapter.adapter_id)
+        finally:
+            self._evaluating_only = False
+            self.close(wait)
+
+    def _delete_temporary(self, adapter_id: str) -> None:
+        self._adapter, self._temporary = None, False
+        if not self.collective.is_zero:
+            return
+        try:
+            self.connection.run(self.client.adapters.delete(adapter_id))
+        except TuningAPIError as exc:
+            self._warn(f"could not delete the evaluation adapter {adapter_id}: {exc}")
+
+    def close(self, wait: bool = True) -> None:
+        """Close the client, its event loop, and a local service this process serves.
+
+        Args:
+            wait: Wait for a pending train step first. Without waiting, a step still in
+                flight is abandoned and counts as in doubt: no checkpoint is taken until
+                the adapter is opened again (resume from an earlier checkpoint).
+        """
+        try:
+            if wait:
+                self.remote.settle()
+            else:
+                self.remote.abandon()
+        finally:
+            self.connection.shutdown()
+
+    # Training -----------------------------------------------------------------------------
+
+    def teach(self, batch: Sequence[Sample], batch_idx: int, global_step: int) -> None:
+        """Sample and score a batch (or take its SFT targets) for the next train step.
+
+        A failure on any rank ends every rank here (on every rank).
+        """
+        error: Exception | None = None
+        try:
+            self.remote.add(self._shard(encoded(check_batch(batch, batch_idx)), global_step))
+        except Exception as exc:
+            error = exc
+        self.collective.check(error)
+
+    def _shard(self, samples: list[Sample], global_step: int) -> Shard:
+        settings = self.options.training
+        if global_step < self.options.sft_warmup_steps:
+            taught = [sample.sft_group(settings) for sample in samples]
+            return Shard(groups=taught, sft_groups=len(taught))
+        started = time.perf_counter()
+        calls = rollout_calls(
+            self.adapter.adapter_id, samples, settings, self.options.num_rollouts, self.scorer
+        )
+        limit = concurrency(self.options.max_concurrency, len(calls))
+        scored = self.connection.run(
+            sample_and_score(self.client, calls, samples, self.scorer, limit)
+        )
+        groups: list[Any] = [
+            response.to_group(rewards)
+            for response, rewards in scored
+            if len(rewards) > 1 and spread(rewards) >= self.options.reward_std_eps
+        ]
+        taught = [sample.sft_group(settings) for sample in share(samples, self.options.sft_share)]
+        return Shard(
+            groups=groups + taught,
+            rewards=[rewards for _, rewards in scored],
+            sft_groups=len(taught),
+            rollout_seconds=time.perf_counter() - started,
+        )
+
+    def step(self, lr: float | None) -> StepReport:
+        """Send one train step with every rank's groups at ``lr`` (on every rank)."""
+        return self.remote.step(self.collective, self.adapter.adapter_id, lr)
+
+    def drain(self) -> None:
+        """Wait for the train step in flight, if any (on every rank)."""
+        self.remote.drain(self.collective)
+
+    # Evaluation ---------------------------------------------------------------------------
+
+    def greedy_model(self, settings: Settings | None = None, *, scored: bool = True) -> GreedyModel:
+        """The current adapter as a :data:`GreedyModel` (``eval_settings`` by default).
+
+        Args:
+            settings: Generation settings.
+            scored: Send ground truth where the scorer uses the service's rewards.
+        """
+        settings = self.options.evaluation if settings is None else settings
+        return tuning_model(
+            self.client,
+            self.adapter.adapter_id,
+            settings,
+            self.scorer if scored else None,
+            self.options.max_concurrency,
+        )
+
+    def evaluate_batch(
+        self, batch: Sequence[Sample], batch_idx: int, metrics: SkillMetrics
+    ) -> list[Scored]:
+        """Answer one batch greedily, score it, and add it to ``metrics``."""
+        samples = encoded(check_batch(batch, batch_idx))
+        loop = EvaluationLoop(self.greedy_model(), self.scorer, metrics)
+        return self.connection.run(loop.answer(samples))
+
+    def evaluate(
+        self,
+        batches: Iterable[Sequence[Sample]],
+        *,
+        progress: Callable[[int], None] | None = None,
+        tallies: Sequence[Tally] = (),
+    ) -> dict[str, float]:
+        """Evaluate the adapter, with every train step applied, on every rank's batches.
+
+        Returns:
+            The metrics of ``SkillMetrics`` plus ``reward`` and ``samples``, over every
+            process.
+        """
+        self.drain()
+        loop = EvaluationLoop(self.greedy_model(), self.scorer, SkillMetrics(), tallies)
+        for index, batch in enumerate(batches):
+            self.connection.run(loop.answer(encoded(check_batch(batch, index))))
+            if progress is not None:
+                progress(len(loop.rewards))
+        return loop.results(self.collective.all_gather)
+
+    def generate(
+        self, samples: Sequence[Sample], settings: Settings | None = None
+    ) -> list[RolloutsResponse]:
+        """One rollout per sample from the current adapter, in order (``eval_settings`` by default)."""
+        model = self.greedy_model(settings, scored=False)
+        return self.connection.run(model(encoded(samples)))
+
+    def predict(self, batch: Sequence[Sample], batch_idx: int) -> list[dict[str, Any]]:
+        """One greedy rollout per sample: ``{"id", "skill", "label", "output"}`` records."""
+        samples = check_batch(batch, batch_idx)
+        return [
+            {
+                "id": sample.id,
+                "skill": sample.skill,
+                "label": sample.label,
+                "output": response.rollouts[0].output,
+            }
+            for sample, response in zip(samples, self.generate(samples), strict=True)
+        ]
+
+    # API checkpoints ----------------------------------------------------------------------
+
+    def save_checkpoint(self, interrupted: bool = False) -> dict[str, Any] | None:
+        """Save an API checkpoint: its state for a Lightning checkpoint, or ``None``.
+
+        One API checkpoint stands for one state of the adapter: saved again at the same
+        step, the same checkpoint is given. ``None`` before an adapter is open, and on
+        ranks other than 0 of an interrupted run.
+
+        Args:
+            interrupted: The run stopped on an error: other ranks may be gone, so no
+                collective is used, only rank 0 saves, and the session closes after.
+
+        Raises:
+            AmbiguousTrainStepError: If the last train step may or may not have been
+                applied: no checkpoint can then pair the run's step with the adapter's.
+        """
+        try:
+            if self._adapter is None:
+                return None
+            if interrupted:
+                if not self.collective.is_zero:
+                    return None
+                self.remote.settle()
+                return self._checkpoint_state()
+            self.drain()
+            return self.collective.on_zero(self._checkpoint_state)
+        finally:
+            if interrupted:
+                self.close()
+
+    def _checkpoint_state(self) -> dict[str, Any]:
+        adapter_id = self.adapter.adapter_id
+        if self.remote.in_doubt:
+            raise AmbiguousTrainStepError(
+                f"not checkpointing: the trainer counted train step {self.remote.train_steps + 1} "
+                f"but adapter {adapter_id} may not have it; resume from an earlier checkpoint"
+            )
+        counts = (adapter_id, self.remote.train_steps, self.remote.skipped_steps)
+        if self._saved is None or self._saved[0] != counts:
+            self._saved = (counts, self.connection.run(save_checkpoint(self.client, *counts)))
+        return dict(self._saved[1])
+
+    def delete_checkpoint(self, checkpoint_id: str) -> None:
+        """Delete an API checkpoint."""
+        if self._saved is not None and self._saved[1]["checkpoint_id"] == checkpoint_id:
+            self._saved = None
+        self.connection.run(self.client.checkpoints.delete(checkpoint_id))
