@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
@@ -96,13 +97,17 @@ class RemoteCheckpoint(ModelCheckpoint):
         ]
         self._saving = []
         after = self._kept()
-        orphans = {self.api_checkpoints.pop(path, None) for path in before.keys() - after.keys()}
+        orphans: set[str | None] = set()
         if saved:
             # One state of the adapter is one API checkpoint: every save of a hook holds it.
             checkpoint_id = saved[-1]["checkpoint_id"]
             for path in self._written(before, after):
                 orphans.add(self.api_checkpoints.get(path))
                 self.api_checkpoints[path] = checkpoint_id
+        # A file is gone when it is gone from disk: ModelCheckpoint does not list every
+        # file it keeps (without a monitor, none but the newest).
+        for path in [path for path in self.api_checkpoints if not _exists(path)]:
+            orphans.add(self.api_checkpoints.pop(path))
         for orphan in orphans - set(self.api_checkpoints.values()) - {None}:
             self._delete_remote(trainer, str(orphan))
 
@@ -152,3 +157,7 @@ class RemoteCheckpoint(ModelCheckpoint):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.api_checkpoints = dict(state_dict.get("api_checkpoints", {}))
+
+
+def _exists(path: str) -> bool:
+    return bool(get_filesystem(path).exists(path))
