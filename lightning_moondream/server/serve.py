@@ -88,6 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
     parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads per request (default 1)"
+    )
+    _add_fault_options(parser)
+    return parser
+
+
+def _add_fault_options(parser: argparse.ArgumentParser) -> None:
+    """Options of injected latency and failures."""
+    parser.add_argument(
         "--latency",
         type=_latency,
         action="append",
@@ -116,10 +125,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--fail-after-train-step-rate", type=float, default=1.0)
     parser.add_argument("--fault-seed", type=int, default=0, help="seed of the fault draws")
-    parser.add_argument(
-        "--threads", type=int, default=1, help="torch threads per request (default 1)"
-    )
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
