@@ -10,8 +10,8 @@ body tells them apart (``finetune_id`` or ``adapter_id``). All set-up happens in
 
 Errors are ``{"error": {"type": ..., "message": ...}}`` in both dialects, with 400
 (unreadable body, image or cursor; tampered rollouts), 401, 404 (unknown ids and other
-keys' ids alike), 413, 422 (invalid fields, named), 429, 500 and 503. An unknown route
-is FastAPI's 404.
+keys' ids alike), 409 (a ``/finetunes`` name taken at another rank), 413, 422
+(invalid fields, named), 429, 500 and 503. An unknown route is FastAPI's 404.
 """
 
 from __future__ import annotations

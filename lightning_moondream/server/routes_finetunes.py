@@ -11,6 +11,9 @@ SFT groups (``{"mode": "sft", "request", "target"}``) and answers what it did:
 ``step``, ``applied`` (false at ``lr`` 0, which computes the step but changes and counts
 nothing), ``kl``, ``router_kl`` (always ``None``: the policy has no router),
 ``grad_norm``, ``sft_loss``, ``reward_mean`` and ``reward_std``.
+
+Names, ranks, idempotent creation and deletes follow Moondream's API reference (see
+``finetunes``): ranks 8, 16, 24 or 32, deletes answer ``{"ok": true}``.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
+from lightning_moondream.server.finetunes import Finetunes
 from lightning_moondream.server.http_common import (
     PREFIX,
     authenticated,
@@ -135,13 +139,30 @@ router = APIRouter(prefix=PREFIX)
 """This dialect's own routes; ``/rollouts`` and ``/train_step`` are in ``routes_shared``."""
 
 
+def _finetunes(request: Request) -> Finetunes:
+    finetunes: Finetunes = request.app.state.finetunes
+    return finetunes
+
+
 @router.post("/finetunes")
 async def create_finetune(request: Request) -> dict[str, Any]:
-    """``POST /finetunes``."""
-    service, owner = authenticated(request)
+    """``POST /finetunes``: the caller's finetune of that name, created if new."""
+    _, owner = authenticated(request)
     body = await parse_body(request, _CreateFinetune)
-    record = await service.create_adapter(owner, body.name, body.rank)
+    record = await _finetunes(request).create(owner, body.name, body.rank)
     return {"finetune_id": record.adapter_id}
+
+
+@router.get("/finetunes")
+async def list_finetunes(request: Request) -> dict[str, Any]:
+    """``GET /finetunes``: one page of the caller's finetunes, oldest first."""
+    service, owner = authenticated(request)
+    records, more = service.list_adapters(owner, *page_query(request))
+    return {
+        "finetunes": [finetune_json(record) for record in records],
+        "next_cursor": next_cursor(records, more),
+        "has_more": more,
+    }
 
 
 @router.get("/finetunes/{finetune_id}")
@@ -153,10 +174,10 @@ async def get_finetune(finetune_id: str, request: Request) -> dict[str, Any]:
 
 @router.delete("/finetunes/{finetune_id}")
 async def delete_finetune(finetune_id: str, request: Request) -> dict[str, Any]:
-    """``DELETE /finetunes/{id}``."""
-    service, owner = authenticated(request)
-    await service.delete_adapter(owner, finetune_id)
-    return {}
+    """``DELETE /finetunes/{id}``, with its checkpoints; idempotent."""
+    _, owner = authenticated(request)
+    await _finetunes(request).delete(owner, finetune_id)
+    return {"ok": True}
 
 
 @router.post("/finetunes/{finetune_id}/metrics")
@@ -198,14 +219,15 @@ async def save_checkpoint(finetune_id: str, request: Request) -> dict[str, Any]:
 
 @router.delete("/finetunes/{finetune_id}/checkpoints/{step}")
 async def delete_checkpoint(finetune_id: str, step: str, request: Request) -> dict[str, Any]:
-    """``DELETE /finetunes/{id}/checkpoints/{step}``."""
-    service, owner = authenticated(request)
-    service.delete_checkpoints_at_step(owner, finetune_id, check_step(step))
+    """``DELETE /finetunes/{id}/checkpoints/{step}``; idempotent."""
+    _, owner = authenticated(request)
+    _finetunes(request).delete_checkpoints_at_step(owner, finetune_id, check_step(step))
     return {"ok": True}
 
 
 def install(app: FastAPI) -> None:
-    """Add this dialect's own routes to ``app``."""
+    """Add this dialect's own routes to ``app``, over its ``state.service``."""
+    app.state.finetunes = Finetunes(app.state.service)
     app.include_router(router)
 
 

@@ -10,6 +10,7 @@ from collections import OrderedDict
 
 import torch
 
+from lightning_moondream.api.limits import DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 from lightning_moondream.images import ImageError, decode_data_url
 from lightning_moondream.server import codec, signing
 from lightning_moondream.server.engine import AdapterState, Engine, Task
@@ -95,8 +96,8 @@ def task_of(parsed: ParsedRequest, max_pixels: int, reads_pixels: bool) -> Task:
         prompt=prompt,
         image=image,
         rules=decoding_rules(parsed),
-        temperature=settings.temperature if settings else 1.0,
-        top_p=settings.top_p if settings else 1.0,
+        temperature=settings.temperature if settings else DEFAULT_TEMPERATURE,
+        top_p=settings.top_p if settings else DEFAULT_TOP_P,
     )
 
 

@@ -84,7 +84,6 @@ class Service:
                 store.load_state(store.adapter_path(adapter_id))
             )
         )
-        self._creation_lock = threading.Lock()
 
     @staticmethod
     def _owner(key: str) -> str:
@@ -111,6 +110,10 @@ class Service:
     def state(self, adapter_id: str) -> AdapterState:
         """The adapter's current state; blocking (it may read the weight file)."""
         return self._states.get(adapter_id)
+
+    def fresh_state(self, rank: int) -> AdapterState:
+        """A new adapter's initial state, seeded from the service's seeded stream."""
+        return self.engine.new_adapter(rank, self._seeds.fresh())
 
     def parse_request(self, raw: Any, where: str) -> ParsedRequest:
         """Validate a skill request as the client does (see ``validation``).
@@ -155,7 +158,7 @@ class Service:
         """
         check_rank(rank, ranks)
         if from_checkpoint is None:
-            state = self.engine.new_adapter(rank, self._seeds.fresh())
+            state = self.fresh_state(rank)
         else:
             if self.store.get_checkpoint(owner, from_checkpoint) is None:
                 raise ServiceError(
@@ -253,19 +256,6 @@ class Service:
             owner, full_id
         ):
             raise ServiceError(404, f"checkpoint {full_id!r} not found")
-
-    def delete_checkpoints_at_step(self, owner: str, adapter_id: str, step: int) -> None:
-        """Delete the adapter's checkpoints saved at train step ``step``.
-
-        Raises:
-            ServiceError: 404 for an unknown adapter, or no checkpoint at that step.
-        """
-        self.get_adapter(owner, adapter_id)
-        deleted = 0
-        while (record := self.store.checkpoint_at_step(owner, adapter_id, step)) is not None:
-            deleted += self.store.delete_checkpoint(owner, record.checkpoint_id)
-        if not deleted:
-            raise ServiceError(404, f"no checkpoint of finetune {adapter_id!r} at step {step}")
 
     async def checkpoint_state(self, owner: str, adapter_id: str, step: int) -> AdapterState:
         """The weights of the adapter's latest checkpoint at train step ``step``, read-only.

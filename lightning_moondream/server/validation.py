@@ -17,7 +17,11 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from lightning_moondream.api.limits import MAX_SPATIAL_REFS
+from lightning_moondream.api.limits import (
+    DEFAULT_MAX_OBJECTS,
+    DEFAULT_MAX_TOKENS,
+    MAX_SPATIAL_REFS,
+)
 from lightning_moondream.api.models import (
     AnyRequest,
     GroundTruth,
@@ -65,15 +69,19 @@ class ParsedRequest:
 
     @property
     def max_tokens(self) -> int:
-        """The request's ``max_tokens``."""
+        """The request's ``max_tokens``, else the API's default for its skill."""
         settings = self.request.settings
-        return settings.max_tokens if settings is not None else 128
+        if settings is not None and "max_tokens" in settings.model_fields_set:
+            return settings.max_tokens
+        return DEFAULT_MAX_TOKENS[self.skill]
 
     @property
     def max_objects(self) -> int | None:
-        """The request's ``max_objects``."""
+        """A detect request's ``max_objects``, else the API's default (``None`` otherwise)."""
         settings = self.request.settings
-        return settings.max_objects if settings is not None else None
+        if settings is not None and settings.max_objects is not None:
+            return settings.max_objects
+        return DEFAULT_MAX_OBJECTS if self.skill == "detect" else None
 
     def anchors(self) -> list[tuple[float, float]]:
         """The center of each spatial ref."""
