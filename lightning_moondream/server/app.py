@@ -16,7 +16,8 @@ keys' ids alike), 409 (a ``/finetunes`` name taken at another rank), 413, 422
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+import time
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
@@ -32,6 +33,7 @@ from lightning_moondream.server.errors import ServiceError
 from lightning_moondream.server.faults import FaultConfig, FaultInjector, check_latency
 from lightning_moondream.server.http_common import error_response
 from lightning_moondream.server.middleware import BodyLimit, LatencyAndFaults
+from lightning_moondream.server.rate_limit import RateLimit, RateLimiter
 from lightning_moondream.server.service import Service
 from lightning_moondream.server.store import Store
 
@@ -45,22 +47,26 @@ class TuningApp(FastAPI):
     """FastAPI app with the service's middleware outside FastAPI's own.
 
     Outside, so that a dropped connection is really dropped, not turned into a 500 by
-    FastAPI's error handler. From the outside in: latency and injected faults, then the
-    body size limit.
+    FastAPI's error handler. From the outside in: latency and injected faults, the rate
+    limit (so a request failed by injection does not count), then the body size limit.
 
     Attributes:
         latency: Least seconds to answer, per endpoint group.
         faults: The failures injected.
+        rate_limiter: The per-key rate limit, if any.
         max_body_bytes: Largest request body accepted.
     """
 
     latency: dict[str, float]
     faults: FaultInjector
+    rate_limiter: RateLimiter | None
     max_body_bytes: int
 
     def build_middleware_stack(self) -> ASGIApp:
         """FastAPI's stack wrapped in the service's middleware."""
-        app = BodyLimit(super().build_middleware_stack(), self.max_body_bytes)
+        app: ASGIApp = BodyLimit(super().build_middleware_stack(), self.max_body_bytes)
+        if self.rate_limiter is not None:
+            app = RateLimit(app, self.rate_limiter)
         return LatencyAndFaults(app, self.latency, self.faults)
 
 
@@ -77,6 +83,8 @@ def create_app(
     dialect: str = "both",
     checkpoint_retention: float | None = None,
     owner_key: str | None = None,
+    rate_limit: float | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> FastAPI:
     """Build the local tuning service.
 
@@ -98,16 +106,21 @@ def create_app(
             ``expires_at_ms``; ``None`` keeps checkpoints for ever.
         owner_key: Every accepted key acts for the owner of this key: the processes
             of a run share a fresh key, and their adapters stay those of this one.
+        rate_limit: Requests per second each API key may send, in bursts of
+            ``max(1, ceil(rate_limit / 5))``; over it, 429 with ``Retry-After`` (see
+            ``rate_limit``). ``None`` for no limit.
+        clock: Monotonic seconds the rate limit refills by.
 
     Raises:
         ValueError: For an unknown policy, dialect or latency endpoint, a negative
-            retention, or an empty key set.
+            retention, an empty key set, or a rate limit that is not a positive number.
     """
     keys = _checked_options(dialect, checkpoint_retention, api_keys)
     app = TuningApp(title="lightning_moondream local tuning service", docs_url=None, redoc_url=None)
     app.latency = check_latency(latency)
     app.faults = FaultInjector(faults or FaultConfig())
     app.max_body_bytes = max_body_bytes
+    app.rate_limiter = None if rate_limit is None else RateLimiter(rate_limit, clock)
     app.state.service = Service(
         Store(_data_dir(app, data_dir)),
         make_engine(policy),
