@@ -297,15 +297,25 @@ class Service:
     # Rollouts and train steps --------------------------------------------------------
 
     async def sample(
-        self, state: AdapterState, parsed: ParsedRequest, count: int, seed: int
+        self, state: AdapterState, parsed: ParsedRequest, count: int, seed: int | None = None
     ) -> list[SampledRollout]:
-        """Sample ``count`` unsigned answers to a validated request from ``state``.
+        """Sample ``count`` unsigned answers to a validated request from ``state``, read-only.
+
+        For inference with a checkpoint: ``checkpoint_state`` gives ``state``,
+        ``parse_request`` gives ``parsed``.
+
+        Args:
+            state: The adapter state to sample from (not modified).
+            parsed: The validated request; its settings steer decoding.
+            count: How many answers.
+            seed: Seed of the sampling; a fresh one from the service's stream if ``None``.
 
         Raises:
             ServiceError: 400 for an unreadable image.
         """
+        draw = self._seeds.fresh() if seed is None else seed
         return await _in_thread(
-            lambda: generate(self.engine, state, parsed, count, seed, self.max_pixels)
+            lambda: generate(self.engine, state, parsed, count, draw, self.max_pixels)
         )
 
     async def sample_rollouts(
