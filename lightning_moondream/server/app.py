@@ -57,10 +57,21 @@ class TuningApp(FastAPI):
         max_body_bytes: Largest request body accepted.
     """
 
-    latency: dict[str, float]
-    faults: FaultInjector
-    rate_limiter: RateLimiter | None
-    max_body_bytes: int
+    def __init__(
+        self,
+        *,
+        latency: dict[str, float],
+        faults: FaultInjector,
+        rate_limiter: RateLimiter | None,
+        max_body_bytes: int,
+    ) -> None:
+        super().__init__(
+            title="lightning_moondream local tuning service", docs_url=None, redoc_url=None
+        )
+        self.latency = latency
+        self.faults = faults
+        self.rate_limiter = rate_limiter
+        self.max_body_bytes = max_body_bytes
 
     def build_middleware_stack(self) -> ASGIApp:
         """FastAPI's stack wrapped in the service's middleware."""
@@ -116,21 +127,15 @@ def create_app(
             retention, an empty key set, or a rate limit that is not a positive number.
     """
     keys = _checked_options(dialect, checkpoint_retention, api_keys)
-    app = TuningApp(title="lightning_moondream local tuning service", docs_url=None, redoc_url=None)
-    app.latency = check_latency(latency)
-    app.faults = FaultInjector(faults or FaultConfig())
-    app.max_body_bytes = max_body_bytes
-    app.rate_limiter = None if rate_limit is None else RateLimiter(rate_limit, clock)
+    app = TuningApp(
+        latency=check_latency(latency),
+        faults=FaultInjector(faults or FaultConfig()),
+        rate_limiter=None if rate_limit is None else RateLimiter(rate_limit, clock),
+        max_body_bytes=max_body_bytes,
+    )
+    store = Store(_data_dir(app, data_dir))
     app.state.service = Service(
-        Store(_data_dir(app, data_dir)),
-        make_engine(policy),
-        keys,
-        max_pixels,
-        seed,
-        checkpoint_retention_ms=(
-            None if checkpoint_retention is None else round(checkpoint_retention * 1000)
-        ),
-        owner_key=owner_key,
+        store, make_engine(policy), keys, max_pixels, seed, checkpoint_retention, owner_key
     )
     _install_error_handlers(app)
     _install_routes(app, ("adapters", "finetunes") if dialect == "both" else (dialect,))

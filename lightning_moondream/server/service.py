@@ -58,7 +58,7 @@ class Service:
         api_keys: Accepted keys; ``None`` accepts any non-empty key.
         max_pixels: Largest decoded image accepted, in pixels.
         seed: Seed of sampling and adapter initialization.
-        checkpoint_retention_ms: How long a checkpoint is kept; ``None`` for ever.
+        checkpoint_retention: Seconds a checkpoint is kept; ``None`` for ever.
         owner_key: Every accepted key acts for the owner of this key.
     """
 
@@ -69,13 +69,15 @@ class Service:
         api_keys: Collection[str] | None,
         max_pixels: int,
         seed: int,
-        checkpoint_retention_ms: int | None = None,
+        checkpoint_retention: float | None = None,
         owner_key: str | None = None,
     ) -> None:
         self.store = store
         self.engine = engine
         self.max_pixels = max_pixels
-        self.checkpoint_retention_ms = checkpoint_retention_ms
+        self.checkpoint_retention_ms = (
+            None if checkpoint_retention is None else round(checkpoint_retention * 1000)
+        )
         self.owners = None if api_keys is None else {self._owner(key) for key in api_keys}
         self._acting_owner = None if owner_key is None else self._owner(owner_key)
         self._seeds = Seeds(seed)
