@@ -11,7 +11,7 @@ import base64
 import binascii
 import json
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse
@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 from lightning_moondream.api import wire
 from lightning_moondream.api.limits import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, MIN_PAGE_SIZE
 from lightning_moondream.server.errors import ServiceError
-from lightning_moondream.server.results import RolloutBatch, SampledRollout
+from lightning_moondream.server.results import SampledRollout
 from lightning_moondream.server.service import Service
 from lightning_moondream.server.store import AdapterRecord, CheckpointRecord
 from lightning_moondream.server.validation import BodyT, validate_body
@@ -58,14 +58,31 @@ def json_answer(answer: Any) -> Response:
     return Response(wire.dumps(answer), media_type="application/json")
 
 
-def rollouts_answer(
-    request: dict[str, Any],
-    batch: RolloutBatch,
+class RolloutsBody(Protocol):
+    """The fields of a ``/rollouts`` body that both dialects share (the id aside)."""
+
+    num_rollouts: int
+    request: dict[str, Any]
+    ground_truth: dict[str, Any] | None
+
+
+async def answer_rollouts(
+    service: Service,
+    owner: str,
+    adapter_id: str,
+    body: RolloutsBody,
     shape: Callable[[SampledRollout], dict[str, Any]],
 ) -> Response:
-    """The answer to ``/rollouts``: the request echoed, the rollouts in a dialect's shape."""
+    """Sample a validated ``/rollouts`` body; the request echoed, rollouts in a dialect's shape.
+
+    Raises:
+        ServiceError: As ``Service.sample_rollouts``.
+    """
+    batch = await service.sample_rollouts(
+        owner, adapter_id, body.num_rollouts, body.request, body.ground_truth
+    )
     answer = {
-        "request": request,
+        "request": body.request,
         "rollouts": [shape(rollout) for rollout in batch.rollouts],
         "rewards": batch.rewards,
     }

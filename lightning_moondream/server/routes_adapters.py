@@ -19,11 +19,11 @@ from lightning_moondream.api.models import check_groups
 from lightning_moondream.server.errors import ServiceError
 from lightning_moondream.server.http_common import (
     PREFIX,
+    answer_rollouts,
     authenticated,
     next_cursor,
     page_query,
     parse_body,
-    rollouts_answer,
 )
 from lightning_moondream.server.results import SampledRollout
 from lightning_moondream.server.service import Service
@@ -153,10 +153,7 @@ def install(app: FastAPI) -> None:
 async def rollouts(service: Service, owner: str, body: dict[str, Any]) -> Response:
     """Answer ``POST /rollouts`` in this dialect."""
     parsed = validate_body(body, _Rollouts)
-    batch = await service.sample_rollouts(
-        owner, parsed.adapter_id, parsed.num_rollouts, parsed.request, parsed.ground_truth
-    )
-    return rollouts_answer(parsed.request, batch, rollout_json)
+    return await answer_rollouts(service, owner, parsed.adapter_id, parsed, rollout_json)
 
 
 async def train_step(service: Service, owner: str, body: dict[str, Any]) -> dict[str, Any]:
