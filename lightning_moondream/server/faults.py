@@ -20,13 +20,14 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from lightning_moondream.server.http_common import PREFIX
+
 ENDPOINTS: tuple[str, ...] = ("adapters", "checkpoints", "rollouts", "train_step")
 FAULT_KINDS: tuple[str, ...] = ("429", "503", "500", "drop")
 AFTER_APPLY_KINDS: tuple[str, ...] = ("500", "drop")
 
-_PREFIX = "/v1/tuning"
-_CHECKPOINTS = re.compile(rf"{_PREFIX}/(adapters|finetunes)/[^/]+/checkpoints?(/.*)?")
-_ADAPTERS = re.compile(rf"{_PREFIX}/(adapters(/[^/]+)?|finetunes(/[^/]+(/metrics)?)?)")
+_CHECKPOINTS = re.compile(rf"{PREFIX}/(adapters|finetunes)/[^/]+/checkpoints?(/.*)?")
+_ADAPTERS = re.compile(rf"{PREFIX}/(adapters(/[^/]+)?|finetunes(/[^/]+(/metrics)?)?)")
 
 
 class DroppedConnection(Exception):
@@ -39,7 +40,7 @@ class DroppedConnection(Exception):
 
 def endpoint_of(path: str) -> str | None:
     """The endpoint group of a request path, or ``None`` outside the API."""
-    if path in (f"{_PREFIX}/rollouts", f"{_PREFIX}/train_step"):
+    if path in (f"{PREFIX}/rollouts", f"{PREFIX}/train_step"):
         return path.rsplit("/", 1)[1]
     if _CHECKPOINTS.fullmatch(path):
         return "checkpoints"
