@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 
 from lightning_moondream.api import TuningClient
+from lightning_moondream.api.limiter import RateLimiter
 
 KEY = "sk-dialect-5ecret-key"
 BASE = "https://tuning.example/v1/tuning"
@@ -273,6 +274,7 @@ def client_of(fake: Fake, dialect: str = "auto", **kwargs: Any) -> TuningClient:
         base_url=BASE,
         http_client=httpx.Client(transport=httpx.MockTransport(fake)),
         dialect=dialect,  # type: ignore[arg-type]
+        rate_limiter=RateLimiter(),  # the key's pace in this process: none of other tests'
         **kwargs,
     )
     client._sleep = lambda seconds: None

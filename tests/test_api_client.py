@@ -32,6 +32,7 @@ from lightning_moondream.api import (
     ServerError,
     TuningClient,
 )
+from lightning_moondream.api.limiter import RateLimiter
 from lightning_moondream.api.retry import parse_retry_after
 
 KEY = "sk-test-5ecret-key-value"
@@ -66,6 +67,7 @@ def make_client(handler: Handler, **kwargs: Any) -> tuple[TuningClient, Recorder
         base_url=BASE,
         dialect="adapters",
         http_client=httpx.Client(transport=httpx.MockTransport(recorder)),
+        rate_limiter=RateLimiter(),  # the key's pace in this process: none of other tests'
         **kwargs,
     )
     slept: list[float] = []
@@ -81,6 +83,7 @@ def make_async_client(handler: Handler) -> tuple[AsyncTuningClient, Recorder, li
         base_url=BASE,
         dialect="adapters",
         http_client=httpx.AsyncClient(transport=httpx.MockTransport(recorder)),
+        rate_limiter=RateLimiter(),
     )
     slept: list[float] = []
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import httpx
 
 from lightning_moondream.api import operations as ops
-from lightning_moondream.api.core import ClientCore, Done
+from lightning_moondream.api.core import Attempts, ClientCore, Done
 from lightning_moondream.api.errors import TuningAPIError
 from lightning_moondream.api.inprocess import InProcessAsyncTransport
 from lightning_moondream.api.limits import DEFAULT_PAGE_SIZE
@@ -158,21 +158,25 @@ class AsyncTuningClient(ClientCore[httpx.AsyncClient]):
 
     async def _execute(self, operation: ops.Operation[T]) -> T:
         request = self._build_request(operation)
-        attempt = 0
+        attempts = Attempts()
+        delay: float | None = None  # before a retry: the wait it asks for
         while True:
+            turn = self.rate_limiter.reserve(delay or 0.0)
+            if delay is not None or turn.wait > 0:
+                await self._sleep(turn.wait)
             started = time.perf_counter()
             outcome: httpx.Response | httpx.RequestError
             try:
                 outcome = await self._http.send(request)
             except httpx.RequestError as exc:
                 outcome = exc
+            elapsed = time.perf_counter() - started
             step = self._settle(
-                operation, attempt, outcome, time.perf_counter() - started, len(request.content)
+                operation, attempts, outcome, turn.at, elapsed, len(request.content)
             )
             if isinstance(step, Done):
                 return step.value
-            await self._sleep(step)
-            attempt += 1
+            delay = step
 
     async def _drive(self, plan: Plan[T]) -> T:
         try:

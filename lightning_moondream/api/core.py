@@ -29,6 +29,7 @@ from lightning_moondream.api.errors import (
     TuningAPIError,
     error_class_for_status,
 )
+from lightning_moondream.api.limiter import RateLimiter, limiter_for
 from lightning_moondream.api.operations import Action, Dialect, Operation
 from lightning_moondream.api.plans import DialectChoice, DialectNegotiation, Plans, check_dialect
 from lightning_moondream.api.retry import (
@@ -84,6 +85,26 @@ class Done(Generic[T]):
     value: T
 
 
+@dataclass
+class Attempts:
+    """What one call's attempts have cost so far.
+
+    Attributes:
+        retries: Retries after failures, counted against ``max_retries``.
+        rate_limited: Retries after a 429, not counted against it.
+        rate_limited_wait: Seconds waited on 429s, bounded by ``max_rate_limited_wait``.
+    """
+
+    retries: int = 0
+    rate_limited: int = 0
+    rate_limited_wait: float = 0.0
+
+
+def retry_after_of(response: httpx.Response) -> float | None:
+    """The seconds a response's ``Retry-After`` asks to wait, if it says."""
+    return parse_retry_after(response.headers.get("retry-after"))
+
+
 class ClientCore(Generic[HttpClientT]):
     """Configuration, building requests and reading answers, for both clients.
 
@@ -101,6 +122,8 @@ class ClientCore(Generic[HttpClientT]):
         max_retries: int = 4,
         http_client: HttpClientT | None = None,
         dialect: DialectChoice = "auto",
+        requests_per_second: float | None = None,
+        rate_limiter: RateLimiter | None = None,
     ) -> None:
         check_dialect(dialect)
         self._api_key = resolve_api_key(api_key)
@@ -108,6 +131,10 @@ class ClientCore(Generic[HttpClientT]):
         self.timeout = timeout
         self.retry_policy = RetryPolicy(max_retries=max_retries)
         self.usage = UsageStats()
+        self.rate_limiter = rate_limiter or limiter_for(
+            self.base_url, self._api_key, requests_per_second
+        )
+        """The pace of this client's key, shared with every client of the key here."""
         self._plans = Plans(DialectNegotiation(dialect, self.base_url), self._scrub)
         self._owns_http = http_client is None
         self._http = http_client if http_client is not None else self._default_http_client()
@@ -148,6 +175,8 @@ class ClientCore(Generic[HttpClientT]):
             base_url=LOCAL_BASE_URL,
             http_client=cls._in_process_http_client(app, lambda: close_app(app)),
             dialect=dialect,
+            # The app serves this client alone, so its rate is this client's alone too.
+            rate_limiter=RateLimiter(),
         )
         # The transport serves an app made for this client alone: close it with the client.
         client._owns_http = True
@@ -211,7 +240,7 @@ class ClientCore(Generic[HttpClientT]):
                 text,
                 status_code=response.status_code,
                 request_id=request_id,
-                retry_after=parse_retry_after(response.headers.get("retry-after")),
+                retry_after=retry_after_of(response),
             )
         return error_class(text, status_code=response.status_code, request_id=request_id)
 
@@ -230,12 +259,21 @@ class ClientCore(Generic[HttpClientT]):
     def _settle(
         self,
         operation: Operation[T],
-        attempt: int,
+        attempts: Attempts,
         outcome: httpx.Response | httpx.RequestError,
+        sent_at: float,
         elapsed: float,
         bytes_sent: int,
     ) -> Done[T] | float:
         """Decide what an attempt's outcome means.
+
+        Args:
+            operation: What was sent.
+            attempts: What the call's attempts have cost so far; updated.
+            outcome: The answer, or why none came.
+            sent_at: When it was sent, on the rate limiter's clock.
+            elapsed: Seconds from sending to the full answer.
+            bytes_sent: Size of the body.
 
         Returns:
             ``Done`` with the result, or the seconds to wait before retrying.
@@ -245,13 +283,9 @@ class ClientCore(Generic[HttpClientT]):
         """
         self.usage.record_attempt(operation.endpoint, elapsed, bytes_sent)
         if isinstance(outcome, httpx.Response):
-            if outcome.is_success:
-                return Done(self._parse(operation, outcome))
-            if outcome.status_code == 404 and (
-                operation.absent_is_done or (attempt > 0 and operation.method == "DELETE")
-            ):
-                # Already gone: idempotent, or deleted by an attempt whose answer was lost.
-                return Done(operation.parse({}))
+            done = self._answered(operation, attempts, outcome, sent_at)
+            if done is not None:
+                return done
             error = self._status_error(operation, outcome)
             retryable = should_retry_status(operation.kind, outcome.status_code)
             # Only a 5xx leaves a state change in doubt; a 4xx is the server refusing.
@@ -260,16 +294,58 @@ class ClientCore(Generic[HttpClientT]):
             error = self._transport_error(operation, outcome)
             retryable = should_retry_transport(operation.kind, outcome)
             ambiguous = not retryable
-        if retryable and attempt < self.retry_policy.max_retries:
+        delay = self._retry_delay(attempts, outcome) if retryable else None
+        if delay is not None:
             self.usage.record_retry()
-            retry_after = None
-            if isinstance(outcome, httpx.Response):
-                retry_after = parse_retry_after(outcome.headers.get("retry-after"))
-            return self.retry_policy.delay(attempt, retry_after)
+            return delay
         self.usage.record_failure()
         if ambiguous and operation.kind is CallKind.STATE_CHANGING:
             raise AmbiguousRequestError(operation.label, error)
         raise error
+
+    def _answered(
+        self,
+        operation: Operation[T],
+        attempts: Attempts,
+        response: httpx.Response,
+        sent_at: float,
+    ) -> Done[T] | None:
+        """Tell the rate limiter about an answer; the result if it settles the call."""
+        limiter = self.rate_limiter
+        if response.status_code == 429:
+            self.usage.record_rate_limited()
+            limiter.record_rate_limited(sent_at, retry_after_of(response))
+        elif response.status_code < 500:
+            limiter.record_success()
+        self.usage.record_admitted_rate(limiter.rate)
+        if response.is_success:
+            return Done(self._parse(operation, response))
+        if response.status_code == 404 and (
+            operation.absent_is_done or (attempts.retries > 0 and operation.method == "DELETE")
+        ):
+            # Already gone: idempotent, or deleted by an attempt whose answer was lost.
+            return Done(operation.parse({}))
+        return None
+
+    def _retry_delay(
+        self, attempts: Attempts, outcome: httpx.Response | httpx.RequestError
+    ) -> float | None:
+        """The wait before retrying a retryable failure, or ``None`` to give up."""
+        policy = self.retry_policy
+        retry_after = retry_after_of(outcome) if isinstance(outcome, httpx.Response) else None
+        if isinstance(outcome, httpx.Response) and outcome.status_code == 429:
+            # The service asked to slow down: waited out, not counted as a failed attempt.
+            delay = policy.delay(attempts.rate_limited, retry_after)
+            if attempts.rate_limited_wait + delay > policy.max_rate_limited_wait:
+                return None
+            attempts.rate_limited += 1
+            attempts.rate_limited_wait += delay
+            return delay
+        if attempts.retries >= policy.max_retries:
+            return None
+        delay = policy.delay(attempts.retries, retry_after)
+        attempts.retries += 1
+        return delay
 
     def _parse(self, operation: Operation[T], response: httpx.Response) -> T:
         try:

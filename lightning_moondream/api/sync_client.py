@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import httpx
 
 from lightning_moondream.api import operations as ops
-from lightning_moondream.api.core import ClientCore, Done
+from lightning_moondream.api.core import Attempts, ClientCore, Done
 from lightning_moondream.api.errors import TuningAPIError
 from lightning_moondream.api.inprocess import InProcessTransport
 from lightning_moondream.api.limits import DEFAULT_PAGE_SIZE
@@ -162,6 +162,11 @@ class TuningClient(ClientCore[httpx.Client]):
         dialect: ``"adapters"`` (the spec), ``"finetunes"`` (Moondream Cloud's wire) or
             ``"auto"``: decided once, by the first call (``client.dialect`` then says
             which), with requests that a missing route refuses without acting.
+        requests_per_second: The rate the key is admitted at (Moondream Cloud: 2, or 10
+            once funded); unset, it is found from the service's 429s. It sets the pace
+            shared by every client of the key at this service in the process.
+        rate_limiter: A limiter of this client's own instead of the key's shared one
+            (``client.rate_limiter``; ``set_rate`` grants a process its share).
 
     Raises:
         MissingAPIKeyError: If no API key is given or set.
@@ -195,21 +200,25 @@ class TuningClient(ClientCore[httpx.Client]):
 
     def _execute(self, operation: ops.Operation[T]) -> T:
         request = self._build_request(operation)
-        attempt = 0
+        attempts = Attempts()
+        delay: float | None = None  # before a retry: the wait it asks for
         while True:
+            turn = self.rate_limiter.reserve(delay or 0.0)
+            if delay is not None or turn.wait > 0:
+                self._sleep(turn.wait)
             started = time.perf_counter()
             outcome: httpx.Response | httpx.RequestError
             try:
                 outcome = self._http.send(request)
             except httpx.RequestError as exc:
                 outcome = exc
+            elapsed = time.perf_counter() - started
             step = self._settle(
-                operation, attempt, outcome, time.perf_counter() - started, len(request.content)
+                operation, attempts, outcome, turn.at, elapsed, len(request.content)
             )
             if isinstance(step, Done):
                 return step.value
-            self._sleep(step)
-            attempt += 1
+            delay = step
 
     def _drive(self, plan: Plan[T]) -> T:
         try:
