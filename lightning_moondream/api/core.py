@@ -1,9 +1,10 @@
 """What both tuning clients share: configuration, requests, answers and errors.
 
 ``ClientCore`` holds a client's configuration (API key, base URL, timeouts, retry
-policy, dialect) and turns an ``Operation`` into an ``httpx.Request``, and an attempt's
-outcome into a result, a wait before the next attempt, or a typed error. It never sends
-and never sleeps: the synchronous and asynchronous clients do, each in its own way.
+policy, rate limiter, dialect) and turns an ``Operation`` into an ``httpx.Request``, and
+an attempt's outcome into a result, a wait before the next attempt, or a typed error,
+telling the rate limiter what the service answered. It never sends and never sleeps:
+the synchronous and asynchronous clients do, each in its own way.
 """
 
 from __future__ import annotations
