@@ -32,6 +32,7 @@ from lightning_moondream.api.errors import (
     TuningAPIError,
     UnsupportedFeatureError,
 )
+from lightning_moondream.api.limiter import RateLimiter
 from lightning_moondream.api.loop import BackgroundLoop
 from lightning_moondream.api.models import (
     Adapter,
@@ -83,6 +84,7 @@ __all__ = [
     "PointRequest",
     "QueryRequest",
     "RateLimitError",
+    "RateLimiter",
     "RetryPolicy",
     "Rollout",
     "RolloutCall",
