@@ -28,13 +28,13 @@ import httpx
 from pydantic import SecretStr
 
 from lightning_moondream.api import wire
-from lightning_moondream.api.client import (
+from lightning_moondream.api.core import (
     CONNECT_TIMEOUT,
     MIN_SCRUBBED_KEY,
     USER_AGENT,
     HttpClientT,
-    _server_message,
     resolve_api_key,
+    server_message,
 )
 from lightning_moondream.api.errors import (
     APIConnectionError,
@@ -59,7 +59,7 @@ from lightning_moondream.api.inference_models import (
     check_model,
 )
 from lightning_moondream.api.models import Settings
-from lightning_moondream.api.operations import DEFAULT_READ_TIMEOUT, Operation
+from lightning_moondream.api.operations import DEFAULT_READ_TIMEOUT, Action, Operation
 from lightning_moondream.api.pools import async_spread_client, spread_client
 from lightning_moondream.api.retry import (
     CallKind,
@@ -196,8 +196,10 @@ class _InferenceCore(Generic[HttpClientT]):
         if "model" not in body and self.model is not None:
             body["model"] = self.model
         return Operation(
+            Action.INFERENCE,
             "POST",
             call.path,
+            f"POST {call.path}",
             CallKind.SAFE,
             call.parse,
             json=body,
@@ -252,9 +254,7 @@ class _InferenceCore(Generic[HttpClientT]):
         label = self._label(operation)
         if isinstance(outcome, httpx.Response):
             request_id = outcome.headers.get("x-request-id") or outcome.headers.get("request-id")
-            text = self._scrub(
-                f"{label} answered {outcome.status_code}: {_server_message(outcome)}"
-            )
+            text = self._scrub(f"{label} answered {outcome.status_code}: {server_message(outcome)}")
             error_class = error_class_for_status(outcome.status_code)
             if error_class is RateLimitError:
                 return RateLimitError(

@@ -68,6 +68,7 @@ class Action(enum.Enum):
     READ_METRICS = "read_metrics"
     ROLLOUTS = "rollouts"
     TRAIN_STEP = "train_step"
+    INFERENCE = "inference"
 
 
 @dataclass(frozen=True)
