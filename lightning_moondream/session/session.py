@@ -10,6 +10,7 @@ session only reads it. Calls that take no collective are for one process; those 
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 import warnings
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
@@ -192,7 +193,12 @@ class Session:
 
     def _open(self) -> tuple[Adapter, bool, DialectChoice | None]:
         options = self.options
-        plan = AdapterPlan(options.name, options.rank, options.adapter_id, options.from_checkpoint)
+        name = options.name
+        if self._evaluating_only:
+            # A name is a finetune's identity on /finetunes: creating under the run's
+            # name would hand back (and later delete) the finetune a fit trained.
+            name = f"{name}-eval-{secrets.token_hex(4)}"
+        plan = AdapterPlan(name, options.rank, options.adapter_id, options.from_checkpoint)
         opened = self.connection.run(open_adapter(self.client, plan, self._resume, self._warn))
         # Opening an adapter settles an ``auto`` dialect.
         return (*opened, self.client.dialect)
