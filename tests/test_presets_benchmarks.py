@@ -22,8 +22,8 @@ from lightning_moondream.presets import BENCHMARKS, BenchmarkDataset, expand_nam
 from lightning_moondream.presets.registry import COUNT_PREFIX, DOC_SUFFIX, POPE_SUFFIX
 
 
-def _images(count: int) -> list[Image.Image]:
-    return [Image.new("RGB", (80, 60), (40 * i % 255, 90, 160)) for i in range(count)]
+def _images(count: int, size: tuple[int, int] = (80, 60)) -> list[Image.Image]:
+    return [Image.new("RGB", size, (40 * i % 255, 90, 160)) for i in range(count)]
 
 
 def _yes_no(question: str, answer: str) -> dict[str, str]:
@@ -80,16 +80,31 @@ ROWS: dict[str, dict[str, list[Any]]] = {
         "expression": [["the left cat", "cat on the left"], ["red car"]],
         "bbox": [[8, 6, 16, 12], [0, 0, 40, 30]],
     },
+    "naturalbench": {
+        "Question_0": ["Is the sky blue?", "Which animal? A. cat B. dog"],
+        "Question_1": ["Is the grass red?", "Which colour? A. red B. green"],
+        "Question_Type": ["yes_no", "multiple_choice"],
+        "Image_0_Question_0": ["Yes", "A"],
+        "Image_1_Question_0": ["No", "B"],
+        "Image_0_Question_1": ["No", "B"],
+        "Image_1_Question_1": ["Yes", "A"],
+    },
 }
 PROMPTS = {"countbenchqa": 2, "pope": 5, "chartqa": 3, "textvqa": 2, "docvqa": 2}
 PROMPTS |= {"mmstar": 2, "realworldqa": 2, "tallyqa": 2, "coco": 3, "refcoco": 3}
+PROMPTS |= {"naturalbench": 8}
+SECOND_IMAGE_SIZE = (40, 30)
 
 
 def save_benchmark(name: str, root: Path) -> Path:
     """Save the tiny dataset of ``name``: as parquet for two of them, else save_to_disk."""
     rows = ROWS[name]
-    dataset = datasets.Dataset.from_dict({"image": _images(2), **rows})
-    dataset = dataset.cast_column("image", datasets.Image())
+    columns = BENCHMARKS[name].images or ("image",)
+    sizes = [(80, 60), SECOND_IMAGE_SIZE]
+    images = {column: _images(2, size) for column, size in zip(columns, sizes, strict=False)}
+    dataset = datasets.Dataset.from_dict({**images, **rows})
+    for column in columns:
+        dataset = dataset.cast_column(column, datasets.Image())
     target = root / name
     if name in ("countbenchqa", "coco"):
         target.mkdir(parents=True)
@@ -141,6 +156,65 @@ def test_prompts_answers_boxes_and_groups_follow_moondream_scripts(benchmark_roo
     assert [v for b in people for v in (b.x_min, b.y_max)] == pytest.approx([0.0, 0.5, 0.5, 1.0])
     refer = BenchmarkDataset("refcoco", benchmark_root / "refcoco")
     assert [refer[i].object for i in range(3)] == ["the left cat", "cat on the left", "red car"]
+
+
+def test_pope_prompt_puts_answer_yes_or_no_on_its_own_line(benchmark_root: Path) -> None:
+    pope = BenchmarkDataset("pope", benchmark_root / "pope")
+    assert pope[0].question == "Is there a dog\nAnswer yes or no."
+
+
+def test_naturalbench_asks_both_questions_of_both_images(benchmark_root: Path) -> None:
+    bench = BenchmarkDataset("naturalbench", benchmark_root / "naturalbench")
+    first_row = [bench[i] for i in range(4)]
+    assert [sample.question for sample in first_row] == [
+        "Is the sky blue? Answer yes or no.",
+    ] * 2 + ["Is the grass red? Answer yes or no."] * 2
+    assert [s.encoded().image_size for s in first_row] == [(80, 60), SECOND_IMAGE_SIZE] * 2
+    assert [bench.group(i) for i in range(4)] == ["0/0/0", "0/1/0", "0/0/1", "0/1/1"]
+    # Multiple choice: the question as given.
+    assert [bench[i].question for i in (4, 6)] == [
+        "Which animal? A. cat B. dog", "Which colour? A. red B. green"
+    ]  # fmt: skip
+
+
+def test_naturalbench_reads_the_fourth_truth_from_image_0_question_1(
+    benchmark_root: Path,
+) -> None:
+    bench = BenchmarkDataset("naturalbench", benchmark_root / "naturalbench")
+    assert [bench[i].answers for i in range(4)] == [("Yes",), ("No",), ("No",), ("No",)]
+    # Answering every prompt with the dataset's own truths misses the fourth prompt.
+    truths = ["yes", "no", "no", "yes", "a", "b", "b", "a"]
+    metric = BENCHMARKS["naturalbench"].metric()
+    for index, answer in enumerate(truths):
+        metric.update({"answer": answer}, bench[index].target(), bench.group(index))
+    scores = {key: float(value) for key, value in metric.compute().items()}
+    assert scores == pytest.approx(
+        {
+            "accuracy": 6 / 8,
+            "question_accuracy": 2 / 4,
+            "image_accuracy": 2 / 4,
+            "group_accuracy": 0.0,
+        }
+    )
+
+
+def test_naturalbench_subset_takes_whole_rows(benchmark_root: Path) -> None:
+    for seed in range(4):
+        bench = BenchmarkDataset(
+            "naturalbench", benchmark_root / "naturalbench", limit=5, seed=seed
+        )
+        groups = [bench.group(i) for i in range(len(bench))]
+        rows = [group.split("/")[0] for group in groups]
+        assert len(groups) == 5
+        assert sorted(rows.count(row) for row in set(rows)) == [1, 4], groups
+
+
+def test_naturalbench_without_its_second_image_column_names_it(tmp_path: Path) -> None:
+    rows = {"Image_0": _images(2), **ROWS["naturalbench"]}
+    dataset = datasets.Dataset.from_dict(rows).cast_column("Image_0", datasets.Image())
+    datasets.DatasetDict({"train": dataset}).save_to_disk(str(tmp_path / "nb"))
+    with pytest.raises(DatasetError, match="benchmark naturalbench: no column 'Image_1'"):
+        BenchmarkDataset("naturalbench", tmp_path / "nb")
 
 
 def test_limit_takes_the_same_subset_for_a_seed(benchmark_root: Path) -> None:

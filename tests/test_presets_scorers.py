@@ -11,9 +11,9 @@ from lightning_moondream.presets.scorers import (
     eleven_point_ap,
     plain_match,
     relaxed_accuracy,
-    vqa_accuracy,
     yes_no,
 )
+from lightning_moondream.presets.vqa import vqa_accuracy
 
 
 def _box(x0: float, y0: float, x1: float, y1: float) -> dict[str, float]:

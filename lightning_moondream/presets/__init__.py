@@ -12,6 +12,7 @@ from lightning_moondream.presets.scorers import (
     BenchmarkMetric,
     DetectionScores,
     MeanScore,
+    PairedScores,
     ReferringScores,
     YesNoScores,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "BenchmarkMetric",
     "DetectionScores",
     "MeanScore",
+    "PairedScores",
     "ReferringScores",
     "YesNoScores",
     "expand_names",

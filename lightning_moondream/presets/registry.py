@@ -2,10 +2,13 @@
 
 Each :class:`Benchmark` names its Hugging Face dataset and split, how a row becomes
 prompts (the prompt prefix or suffix of Moondream's own evaluation script, the columns
-read), its skill and its scoring (:mod:`lightning_moondream.presets.scorers`). A
-:class:`BenchmarkDataset` opens the data (from the local cache, a ``save_to_disk`` folder
-or parquet files; never downloaded), expands rows into prompts, optionally takes a seeded
-subset, and yields ordinary samples, so anything that evaluates samples can run it.
+read), its skill and its scoring (:mod:`lightning_moondream.presets.scorers`). Prompts and
+headline scores follow Moondream's scripts (``moondream/eval``) to the letter, quirks
+included, so they are comparable with its published numbers; each preset's expansion
+function says which rule it follows. A :class:`BenchmarkDataset` opens the data (from the
+local cache, a ``save_to_disk`` folder or parquet files; never downloaded), expands rows
+into prompts, optionally takes a seeded subset, and yields ordinary samples, so anything
+that evaluates samples can run it.
 
 Name a benchmark as ``"pope"``, or ``"pope=/data/pope"`` to read it from a folder or file
 instead of the cache.
@@ -34,13 +37,15 @@ from lightning_moondream.presets.scorers import (
     BenchmarkMetric,
     DetectionScores,
     MeanScore,
+    PairedScores,
     ReferringScores,
     YesNoScores,
     anls,
+    pair_group,
     plain_match,
     relaxed_accuracy,
-    vqa_accuracy,
 )
+from lightning_moondream.presets.vqa import vqa_accuracy
 
 COUNT_PREFIX = (
     "Look at the image carefully and count the objects. Answer with just a number, "
@@ -55,7 +60,8 @@ TEXT_PREFIX = (
     "'unanswerable' only if there is no plausible answer. "
 )
 DOC_SUFFIX = " The answer should be a short text span taken verbatim from the document."
-POPE_SUFFIX = ". Answer yes or no."
+POPE_SUFFIX = "\nAnswer yes or no."
+YES_NO_SUFFIX = " Answer yes or no."
 CHOICE_SUFFIX = (
     " Please answer directly with only the letter of the correct option and nothing else."
 )
@@ -88,6 +94,7 @@ class Item:
         answers: Accepted answers (query).
         boxes: True boxes in pixel ``xyxy`` (detect).
         group: The group it is scored in (``""`` for none).
+        image: The row's image column asked about (``""``: the benchmark's one image).
     """
 
     row: int
@@ -95,6 +102,7 @@ class Item:
     answers: tuple[str, ...] = ()
     boxes: tuple[tuple[float, float, float, float], ...] = ()
     group: str = ""
+    image: str = ""
 
 
 Expand = Callable[[Mapping[str, Any], int], list[Item]]
@@ -114,6 +122,9 @@ class Benchmark:
         expand: ``expand(row, index)``: the row's prompts.
         metric: Builds a fresh metric of the benchmark.
         metric_names: The headline metrics, for documentation.
+        images: The image columns of a row with several images; empty for the one
+            image column found in the dataset.
+        whole_rows: A row's prompts are scored together, so a subset takes whole rows.
     """
 
     name: str
@@ -125,6 +136,8 @@ class Benchmark:
     expand: Expand
     metric: Callable[[], BenchmarkMetric]
     metric_names: tuple[str, ...]
+    images: tuple[str, ...] = ()
+    whole_rows: bool = False
 
 
 def _first(function: Callable[[str | None, str], float]) -> Callable[..., float]:
@@ -143,10 +156,21 @@ def _qa_list(row: Mapping[str, Any], column: str, index: int) -> list[Mapping[st
 
 
 def _countbench(row: Mapping[str, Any], index: int) -> list[Item]:
+    """CountBenchQA's prompts, as its script asks and scores them.
+
+    ``COUNT_PREFIX + question``; right when the answer, stripped and lowercased, equals
+    ``str(number)`` (``"three"`` for 3 is wrong).
+    """
     return [Item(index, COUNT_PREFIX + str(row["question"]), (str(row["number"]),))]
 
 
 def _pope(row: Mapping[str, Any], index: int) -> list[Item]:
+    r"""POPE's prompts, as its script asks and scores them.
+
+    ``f"{question}\nAnswer yes or no."`` per question of each split; right when the
+    stripped, lowercased answer equals the label, per split (``"Yes, there is"`` is
+    wrong): see :class:`YesNoScores`.
+    """
     return [
         Item(index, str(qa["question"]) + POPE_SUFFIX, (str(qa["answer"]),), group=group)
         for group in POPE_GROUPS
@@ -155,6 +179,12 @@ def _pope(row: Mapping[str, Any], index: int) -> list[Item]:
 
 
 def _chartqa(row: Mapping[str, Any], index: int) -> list[Item]:
+    """ChartQA's prompts, as its script asks and scores them.
+
+    ``CHART_PREFIX + question``; relaxed accuracy, element by element when the answer and
+    the truth are JSON lists of one length (:func:`relaxed_accuracy`); over the ``human``
+    questions and over all.
+    """
     return [
         Item(
             index,
@@ -167,11 +197,20 @@ def _chartqa(row: Mapping[str, Any], index: int) -> list[Item]:
 
 
 def _textvqa(row: Mapping[str, Any], index: int) -> list[Item]:
+    """TextVQA's prompts, as its script asks and scores them.
+
+    ``TEXT_PREFIX + question``; the VQA score against the human answers
+    (:func:`lightning_moondream.presets.vqa.vqa_accuracy`).
+    """
     answers = tuple(str(answer) for answer in row["answers"])
     return [Item(index, TEXT_PREFIX + str(row["question"]), answers)]
 
 
 def _docvqa(row: Mapping[str, Any], index: int) -> list[Item]:
+    """DocVQA's prompts, as its script asks and scores them.
+
+    ``question + DOC_SUFFIX``; ANLS, the best over the accepted answers (:func:`anls`).
+    """
     return [
         Item(index, str(qa["question"]) + DOC_SUFFIX, tuple(str(a) for a in qa["answers"]))
         for qa in _qa_list(row, "qa", index)
@@ -179,14 +218,29 @@ def _docvqa(row: Mapping[str, Any], index: int) -> list[Item]:
 
 
 def _realworldqa(row: Mapping[str, Any], index: int) -> list[Item]:
+    """RealWorldQA's prompts, as its script asks and scores them.
+
+    The question as given, no prefix or suffix; right when the answer, stripped and
+    lowercased, equals the true letter.
+    """
     return [Item(index, str(row["question"]), (str(row["answer"]),))]
 
 
 def _mmstar(row: Mapping[str, Any], index: int) -> list[Item]:
+    """MMStar's prompts, as its script asks and scores them.
+
+    ``question + CHOICE_SUFFIX``; right when the answer, stripped and lowercased, equals
+    the true letter (``"A."`` is wrong).
+    """
     return [Item(index, str(row["question"]) + CHOICE_SUFFIX, (str(row["answer"]),))]
 
 
 def _tallyqa(row: Mapping[str, Any], index: int) -> list[Item]:
+    """TallyQA's prompts, as its script asks and scores them.
+
+    ``COUNT_PREFIX + question``; stripped, lowercased equality with ``str(answer)``, over
+    all questions (the script's full accuracy) and over the simple ones.
+    """
     return [
         Item(
             index,
@@ -198,12 +252,50 @@ def _tallyqa(row: Mapping[str, Any], index: int) -> list[Item]:
     ]
 
 
+NATURALBENCH_ANSWER_COLUMNS = {
+    (0, 0): "Image_0_Question_0",
+    (1, 0): "Image_1_Question_0",
+    (0, 1): "Image_0_Question_1",
+    (1, 1): "Image_0_Question_1",
+}
+"""The truth of (image, question) as Moondream's script reads it: the second image's
+answer to the second question is read from ``Image_0_Question_1``, as there, since the
+published numbers are scored so."""
+NATURALBENCH_COLUMNS = frozenset(NATURALBENCH_ANSWER_COLUMNS.values())
+
+
+def _naturalbench(row: Mapping[str, Any], index: int) -> list[Item]:
+    """NaturalBench's prompts, as its script asks and scores them.
+
+    Questions 0 and 1 asked of images 0 and 1, with ``YES_NO_SUFFIX`` when
+    ``Question_Type`` is ``yes_no``; scored in groups of four by :class:`PairedScores`
+    against :data:`NATURALBENCH_ANSWER_COLUMNS`.
+    """
+    suffix = YES_NO_SUFFIX if row["Question_Type"] == "yes_no" else ""
+    return [
+        Item(
+            index,
+            str(row[f"Question_{question}"]) + suffix,
+            (str(row[NATURALBENCH_ANSWER_COLUMNS[image, question]]),),
+            group=pair_group(index, image, question),
+            image=f"Image_{image}",
+        )
+        for question in (0, 1)
+        for image in (0, 1)
+    ]
+
+
 def _xyxy(xywh: Sequence[float]) -> tuple[float, float, float, float]:
     x, y, width, height = (float(value) for value in xywh)
     return (x, y, x + width, y + height)
 
 
 def _coco(row: Mapping[str, Any], index: int) -> list[Item]:
+    """COCO's prompts, as Moondream's COCO script asks and scores them.
+
+    One detect prompt per label present, its COCO category name; Moondream's 11-point AP
+    per image and label (:class:`DetectionScores`).
+    """
     objects = row["objects"]
     if isinstance(objects, str):
         objects = json.loads(objects)
@@ -218,6 +310,11 @@ _EXPRESSION_COLUMNS = ("expression", "sentence", "sentences", "answer", "questio
 
 
 def _refcoco(row: Mapping[str, Any], index: int) -> list[Item]:
+    """RefCOCO's prompts: one detect prompt per referring expression.
+
+    Moondream publishes no script for it: scored as referring-expression benchmarks
+    are, the first box against the true one at IoU >= 0.5 (:class:`ReferringScores`).
+    """
     column = next((name for name in _EXPRESSION_COLUMNS if row.get(name)), None)
     if column is None:
         raise DatasetError(
@@ -245,7 +342,7 @@ BENCHMARKS: dict[str, Benchmark] = {
             "pope", "vikhyatk/POPE", "test", "query",
             "object hallucination: yes/no questions about objects present or absent",
             POPE_GROUPS, _pope, _pope_metric,
-            ("accuracy", "f1", "accuracy_<group>", "f1_<group>"),
+            ("accuracy", "f1", "accuracy_<group>", "f1_<group>", "accuracy_lenient"),
         ),
         Benchmark(
             "chartqa", "vikhyatk/chartqa", "test", "query",
@@ -283,6 +380,14 @@ BENCHMARKS: dict[str, Benchmark] = {
             ("qa",), _tallyqa,
             lambda: MeanScore("accuracy", _first(plain_match), ("simple", "complex")),
             ("accuracy", "accuracy_simple", "accuracy_complex"),
+        ),
+        Benchmark(
+            "naturalbench", "BaiqiL/NaturalBench", "train", "query",
+            "two questions asked of two images whose right answers differ, in groups of four",
+            ("Question_0", "Question_1", "Question_Type", *sorted(NATURALBENCH_COLUMNS)),
+            _naturalbench, PairedScores,
+            ("accuracy", "question_accuracy", "image_accuracy", "group_accuracy"),
+            images=("Image_0", "Image_1"), whole_rows=True,
         ),
         Benchmark(
             "coco", "moondream/coco-val-2017-bbox-cleaned", "validation", "detect",
@@ -324,6 +429,24 @@ def expand_names(specs: Sequence[str]) -> list[str]:
     return names
 
 
+def _subset(items: list[Item], limit: int, seed: int, *, whole_rows: bool) -> list[Item]:
+    """A seeded subset of ``limit`` items, in their order.
+
+    With ``whole_rows`` the rows are drawn in a seeded order and all their items taken
+    until ``limit``; only the last row drawn may be cut.
+    """
+    generator = random.Random(seed)
+    if not whole_rows:
+        chosen = generator.sample(range(len(items)), limit)
+    else:
+        by_row: dict[int, list[int]] = {}
+        for position, item in enumerate(items):
+            by_row.setdefault(item.row, []).append(position)
+        drawn = generator.sample(sorted(by_row), len(by_row))
+        chosen = [position for row in drawn for position in by_row[row]][:limit]
+    return [items[position] for position in sorted(chosen)]
+
+
 class BenchmarkDataset(Dataset):
     """A benchmark's prompts as samples, with each sample's group for scoring.
 
@@ -331,7 +454,8 @@ class BenchmarkDataset(Dataset):
         benchmark: The benchmark, or its spec (``"pope"``, ``"pope=/data/pope"``).
         source: Where to read it: a folder, file or hub name; default the benchmark's
             dataset, from the local cache.
-        limit: Keep a seeded random subset of this many prompts (all if ``None``).
+        limit: Keep a seeded random subset of this many prompts (all if ``None``); of
+            whole rows where a row's prompts are scored together.
         seed: Seed of the subset.
 
     Raises:
@@ -361,8 +485,12 @@ class BenchmarkDataset(Dataset):
                 f"{where}: {exc}; or pass {benchmark.name}=FOLDER (a save_to_disk folder or "
                 "parquet files)"
             ) from exc
-        self.image = image_column(opened, None, where)
-        self.rows = undecoded(opened, self.image)
+        images = benchmark.images or (image_column(opened, None, where),)
+        rows = opened
+        for column in images:
+            rows = undecoded(rows, image_column(opened, column, where))
+        self.image = images[0]
+        self.rows = rows
         present = [name for name in benchmark.columns if name in self.rows.column_names]
         items: list[Item] = []
         for index, row in enumerate(self.rows.select_columns(present)):
@@ -374,8 +502,7 @@ class BenchmarkDataset(Dataset):
                     f"expected columns ({', '.join(benchmark.columns)}): {exc!r}"
                 ) from exc
         if limit is not None and limit < len(items):
-            chosen = sorted(random.Random(seed).sample(range(len(items)), limit))
-            items = [items[position] for position in chosen]
+            items = _subset(items, limit, seed, whole_rows=benchmark.whole_rows)
         self.items = items
 
     def __len__(self) -> int:
@@ -388,7 +515,8 @@ class BenchmarkDataset(Dataset):
     def __getitem__(self, index: int) -> QuerySample | DetectSample:
         item = self.items[index]
         sample_id = f"{self.benchmark.name}/{item.row}#{index}"
-        image = image_value(self.rows[item.row][self.image], f"{sample_id} row {item.row}")
+        column = item.image or self.image
+        image = image_value(self.rows[item.row][column], f"{sample_id} row {item.row}")
         if self.benchmark.skill == "detect":
             return DetectSample.from_pixels(image, item.prompt, item.boxes, id=sample_id)
         return QuerySample(image=image, question=item.prompt, answers=item.answers, id=sample_id)

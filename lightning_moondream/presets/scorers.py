@@ -2,19 +2,21 @@
 
 The functions score one answer as Moondream's evaluation scripts do:
 
-- :func:`plain_match`: stripped, lowercased equality (CountBenchQA, TallyQA, RealWorldQA);
-- :func:`yes_no`: the first word of an answer read as ``yes``/``no`` (POPE);
+- :func:`plain_match`: stripped, lowercased equality (CountBenchQA, TallyQA, RealWorldQA,
+  MMStar, NaturalBench);
+- :func:`exact_yes_no`: the stripped, lowercased answer is exactly ``yes`` or ``no``
+  (POPE); :func:`yes_no` reads the first word instead, for a lenient extra;
 - :func:`relaxed_accuracy`: within 5% for numbers (``"12%"`` is 0.12), exact otherwise;
   JSON lists of the same length element-wise (ChartQA);
-- :func:`vqa_accuracy`: ``min(1, matches / 3)`` over the human answers, after the answer
-  normalization of :func:`lightning_moondream.rewards.normalize_answer` (TextVQA);
+- :func:`lightning_moondream.presets.vqa.vqa_accuracy`: the VQA score (TextVQA);
 - :func:`anls`: 1 - normalized Levenshtein distance, 0 below 0.5, best over the
   accepted answers (DocVQA);
 - :func:`eleven_point_ap`: the AP of one image and label with every box at confidence 1.0
   and greedy matching at IoU 0.5 (Moondream's COCO protocol).
 
-The metrics keep summed states only (per group, in a fixed group order), so they are
-exact when synchronized across processes.
+The metrics keep summed states (per group, in a fixed group order), so they are exact
+when synchronized across processes; :class:`PairedScores`, whose groups of four may be
+answered in different processes, keeps each answer and joins them after synchronizing.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
 
 from lightning_moondream.metrics import DetectionMAP
 from lightning_moondream.rewards import BoxesLike, as_boxes, box_iou, normalize_answer
@@ -35,6 +38,9 @@ from lightning_moondream.rewards import BoxesLike, as_boxes, box_iou, normalize_
 RELAXED_TOLERANCE = 0.05
 ANLS_THRESHOLD = 0.5
 AP_IOU_THRESHOLD = 0.5
+YES_NO = ("yes", "no")
+RECALL_LEVELS = np.arange(0, 1.1, 0.1)
+"""The 11 recall levels of the AP, as floats: 0.3, 0.6 and 0.7 land a little above."""
 
 
 # Per-answer functions ------------------------------------------------------------------
@@ -47,15 +53,21 @@ def plain_match(prediction: str | None, answer: str) -> float:
     return float(prediction.strip().lower() == answer.strip().lower())
 
 
+def exact_yes_no(prediction: str | None) -> str | None:
+    """``"yes"`` or ``"no"`` if the answer, stripped and lowercased, is exactly one."""
+    text = (prediction or "").strip().lower()
+    return text if text in YES_NO else None
+
+
 def yes_no(prediction: str | None) -> str | None:
-    """``"yes"`` or ``"no"`` if the answer's first word is one, else ``None``."""
+    """``"yes"`` or ``"no"`` if the answer's first word is one, else ``None`` (lenient)."""
     words = normalize_answer(prediction or "").split()
-    return words[0] if words and words[0] in ("yes", "no") else None
+    return words[0] if words and words[0] in YES_NO else None
 
 
 def _number(text: str) -> float | None:
     try:
-        return float(text[:-1]) / 100.0 if text.endswith("%") else float(text)
+        return float(text.rstrip("%")) / 100.0 if text.endswith("%") else float(text)
     except ValueError:
         return None
 
@@ -72,7 +84,7 @@ def relaxed_match(prediction: str, target: str, tolerance: float = RELAXED_TOLER
 def _as_list(text: str) -> list[Any] | None:
     try:
         value = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     return value if isinstance(value, list) else None
 
@@ -91,15 +103,6 @@ def relaxed_accuracy(prediction: str | None, answer: str) -> float:
     return float(
         all(relaxed_match(str(p), str(e)) for p, e in zip(predicted, expected, strict=True))
     )
-
-
-def vqa_accuracy(prediction: str | None, answers: Sequence[str]) -> float:
-    """VQA accuracy: ``min(1, n / 3)`` for ``n`` human answers equal after normalization."""
-    if prediction is None:
-        return 0.0
-    predicted = normalize_answer(prediction)
-    matches = sum(normalize_answer(answer) == predicted for answer in answers)
-    return min(1.0, matches / 3.0)
 
 
 def levenshtein(first: str, second: str) -> int:
@@ -142,7 +145,9 @@ def eleven_point_ap(
 
     Every predicted box has confidence 1.0 and keeps its order; each is matched greedily
     to the unmatched true box of highest IoU, a hit at ``iou_threshold`` or above. AP is
-    the 11-point interpolated average (recall 0, 0.1, ..., 1.0). 0.0 without true boxes.
+    the 11-point interpolated average over :data:`RECALL_LEVELS`, the levels as the script
+    makes them: a recall of exactly 0.3, 0.6 or 0.7 (3 of 10 boxes) falls short of the level
+    ``0.30000000000000004`` etc., and published numbers carry this. 0.0 without true boxes.
     """
     pred, true = as_boxes(predicted), as_boxes(target)
     if len(true) == 0:
@@ -160,10 +165,10 @@ def eleven_point_ap(
     recalls = true_positives / len(true)
     precisions = true_positives / np.arange(1, len(pred) + 1)
     total = 0.0
-    for level in np.linspace(0.0, 1.0, 11):
-        reached = precisions[recalls >= level - 1e-12]
+    for level in RECALL_LEVELS:
+        reached = precisions[recalls >= level]
         total += float(reached.max()) if len(reached) else 0.0
-    return total / 11.0
+    return total / len(RECALL_LEVELS)
 
 
 # Metrics ----------------------------------------------------------------------------------
@@ -278,37 +283,44 @@ class MeanScore(BenchmarkMetric):
 class YesNoScores(BenchmarkMetric):
     """Yes/no accuracy and F1 (``yes`` the positive class), overall and per group (POPE).
 
-    An answer that is neither yes nor no counts as wrong: a false negative when the
-    truth is yes, a false positive when it is no.
+    As Moondream's POPE script: an answer is right when, stripped and lowercased, it
+    equals the lowercased label (:func:`exact_yes_no`); ``"Yes, there is"`` and ``"No."``
+    are wrong. Anything but exactly ``yes`` or ``no`` counts as wrong for F1 too: a false
+    negative when the truth is yes, a false positive when it is no. ``accuracy_lenient``
+    reads the answer's first word instead (:func:`yes_no`); it is not comparable with
+    published numbers.
     """
 
     counts: Tensor
+    lenient: Tensor
 
     def __init__(self, groups: Sequence[str] = (), **kwargs: Any) -> None:
         super().__init__(groups, **kwargs)
+        rows = len(self.groups) + 1
         # Per row (overall, then each group): true/false positives, false/true negatives.
-        self.add_state(
-            "counts",
-            torch.zeros(len(self.groups) + 1, 4, dtype=torch.float64),
-            dist_reduce_fx="sum",
-        )
+        self.add_state("counts", torch.zeros(rows, 4, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("lenient", torch.zeros(rows, dtype=torch.float64), dist_reduce_fx="sum")
 
     def _add(self, observed: Observation) -> None:
         """Read ``output["answer"]`` against ``target["answers"][0]`` (yes or no)."""
         answers = observed.target.get("answers") or [""]
-        truth = yes_no(answers[0])
-        if truth is None:
+        truth = answers[0].lower()
+        if truth not in YES_NO:
             raise ValueError(f"a yes/no target needs 'yes' or 'no', got {answers}")
-        answer = yes_no(observed.output.get("answer"))
-        hit = answer == truth
+        answer = observed.output.get("answer")
+        hit = exact_yes_no(answer) == truth
         # Columns: true positive, false positive, false negative, true negative.
         cell = (0 if hit else 2) if truth == "yes" else (3 if hit else 1)
         index = self._group_index(observed.group)
         for row in [0] if index is None else [0, index + 1]:
             self.counts[row, cell] += 1
+            self.lenient[row] += float(yes_no(answer) == truth)
 
     def compute(self) -> dict[str, Tensor]:
-        """``accuracy``, ``f1``, ``precision``, ``recall``, and ``accuracy_<group>`` etc."""
+        """``accuracy``, ``f1``, ``precision``, ``recall``, ``accuracy_lenient``, per group too.
+
+        Per group: ``accuracy_<group>``, ``f1_<group>``, ``accuracy_lenient_<group>``.
+        """
         result: dict[str, Tensor] = {}
         for row, suffix in enumerate(("", *(f"_{group}" for group in self.groups))):
             tp, fp, fn, tn = self.counts[row]
@@ -322,6 +334,8 @@ class YesNoScores(BenchmarkMetric):
             result[f"f1{suffix}"] = 2 * precision * recall / both if both > 0 else both
             if not row:
                 result["precision"], result["recall"] = precision, recall
+            lenient = self.lenient[row]
+            result[f"accuracy_lenient{suffix}"] = lenient / total if total > 0 else lenient
         return result
 
 
@@ -392,3 +406,85 @@ class ReferringScores(BenchmarkMetric):
         if prompts == 0:
             return {"accuracy": prompts, "miou": prompts.clone()}
         return {"accuracy": hits / prompts, "miou": iou_sum / prompts}
+
+
+def pair_group(row: int, image: int, question: int) -> str:
+    """The group of a prompt scored in its row's group of four: ``"ROW/IMAGE/QUESTION"``."""
+    return f"{row}/{image}/{question}"
+
+
+def _pair_place(group: str) -> tuple[int, int, int]:
+    try:
+        row, image, question = (int(part) for part in group.split("/"))
+    except ValueError:
+        raise ValueError(f"group {group!r} is not 'ROW/IMAGE/QUESTION'") from None
+    if image not in (0, 1) or question not in (0, 1):
+        raise ValueError(f"group {group!r}: image and question are 0 or 1")
+    return row, image, question
+
+
+PAIRED_UNITS = {
+    "question_accuracy": ((0, 1), (2, 3)),
+    "image_accuracy": ((0, 2), (1, 3)),
+    "group_accuracy": ((0, 1, 2, 3),),
+}
+"""The places (``2 * question + image``) scored together, by the metric they make."""
+
+
+class PairedScores(BenchmarkMetric):
+    """Accuracies of two questions asked of two images, in groups of four (NaturalBench).
+
+    Each row asks question 0 and question 1 of image 0 and image 1; an answer is right
+    when, stripped and lowercased, it equals the stripped, lowercased truth
+    (:func:`plain_match`). Each prompt's group is :func:`pair_group` of its row, image
+    and question. As Moondream's NaturalBench script computes them:
+
+    - ``accuracy``: the share of right answers;
+    - ``question_accuracy``: the share of (row, question) pairs right on both images;
+    - ``image_accuracy``: the share of (row, image) pairs right on both questions;
+    - ``group_accuracy``: the share of rows right on all four.
+
+    Pairs and rows count only when all their prompts were scored (a subset may cut a
+    row); a key whose pairs or rows are all incomplete is left out. The prompts of a row
+    may be scored in different processes, so each answer is kept (row, place, right)
+    and the states are concatenated when synchronized, then joined per row.
+    """
+
+    answers: list[Tensor]
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__((), **kwargs)
+        self.add_state("answers", [], dist_reduce_fx="cat")
+        # Row numbers stay exact, and a process with no answer joins with this dtype too.
+        self.set_dtype(torch.float64)
+
+    def _add(self, observed: Observation) -> None:
+        """Score ``output["answer"]`` against ``target["answers"][0]`` at its group's place."""
+        row, image, question = _pair_place(observed.group)
+        answers = observed.target.get("answers") or [""]
+        right = plain_match(observed.output.get("answer"), answers[0])
+        place = 2 * question + image
+        self.answers.append(torch.tensor([row, place, right], dtype=self.dtype))
+
+    def compute(self) -> dict[str, Tensor]:
+        """``accuracy``, and ``question_accuracy``, ``image_accuracy``, ``group_accuracy``."""
+        scored = dim_zero_cat(self.answers) if len(self.answers) else torch.zeros(0)
+        rows: dict[int, dict[int, bool]] = {}
+        for row, place, right in scored.reshape(-1, 3).tolist():
+            rows.setdefault(int(row), {})[int(place)] = bool(right)
+        rights = [right for places in rows.values() for right in places.values()]
+        result = {"accuracy": torch.tensor(_share(rights), dtype=torch.float64)}
+        for name, unit_places in PAIRED_UNITS.items():
+            outcomes = [
+                all(places[place] for place in unit)
+                for places in rows.values()
+                for unit in unit_places
+                if all(place in places for place in unit)
+            ]
+            if outcomes:
+                result[name] = torch.tensor(_share(outcomes), dtype=torch.float64)
+        return result
+
+
+def _share(outcomes: Sequence[bool]) -> float:
+    return sum(outcomes) / len(outcomes) if outcomes else 0.0

@@ -2,7 +2,8 @@
 
 Each task has ``data.image`` (or another single string field) naming the image as Label
 Studio stores it, and ``annotations``, each with a ``result`` list. The first annotation
-not cancelled is read; each result item is one region:
+not cancelled is read (a task without annotations: its first prediction, the
+pre-annotations a model made); each result item is one region:
 
 - ``type: rectanglelabels``: ``value.x``, ``value.y`` (top-left corner), ``value.width``,
   ``value.height`` in percent of ``original_width`` / ``original_height``, turned by
@@ -101,15 +102,17 @@ def _image_reference(task: Mapping[str, Any], where: str) -> str:
 
 
 def _chosen_results(task: Mapping[str, Any], where: str) -> list[Any]:
-    annotations = task.get("annotations", [])
-    if not isinstance(annotations, list):
-        raise DatasetError(f"{where}: 'annotations' must be a list")
-    for annotation in annotations:
-        if isinstance(annotation, dict) and not annotation.get("was_cancelled"):
-            results = annotation.get("result", [])
-            if not isinstance(results, list):
-                raise DatasetError(f"{where}: 'result' must be a list")
-            return results
+    # A task nobody has annotated yet keeps its pre-annotations as predictions.
+    for key in ("annotations", "predictions"):
+        entries = task.get(key, [])
+        if not isinstance(entries, list):
+            raise DatasetError(f"{where}: {key!r} must be a list")
+        for entry in entries:
+            if isinstance(entry, dict) and not entry.get("was_cancelled"):
+                results = entry.get("result", [])
+                if not isinstance(results, list):
+                    raise DatasetError(f"{where}: 'result' must be a list")
+                return results
     return []
 
 
