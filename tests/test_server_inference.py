@@ -17,7 +17,7 @@ from moondream.finetune import Finetune
 from moondream.types import Base64EncodedImage
 from support import serving
 
-from lightning_moondream.api import NotFoundError, TuningClient
+from lightning_moondream.api import AsyncTuningClient, NotFoundError, TuningClient
 from lightning_moondream.api.errors import InvalidRequestError, TuningAPIError
 from lightning_moondream.api.inference import AsyncInferenceClient, InferenceClient
 from lightning_moondream.api.inference_models import checkpoint_model_id, model_id
@@ -296,6 +296,8 @@ def test_an_expired_checkpoint_is_not_found(tmp_path: Path) -> None:
         ("/query", {"question": "q", "settings": {"temperature": 5}}, 422, "settings.temperature"),
         ("/caption", {"length": "medium"}, 422, "length: must be one of short, normal, long"),
         ("/caption", {"settings": {"max_objects": 2}}, 422, "settings.max_objects"),
+        ("/caption", {"settings": {"max_tokens": 0}}, 422, "settings.max_tokens"),
+        ("/caption", {"image_url": None}, 422, "image_url: field required"),
         ("/detect", {"object": "x", "image_url": "data:image/png;base64,AAAA"}, 400, "image_url"),
     ],
 )
@@ -383,6 +385,21 @@ def test_local_clients_answer_in_process() -> None:
             return answer.answer, "".join(chunks)
 
     assert asyncio.run(run()) == ("yes", "yes")
+
+    async def shared() -> list[Any]:
+        async with AsyncTuningClient.local(policy="constant") as tuning:
+            finetune = await tuning.adapters.create("shared", rank=16)
+            saved = await tuning.checkpoints.save(finetune.adapter_id)
+            inference = AsyncInferenceClient.for_tuning(tuning)
+            answer = await inference.detect(
+                prompt.image.image_url, "circle", model=checkpoint_model_id(saved.ref)
+            )
+            await inference.close()
+            # Closing the inference client leaves the tuning client's service open.
+            await tuning.adapters.get(finetune.adapter_id)
+            return answer.objects
+
+    assert asyncio.run(shared())
 
 
 def test_auth_limits_and_faults_apply_to_inference(tmp_path: Path) -> None:

@@ -273,16 +273,16 @@ class Inference:
             raise ServiceError(
                 422, f"length: must be one of {', '.join(CAPTION_LENGTHS)}, got {length!r}"
             )
-        if "image_url" not in fields:
-            raise ServiceError(422, "image_url: field required")
+        if fields.get("image_url") is None:
+            raise ServiceError(422, "image_url: field required (a base64 data URL)")
         settings = fields.get("settings")
         if isinstance(settings, dict) and "max_objects" in settings:
             raise ServiceError(422, "settings.max_objects: only valid for detect, not caption")
-        max_words = settings.get("max_tokens") if isinstance(settings, dict) else None
-        if isinstance(settings, dict):
-            fields["settings"] = {k: v for k, v in settings.items() if k != "max_tokens"}
         # Validates the image and settings once, before any model work.
-        self.service.parse_request({**fields, "skill": "query", "question": "caption"}, "body")
+        checked = self.service.parse_request({**fields, "skill": "query", "question": "?"}, "body")
+        if isinstance(settings, dict):
+            # max_tokens bounds the caption, not the answers it is built from.
+            fields["settings"] = {k: v for k, v in settings.items() if k != "max_tokens"}
         state = await self.weights(owner, body.get("model"))
         describer = _Describer(self, state, fields)
         counts = {shape: await describer.count(shape) for shape in SHAPES}
@@ -292,9 +292,9 @@ class Inference:
             else {}
         )
         words = _caption(counts, colors, length).split(" ")
-        cut = isinstance(max_words, int) and 0 < max_words < len(words)
+        cut = checked.max_tokens < len(words)
         if cut:
-            words = words[:max_words]
+            words = words[: checked.max_tokens]
         return Caption(
             _request_id("caption"),
             " ".join(words),
