@@ -207,7 +207,9 @@ class Inference:
         store = self.service.store
 
         def read() -> AdapterState:
-            return AdapterState.from_dict(store.load_state(store.checkpoint_path(checkpoint_id)))
+            saved = AdapterState.from_dict(store.load_state(store.checkpoint_path(checkpoint_id)))
+            # Answering needs the weights only: the optimizer's moments are not kept.
+            return AdapterState(saved.rank, saved.weights)
 
         try:
             state = await anyio.to_thread.run_sync(read)
