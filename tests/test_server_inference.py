@@ -164,6 +164,10 @@ def test_query_and_caption_stream_what_they_answer(trained: Trained) -> None:
     answer = vl.query(prompt.image, prompt.question, settings=GREEDY)["answer"]
     streamed = vl.query(prompt.image, prompt.question, stream=True, settings=GREEDY)["answer"]
     assert "".join(streamed) == answer == trained.rollouts[3][0]["answer"]
+    # Without an image, the policy reads a blank one, as a query rollout without one does.
+    blind = vl.query(question=prompt.question, settings=GREEDY)["answer"]
+    (rollout,) = trained.ft.rollouts("query", question=prompt.question, settings=GREEDY)["rollouts"]
+    assert blind == rollout["output"]["answer"]
     captions = {}
     for length in ("short", "normal", "long"):
         caption = vl.caption(prompt.image, length=length, settings=GREEDY)["caption"]
