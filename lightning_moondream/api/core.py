@@ -168,13 +168,11 @@ class ClientCore(Generic[HttpClientT]):
             ValueError: For an unknown dialect name, before the service is made.
         """
         check_dialect(dialect)
-        from lightning_moondream.server import close_app, create_app
-
-        app = create_app(data_dir=data_dir, **service_options)
+        app, close = local_app(data_dir, service_options)
         client = cls(
             api_key=LOCAL_API_KEY,
             base_url=LOCAL_BASE_URL,
-            http_client=cls._in_process_http_client(app, lambda: close_app(app)),
+            http_client=cls._in_process_http_client(app, close),
             dialect=dialect,
             # The app serves this client alone, so its rate is this client's alone too.
             rate_limiter=RateLimiter(),
@@ -371,6 +369,16 @@ class ClientCore(Generic[HttpClientT]):
             self.usage.record_success(rollouts=len(result), images=operation.images)
         elif operation.action is Action.TRAIN_STEP:
             self.usage.record_success(train_steps=1)
+
+
+def local_app(
+    data_dir: str | Path | None, service_options: dict[str, Any]
+) -> tuple[Any, Callable[[], None]]:
+    """A local service app made for one client, and how to release it with the client."""
+    from lightning_moondream.server import close_app, create_app
+
+    app = create_app(data_dir=data_dir, **service_options)
+    return app, lambda: close_app(app)
 
 
 def server_message(response: httpx.Response) -> str:

@@ -4,7 +4,9 @@
 dialect (``routes_adapters``), Moondream's current ``/finetunes`` dialect
 (``routes_finetunes``), or both over one store, so the same adapter is reachable
 through either. ``/rollouts`` and ``/train_step`` have one path in both dialects; their
-body tells them apart (``finetune_id`` or ``adapter_id``). All set-up happens in
+body tells them apart (``finetune_id`` or ``adapter_id``). Moondream's inference API
+(``/v1/query``, ``/detect``, ``/point``, ``/caption``) answers from the base policy and
+saved checkpoints (``routes_inference``). All set-up happens in
 ``create_app`` (no lifespan events), so the app also works in-process through
 ``httpx.ASGITransport``, which does not run them.
 
@@ -27,7 +29,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp
 
 from lightning_moondream.images import DEFAULT_MAX_PIXELS
-from lightning_moondream.server import routes_adapters, routes_finetunes, routes_shared
+from lightning_moondream.server import (
+    routes_adapters,
+    routes_finetunes,
+    routes_inference,
+    routes_shared,
+)
 from lightning_moondream.server.engine import make_engine
 from lightning_moondream.server.errors import ServiceError
 from lightning_moondream.server.faults import FaultConfig, FaultInjector, check_latency
@@ -139,6 +146,7 @@ def create_app(
     )
     _install_error_handlers(app)
     _install_routes(app, ("adapters", "finetunes") if dialect == "both" else (dialect,))
+    routes_inference.install(app, seed)
     return app
 
 

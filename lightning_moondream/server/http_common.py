@@ -25,6 +25,10 @@ from lightning_moondream.server.store import AdapterRecord, CheckpointRecord
 from lightning_moondream.server.validation import BodyT, validate_body
 
 PREFIX = "/v1/tuning"
+INFERENCE_PREFIX = "/v1"
+INFERENCE_PATHS = tuple(
+    f"{INFERENCE_PREFIX}/{name}" for name in ("query", "detect", "point", "caption")
+)
 AUTH_HEADER = "X-Moondream-Auth"
 
 _ERROR_TYPES = {
