@@ -64,6 +64,7 @@ from lightning_moondream.images import EncodingOptions
 from lightning_moondream.presets import BenchmarkDataset, expand_names
 from lightning_moondream.scoring import RewardSpec, Sample, Scorer
 from lightning_moondream.session import BenchmarkTally, EvaluationLoop, ServiceChoice, tuning_model
+from lightning_moondream.session.service import LOCAL_SCORES_NOTE
 
 BASE = "base"
 TEMPORARY_ADAPTER_NAME = "lightning-moondream-evaluate"
@@ -290,6 +291,8 @@ class EvaluationReport:
     predictions: list[Prediction] = field(default_factory=list)
     datasets: dict[str, EncodedDataset] = field(default_factory=dict)
     """The encoded datasets by name, to draw samples from."""
+    note: str | None = None
+    """A line shown above the table: what scored it, when that is not Moondream."""
 
     def columns(self) -> tuple[tuple[str, str], ...]:
         """The table's columns: ``COLUMNS``, and the benchmark scores when there are any."""
@@ -306,7 +309,8 @@ class EvaluationReport:
         ]
         for row in self.rows:
             lines.append("| " + " | ".join(_cell(row, key) for _, key in columns) + " |")
-        return "\n".join(lines)
+        table = "\n".join(lines)
+        return f"{self.note}\n\n{table}" if self.note else table
 
 
 def _cell(row: Mapping[str, Any], key: str) -> str:
@@ -536,7 +540,12 @@ def write_report(
     written = [folder / "results.md", folder / "results.json"]
     written[0].write_text(report.markdown() + "\n")
     columns = [{"heading": heading, "key": key} for heading, key in report.columns()]
-    written[1].write_text(json.dumps({"columns": columns, "rows": report.rows}, indent=2) + "\n")
+    results = {
+        "columns": columns,
+        "rows": report.rows,
+        **({"note": report.note} if report.note else {}),
+    }
+    written[1].write_text(json.dumps(results, indent=2) + "\n")
     if save_predictions:
         path = folder / "predictions.jsonl"
         with path.open("w") as handle:
@@ -572,6 +581,17 @@ def connect(local_dir: str | None, base_url: str | None) -> AsyncTuningClient:
     rooted in the current folder keeps its adapters.
     """
     return ServiceChoice(base_url=base_url, local_dir=local_dir).async_client()
+
+
+def local_service_note(local_dir: str | None, base_url: str | None) -> str | None:
+    """The line heading a table scored by the local service (its stand-in model), else ``None``."""
+    choice = ServiceChoice(base_url=base_url, local_dir=local_dir)
+    if not choice.uses_local_service:
+        return None
+    return (
+        f"Scored by the local tuning service (data in {choice.data_dir()}), an offline "
+        f"stand-in for Moondream Cloud: {LOCAL_SCORES_NOTE}."
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -644,9 +664,12 @@ def _add_service_options(parser: argparse.ArgumentParser) -> None:
 
 
 async def _run(args: argparse.Namespace, datasets: list[tuple[str, Dataset]]) -> EvaluationReport:
+    note = local_service_note(args.local_dir, args.base_url)
+    if note is not None:
+        print(note, flush=True)
     client = connect(args.local_dir, args.base_url)
     try:
-        return await evaluate_async(
+        report = await evaluate_async(
             client,
             datasets,
             args.model,
@@ -657,6 +680,8 @@ async def _run(args: argparse.Namespace, datasets: list[tuple[str, Dataset]]) ->
         )
     finally:
         await client.close()
+    report.note = note
+    return report
 
 
 def evaluate_main(argv: Sequence[str]) -> int:

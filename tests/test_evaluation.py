@@ -146,7 +146,9 @@ def test_evaluate_command_writes_one_table_of_every_dataset_and_model(
             key: by_model[at_checkpoint][key] for key in METRIC_KEYS
         }
 
-    table = (out / "results.md").read_text().splitlines()
+    note, _, table_text = (out / "results.md").read_text().partition("\n\n")
+    assert note.startswith("Scored by the local tuning service") and "not Moondream" in note
+    table = table_text.splitlines()
     assert table[0].startswith("| dataset | model | N | mAP | mAP50 | mAP75 | det F1@0.5 |")
     assert len(table) == 2 + len(rows)
     assert "| voc | base | " in table[2] and "| - |" in table[2]

@@ -86,6 +86,8 @@ class Connection:
             root_dir: The run's root folder, home of the local service's data.
         """
         self._root = root_dir
+        # Each stage says again what it trains or scores: a test after fit is read apart.
+        self._announced = False
         if not self.uses_local_service or not collective.distributed or self._shared:
             return
         self._shared = collective.on_zero(self._serve)

@@ -27,6 +27,9 @@ LOCAL_SERVICE_DIR = "moondream-local-service"
 LOCAL_SERVICE_DATABASE = "tuning.sqlite3"
 """The metadata file the local service keeps in its data folder (its store's database)."""
 
+LOCAL_SCORES_NOTE = "it trains and scores its own small model, not Moondream"
+"""What the local service's rewards and metrics measure, said wherever they are shown."""
+
 _SEARCH_DEPTH = 3
 """Folder levels searched under a named folder for the local service's data."""
 
@@ -122,10 +125,15 @@ class ServiceChoice:
         return {**self.local_options, "data_dir": self.data_dir(root)}
 
     def announcement(self, root: str | Path = ".", where: str = "in this process") -> str:
-        """The one line saying that the local service serves, and where its data lives."""
+        """The one line saying that the local service serves, where, and what it scores."""
+        chosen = (
+            "--local-dir given"
+            if self.local_dir is not None
+            else "No MOONDREAM_API_KEY and no base_url"
+        )
         return (
-            "No MOONDREAM_API_KEY and no base_url: training against the local tuning service, "
-            f"{where} (data in {self.data_dir(root)}), an offline stand-in for Moondream Cloud."
+            f"{chosen}: using the local tuning service, {where} (data in {self.data_dir(root)}), "
+            f"an offline stand-in for Moondream Cloud: {LOCAL_SCORES_NOTE}."
         )
 
     def async_client(self, root: str | Path = ".") -> AsyncTuningClient:
