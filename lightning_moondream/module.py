@@ -280,7 +280,7 @@ class MoondreamRLModule(LightningModule):
             return
         metrics = {f"train/{name}": value for name, value in report.metrics.items()}
         # In the bar: what the steps score, and how many of them sent nothing.
-        shown = {
+        shown: dict[str, float] = {
             name: metrics.pop(name)
             for name in ("train/reward_mean", "train/skipped_steps")
             if name in metrics
