@@ -1,0 +1,196 @@
+"""Requests that teach: pre-rollout filtering and dynamic sampling under a request budget.
+
+Half of the training prompts are always solved: a reward function scores every rollout
+of them 1, so their groups never spread and teach nothing; the other half are scored by
+the ground truth (detect F1) and spread. A :class:`Session` trains an adapter of the
+local service's reference policy (in this process) on synthetic detect scenes, batch
+after batch in a shuffled order, until a budget of ``/rollouts`` requests is spent, then
+answers held-out test scenes greedily (ground-truth reward, no always-solved prompt).
+
+Configurations: every prompt sampled (``skip_prompts=False``); prompts skipped after
+flat groups (``skip_prompts=True``); and skipping with dynamic sampling
+(``max_extra_requests``). Measured per run: requests per applied group with signal
+(requests counted from the rollouts scored, over the groups the applied train steps
+took) and the held-out reward after the budget. Each configuration runs with the same
+seeds (data order, service).
+
+Run: ``python benchmarks/bench_signal.py [--quick]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import tempfile
+import time
+from typing import Any
+
+from common import print_table, write_results
+
+from lightning_moondream.api import Rollout
+from lightning_moondream.data import SyntheticShapes
+from lightning_moondream.images import EncodingOptions
+from lightning_moondream.scoring import Sample, Scorer, ground_truth
+from lightning_moondream.session import ServiceChoice, Session, SessionOptions
+
+ENCODING = EncodingOptions(max_side=128)
+CONFIGS: dict[str, dict[str, Any]] = {
+    "every prompt": {},
+    "skip_prompts": {"skip_prompts": True},
+    "skip_prompts + max_extra_requests=4": {"skip_prompts": True, "max_extra_requests": 4},
+}
+HEADERS = [
+    "configuration",
+    "requests",
+    "steps",
+    "groups",
+    "requests/group",
+    "of every",
+    "skipped",
+    "held-out",
+]
+
+
+class HalfSolvedReward:
+    """1 for every rollout of the always-solved prompts, the ground truth for the others.
+
+    It counts the rollouts it scores, so requests are counted where they are spent.
+    """
+
+    def __init__(self, solved: set[str]) -> None:
+        self.solved = solved
+        self.rollouts = 0
+
+    def __call__(self, sample: Sample, rollout: Rollout) -> float:
+        self.rollouts += 1
+        return 1.0 if sample.id in self.solved else ground_truth(sample, rollout)
+
+
+def scenes(split: str, count: int) -> list[Any]:
+    """``count`` detect samples of synthetic scenes, encoded in advance (not measured)."""
+    dataset = SyntheticShapes(split, num_images=count, skills=("detect",), tasks_per_image=1)
+    return [dataset[index].encoded(ENCODING) for index in range(len(dataset))]
+
+
+def train_run(
+    options: dict[str, Any],
+    train: list[Any],
+    held_out: list[Any],
+    *,
+    seed: int,
+    batch_size: int,
+    num_rollouts: int,
+    budget: int,
+) -> dict[str, float]:
+    """Train until ``budget`` requests are spent; what it cost and what it learnt."""
+    reward = HalfSolvedReward({sample.id for sample in train[::2]})
+    order = random.Random(seed)
+    with tempfile.TemporaryDirectory() as folder:
+        session = Session(
+            SessionOptions(num_rollouts=num_rollouts, **options),
+            ServiceChoice(local_dir=folder, local_options={"seed": seed}),
+            Scorer(reward),
+        )
+        steps = groups = skipped = 0
+        started = time.perf_counter()
+        try:
+            while reward.rollouts < budget * num_rollouts:
+                epoch = order.sample(train, len(train))
+                for start in range(0, len(epoch), batch_size):
+                    session.teach(epoch[start : start + batch_size], steps, steps)
+                    metrics = session.step(lr=None).metrics
+                    steps += 1
+                    groups += int(metrics["groups"])
+                    skipped += int(metrics.get("skipped_prompts", 0))
+                    if reward.rollouts >= budget * num_rollouts:
+                        break
+            seconds = time.perf_counter() - started
+            batches = [held_out[i : i + batch_size] for i in range(0, len(held_out), batch_size)]
+            held_out_reward = session.evaluate(batches)["reward"]
+        finally:
+            session.close()
+    requests = reward.rollouts // num_rollouts
+    return {
+        "requests": requests,
+        "steps": steps,
+        "groups": groups,
+        "requests_per_group": requests / max(groups, 1),
+        "skipped_prompts": skipped,
+        "held_out_reward": held_out_reward,
+        "seconds": seconds,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="1 seed, a smaller budget")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--prompts", type=int, default=64, help="training prompts (half solved)")
+    parser.add_argument("--held-out", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--num-rollouts", type=int, default=16)
+    parser.add_argument("--budget", type=int, default=960, help="/rollouts requests per run")
+    args = parser.parse_args()
+    seeds, budget = (1, 320) if args.quick else (args.seeds, args.budget)
+    train, held_out = scenes("train", args.prompts), scenes("test", args.held_out)
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in CONFIGS}
+    for seed in range(seeds):
+        for name, options in CONFIGS.items():
+            result = train_run(
+                options,
+                train,
+                held_out,
+                seed=seed,
+                batch_size=args.batch_size,
+                num_rollouts=args.num_rollouts,
+                budget=budget,
+            )
+            print(f"seed {seed} {name}: {result}", flush=True)
+            runs[name].append(result)
+    summary = {
+        name: {key: statistics.fmean(run[key] for run in results) for key in results[0]}
+        for name, results in runs.items()
+    }
+    every = summary["every prompt"]["requests_per_group"]
+    print_table(
+        HEADERS,
+        [
+            [
+                name,
+                round(values["requests"]),
+                round(values["steps"]),
+                round(values["groups"]),
+                values["requests_per_group"],
+                values["requests_per_group"] / every,
+                round(values["skipped_prompts"]),
+                values["held_out_reward"],
+            ]
+            for name, values in summary.items()
+        ],
+    )
+    path = write_results(
+        "signal",
+        {
+            "setup": {
+                "prompts": args.prompts,
+                "always_solved": args.prompts // 2,
+                "held_out": args.held_out,
+                "batch_size": args.batch_size,
+                "num_rollouts": args.num_rollouts,
+                "budget_requests": budget,
+                "seeds": seeds,
+                "policy": "reference (local service, in process)",
+            },
+            "summary": {
+                name: {**values, "of_every_prompt": values["requests_per_group"] / every}
+                for name, values in summary.items()
+            },
+            "runs": runs,
+        },
+    )
+    print(f"results: {path}")
+
+
+if __name__ == "__main__":
+    main()
