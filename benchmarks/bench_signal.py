@@ -36,7 +36,7 @@ from lightning_moondream.session import ServiceChoice, Session, SessionOptions
 
 ENCODING = EncodingOptions(max_side=128)
 CONFIGS: dict[str, dict[str, Any]] = {
-    "every prompt": {},
+    "every prompt": {"skip_prompts": False},
     "skip_prompts": {"skip_prompts": True},
     "skip_prompts + max_extra_requests=4": {"skip_prompts": True, "max_extra_requests": 4},
 }
@@ -82,6 +82,7 @@ def train_run(
     batch_size: int,
     num_rollouts: int,
     budget: int,
+    lr: float | None,
 ) -> dict[str, float]:
     """Train until ``budget`` requests are spent; what it cost and what it learnt."""
     reward = HalfSolvedReward({sample.id for sample in train[::2]})
@@ -99,7 +100,7 @@ def train_run(
                 epoch = order.sample(train, len(train))
                 for start in range(0, len(epoch), batch_size):
                     session.teach(epoch[start : start + batch_size], steps, steps)
-                    metrics = session.step(lr=None).metrics
+                    metrics = session.step(lr).metrics
                     steps += 1
                     groups += int(metrics["groups"])
                     skipped += int(metrics.get("skipped_prompts", 0))
@@ -122,73 +123,80 @@ def train_run(
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="1 seed, a smaller budget")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--prompts", type=int, default=64, help="training prompts (half solved)")
-    parser.add_argument("--held-out", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--num-rollouts", type=int, default=16)
-    parser.add_argument("--budget", type=int, default=960, help="/rollouts requests per run")
-    args = parser.parse_args()
-    seeds, budget = (1, 320) if args.quick else (args.seeds, args.budget)
-    train, held_out = scenes("train", args.prompts), scenes("test", args.held_out)
-    runs: dict[str, list[dict[str, float]]] = {name: [] for name in CONFIGS}
-    for seed in range(seeds):
-        for name, options in CONFIGS.items():
-            result = train_run(
-                options,
-                train,
-                held_out,
-                seed=seed,
-                batch_size=args.batch_size,
-                num_rollouts=args.num_rollouts,
-                budget=budget,
-            )
-            print(f"seed {seed} {name}: {result}", flush=True)
-            runs[name].append(result)
+def summarize(runs: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """Each configuration's means over its seeds, and its requests per group over the baseline's."""
     summary = {
         name: {key: statistics.fmean(run[key] for run in results) for key in results[0]}
         for name, results in runs.items()
     }
     every = summary["every prompt"]["requests_per_group"]
-    print_table(
-        HEADERS,
-        [
+    for values in summary.values():
+        values["of_every_prompt"] = values["requests_per_group"] / every
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="1 seed, the smallest budget")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--prompts", type=int, default=32, help="training prompts (half solved)")
+    parser.add_argument("--held-out", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--num-rollouts", type=int, default=16)
+    parser.add_argument(
+        "--budgets", type=int, nargs="+", default=[160, 320, 640], help="/rollouts requests per run"
+    )
+    parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of each train step")
+    args = parser.parse_args()
+    seeds, budgets = (1, args.budgets[:1]) if args.quick else (args.seeds, args.budgets)
+    train, held_out = scenes("train", args.prompts), scenes("test", args.held_out)
+    results: dict[str, Any] = {}
+    for budget in budgets:
+        runs: dict[str, list[dict[str, float]]] = {name: [] for name in CONFIGS}
+        for seed in range(seeds):
+            for name, options in CONFIGS.items():
+                result = train_run(
+                    options,
+                    train,
+                    held_out,
+                    seed=seed,
+                    batch_size=args.batch_size,
+                    num_rollouts=args.num_rollouts,
+                    budget=budget,
+                    lr=args.lr,
+                )
+                print(f"budget {budget} seed {seed} {name}: {result}", flush=True)
+                runs[name].append(result)
+        summary = summarize(runs)
+        print(f"budget {budget} requests ({budget / len(train):.0f} per prompt):")
+        print_table(
+            HEADERS,
             [
-                name,
-                round(values["requests"]),
-                round(values["steps"]),
-                round(values["groups"]),
-                values["requests_per_group"],
-                values["requests_per_group"] / every,
-                round(values["skipped_prompts"]),
-                values["held_out_reward"],
-            ]
-            for name, values in summary.items()
-        ],
-    )
-    path = write_results(
-        "signal",
-        {
-            "setup": {
-                "prompts": args.prompts,
-                "always_solved": args.prompts // 2,
-                "held_out": args.held_out,
-                "batch_size": args.batch_size,
-                "num_rollouts": args.num_rollouts,
-                "budget_requests": budget,
-                "seeds": seeds,
-                "policy": "reference (local service, in process)",
-            },
-            "summary": {
-                name: {**values, "of_every_prompt": values["requests_per_group"] / every}
+                [
+                    name,
+                    round(values["requests"]),
+                    round(values["steps"]),
+                    round(values["groups"]),
+                    values["requests_per_group"],
+                    values["of_every_prompt"],
+                    round(values["skipped_prompts"]),
+                    values["held_out_reward"],
+                ]
                 for name, values in summary.items()
-            },
-            "runs": runs,
-        },
-    )
+            ],
+        )
+        results[str(budget)] = {"summary": summary, "runs": runs}
+    setup = {
+        "prompts": args.prompts,
+        "always_solved": args.prompts // 2,
+        "held_out": args.held_out,
+        "batch_size": args.batch_size,
+        "num_rollouts": args.num_rollouts,
+        "seeds": seeds,
+        "lr": args.lr,
+        "policy": "reference (local service, in process)",
+    }
+    path = write_results("signal", {"setup": setup, "budgets": results})
     print(f"results: {path}")
 
 

@@ -145,7 +145,7 @@ class MoondreamRLModule(LightningModule):
         sft_warmup_steps: int = 0,
         sft_share: float = 0.0,
         collective_timeout: float = DEFAULT_TIMEOUT,
-        skip_prompts: bool = False,
+        skip_prompts: bool = True,
         skip_floor: float = DEFAULT_FLOOR,
         max_extra_requests: int = 0,
     ) -> None:

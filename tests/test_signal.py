@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import itertools
 from pathlib import Path
 from typing import Any
@@ -171,7 +172,7 @@ def test_with_both_off_every_prompt_is_sampled_once_and_nothing_more_is_logged(
 ) -> None:
     batch = detect_samples("train", 3)
     reward = PromptReward({batch[0].id})
-    run = session(tmp_path, reward, dialect)
+    run = session(tmp_path, reward, dialect, skip_prompts=False)
     reports = train(run, batch, range(3))
     assert run.prompt_filter is None
     assert reward.requests(2) == {sample.id: 3 for sample in batch}
@@ -215,3 +216,11 @@ def test_skipped_prompts_are_logged_at_every_step_of_a_trainer_run(tmp_path: Pat
     assert len(skipped) == 6 and skipped[0] == 0.0
     assert 1.0 in skipped
     assert reward.requests(2)[samples[0].id] == 6 - sum(skipped)
+
+
+def test_a_prompt_is_known_by_its_id_else_by_its_image() -> None:
+    first, second = (sample.encoded() for sample in detect_samples("train", 2))
+    unnamed = [dataclasses.replace(sample, id="", object="circle") for sample in (first, second)]
+    assert prompt_key(first) == prompt_key(dataclasses.replace(first, image=second.image))
+    assert prompt_key(unnamed[0]) != prompt_key(unnamed[1])
+    assert prompt_key(unnamed[0]) == prompt_key(dataclasses.replace(unnamed[0]))

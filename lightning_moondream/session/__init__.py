@@ -8,6 +8,8 @@ Nothing here imports Lightning (``torch.distributed`` carries the collectives).
 - :mod:`~lightning_moondream.session.connection`: the client and its event loop.
 - :mod:`~lightning_moondream.session.adapter`: opening, resuming and saving the adapter.
 - :mod:`~lightning_moondream.session.sampling`: rollouts requested and scored.
+- :mod:`~lightning_moondream.session.signal`: prompts skipped ahead of sampling when their
+  recent groups had no reward spread, and steps topped up with more groups that spread.
 - :mod:`~lightning_moondream.session.remote_step`: one train step per global step.
 - :mod:`~lightning_moondream.session.evaluation`: the one evaluation loop.
 - :mod:`~lightning_moondream.session.session`: :class:`Session`, which holds them together.
@@ -26,6 +28,7 @@ from lightning_moondream.session.remote_step import (
 from lightning_moondream.session.sampling import GreedyModel, tuning_model
 from lightning_moondream.session.service import LOCAL_SERVICE_DIR, ServiceChoice
 from lightning_moondream.session.session import Session
+from lightning_moondream.session.signal import PromptFilter, SkipRule
 
 __all__ = [
     "CHECKPOINT_KEY",
@@ -34,6 +37,7 @@ __all__ = [
     "BenchmarkTally",
     "EvaluationLoop",
     "GreedyModel",
+    "PromptFilter",
     "RemoteStep",
     "ResumeMismatchError",
     "Scored",
@@ -41,6 +45,7 @@ __all__ = [
     "Session",
     "SessionOptions",
     "Shard",
+    "SkipRule",
     "StepReport",
     "Tally",
     "TrainStepFailedError",

@@ -53,10 +53,14 @@ DEFAULT_FLOOR = 0.1
 def prompt_key(sample: Sample) -> str:
     """What identifies a prompt across epochs: its skill, id and label (phrase or question).
 
-    Samples of ``MoondreamDataModule`` have ids unique to their image; samples without
-    an id share a history with every sample of the same skill and label.
+    A sample without an id is known by a digest of its image as sent (a data URL, once
+    encoded) instead, so that samples asking the same of different images keep apart.
     """
-    return f"{sample.skill}\x1f{sample.id}\x1f{sample.label}"
+    identity = sample.id
+    image = getattr(sample, "image", None)
+    if not identity and isinstance(image, str):
+        identity = hashlib.blake2b(image.encode(), digest_size=16).hexdigest()
+    return f"{sample.skill}\x1f{identity}\x1f{sample.label}"
 
 
 @dataclass(frozen=True)
