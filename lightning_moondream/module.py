@@ -46,6 +46,7 @@ from lightning_moondream.session import (
     TrainStepFailedError,
 )
 from lightning_moondream.session.sampling import SAMPLE_ENCODING
+from lightning_moondream.session.signal import DEFAULT_FLOOR
 
 # Batches of samples stay on the host: they hold no tensors, and they go to the service.
 warnings.filterwarnings(
@@ -109,6 +110,14 @@ class MoondreamRLModule(LightningModule):
         sft_share: Share of each RL step's samples also taught as SFT groups (0 to 1).
         collective_timeout: Seconds a process of a multi-process run waits for the
             others at a collective before the run fails.
+        skip_prompts: Skip, ahead of sampling, prompts whose last groups in a row had no
+            reward spread, with a chance of 1 - 0.5**k after k such groups (GRESO's
+            pre-rollout filtering); logged as ``train/skipped_prompts``.
+        skip_floor: The least chance that such a prompt is still sampled, so one that
+            would teach again comes back.
+        max_extra_requests: Dynamic sampling: per step and process, up to this many more
+            requests sample again the batch's prompts that spread, until the step holds
+            a group with spread per sample of the batch (0: off).
     """
 
     def __init__(
@@ -136,6 +145,9 @@ class MoondreamRLModule(LightningModule):
         sft_warmup_steps: int = 0,
         sft_share: float = 0.0,
         collective_timeout: float = DEFAULT_TIMEOUT,
+        skip_prompts: bool = True,
+        skip_floor: float = DEFAULT_FLOOR,
+        max_extra_requests: int = 0,
     ) -> None:
         super().__init__()
         ignored = ["api_key", "lr_scheduler"] + (

@@ -8,6 +8,8 @@ Nothing here imports Lightning (``torch.distributed`` carries the collectives).
 - :mod:`~lightning_moondream.session.connection`: the client and its event loop.
 - :mod:`~lightning_moondream.session.adapter`: opening, resuming and saving the adapter.
 - :mod:`~lightning_moondream.session.sampling`: rollouts requested and scored.
+- :mod:`~lightning_moondream.session.signal`: prompts skipped ahead of sampling when their
+  recent groups had no reward spread, and steps topped up with more groups that spread.
 - :mod:`~lightning_moondream.session.remote_step`: one train step per global step.
 - :mod:`~lightning_moondream.session.evaluation`: the one evaluation loop.
 - :mod:`~lightning_moondream.session.session`: :class:`Session`, which holds them together.
@@ -30,6 +32,7 @@ from lightning_moondream.session.service import (
     ServiceChoice,
 )
 from lightning_moondream.session.session import Session
+from lightning_moondream.session.signal import PromptFilter, SkipRule
 
 __all__ = [
     "CHECKPOINT_KEY",
@@ -39,6 +42,7 @@ __all__ = [
     "EvaluationLoop",
     "GreedyModel",
     "NoLocalServiceDataError",
+    "PromptFilter",
     "RemoteStep",
     "ResumeMismatchError",
     "Scored",
@@ -46,6 +50,7 @@ __all__ = [
     "Session",
     "SessionOptions",
     "Shard",
+    "SkipRule",
     "StepReport",
     "Tally",
     "TrainStepFailedError",

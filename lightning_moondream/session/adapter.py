@@ -7,6 +7,7 @@ which lack some of its keys, still load.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -59,7 +60,46 @@ async def open_adapter(
         return await adapters.create(plan.name, plan.rank, resume["checkpoint_id"]), True
     if plan.adapter_id is not None:
         return await adapters.get(plan.adapter_id), False
-    return await adapters.create(plan.name, plan.rank, plan.from_checkpoint), True
+    return await create(client, plan, warn)
+
+
+CLOCK_SKEW_MS = 60_000
+"""How far the service's clock may run behind this machine's when telling new from old."""
+
+
+async def create(
+    client: AsyncTuningClient, plan: AdapterPlan, warn: Callable[[str], None]
+) -> tuple[Adapter, bool]:
+    """Create the run's adapter, and whether it is new.
+
+    On ``/finetunes`` a name names one finetune: creating under a name in use hands back
+    that finetune. One whose step the service reports goes on from that step (said
+    through ``warn``); one whose step it does not report (Moondream Cloud) cannot be
+    counted on from, so the run stops before anything is sent.
+
+    Raises:
+        ValueError: If the name is a finetune's whose step cannot be read.
+    """
+    started_ms = time.time() * 1000
+    adapter = await client.adapters.create(plan.name, plan.rank, plan.from_checkpoint)
+    if client.dialect != "finetunes":
+        return adapter, True
+    finetune = await client.adapters.get(adapter.adapter_id)
+    if finetune.train_steps:
+        warn(
+            f"a finetune named {plan.name!r} exists ({finetune.adapter_id}, at step "
+            f"{finetune.train_steps}): this run goes on training it; a /finetunes name "
+            "names one finetune, so choose another name for a fresh one"
+        )
+        return finetune, False
+    created_ms = finetune.created_at_ms
+    if finetune.train_steps is None and created_ms and created_ms < started_ms - CLOCK_SKEW_MS:
+        raise ValueError(
+            f"name {plan.name!r}: a finetune of that name exists ({finetune.adapter_id}) and "
+            "the service does not report its step, so a run cannot count on from it; "
+            "choose another name, or resume from one of its Lightning checkpoints"
+        )
+    return finetune, True
 
 
 async def reattach(

@@ -10,6 +10,7 @@ from typing import Any, Literal
 from lightning_moondream.api import Settings
 from lightning_moondream.api.limits import FINETUNE_RANKS
 from lightning_moondream.distributed import DEFAULT_TIMEOUT
+from lightning_moondream.session.signal import DEFAULT_FLOOR
 
 _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "rank": (
@@ -28,6 +29,8 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "sft_warmup_steps": (lambda value: value >= 0, "must be 0 or more"),
     "sft_share": (lambda value: 0.0 <= value <= 1.0, "must be from 0 to 1"),
     "collective_timeout": (lambda value: value > 0, "must be a positive number of seconds"),
+    "skip_floor": (lambda value: 0.0 <= value <= 1.0, "must be from 0 to 1"),
+    "max_extra_requests": (lambda value: value >= 0, "must be 0 or more"),
 }
 
 _REASONS = {
@@ -68,6 +71,9 @@ class SessionOptions:
     sft_warmup_steps: int = 0
     sft_share: float = 0.0
     collective_timeout: float = DEFAULT_TIMEOUT
+    skip_prompts: bool = True
+    skip_floor: float = DEFAULT_FLOOR
+    max_extra_requests: int = 0
 
     def __post_init__(self) -> None:
         for name, (valid, expected) in _RULES.items():

@@ -48,12 +48,15 @@ class Shard:
         rewards: Every rollout's reward, per sample (empty lists for SFT-only batches).
         sft_groups: How many of ``groups`` are SFT groups.
         rollout_seconds: Time spent sampling and scoring.
+        counts: Further counts of the step (``skipped_prompts``, ``extra_requests``),
+            summed over batches and ranks and logged as ``train/<name>``.
     """
 
     groups: list[Any] = field(default_factory=list)
     rewards: list[list[float]] = field(default_factory=list)
     sft_groups: int = 0
     rollout_seconds: float = 0.0
+    counts: dict[str, int] = field(default_factory=dict)
 
     def add(self, other: Shard) -> None:
         """Take in another batch's shard (gradient accumulation)."""
@@ -61,6 +64,8 @@ class Shard:
         self.rewards += other.rewards
         self.sft_groups += other.sft_groups
         self.rollout_seconds += other.rollout_seconds
+        for name, value in other.counts.items():
+            self.counts[name] = self.counts.get(name, 0) + value
 
 
 @dataclass(frozen=True)
@@ -365,6 +370,9 @@ def _batch_metrics(shards: list[Shard]) -> dict[str, float]:
     groups = sum(len(shard.groups) for shard in shards)
     sft_groups = sum(shard.sft_groups for shard in shards)
     metrics = {"groups": float(groups)}
+    for shard in shards:
+        for name, value in shard.counts.items():
+            metrics[name] = metrics.get(name, 0.0) + value
     if sft_groups:
         metrics["sft_groups"] = float(sft_groups)
     if every_reward:

@@ -40,7 +40,6 @@ from lightning_moondream.session.remote_step import (
     RemoteStep,
     Shard,
     StepReport,
-    spread,
 )
 from lightning_moondream.session.sampling import (
     GreedyModel,
@@ -53,6 +52,7 @@ from lightning_moondream.session.sampling import (
     tuning_model,
 )
 from lightning_moondream.session.service import ServiceChoice
+from lightning_moondream.session.signal import Harvest, PromptFilter, SkipRule, resampled
 
 T = TypeVar("T")
 
@@ -104,6 +104,10 @@ class Session:
         self._resume: dict[str, Any] | None = None
         self._run_usage: UsageStats | None = None
         self._saved: tuple[tuple[str, int, int], dict[str, Any]] | None = None
+        self.prompt_filter = (
+            PromptFilter(SkipRule(floor=options.skip_floor)) if options.skip_prompts else None
+        )
+        """Skips prompts whose recent groups had no spread (``skip_prompts``), else ``None``."""
 
     # The service --------------------------------------------------------------------------
 
@@ -282,40 +286,73 @@ class Session:
     def teach(self, batch: Sequence[Sample], batch_idx: int, global_step: int) -> None:
         """Sample and score a batch (or take its SFT targets) for the next train step.
 
-        A failure on any rank ends every rank here (on every rank).
+        With ``skip_prompts``, prompts whose recent groups had no reward spread may be
+        skipped; every process then records every process's groups, so all of them
+        draw alike. A failure on any rank ends every rank here (on every rank).
         """
         error: Exception | None = None
+        outcomes: list[tuple[str, bool]] = []
         try:
-            self.remote.add(self._shard(encoded(check_batch(batch, batch_idx)), global_step))
+            shard, outcomes = self._shard(encoded(check_batch(batch, batch_idx)), global_step)
+            self.remote.add(shard)
         except Exception as exc:
             error = exc
         self.collective.check(error)
+        if self.prompt_filter is not None:
+            for sampled in self.collective.all_gather(outcomes):
+                self.prompt_filter.record(sampled)
 
-    def _shard(self, samples: list[Sample], global_step: int) -> Shard:
+    def _shard(
+        self, samples: list[Sample], global_step: int
+    ) -> tuple[Shard, list[tuple[str, bool]]]:
         settings = self.options.training
         if global_step < self.options.sft_warmup_steps:
             taught = [sample.sft_group(settings) for sample in samples]
-            return Shard(groups=taught, sft_groups=len(taught))
+            return Shard(groups=taught, sft_groups=len(taught)), []
         started = time.perf_counter()
-        calls = rollout_calls(
-            self.adapter.adapter_id, samples, settings, self.options.num_rollouts, self.scorer
-        )
-        limit = concurrency(self.options.max_concurrency, len(calls))
-        scored = self.connection.run(
-            sample_and_score(self.client, calls, samples, self.scorer, limit)
-        )
-        groups: list[Any] = [
-            response.to_group(rewards)
-            for response, rewards in scored
-            if len(rewards) > 1 and spread(rewards) >= self.options.reward_std_eps
-        ]
+        chosen = samples
+        counts: dict[str, int] = {}
+        if self.prompt_filter is not None:
+            chosen = self.prompt_filter.select(samples, global_step)
+            counts["skipped_prompts"] = len(samples) - len(chosen)
+        harvest = self._sample(chosen, wanted=len(samples))
+        if self.options.max_extra_requests:
+            counts["extra_requests"] = harvest.extra_requests
         taught = [sample.sft_group(settings) for sample in share(samples, self.options.sft_share)]
-        return Shard(
-            groups=groups + taught,
-            rewards=[rewards for _, rewards in scored],
+        shard = Shard(
+            groups=harvest.groups + taught,
+            rewards=harvest.rewards,
             sft_groups=len(taught),
             rollout_seconds=time.perf_counter() - started,
+            counts=counts,
         )
+        return shard, harvest.outcomes
+
+    def _sample(self, samples: list[Sample], wanted: int) -> Harvest:
+        """Sample and score ``samples``, then sample again those that spread (dynamic sampling).
+
+        Waves follow until ``wanted`` groups spread, ``max_extra_requests`` are spent, or
+        no prompt of the last wave spread.
+        """
+        harvest = Harvest()
+        wave, budget = samples, self.options.max_extra_requests
+        while wave:
+            calls = rollout_calls(
+                self.adapter.adapter_id,
+                wave,
+                self.options.training,
+                self.options.num_rollouts,
+                self.scorer,
+            )
+            limit = concurrency(self.options.max_concurrency, len(calls))
+            scored = self.connection.run(
+                sample_and_score(self.client, calls, wave, self.scorer, limit)
+            )
+            taught = harvest.add(wave, scored, self.options.reward_std_eps)
+            wave = resampled(taught, wanted - len(harvest.groups), budget)
+            budget -= len(wave)
+            harvest.extra_requests += len(wave)
+        return harvest
 
     def step(self, lr: float | None) -> StepReport:
         """Send one train step with every rank's groups at ``lr`` (on every rank)."""
