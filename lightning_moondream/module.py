@@ -109,6 +109,15 @@ class MoondreamRLModule(LightningModule):
         sft_share: Share of each RL step's samples also taught as SFT groups (0 to 1).
         collective_timeout: Seconds a process of a multi-process run waits for the
             others at a collective before the run fails.
+        resume_at_finetune_step: On ``/finetunes``, let ``fit`` resume a finetune that
+            went on past the checkpoint (the run stopped after saving it) from the step
+            it stands at, said in the log; by default such a resume stops with
+            ``ResumeMismatchError``. Steps are never sent or counted twice.
+
+    ``validate``, ``test`` and ``predict`` given a ``/finetunes`` checkpoint
+    (``ckpt_path``, ``"best"``, ``"last"``) answer with its inference model
+    ``moondream3-preview/FT@STEP``, read-only: the finetune is not reattached, so it may
+    stand at any step.
     """
 
     def __init__(
@@ -136,6 +145,7 @@ class MoondreamRLModule(LightningModule):
         sft_warmup_steps: int = 0,
         sft_share: float = 0.0,
         collective_timeout: float = DEFAULT_TIMEOUT,
+        resume_at_finetune_step: bool = False,
     ) -> None:
         super().__init__()
         ignored = ["api_key", "lr_scheduler"] + (
@@ -292,7 +302,7 @@ class MoondreamRLModule(LightningModule):
     # Validation, test and predict --------------------------------------------------------
 
     def on_validation_start(self) -> None:
-        """Evaluate the adapter with every train step applied."""
+        """Evaluate the adapter with every train step applied (or the checkpoint's model)."""
         self.session.drain()
         self._bind_cloud_loggers()
 
@@ -317,8 +327,8 @@ class MoondreamRLModule(LightningModule):
         self.session.total_usage()
 
     def on_predict_start(self) -> None:
-        """Open the adapter on every rank at once."""
-        self.session.adapter  # noqa: B018
+        """Open the adapter on every rank at once, unless the checkpoint's model answers."""
+        self.session.open_model()
 
     def predict_step(self, batch: Sequence[Sample], batch_idx: int) -> list[dict[str, Any]]:
         """One greedy rollout per sample: ``{"id", "skill", "label", "output"}`` records."""
@@ -429,7 +439,7 @@ class MoondreamRLModule(LightningModule):
             self.session.release(wait)
 
     def _bind_cloud_loggers(self) -> None:
-        adapter_id = self.session.adapter.adapter_id
+        adapter_id = self.session.adapter_id
         if self.session.collective.is_zero:
             for logger in cloud_loggers(self._trainer):
                 logger.bind(self, adapter_id)

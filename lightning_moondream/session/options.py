@@ -64,6 +64,7 @@ class SessionOptions:
     sft_warmup_steps: int = 0
     sft_share: float = 0.0
     collective_timeout: float = DEFAULT_TIMEOUT
+    resume_at_finetune_step: bool = False
 
     def __post_init__(self) -> None:
         for name, (valid, expected) in _RULES.items():

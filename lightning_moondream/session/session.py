@@ -27,12 +27,14 @@ from lightning_moondream.api import (
     UsageStats,
 )
 from lightning_moondream.api.client import DialectChoice
+from lightning_moondream.api.inference import AsyncInferenceClient
 from lightning_moondream.distributed import Collective
 from lightning_moondream.metrics import SkillMetrics
 from lightning_moondream.scoring import Sample, Scorer
 from lightning_moondream.session.adapter import AdapterPlan, open_adapter, save_checkpoint
 from lightning_moondream.session.connection import Connection
 from lightning_moondream.session.evaluation import EvaluationLoop, Scored, Tally
+from lightning_moondream.session.inference import checkpoint_model, inference_model
 from lightning_moondream.session.options import SessionOptions
 from lightning_moondream.session.remote_step import (
     AmbiguousTrainStepError,
@@ -103,6 +105,7 @@ class Session:
         self._resume: dict[str, Any] | None = None
         self._run_usage: UsageStats | None = None
         self._saved: tuple[tuple[str, int, int], dict[str, Any]] | None = None
+        self._inference: tuple[AsyncTuningClient, AsyncInferenceClient] | None = None
 
     # The service --------------------------------------------------------------------------
 
@@ -124,6 +127,21 @@ class Session:
     def client(self) -> AsyncTuningClient:
         """The API client, connected on first use."""
         return self.connection.client
+
+    @property
+    def inference(self) -> AsyncInferenceClient:
+        """The inference API's client, bound to the service the tuning client talks to.
+
+        It sends through the tuning client's connection: a remote service's inference
+        URL is its tuning URL without ``/tuning``; the local service in this process is
+        the same app; in a multi-process run, rank 0's served URL.
+        """
+        client = self.client
+        if self._inference is None or self._inference[0] is not client:
+            inference = AsyncInferenceClient.for_tuning(client)
+            inference.usage = client.usage
+            self._inference = (client, inference)
+        return self._inference[1]
 
     @property
     def dialect(self) -> DialectChoice | None:
@@ -151,7 +169,7 @@ class Session:
 
     def send_metrics(self, step: int, metrics: Mapping[str, float]) -> Future[int]:
         """Start logging ``metrics`` at ``step`` to the finetune; a future of how many were stored."""
-        return self.submit(self.client.metrics.log(self.adapter.adapter_id, step, metrics))
+        return self.submit(self.client.metrics.log(self.adapter_id, step, metrics))
 
     # What the remote step needs of the service.
 
@@ -190,10 +208,47 @@ class Session:
             )
         return self._adapter
 
+    @property
+    def adapter_id(self) -> str:
+        """The id of the adapter (finetune) the run is about, without reattaching to it.
+
+        While a checkpoint is evaluated through the inference API (:attr:`checkpoint_model`)
+        it is the checkpoint's finetune, left as it is; else the adapter's, opened on
+        first use.
+        """
+        if self.checkpoint_model is not None and self._resume is not None:
+            return str(self._resume["adapter_id"])
+        return self.adapter.adapter_id
+
+    @property
+    def checkpoint_model(self) -> str | None:
+        """The inference model answering for a checkpoint under evaluation, if any.
+
+        A validate, test or predict stage given a ``/finetunes`` checkpoint evaluates it
+        read-only as ``moondream3-preview/FT@STEP``: the finetune may have moved on, and
+        a checkpoint cannot start one.
+        """
+        if not self._evaluating_only or self._resume is None:
+            return None
+        return checkpoint_model(self._resume)
+
+    def open_model(self) -> None:
+        """Open what answers for the stage: the adapter, unless a checkpoint model does (on every rank)."""
+        if self.checkpoint_model is None:
+            self.adapter  # noqa: B018
+
     def _open(self) -> tuple[Adapter, bool, DialectChoice | None]:
         options = self.options
-        plan = AdapterPlan(options.name, options.rank, options.adapter_id, options.from_checkpoint)
-        opened = self.connection.run(open_adapter(self.client, plan, self._resume, self._warn))
+        plan = AdapterPlan(
+            options.name,
+            options.rank,
+            options.adapter_id,
+            options.from_checkpoint,
+            options.resume_at_finetune_step,
+        )
+        opened = self.connection.run(
+            open_adapter(self.client, plan, self._resume, self._warn, self._info)
+        )
         # Opening an adapter settles an ``auto`` dialect.
         return (*opened, self.client.dialect)
 
@@ -207,11 +262,18 @@ class Session:
 
         On ``/adapters`` a new adapter is created from the API checkpoint, so steps
         applied to the old adapter after it are not carried over and none is counted
-        twice. On ``/finetunes`` the same finetune goes on if it is still at the
-        checkpoint's step.
+        twice. On ``/finetunes`` ``fit`` goes on with the same finetune if it is still at
+        the checkpoint's step (or, with ``resume_at_finetune_step``, where it stands);
+        a stage that only evaluates answers with the checkpoint's inference model.
         """
         self._resume = dict(state)
         self._adapter = None
+        model = self.checkpoint_model
+        if model is not None:
+            self._info(
+                f"Evaluating checkpoint {state['checkpoint_id']} through the inference API as "
+                f"{model} (read-only: finetune {state['adapter_id']} is left as it is)"
+            )
 
     def check_training(self, lr: float | None) -> None:
         """Open the adapter for training, refusing what its dialect cannot do (on every rank).
@@ -269,6 +331,7 @@ class Session:
             else:
                 self.remote.abandon()
         finally:
+            self._inference = None
             self.connection.shutdown()
 
     # Training -----------------------------------------------------------------------------
@@ -322,13 +385,19 @@ class Session:
     # Evaluation ---------------------------------------------------------------------------
 
     def greedy_model(self, settings: Settings | None = None, *, scored: bool = True) -> GreedyModel:
-        """The current adapter as a :data:`GreedyModel` (``eval_settings`` by default).
+        """What answers for the run as a :data:`GreedyModel` (``eval_settings`` by default).
+
+        The checkpoint's inference model where one answers (:attr:`checkpoint_model`),
+        else the current adapter's rollouts.
 
         Args:
             settings: Generation settings.
             scored: Send ground truth where the scorer uses the service's rewards.
         """
         settings = self.options.evaluation if settings is None else settings
+        model = self.checkpoint_model
+        if model is not None:
+            return inference_model(self.inference, model, settings, self.options.max_concurrency)
         return tuning_model(
             self.client,
             self.adapter.adapter_id,
