@@ -93,7 +93,9 @@ class RemoteCheckpoint(ModelCheckpoint):
         self._follow(trainer, kept)
 
     @override
-    def _save_topk_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict[str, Any]) -> None:
+    def _save_topk_checkpoint(
+        self, trainer: pl.Trainer, monitor_candidates: dict[str, Any]
+    ) -> None:
         # Called at every point where a checkpoint may be saved, whether one is or not.
         self._save_point = True
         super()._save_topk_checkpoint(trainer, monitor_candidates)

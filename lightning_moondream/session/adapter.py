@@ -108,8 +108,9 @@ async def reattach(
         return finetune
     if ahead:
         hint = (
-            "" if ahead < 0 else " (or set resume_at_finetune_step=True to go on from the "
-            "finetune's own step)"
+            ""
+            if ahead < 0
+            else " (or set resume_at_finetune_step=True to go on from the finetune's own step)"
         )
         raise ResumeMismatchError(
             f"cannot resume finetune {finetune.adapter_id}: the checkpoint was taken at train "

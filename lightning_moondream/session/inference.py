@@ -44,20 +44,19 @@ def inference_call(request: Mapping[str, Any], model: str) -> InferenceCall[Infe
         ValueError: If the request asks what the inference API cannot (detect with
             spatial references).
     """
-    skill, image = request.get("skill"), request.get("image_url")
-    settings = request.get("settings")
+    skill, settings = request.get("skill"), request.get("settings")
     if skill == "detect":
         if request.get("spatial_refs"):
             raise ValueError(
                 "a detect sample with spatial_refs cannot be answered by the inference API, "
                 "whose /detect takes none"
             )
-        return DetectCall(image, request["object"], settings, model=model)
+        return DetectCall(request["image_url"], request["object"], settings, model=model)
     if skill == "point":
         refs = request.get("spatial_refs")
-        return PointCall(image, request["object"], settings, refs, model=model)
+        return PointCall(request["image_url"], request["object"], settings, refs, model=model)
     return QueryCall(
-        image,
+        request.get("image_url"),
         request["question"],
         settings,
         request.get("reasoning"),
@@ -91,9 +90,9 @@ def inference_model(
     async def answer(samples: Sequence[Sample]) -> list[RolloutsResponse]:
         requests = [sample.to_request(settings).to_json() for sample in samples]
         calls = [inference_call(request, model) for request in requests]
-        results = await client.many(
-            calls, max_concurrency=concurrency(max_concurrency, len(calls))
-        )
-        return [as_response(request, result) for request, result in zip(requests, results, strict=True)]
+        results = await client.many(calls, max_concurrency=concurrency(max_concurrency, len(calls)))
+        return [
+            as_response(request, result) for request, result in zip(requests, results, strict=True)
+        ]
 
     return answer
