@@ -327,8 +327,8 @@ class MoondreamRLModule(LightningModule):
         self.session.total_usage()
 
     def on_predict_start(self) -> None:
-        """Open the adapter on every rank at once, unless the checkpoint's model answers."""
-        self.session.open_model()
+        """Open the adapter on every rank at once."""
+        self.session.adapter  # noqa: B018
 
     def predict_step(self, batch: Sequence[Sample], batch_idx: int) -> list[dict[str, Any]]:
         """One greedy rollout per sample: ``{"id", "skill", "label", "output"}`` records."""
@@ -439,7 +439,7 @@ class MoondreamRLModule(LightningModule):
             self.session.release(wait)
 
     def _bind_cloud_loggers(self) -> None:
-        adapter_id = self.session.adapter_id
+        adapter_id = self.session.adapter.adapter_id
         if self.session.collective.is_zero:
             for logger in cloud_loggers(self._trainer):
                 logger.bind(self, adapter_id)

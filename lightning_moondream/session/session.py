@@ -169,7 +169,7 @@ class Session:
 
     def send_metrics(self, step: int, metrics: Mapping[str, float]) -> Future[int]:
         """Start logging ``metrics`` at ``step`` to the finetune; a future of how many were stored."""
-        return self.submit(self.client.metrics.log(self.adapter_id, step, metrics))
+        return self.submit(self.client.metrics.log(self.adapter.adapter_id, step, metrics))
 
     # What the remote step needs of the service.
 
@@ -209,18 +209,6 @@ class Session:
         return self._adapter
 
     @property
-    def adapter_id(self) -> str:
-        """The id of the adapter (finetune) the run is about, without reattaching to it.
-
-        While a checkpoint is evaluated through the inference API (:attr:`checkpoint_model`)
-        it is the checkpoint's finetune, left as it is; else the adapter's, opened on
-        first use.
-        """
-        if self.checkpoint_model is not None and self._resume is not None:
-            return str(self._resume["adapter_id"])
-        return self.adapter.adapter_id
-
-    @property
     def checkpoint_model(self) -> str | None:
         """The inference model answering for a checkpoint under evaluation, if any.
 
@@ -232,11 +220,6 @@ class Session:
             return None
         return checkpoint_model(self._resume)
 
-    def open_model(self) -> None:
-        """Open what answers for the stage: the adapter, unless a checkpoint model does (on every rank)."""
-        if self.checkpoint_model is None:
-            self.adapter  # noqa: B018
-
     def _open(self) -> tuple[Adapter, bool, DialectChoice | None]:
         options = self.options
         plan = AdapterPlan(
@@ -246,11 +229,22 @@ class Session:
             options.from_checkpoint,
             options.resume_at_finetune_step,
         )
-        opened = self.connection.run(
-            open_adapter(self.client, plan, self._resume, self._warn, self._info)
-        )
+        if self.checkpoint_model is not None:
+            opened = (self.connection.run(self._checkpoint_finetune()), False)
+        else:
+            opened = self.connection.run(
+                open_adapter(self.client, plan, self._resume, self._warn, self._info)
+            )
         # Opening an adapter settles an ``auto`` dialect.
         return (*opened, self.client.dialect)
+
+    async def _checkpoint_finetune(self) -> Adapter:
+        """The finetune of the checkpoint under evaluation, read as it is (never reattached)."""
+        assert self._resume is not None
+        finetune = await self.client.adapters.get(self._resume["adapter_id"])
+        if finetune.train_steps is None:
+            return finetune.model_copy(update={"train_steps": self._resume["train_steps"]})
+        return finetune
 
     @property
     def resumed_from(self) -> str | None:
