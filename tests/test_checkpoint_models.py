@@ -107,10 +107,13 @@ def held(path: str | Path) -> dict[str, Any]:
 
 def service_state(root: Path, finetune: str) -> tuple[int | None, list[str], int]:
     """The finetune's step, its kept checkpoints, and how many finetunes the service has."""
-    with TuningClient.local(data_dir=root / "moondream-local-service") as client:
+    service = root / "moondream-local-service"
+    with TuningClient.local(data_dir=service, dialect="adapters") as client:
+        count = len(list(client.adapters.iter(limit=100)))
+    with TuningClient.local(data_dir=service, dialect="finetunes") as client:
         steps = client.adapters.get(finetune).train_steps
         refs = [checkpoint.ref for checkpoint in client.checkpoints.iter(finetune)]
-        return steps, refs, len(list(client.adapters.iter(limit=100)))
+    return steps, refs, count
 
 
 def evaluated(root: Path, model: str) -> dict[str, Any]:
@@ -182,6 +185,7 @@ def test_resume_summary_and_going_on_where_the_finetune_stands(
 
     # Resumed from last.ckpt: the summary names what each kept file holds now.
     second = checkpoints(tmp_path)
+    caplog.clear()
     with caplog.at_level(logging.INFO):
         trainer(tmp_path, second, max_steps=6).fit(
             module(), Shapes(), ckpt_path=first.last_model_path
