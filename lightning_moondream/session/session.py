@@ -103,6 +103,8 @@ class Session:
         self._adapter: Adapter | None = None
         self._created = self._temporary = self._evaluating_only = False
         self._resume: dict[str, Any] | None = None
+        self._evaluated: dict[str, Any] | None = None
+        """The API state of the checkpoint that evaluation stages answer with, if any."""
         self._run_usage: UsageStats | None = None
         self._saved: tuple[tuple[str, int, int], dict[str, Any]] | None = None
         self._inference: tuple[AsyncTuningClient, AsyncInferenceClient] | None = None
@@ -121,6 +123,9 @@ class Session:
             self.collective = Collective.create(self.options.collective_timeout)
         self.connection.prepare(self.collective, root_dir)
         self._evaluating_only = evaluating_only
+        if not evaluating_only:
+            # Trained from here on: what the module holds is the adapter, not a checkpoint.
+            self._evaluated = None
         self._run_usage = None
 
     @property
@@ -214,11 +219,12 @@ class Session:
 
         A validate, test or predict stage given a ``/finetunes`` checkpoint evaluates it
         read-only as ``moondream3-preview/FT@STEP``: the finetune may have moved on, and
-        a checkpoint cannot start one.
+        a checkpoint cannot start one. Later evaluation stages without a checkpoint
+        evaluate it too (as Lightning evaluates the weights it loaded), until ``fit``.
         """
-        if not self._evaluating_only or self._resume is None:
+        if not self._evaluating_only or self._evaluated is None:
             return None
-        return checkpoint_model(self._resume)
+        return checkpoint_model(self._evaluated)
 
     def _open(self) -> tuple[Adapter, bool, DialectChoice | None]:
         options = self.options
@@ -240,10 +246,10 @@ class Session:
 
     async def _checkpoint_finetune(self) -> Adapter:
         """The finetune of the checkpoint under evaluation, read as it is (never reattached)."""
-        assert self._resume is not None
-        finetune = await self.client.adapters.get(self._resume["adapter_id"])
+        assert self._evaluated is not None
+        finetune = await self.client.adapters.get(self._evaluated["adapter_id"])
         if finetune.train_steps is None:
-            return finetune.model_copy(update={"train_steps": self._resume["train_steps"]})
+            return finetune.model_copy(update={"train_steps": self._evaluated["train_steps"]})
         return finetune
 
     @property
@@ -261,6 +267,7 @@ class Session:
         a stage that only evaluates answers with the checkpoint's inference model.
         """
         self._resume = dict(state)
+        self._evaluated = dict(state) if self._evaluating_only else None
         self._adapter = None
         model = self.checkpoint_model
         if model is not None:
