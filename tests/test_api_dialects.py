@@ -1,22 +1,31 @@
 """Both wire dialects over ``httpx.MockTransport`` fakes that follow each wire exactly.
 
-``FinetunesService`` speaks only the Moondream SDK's ``/finetunes`` wire;
-``AdaptersService`` speaks only the spec's ``/adapters`` wire. Any other route answers
+The fakes (``api_fakes``) each speak one dialect and answer any other route with
 FastAPI's ``404 {"detail": "Not Found"}``, as a service without that route would.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from api_fakes import (
+    BASE,
+    DATA_URL,
+    KEY,
+    SFT_QUERY,
+    AdaptersService,
+    Fake,
+    FinetunesService,
+    client_of,
+    detect_group,
+    error,
+)
 
 from lightning_moondream.api import (
     AmbiguousRequestError,
@@ -27,269 +36,6 @@ from lightning_moondream.api import (
     TuningClient,
     UnsupportedFeatureError,
 )
-
-KEY = "sk-dialect-5ecret-key"
-BASE = "https://tuning.example/v1/tuning"
-DATA_URL = "data:image/jpeg;base64,/9j/AAAA"
-BOX = {"x_min": 0.1, "y_min": 0.2, "x_max": 0.4, "y_max": 0.6}
-NOT_FOUND_ROUTE = {"detail": "Not Found"}
-
-
-def _error(status: int, message: str) -> httpx.Response:
-    return httpx.Response(status, json={"error": {"type": "not_found", "message": message}})
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-class Fake:
-    """Remembers every request; subclasses answer them."""
-
-    def __init__(self) -> None:
-        self.requests: list[httpx.Request] = []
-        self.fail_next: dict[tuple[str, str], str] = {}
-
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        self.requests.append(request)
-        path = request.url.path.removeprefix("/v1/tuning")
-        body = json.loads(request.content) if request.content else None
-        failure = self.fail_next.pop((request.method, path), None)
-        response = self.answer(request.method, path, body, dict(request.url.params))
-        if failure == "drop":
-            # The change is made, but the answer never arrives.
-            raise httpx.ReadTimeout("timed out", request=request)
-        if failure == "500":
-            return httpx.Response(500, json={"error": {"type": "server", "message": "boom"}})
-        return response
-
-    def answer(
-        self, method: str, path: str, body: Any, params: dict[str, str]
-    ) -> httpx.Response:  # pragma: no cover - overridden
-        raise NotImplementedError
-
-    def calls(self) -> list[tuple[str, str]]:
-        return [(r.method, r.url.path.removeprefix("/v1/tuning")) for r in self.requests]
-
-    def bodies(self) -> list[Any]:
-        return [json.loads(r.content) if r.content else None for r in self.requests]
-
-
-def _rollouts(body: dict[str, Any], id_field: str, boxes_field: str) -> dict[str, Any]:
-    request = body["request"]
-    rollout: dict[str, Any] = {
-        "skill": request["skill"],
-        "finish_reason": "stop",
-        "answer_tokens": [1, 2],
-        "thinking_tokens": [],
-        "has_answer_separator": False,
-        "coords": [],
-        "sizes": [],
-    }
-    if request["skill"] == "query":
-        rollout["output"] = {"answer": "a cat"}
-        if request.get("reasoning"):
-            rollout["output"]["reasoning"] = {
-                "text": "it has whiskers",
-                "grounding": [{"start_idx": 0, "end_idx": 2, "points": [[0.5, 0.5]]}],
-            }
-            rollout["thinking_tokens"] = [7, 8]
-    elif request["skill"] == "detect":
-        rollout["output"] = {boxes_field: [BOX]}
-    else:
-        rollout["output"] = {"points": [{"x": 0.2, "y": 0.3}]}
-    answer: dict[str, Any] = {
-        "request": request,
-        "rollouts": [dict(rollout) for _ in range(body["num_rollouts"])],
-    }
-    assert id_field in body
-    return answer
-
-
-class FinetunesService(Fake):
-    """The ``/finetunes`` wire of the Moondream SDK, and nothing else."""
-
-    def __init__(self, *, wrap: bool = True) -> None:
-        super().__init__()
-        self.wrap = wrap
-        self.finetunes: dict[str, dict[str, Any]] = {}
-        self.checkpoints: dict[str, list[dict[str, Any]]] = {}
-        self.metrics: list[dict[str, Any]] = []
-
-    def answer(self, method: str, path: str, body: Any, params: dict[str, str]) -> httpx.Response:
-        parts = path.strip("/").split("/")
-        if method == "POST" and parts == ["finetunes"]:
-            finetune_id = f"ft_{len(self.finetunes) + 1}"
-            now = _now_ms()
-            self.finetunes[finetune_id] = {
-                "finetune_id": finetune_id,
-                "name": body["name"],
-                "rank": body["rank"],
-                "created_at_ms": now,
-                "updated_at_ms": now,
-                "train_steps": 0,
-            }
-            self.checkpoints[finetune_id] = []
-            return httpx.Response(200, json={"finetune_id": finetune_id})
-        if parts[0] == "finetunes" and len(parts) >= 2:
-            finetune = self.finetunes.get(parts[1])
-            if finetune is None:
-                return _error(404, f"finetune {parts[1]} not found")
-            return self._finetune_route(method, parts[2:], finetune, body, params)
-        if method == "POST" and parts == ["rollouts"]:
-            if body.get("finetune_id") not in self.finetunes:
-                return _error(404, "finetune not found")
-            return httpx.Response(200, json=_rollouts(body, "finetune_id", "objects"))
-        if method == "POST" and parts == ["train_step"]:
-            finetune = self.finetunes[body["finetune_id"]]
-            finetune["train_steps"] += 1
-            return httpx.Response(
-                200,
-                json={
-                    "step": finetune["train_steps"],
-                    "applied": True,
-                    "kl": 0.01,
-                    "router_kl": 0.0,
-                    "grad_norm": 1.5,
-                    "sft_loss": None,
-                    "reward_mean": 0.5,
-                    "reward_std": 0.25,
-                },
-            )
-        return httpx.Response(404, json=NOT_FOUND_ROUTE)
-
-    def _finetune_route(
-        self,
-        method: str,
-        rest: list[str],
-        finetune: dict[str, Any],
-        body: Any,
-        params: dict[str, str],
-    ) -> httpx.Response:
-        finetune_id = finetune["finetune_id"]
-        checkpoints = self.checkpoints[finetune_id]
-        if method == "GET" and not rest:
-            return httpx.Response(200, json={"finetune": finetune} if self.wrap else finetune)
-        if method == "DELETE" and not rest:
-            del self.finetunes[finetune_id]
-            return httpx.Response(200, json={})
-        if method == "POST" and rest == ["metrics"]:
-            for name, value in body["metrics"].items():
-                self.metrics.append(
-                    {"step": body["step"], "name": name, "value": value, "logged_at_ms": 1}
-                )
-            return httpx.Response(
-                200, json={"ok": True, "step": body["step"], "logged_count": len(body["metrics"])}
-            )
-        if method == "GET" and rest == ["metrics"]:
-            return httpx.Response(200, json={"metrics": self.metrics})
-        if method == "POST" and rest == ["checkpoints", "save"]:
-            now = _now_ms()
-            checkpoint = {
-                "checkpoint_id": f"ckpt_{len(checkpoints) + 1}",
-                "finetune_id": finetune_id,
-                "step": finetune["train_steps"],
-                "expires_at_ms": now + 86_400_000,
-                "created_at_ms": now,
-                "updated_at_ms": now,
-            }
-            checkpoints.append(checkpoint)
-            return httpx.Response(200, json={"ok": True, "checkpoint": checkpoint})
-        if method == "GET" and rest == ["checkpoints"]:
-            start = int(params.get("cursor", 0))
-            limit = int(params["limit"])
-            page = checkpoints[start : start + limit]
-            more = start + limit < len(checkpoints)
-            return httpx.Response(
-                200,
-                json={
-                    "checkpoints": page,
-                    "next_cursor": str(start + limit) if more else None,
-                    "has_more": more,
-                },
-            )
-        if method == "DELETE" and len(rest) == 2 and rest[0] == "checkpoints":
-            kept = [c for c in checkpoints if str(c["step"]) != rest[1]]
-            if len(kept) == len(checkpoints):
-                return _error(404, "checkpoint not found")
-            self.checkpoints[finetune_id] = kept
-            return httpx.Response(200, json={})
-        return httpx.Response(404, json=NOT_FOUND_ROUTE)
-
-
-class AdaptersService(Fake):
-    """The spec's ``/adapters`` wire, and nothing else."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.adapters: dict[str, dict[str, Any]] = {}
-        self.checkpoints: list[dict[str, Any]] = []
-
-    def answer(self, method: str, path: str, body: Any, params: dict[str, str]) -> httpx.Response:
-        parts = path.strip("/").split("/")
-        now = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(time.time() + 1)) + "Z"
-        if parts == ["adapters"] and method == "POST":
-            adapter_id = f"ad_{len(self.adapters) + 1}"
-            self.adapters[adapter_id] = {
-                "adapter_id": adapter_id,
-                "name": body["name"],
-                "rank": body["rank"],
-                "created_at": now,
-                "train_steps": 0,
-            }
-            return httpx.Response(200, json={"adapter_id": adapter_id})
-        if parts == ["adapters"] and method == "GET":
-            return httpx.Response(
-                200, json={"adapters": list(self.adapters.values()), "next_cursor": None}
-            )
-        if parts[0] == "adapters" and len(parts) >= 2:
-            adapter = self.adapters.get(parts[1])
-            if adapter is None:
-                return _error(404, f"adapter {parts[1]} not found")
-            if method == "GET" and len(parts) == 2:
-                return httpx.Response(200, json=adapter)
-            if method == "POST" and parts[2:] == ["checkpoint"]:
-                checkpoint = {
-                    "checkpoint_id": f"{parts[1]}/chk_{len(self.checkpoints) + 1}",
-                    "created_at": now,
-                }
-                self.checkpoints.append(checkpoint)
-                return httpx.Response(200, json=checkpoint)
-            if method == "GET" and parts[2:] == ["checkpoints"]:
-                return httpx.Response(
-                    200, json={"checkpoints": self.checkpoints, "next_cursor": None}
-                )
-        if parts == ["rollouts"] and method == "POST":
-            return httpx.Response(200, json=_rollouts(body, "adapter_id", "boxes"))
-        if parts == ["train_step"] and method == "POST":
-            return httpx.Response(200, json={})
-        return httpx.Response(404, json=NOT_FOUND_ROUTE)
-
-
-def client_of(fake: Fake, dialect: str = "auto", **kwargs: Any) -> TuningClient:
-    client = TuningClient(
-        api_key=KEY,
-        base_url=BASE,
-        http_client=httpx.Client(transport=httpx.MockTransport(fake)),
-        dialect=dialect,  # type: ignore[arg-type]
-        **kwargs,
-    )
-    client._sleep = lambda seconds: None
-    return client
-
-
-def detect_group(client: TuningClient, finetune_id: str) -> dict[str, Any]:
-    request = {"skill": "detect", "object": "cat", "image_url": DATA_URL}
-    response = client.rollouts(finetune_id, request, 2)
-    return dict(response.to_group([1.0, 0.0]))
-
-
-SFT_QUERY = {
-    "mode": "sft",
-    "request": {"skill": "query", "question": "what is it?"},
-    "target": {"answer": "a cat", "reasoning": "whiskers"},
-}
-
 
 # Every route of the /finetunes wire ----------------------------------------------------
 
@@ -449,19 +195,11 @@ def test_what_adapters_cannot_carry_fails_before_sending(call: Any, feature: str
     assert fake.requests == []
 
 
-@pytest.mark.parametrize(
-    ("call", "feature"),
-    [
-        (lambda c: c.adapters.create("x", 16, from_checkpoint="ft_1/chk_1"), "from a checkpoint"),
-        (lambda c: c.adapters.list(), "listing adapters"),
-    ],
-    ids=["from-checkpoint", "list"],
-)
-def test_what_finetunes_cannot_carry_fails_before_sending(call: Any, feature: str) -> None:
+def test_what_finetunes_cannot_carry_fails_before_sending() -> None:
     fake = FinetunesService()
     client = client_of(fake, "finetunes")
-    with pytest.raises(UnsupportedFeatureError, match=feature):
-        call(client)
+    with pytest.raises(UnsupportedFeatureError, match="from a checkpoint"):
+        client.adapters.create("x", 16, from_checkpoint="ft_1/chk_1")
     assert fake.requests == []
 
 
@@ -571,7 +309,7 @@ def test_detection_on_a_finetunes_only_service(caplog: pytest.LogCaptureFixture)
     fake = FinetunesService()
     client = client_of(fake)
     assert client.dialect is None
-    with caplog.at_level(logging.INFO, logger="lightning_moondream.api.client"):
+    with caplog.at_level(logging.INFO, logger="lightning_moondream.api.plans"):
         client.adapters.create("cats", 16)
         client.adapters.create("dogs", 16)
     assert client.dialect == "finetunes"
@@ -579,8 +317,7 @@ def test_detection_on_a_finetunes_only_service(caplog: pytest.LogCaptureFixture)
     assert [r.getMessage() for r in caplog.records].count(
         f"the tuning API at {BASE} speaks the /finetunes dialect"
     ) == 1
-    with pytest.raises(UnsupportedFeatureError, match="listing adapters"):
-        client.adapters.list()
+    assert [adapter.name for adapter in client.adapters.iter()] == ["cats", "dogs"]
 
 
 def test_detection_on_an_adapters_only_service_creates_one_adapter() -> None:
@@ -631,12 +368,15 @@ def test_a_missing_adapter_after_detection_is_plain_not_found() -> None:
     assert fake.calls()[-1] == ("GET", "/finetunes/ft_404")
 
 
-def test_listing_on_an_undetected_finetunes_service_says_why() -> None:
-    fake = FinetunesService()
+@pytest.mark.parametrize("service", [FinetunesService, AdaptersService])
+def test_listing_first_decides_the_dialect_with_reads_only(service: type[Fake]) -> None:
+    fake = service()
     client = client_of(fake)
-    with pytest.raises(UnsupportedFeatureError, match="GET /adapters answered 404"):
-        client.adapters.list()
-    assert client.dialect is None and fake.finetunes == {}
+    assert client.adapters.list().items == []
+    expected = "finetunes" if service is FinetunesService else "adapters"
+    assert client.dialect == expected
+    assert [method for method, _ in fake.calls()] == ["GET"] * len(fake.calls())
+    assert fake.calls()[-1] == ("GET", f"/{expected}")
 
 
 def test_async_client_detects_and_trains_the_same_way() -> None:
@@ -669,15 +409,15 @@ def test_an_unknown_adapter_creation_is_resolved_to_the_one_created() -> None:
     assert fake.calls() == [("POST", "/adapters"), ("GET", "/adapters")]
 
 
-def test_an_unknown_finetune_creation_is_ambiguous_with_the_facts() -> None:
+@pytest.mark.parametrize("failure", ["500", "drop"])
+def test_an_unknown_finetune_creation_is_settled_by_sending_it_again(failure: str) -> None:
     fake = FinetunesService()
-    fake.fail_next[("POST", "/finetunes")] = "500"
+    fake.fail_next[("POST", "/finetunes")] = failure
     client = client_of(fake, "finetunes")
-    with pytest.raises(AmbiguousRequestError) as raised:
-        client.adapters.create("cats", 16)
-    assert "named 'cats' (rank 16)" in str(raised.value)
-    assert "cannot list finetunes" in str(raised.value)
-    assert fake.calls() == [("POST", "/finetunes")]
+    adapter = client.adapters.create("cats", 16)
+    # The first request made it; the second, idempotent, named the same one: no orphan.
+    assert adapter.adapter_id == "ft_1" and list(fake.finetunes) == ["ft_1"]
+    assert fake.calls() == [("POST", "/finetunes"), ("POST", "/finetunes")]
 
 
 @pytest.mark.parametrize("dialect", ["adapters", "finetunes"])
@@ -712,7 +452,7 @@ def test_a_save_whose_lookup_fails_stays_ambiguous() -> None:
 def test_secrets_stay_out_of_errors_and_reprs() -> None:
     fake = FinetunesService()
     client = client_of(fake, max_retries=0)
-    fake.answer = lambda *args: _error(404, f"no key {KEY}")  # type: ignore[method-assign]
+    fake.answer = lambda *args: error(404, f"no key {KEY}")  # type: ignore[method-assign]
     with pytest.raises(NotFoundError) as raised:
         client.adapters.get("ft_1")
     for text in (str(raised.value), repr(raised.value), repr(client)):

@@ -40,6 +40,7 @@ from lightning_moondream.api.inference_models import (
     InferenceModel,
     PointCall,
     QueryCall,
+    checkpoint_model_id,
     model_id,
     parse_model,
 )
@@ -375,10 +376,24 @@ def test_a_checkpoint_is_a_model() -> None:
     assert model_id("ft", 2, base="moondream3.1-9B-A2B") == "moondream3.1-9B-A2B/ft@2"
 
 
+def test_an_adapters_checkpoint_is_a_model_by_its_id() -> None:
+    model = "moondream3-preview/0123456789abcdef@chk_002"
+    assert parse_model(model) == InferenceModel(
+        "moondream3-preview", "0123456789abcdef", checkpoint="chk_002"
+    )
+    assert str(parse_model(model)) == model
+    assert checkpoint_model_id("0123456789abcdef/chk_002") == model
+    assert checkpoint_model_id("ft_01@40") == CHECKPOINT
+    with pytest.raises(ValueError, match=r"^checkpoint ref must be"):
+        checkpoint_model_id("ft_01")
+
+
 @pytest.mark.parametrize(
     "model",
     [
         "",
+        "moondream3-preview/ft_01@chk_",
+        "moondream3-preview/ft_01/chk_001",
         "moondream3-preview/",
         "moondream3-preview/ft_01",
         "moondream3-preview/ft_01@",

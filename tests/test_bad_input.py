@@ -106,7 +106,7 @@ def test_bad_images_name_the_file_and_sample(
 
 
 CONFIGS: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
-    ("rank", lambda: MoondreamRLModule(rank=8), ValueError, "rank must be 16 or 32, got 8"),
+    ("rank", lambda: MoondreamRLModule(rank=12), ValueError, "rank must be 8, 16, 24 or 32"),
     (
         "num_rollouts",
         lambda: MoondreamRLModule(num_rollouts=17),

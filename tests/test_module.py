@@ -336,7 +336,7 @@ def test_a_bad_batch_names_the_problem(batch: Any, error: type[Exception], fragm
 @pytest.mark.parametrize(
     ("arguments", "fragment"),
     [
-        ({"rank": 8}, "rank must be 16 or 32"),
+        ({"rank": 12}, "rank must be 8, 16, 24 or 32"),
         ({"num_rollouts": 17}, "num_rollouts"),
         ({"num_rollouts": 1}, "from 2 to 16"),
         ({"max_retries": -1}, "max_retries"),

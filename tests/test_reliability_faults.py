@@ -495,37 +495,28 @@ class LoseAnswer:
         raise DroppedConnection("the answer was lost after the service acted")
 
 
-def test_a_creation_whose_answer_is_lost_is_resolved_where_the_dialect_can_list(
-    tmp_path: Path, dialect: Dialect, caplog: pytest.LogCaptureFixture
+def test_an_adapter_creation_whose_answer_is_lost_is_found_by_listing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The service made the adapter, then the connection dropped; it is never made twice.
 
     ``/adapters`` lists adapters, so the client finds the one it made and returns it.
-    ``/finetunes`` cannot list finetunes, so a lookup has no meaning there: the client
-    raises instead, with the name, rank and time it asked for.
+    (``/finetunes`` creation is idempotent by name and rank: the client sends it again.)
     """
     data_dir = tmp_path / "service"
-    app = LoseAnswer(service(data_dir, dialect), "adapters")
+    app = LoseAnswer(service(data_dir, "adapters"), "adapters")
     with (
         serving(app) as url,
-        TuningClient(api_key=KEY, base_url=url, dialect=dialect) as client,
+        TuningClient(api_key=KEY, base_url=url, dialect="adapters") as client,
     ):
-        if dialect == "adapters":
-            created = client.adapters.create("lost-answer", 16).adapter_id
-            assert f"it had created adapter {created}, which is used" in caplog.text
-        else:
-            with pytest.raises(AmbiguousRequestError) as raised:
-                client.adapters.create("lost-answer", 16)
-            message = str(raised.value)
-            assert "POST /finetunes failed" in message
-            assert "cannot list finetunes, so the one named 'lost-answer' (rank 16)" in message
+        created = client.adapters.create("lost-answer", 16).adapter_id
+        assert f"it had created adapter {created}, which is used" in caplog.text
     assert app.lost == [200]
     # The store as /adapters lists it: the one adapter the one request made.
     with direct_client(service(data_dir, "adapters"), "adapters") as reader:
         made = list(reader.adapters.iter())
     assert [(adapter.name, adapter.rank) for adapter in made] == [("lost-answer", 16)]
-    if dialect == "adapters":
-        assert made[0].adapter_id == created
+    assert made[0].adapter_id == created
 
 
 def test_a_checkpoint_save_whose_answer_is_lost_is_resolved_by_listing(

@@ -6,8 +6,14 @@ official ``moondream`` SDK sends, streaming included. Errors, retries, timeouts 
 counting are the tuning client's: these calls change nothing on the server, so every
 retryable failure is retried, and ``Retry-After`` is honoured.
 
+The local service answers the same API: ``InferenceClient.local()`` runs one in this
+process, and ``InferenceClient.for_tuning(tuning_client)`` talks to the very service a
+tuning client talks to (the same in-process app for a local one), so a run's tuning and
+inference see the same finetunes and checkpoints.
+
 Example:
-    >>> from lightning_moondream.api import InferenceClient, model_id
+    >>> from lightning_moondream.api.inference import InferenceClient
+    >>> from lightning_moondream.api.inference_models import model_id
     >>> with InferenceClient(model=model_id("01jq0v3b", 40)) as client:
     ...     boxes = client.detect("street.jpg", "car").objects
     ...     for text in client.caption_stream("street.jpg", length="short"):
@@ -22,19 +28,24 @@ import os
 import time
 from collections.abc import AsyncGenerator, Callable, Generator, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import httpx
 from pydantic import SecretStr
 
 from lightning_moondream.api import wire
-from lightning_moondream.api.client import (
+from lightning_moondream.api.async_client import AsyncTuningClient
+from lightning_moondream.api.core import (
     CONNECT_TIMEOUT,
+    LOCAL_API_KEY,
+    LOCAL_BASE_URL,
     MIN_SCRUBBED_KEY,
     USER_AGENT,
     HttpClientT,
-    _server_message,
+    local_app,
     resolve_api_key,
+    server_message,
 )
 from lightning_moondream.api.errors import (
     APIConnectionError,
@@ -58,8 +69,9 @@ from lightning_moondream.api.inference_models import (
     QueryResult,
     check_model,
 )
+from lightning_moondream.api.inprocess import InProcessAsyncTransport, InProcessTransport
 from lightning_moondream.api.models import Settings
-from lightning_moondream.api.operations import DEFAULT_READ_TIMEOUT, Operation
+from lightning_moondream.api.operations import DEFAULT_READ_TIMEOUT, Action, Operation
 from lightning_moondream.api.pools import async_spread_client, spread_client
 from lightning_moondream.api.retry import (
     CallKind,
@@ -68,6 +80,7 @@ from lightning_moondream.api.retry import (
     should_retry_status,
     should_retry_transport,
 )
+from lightning_moondream.api.sync_client import TuningClient
 from lightning_moondream.api.usage import UsageStats
 from lightning_moondream.images import ImageInput
 
@@ -107,6 +120,10 @@ def resolve_inference_url(base_url: str | None = None, tuning_url: str | None = 
             f"in {TUNING_PATH!r}: pass base_url=... or set MOONDREAM_INFERENCE_URL"
         )
     return tuning.removesuffix(TUNING_PATH)
+
+
+LOCAL_INFERENCE_URL = LOCAL_BASE_URL.removesuffix(TUNING_PATH)
+"""Base URL of the in-process local service's inference API."""
 
 
 class _EventReader:
@@ -155,6 +172,16 @@ class _EventReader:
         return [chunk] if isinstance(chunk, str) and chunk else []
 
 
+def _sharing(tuning: TuningClient | AsyncTuningClient) -> dict[str, Any]:
+    """The options of an inference client of the service a tuning client talks to."""
+    return {
+        "api_key": tuning._api_key,
+        "tuning_url": tuning.base_url,
+        "timeout": tuning.timeout,
+        "max_retries": tuning.retry_policy.max_retries,
+    }
+
+
 class _InferenceCore(Generic[HttpClientT]):
     """What both clients share: configuration, building requests, reading answers."""
 
@@ -182,6 +209,13 @@ class _InferenceCore(Generic[HttpClientT]):
         self._owns_http = http_client is None
         self._http = http_client if http_client is not None else default_http_client()
 
+    @classmethod
+    def _owning(cls, http_client: HttpClientT, **options: Any) -> Self:
+        """A client that closes ``http_client`` (and the app behind it) when it closes."""
+        client = cls(http_client=http_client, **options)
+        client._owns_http = True
+        return client
+
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(base_url={self.base_url!r}, model={self.model!r}, "
@@ -196,8 +230,10 @@ class _InferenceCore(Generic[HttpClientT]):
         if "model" not in body and self.model is not None:
             body["model"] = self.model
         return Operation(
+            Action.INFERENCE,
             "POST",
             call.path,
+            f"POST {call.path}",
             CallKind.SAFE,
             call.parse,
             json=body,
@@ -252,9 +288,7 @@ class _InferenceCore(Generic[HttpClientT]):
         label = self._label(operation)
         if isinstance(outcome, httpx.Response):
             request_id = outcome.headers.get("x-request-id") or outcome.headers.get("request-id")
-            text = self._scrub(
-                f"{label} answered {outcome.status_code}: {_server_message(outcome)}"
-            )
+            text = self._scrub(f"{label} answered {outcome.status_code}: {server_message(outcome)}")
             error_class = error_class_for_status(outcome.status_code)
             if error_class is RateLimitError:
                 return RateLimitError(
@@ -381,6 +415,43 @@ class InferenceClient(_InferenceCore[httpx.Client]):
             default_http_client=spread_client,
         )
         self._sleep: Callable[[float], None] = time.sleep
+
+    @classmethod
+    def local(
+        cls,
+        *,
+        data_dir: str | Path | None = None,
+        model: str | None = None,
+        **service_options: Any,
+    ) -> InferenceClient:
+        """A client of the local service running in this process (no port).
+
+        The service is made for this client and closed with it; to share one with a
+        tuning client, use ``for_tuning`` on ``TuningClient.local()``.
+
+        Args:
+            data_dir: Where the service keeps finetunes; a temporary folder by default.
+            model: The model of calls that name none (see ``InferenceClient``).
+            **service_options: Passed to ``lightning_moondream.server.create_app``.
+        """
+        app, close = local_app(data_dir, service_options)
+        http = httpx.Client(transport=InProcessTransport(app, on_close=close))
+        return cls._owning(http, api_key=LOCAL_API_KEY, base_url=LOCAL_INFERENCE_URL, model=model)
+
+    @classmethod
+    def for_tuning(cls, tuning: TuningClient, *, model: str | None = None) -> InferenceClient:
+        """A client of the service ``tuning`` talks to, with its key, timeout and retries.
+
+        It sends through the tuning client's HTTP client, so for ``TuningClient.local()``
+        it reaches the same in-process service; it is usable while ``tuning`` is open,
+        and closing it leaves ``tuning`` open. The base URL is the tuning URL without
+        ``/tuning``.
+
+        Args:
+            tuning: The tuning client.
+            model: The model of calls that name none (see ``InferenceClient``).
+        """
+        return cls(**_sharing(tuning), model=model, http_client=tuning._http)
 
     def _send(self, operation: Operation[R]) -> R:
         request = self._build_request(operation)
@@ -621,6 +692,26 @@ class AsyncInferenceClient(_InferenceCore[httpx.AsyncClient]):
             default_http_client=async_spread_client,
         )
         self._sleep: Callable[[float], Any] = asyncio.sleep
+
+    @classmethod
+    def local(
+        cls,
+        *,
+        data_dir: str | Path | None = None,
+        model: str | None = None,
+        **service_options: Any,
+    ) -> AsyncInferenceClient:
+        """An async client of the local service running in this process; see ``InferenceClient.local``."""
+        app, close = local_app(data_dir, service_options)
+        http = httpx.AsyncClient(transport=InProcessAsyncTransport(app, on_close=close))
+        return cls._owning(http, api_key=LOCAL_API_KEY, base_url=LOCAL_INFERENCE_URL, model=model)
+
+    @classmethod
+    def for_tuning(
+        cls, tuning: AsyncTuningClient, *, model: str | None = None
+    ) -> AsyncInferenceClient:
+        """An async client of the service ``tuning`` talks to; see ``InferenceClient.for_tuning``."""
+        return cls(**_sharing(tuning), model=model, http_client=tuning._http)
 
     async def _send(self, operation: Operation[R]) -> R:
         request = self._build_request(operation)

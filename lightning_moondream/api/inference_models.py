@@ -6,8 +6,11 @@ read into a result (``QueryResult``, ``DetectResult``, ``PointResult``,
 ``CaptionResult``). Requests are checked by the tuning API's request models, so both
 APIs refuse the same settings, spatial references and prompts.
 
-A model is the base model ``moondream3-preview`` or a saved finetune checkpoint
-``moondream3-preview/{finetune_id}@{step}`` (``model_id``).
+A model is the base model ``moondream3-preview``, a saved finetune checkpoint
+``moondream3-preview/{finetune_id}@{step}`` (``model_id``), or a checkpoint of the
+``/adapters`` dialect ``moondream3-preview/{adapter_id}@{chk_id}``, from its full id
+``adapter_id/chk_id`` (``checkpoint_model_id`` gives the model of a checkpoint ref of
+either dialect).
 """
 
 from __future__ import annotations
@@ -42,8 +45,15 @@ CaptionLength = Literal["short", "normal", "long"]
 CAPTION_LENGTHS: tuple[CaptionLength, ...] = get_args(CaptionLength)
 
 _NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
-_MODEL = re.compile(rf"(?P<base>{_NAME})(?:/(?P<finetune_id>{_NAME})@(?P<step>[0-9]+))?")
-_MODEL_FORMS = f"'{BASE_MODEL}' or '{BASE_MODEL}/FINETUNE_ID@STEP'"
+_CHECKPOINT = r"chk_[0-9]+"
+_MODEL = re.compile(
+    rf"(?P<base>{_NAME})"
+    rf"(?:/(?P<finetune_id>{_NAME})@(?:(?P<step>[0-9]+)|(?P<checkpoint>{_CHECKPOINT})))?"
+)
+MODEL_FORMS = (
+    f"'{BASE_MODEL}', '{BASE_MODEL}/FINETUNE_ID@STEP' or '{BASE_MODEL}/ADAPTER_ID@chk_NNN'"
+)
+"""The forms a model id takes, for messages."""
 
 
 # Model ids ------------------------------------------------------------------------------
@@ -55,13 +65,17 @@ class InferenceModel:
 
     Attributes:
         base: The base model, e.g. ``moondream3-preview``.
-        finetune_id: The finetune whose checkpoint answers, or ``None`` for the base model.
-        step: The step of that checkpoint, or ``None`` for the base model.
+        finetune_id: The finetune (or adapter) whose checkpoint answers, or ``None`` for
+            the base model.
+        step: The train step of that checkpoint, if named by its step.
+        checkpoint: The short id (``chk_001``) of that checkpoint, if named by its id
+            (``/adapters`` checkpoints).
     """
 
     base: str
     finetune_id: str | None = None
     step: int | None = None
+    checkpoint: str | None = None
 
     @property
     def is_base(self) -> bool:
@@ -69,11 +83,14 @@ class InferenceModel:
         return self.finetune_id is None
 
     def __str__(self) -> str:
-        return self.base if self.is_base else f"{self.base}/{self.finetune_id}@{self.step}"
+        if self.is_base:
+            return self.base
+        which = self.step if self.checkpoint is None else self.checkpoint
+        return f"{self.base}/{self.finetune_id}@{which}"
 
 
 def parse_model(model: str) -> InferenceModel:
-    """Take a model id apart: ``BASE`` or ``BASE/FINETUNE_ID@STEP``.
+    """Take a model id apart: ``BASE``, ``BASE/FINETUNE_ID@STEP`` or ``BASE/ADAPTER_ID@chk_NNN``.
 
     Raises:
         ValueError: Naming ``model`` and the forms it may take.
@@ -83,9 +100,14 @@ def parse_model(model: str) -> InferenceModel:
         hint = ""
         if isinstance(model, str) and "/" not in model and "@" in model:
             hint = f" (a checkpoint is named with its base model: '{BASE_MODEL}/{model}')"
-        raise ValueError(f"model must be {_MODEL_FORMS}, got {model!r}{hint}")
+        raise ValueError(f"model must be {MODEL_FORMS}, got {model!r}{hint}")
     step = match["step"]
-    return InferenceModel(match["base"], match["finetune_id"], None if step is None else int(step))
+    return InferenceModel(
+        match["base"],
+        match["finetune_id"],
+        None if step is None else int(step),
+        match["checkpoint"],
+    )
 
 
 def model_id(finetune_id: str, step: int, *, base: str = BASE_MODEL) -> str:
@@ -102,6 +124,25 @@ def model_id(finetune_id: str, step: int, *, base: str = BASE_MODEL) -> str:
             f"digit, got {finetune_id!r}"
         )
     return str(parse_model(f"{base}/{finetune_id}@{step}"))
+
+
+def checkpoint_model_id(ref: str, *, base: str = BASE_MODEL) -> str:
+    """The model id of a checkpoint ref of either dialect.
+
+    A ``/finetunes`` ref ``FT@STEP`` is ``moondream3-preview/FT@STEP``; an ``/adapters``
+    checkpoint id ``ADAPTER_ID/chk_NNN`` is ``moondream3-preview/ADAPTER_ID@chk_NNN``.
+
+    Raises:
+        ValueError: If the ref is neither form.
+    """
+    adapter_id, slash, short = ref.partition("/") if isinstance(ref, str) else ("", "", "")
+    candidate = f"{base}/{adapter_id}@{short}" if slash else f"{base}/{ref}"
+    try:
+        return str(parse_model(candidate))
+    except ValueError:
+        raise ValueError(
+            f"checkpoint ref must be 'FINETUNE_ID@STEP' or 'ADAPTER_ID/chk_NNN', got {ref!r}"
+        ) from None
 
 
 def check_model(model: str | None) -> str | None:

@@ -27,6 +27,16 @@ from pydantic import (
     model_validator,
 )
 
+from lightning_moondream.api.limits import (
+    ADAPTER_RANKS,
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_P,
+    FINETUNE_RANKS,
+    MAX_ROLLOUTS,
+    MAX_SPATIAL_REFS,
+    MIN_ROLLOUTS,
+)
 from lightning_moondream.images import (
     DEFAULT_MAX_PIXELS,
     ImageError,
@@ -35,8 +45,11 @@ from lightning_moondream.images import (
     is_data_url,
 )
 
-RANKS = (16, 32)
-MIN_ROLLOUTS, MAX_ROLLOUTS = 1, 16
+DIALECT_RANKS: Mapping[str, tuple[int, ...]] = {
+    "adapters": ADAPTER_RANKS,
+    "finetunes": FINETUNE_RANKS,
+}
+"""LoRA ranks each wire dialect accepts."""
 Skill = Literal["query", "point", "detect"]
 SKILLS: tuple[Skill, ...] = ("query", "point", "detect")
 
@@ -79,13 +92,33 @@ class Box(BaseModel):
 
 
 class Settings(BaseModel):
-    """Generation settings; ``max_objects`` is valid for detect only."""
+    """Generation settings; ``max_objects`` is valid for detect only.
+
+    Only the fields given are sent: the service's own defaults apply to the others
+    (``limits``: ``max_tokens`` 256 for detect, 128 otherwise; ``max_objects`` 50). A
+    request reads its skill's ``max_tokens`` when none is given.
+    """
 
     model_config = _STRICT
-    temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
-    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
-    max_tokens: int = Field(128, ge=1, le=4096)
+    temperature: float = Field(DEFAULT_TEMPERATURE, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float = Field(DEFAULT_TOP_P, gt=0.0, le=1.0, allow_inf_nan=False)
+    max_tokens: int = Field(DEFAULT_MAX_TOKENS["query"], ge=1, le=4096)
     max_objects: int | None = Field(None, ge=1, le=100)
+
+    def for_skill(self, skill: str) -> Settings:
+        """These settings with the skill's default ``max_tokens`` where none was given.
+
+        The copy keeps which fields were given, so it still sends only those.
+        """
+        default = DEFAULT_MAX_TOKENS[skill]
+        if "max_tokens" in self.model_fields_set or self.max_tokens == default:
+            return self
+        values = {**self.__dict__, "max_tokens": default}
+        return Settings.model_construct(_fields_set=set(self.model_fields_set), **values)
+
+    def to_json(self) -> dict[str, Any]:
+        """The fields given, as the spec's JSON."""
+        return self.model_dump(mode="json", exclude_unset=True, exclude_none=True)
 
 
 def check_spatial_ref(ref: Any) -> list[float]:
@@ -115,7 +148,7 @@ def check_spatial_ref(ref: Any) -> list[float]:
 class _RequestBase(BaseModel):
     model_config = _STRICT
     settings: Settings | None = None
-    spatial_refs: list[list[float]] | None = Field(None, max_length=100)
+    spatial_refs: list[list[float]] | None = Field(None, max_length=MAX_SPATIAL_REFS)
     """Points ``[x, y]`` or boxes ``[x1, y1, x2, y2]`` (0-1) the request refers to."""
 
     @field_validator("spatial_refs", mode="before")
@@ -132,6 +165,14 @@ class _RequestBase(BaseModel):
             except ValueError as exc:
                 raise ValueError(f"spatial_refs[{index}] {exc}") from exc
         return checked
+
+    @field_validator("settings", mode="after")
+    @classmethod
+    def _skill_defaults(cls, settings: Settings | None) -> Settings | None:
+        skill = cls.model_fields["skill"].default if "skill" in cls.model_fields else None
+        if settings is None or skill is None:
+            return settings
+        return settings.for_skill(skill)
 
     @field_validator("image_url", mode="before", check_fields=False)
     @classmethod
@@ -166,8 +207,15 @@ class _RequestBase(BaseModel):
         return self
 
     def to_json(self) -> dict[str, Any]:
-        """Return the request as the spec's JSON, omitting unset optional fields."""
-        return self.model_dump(mode="json", exclude_none=True)
+        """Return the request as the spec's JSON, omitting unset optional fields.
+
+        Of the settings, only those given are sent, so the service's defaults apply to
+        the others (a default of one skill is never sent for another).
+        """
+        data = self.model_dump(mode="json", exclude_none=True, exclude={"settings"})
+        if self.settings is not None and (settings := self.settings.to_json()):
+            data["settings"] = settings
+        return data
 
 
 class QueryRequest(_RequestBase):
@@ -278,10 +326,20 @@ def parse_ground_truth(
     return model.model_validate(dict(ground_truth))
 
 
-def check_rank(rank: int) -> int:
-    """Return ``rank`` if the API accepts it, else raise ``ValueError``."""
-    if isinstance(rank, bool) or rank not in RANKS:
-        raise ValueError(f"rank must be 16 or 32, got {rank!r}")
+def check_rank(rank: int, dialect: str = "adapters") -> int:
+    """Return ``rank`` if the dialect accepts it.
+
+    Args:
+        rank: The LoRA rank.
+        dialect: ``"adapters"`` (16 or 32) or ``"finetunes"`` (8, 16, 24 or 32).
+
+    Raises:
+        ValueError: Naming the dialect and the ranks it accepts.
+    """
+    allowed = DIALECT_RANKS[dialect]
+    if isinstance(rank, bool) or rank not in allowed:
+        choices = ", ".join(str(value) for value in allowed[:-1]) + f" or {allowed[-1]}"
+        raise ValueError(f"rank must be {choices} on the /{dialect} dialect, got {rank!r}")
     return rank
 
 
@@ -292,7 +350,10 @@ def check_num_rollouts(num_rollouts: int) -> int:
         or not isinstance(num_rollouts, int)
         or not (MIN_ROLLOUTS <= num_rollouts <= MAX_ROLLOUTS)
     ):
-        raise ValueError(f"num_rollouts must be an integer from 1 to 16, got {num_rollouts!r}")
+        raise ValueError(
+            f"num_rollouts must be an integer from {MIN_ROLLOUTS} to {MAX_ROLLOUTS}, "
+            f"got {num_rollouts!r}"
+        )
     return num_rollouts
 
 

@@ -10,6 +10,10 @@ synchronous and asynchronous clients so that both follow one policy:
   a connection that was never established, 429 and 503. Any other failure is
   ambiguous and is raised as such, never retried.
 
+- A 429 changed nothing, so every call retries it; it is the service asking to slow
+  down, not a failure, so it does not count against ``max_retries``: a call gives up
+  for 429s alone only after waiting ``max_rate_limited_wait`` in all.
+
 Waits are exponential backoff with full jitter (base 0.5 s, cap 30 s), unless the server
 says how long to wait with ``Retry-After`` (seconds or an HTTP date).
 """
@@ -96,15 +100,18 @@ class RetryPolicy:
     """How many times to retry, and the backoff between attempts.
 
     Attributes:
-        max_retries: Retries after the first attempt; 0 disables retrying.
+        max_retries: Retries after the first attempt; 0 disables retrying (but for
+            429s, which ``max_rate_limited_wait`` bounds).
         base_delay: Backoff of the first retry, in seconds, before jitter.
         max_delay: Cap of the backoff, in seconds, before jitter.
+        max_rate_limited_wait: Seconds one call waits in all on 429s before giving up.
         rng: Source of jitter; seed it for repeatable waits.
     """
 
     max_retries: int = 4
     base_delay: float = 0.5
     max_delay: float = 30.0
+    max_rate_limited_wait: float = 1800.0
     rng: random.Random = field(default_factory=random.Random, repr=False)
 
     def __post_init__(self) -> None:

@@ -17,17 +17,22 @@ class UsageStats:
     """Thread-safe counters of requests, retries, rollouts, train steps and bytes sent.
 
     Latency is the time of one attempt, from sending to the full answer, per endpoint
-    (``POST /rollouts``, ``POST /train_step``, ...).
+    (``POST /rollouts``, ``POST /train_step``, ...). ``rate_limited`` counts 429
+    answers; ``admitted_rate`` is the rate (requests per second) the client's rate
+    limiter admitted at its last answer, 0 while nothing limited it. Every field adds
+    up across processes: summed, the admitted rates are the key's.
     """
 
     _COUNTERS: tuple[str, ...] = (
         "requests",
         "retries",
         "failures",
+        "rate_limited",
         "rollouts",
         "train_steps",
         "images_sent",
         "bytes_sent",
+        "admitted_rate",
     )
 
     def __init__(self) -> None:
@@ -35,10 +40,12 @@ class UsageStats:
         self.requests = 0
         self.retries = 0
         self.failures = 0
+        self.rate_limited = 0
         self.rollouts = 0
         self.train_steps = 0
         self.images_sent = 0
         self.bytes_sent = 0
+        self.admitted_rate = 0.0
         self._latency: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=LATENCY_WINDOW))
 
     def state(self) -> dict[str, Any]:
@@ -54,7 +61,8 @@ class UsageStats:
         total = cls()
         for state in states:
             for name in cls._COUNTERS:
-                setattr(total, name, getattr(total, name) + state[name])
+                # A state from before a field existed counts as none of it.
+                setattr(total, name, getattr(total, name) + state.get(name, 0))
             for endpoint, values in state["latency"].items():
                 total._latency[endpoint].extend(values)
         return total
@@ -77,6 +85,16 @@ class UsageStats:
         """Count one retry."""
         with self._lock:
             self.retries += 1
+
+    def record_rate_limited(self) -> None:
+        """Count one 429 answer."""
+        with self._lock:
+            self.rate_limited += 1
+
+    def record_admitted_rate(self, rate: float | None) -> None:
+        """Note the rate the limiter admits now; ``None``: nothing limits it."""
+        with self._lock:
+            self.admitted_rate = rate or 0.0
 
     def record_failure(self) -> None:
         """Count one request that failed for good."""

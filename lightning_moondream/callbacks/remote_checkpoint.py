@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
@@ -125,7 +125,7 @@ class RemoteCheckpoint(ModelCheckpoint):
         self._saving = []
         self._save_point = False
         after = self._kept()
-        orphans = {self.api_checkpoints.pop(path, None) for path in before.keys() - after.keys()}
+        orphans: set[str | None] = set()
         if saved:
             # One state of the adapter is one API checkpoint: every save of a hook holds it.
             self._latest = saved[-1]
@@ -133,6 +133,10 @@ class RemoteCheckpoint(ModelCheckpoint):
             for path in self._written(before, after):
                 orphans.add(self.api_checkpoints.get(path))
                 self.api_checkpoints[path] = checkpoint_id
+        # A file is gone when it is gone from disk: ModelCheckpoint does not list every
+        # file it keeps (without a monitor, none but the newest).
+        for path in [path for path in self.api_checkpoints if not _exists(path)]:
+            orphans.add(self.api_checkpoints.pop(path))
         for orphan in orphans - set(self.api_checkpoints.values()) - {None}:
             self._delete_remote(trainer, str(orphan))
 
@@ -202,9 +206,14 @@ class RemoteCheckpoint(ModelCheckpoint):
         self.api_checkpoints = dict(state_dict.get("api_checkpoints", {}))
 
 
+def _exists(path: str) -> bool:
+    return bool(get_filesystem(path).exists(path))
+
+
 def _api_checkpoint_of(path: str) -> str | None:
     """The API checkpoint a checkpoint file holds, or ``None`` if the file is gone."""
-    if not Path(path).is_file():
+    if not _exists(path):
         return None
-    state = torch.load(path, map_location="cpu", weights_only=False).get(CHECKPOINT_KEY) or {}
-    return state.get("checkpoint_id")
+    with get_filesystem(path).open(path, "rb") as file:
+        state = torch.load(file, map_location="cpu", weights_only=False).get(CHECKPOINT_KEY)
+    return (state or {}).get("checkpoint_id")

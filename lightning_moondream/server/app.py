@@ -4,44 +4,88 @@
 dialect (``routes_adapters``), Moondream's current ``/finetunes`` dialect
 (``routes_finetunes``), or both over one store, so the same adapter is reachable
 through either. ``/rollouts`` and ``/train_step`` have one path in both dialects; their
-body tells them apart (``finetune_id`` or ``adapter_id``). All set-up happens in
+body tells them apart (``finetune_id`` or ``adapter_id``). Moondream's inference API
+(``/v1/query``, ``/detect``, ``/point``, ``/caption``) answers from the base policy and
+saved checkpoints (``routes_inference``). All set-up happens in
 ``create_app`` (no lifespan events), so the app also works in-process through
 ``httpx.ASGITransport``, which does not run them.
 
 Errors are ``{"error": {"type": ..., "message": ...}}`` in both dialects, with 400
 (unreadable body, image or cursor; tampered rollouts), 401, 404 (unknown ids and other
-keys' ids alike), 413, 422 (invalid fields, named), 429, 500 and 503. An unknown route
-is FastAPI's 404.
+keys' ids alike), 409 (a ``/finetunes`` name taken at another rank), 413, 422
+(invalid fields, named), 429, 500 and 503. An unknown route is FastAPI's 404.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Collection, Mapping
+import time
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from tempfile import TemporaryDirectory
-from typing import Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp
 
 from lightning_moondream.images import DEFAULT_MAX_PIXELS
-from lightning_moondream.server import routes_adapters, routes_finetunes
-from lightning_moondream.server.core import (
-    DEFAULT_MAX_BODY_BYTES,
-    PREFIX,
-    ApiError,
-    Service,
-    TuningApp,
-    error_response,
+from lightning_moondream.server import (
+    routes_adapters,
+    routes_finetunes,
+    routes_inference,
+    routes_shared,
 )
 from lightning_moondream.server.engine import make_engine
+from lightning_moondream.server.errors import ServiceError
 from lightning_moondream.server.faults import FaultConfig, FaultInjector, check_latency
+from lightning_moondream.server.http_common import error_response
+from lightning_moondream.server.middleware import BodyLimit, LatencyAndFaults
+from lightning_moondream.server.rate_limit import RateLimit, RateLimiter
+from lightning_moondream.server.service import Service
 from lightning_moondream.server.store import Store
 
 DIALECTS: tuple[str, ...] = ("both", "adapters", "finetunes")
+DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 
-__all__ = ["DEFAULT_MAX_BODY_BYTES", "DIALECTS", "close_app", "create_app"]
+__all__ = ["DEFAULT_MAX_BODY_BYTES", "DIALECTS", "TuningApp", "close_app", "create_app"]
+
+
+class TuningApp(FastAPI):
+    """FastAPI app with the service's middleware outside FastAPI's own.
+
+    Outside, so that a dropped connection is really dropped, not turned into a 500 by
+    FastAPI's error handler. From the outside in: latency and injected faults, the rate
+    limit (so a request failed by injection does not count), then the body size limit.
+
+    Attributes:
+        latency: Least seconds to answer, per endpoint group.
+        faults: The failures injected.
+        rate_limiter: The per-key rate limit, if any.
+        max_body_bytes: Largest request body accepted.
+    """
+
+    def __init__(
+        self,
+        *,
+        latency: dict[str, float],
+        faults: FaultInjector,
+        rate_limiter: RateLimiter | None,
+        max_body_bytes: int,
+    ) -> None:
+        super().__init__(
+            title="lightning_moondream local tuning service", docs_url=None, redoc_url=None
+        )
+        self.latency = latency
+        self.faults = faults
+        self.rate_limiter = rate_limiter
+        self.max_body_bytes = max_body_bytes
+
+    def build_middleware_stack(self) -> ASGIApp:
+        """FastAPI's stack wrapped in the service's middleware."""
+        app: ASGIApp = BodyLimit(super().build_middleware_stack(), self.max_body_bytes)
+        if self.rate_limiter is not None:
+            app = RateLimit(app, self.rate_limiter)
+        return LatencyAndFaults(app, self.latency, self.faults)
 
 
 def create_app(
@@ -57,6 +101,8 @@ def create_app(
     dialect: str = "both",
     checkpoint_retention: float | None = None,
     owner_key: str | None = None,
+    rate_limit: float | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> FastAPI:
     """Build the local tuning service.
 
@@ -78,49 +124,69 @@ def create_app(
             ``expires_at_ms``; ``None`` keeps checkpoints for ever.
         owner_key: Every accepted key acts for the owner of this key: the processes
             of a run share a fresh key, and their adapters stay those of this one.
+        rate_limit: Requests per second each API key may send, in bursts of
+            ``max(1, ceil(rate_limit / 5))``; over it, 429 with ``Retry-After`` (see
+            ``rate_limit``). ``None`` for no limit.
+        clock: Monotonic seconds the rate limit refills by.
 
     Raises:
         ValueError: For an unknown policy, dialect or latency endpoint, a negative
-            retention, or an empty key set.
+            retention, an empty key set, or a rate limit that is not a positive number.
+    """
+    keys = _checked_options(dialect, checkpoint_retention, api_keys)
+    app = TuningApp(
+        latency=check_latency(latency),
+        faults=FaultInjector(faults or FaultConfig()),
+        rate_limiter=None if rate_limit is None else RateLimiter(rate_limit, clock),
+        max_body_bytes=max_body_bytes,
+    )
+    store = Store(_data_dir(app, data_dir))
+    app.state.service = Service(
+        store, make_engine(policy), keys, max_pixels, seed, checkpoint_retention, owner_key
+    )
+    _install_error_handlers(app)
+    _install_routes(app, ("adapters", "finetunes") if dialect == "both" else (dialect,))
+    routes_inference.install(app, seed)
+    return app
+
+
+def _checked_options(
+    dialect: str, checkpoint_retention: float | None, api_keys: Collection[str] | None
+) -> list[str] | None:
+    """Check ``create_app``'s options; the accepted keys, empty ones left out.
+
+    Raises:
+        ValueError: For an unknown dialect, a negative retention or an empty key set.
     """
     if dialect not in DIALECTS:
         raise ValueError(f"dialect must be one of {', '.join(DIALECTS)}, got {dialect!r}")
     if checkpoint_retention is not None and not checkpoint_retention >= 0:
         raise ValueError("checkpoint_retention must be a non-negative number of seconds or None")
-    if api_keys is not None:
-        api_keys = [key for key in api_keys if key]
-        if not api_keys:
-            raise ValueError("api_keys is empty: give at least one key, or None to accept any key")
-    app = TuningApp(title="lightning_moondream local tuning service", docs_url=None, redoc_url=None)
-    app.latency = check_latency(latency)
-    app.faults = FaultInjector(faults or FaultConfig())
-    if data_dir is None:
-        temporary = TemporaryDirectory(prefix="lightning-moondream-")
-        # The directory lives as long as the app object does.
-        app.state.temporary_dir = temporary
-        data_dir = temporary.name
-    service = Service(
-        Store(Path(data_dir)),
-        make_engine(policy),
-        api_keys,
-        app.faults,
-        max_body_bytes,
-        max_pixels,
-        seed,
-        checkpoint_retention_ms=(
-            None if checkpoint_retention is None else round(checkpoint_retention * 1000)
-        ),
-        owner_key=owner_key,
-    )
-    app.state.service = service
-    _install_error_handlers(app)
-    served = ("adapters", "finetunes") if dialect == "both" else (dialect,)
-    if "adapters" in served:
-        routes_adapters.install(app, service)
-    if "finetunes" in served:
-        routes_finetunes.install(app, service)
-    _install_shared_routes(app, service, served)
-    return app
+    if api_keys is None:
+        return None
+    keys = [key for key in api_keys if key]
+    if not keys:
+        raise ValueError("api_keys is empty: give at least one key, or None to accept any key")
+    return keys
+
+
+def _data_dir(app: FastAPI, data_dir: str | Path | None) -> Path:
+    """The data directory; a temporary one living as long as ``app`` if ``None``."""
+    if data_dir is not None:
+        return Path(data_dir)
+    temporary = TemporaryDirectory(prefix="lightning-moondream-")
+    app.state.temporary_dir = temporary
+    return Path(temporary.name)
+
+
+def _install_routes(app: FastAPI, dialects: tuple[str, ...]) -> None:
+    """Serve the routes of ``dialects``, and the two paths they share."""
+    app.state.dialects = dialects
+    if "adapters" in dialects:
+        routes_adapters.install(app)
+    if "finetunes" in dialects:
+        routes_finetunes.install(app)
+    routes_shared.install(app)
 
 
 def close_app(app: FastAPI) -> None:
@@ -132,40 +198,10 @@ def close_app(app: FastAPI) -> None:
 
 
 def _install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+    @app.exception_handler(ServiceError)
+    async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
         return error_response(exc.status, exc.message)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error_response(exc.status_code, str(exc.detail))
-
-
-_DIALECT_MODULES = {"adapters": routes_adapters, "finetunes": routes_finetunes}
-
-
-def _install_shared_routes(app: FastAPI, service: Service, served: tuple[str, ...]) -> None:
-    """``/rollouts`` and ``/train_step``: one path, handled by the dialect of the body."""
-
-    def dialect_of(body: dict[str, Any]) -> Any:
-        # A body naming neither id goes to the first dialect served, whose validation
-        # then names the missing field.
-        if "finetune_id" in body and "finetunes" in served:
-            return routes_finetunes
-        if "adapter_id" in body and "adapters" in served:
-            return routes_adapters
-        return _DIALECT_MODULES[served[0]]
-
-    @app.post(f"{PREFIX}/rollouts")
-    async def rollouts(request: Request) -> Response:
-        owner = service.authenticate(request)
-        body = await service.json_body(request)
-        handler: Callable[..., Awaitable[Response]] = dialect_of(body).rollouts
-        return await handler(service, owner, body)
-
-    @app.post(f"{PREFIX}/train_step")
-    async def train_step(request: Request) -> dict[str, Any]:
-        owner = service.authenticate(request)
-        body = await service.json_body(request)
-        handler: Callable[..., Awaitable[dict[str, Any]]] = dialect_of(body).train_step
-        return await handler(service, owner, body, request)

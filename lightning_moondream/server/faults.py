@@ -1,9 +1,10 @@
 """Injected latency and failures, for benchmarks and for testing clients' retry logic.
 
-Off by default. Endpoints are grouped under four names: ``"adapters"`` (create, list,
+Off by default. Endpoints are grouped under five names: ``"adapters"`` (create, list,
 get, delete adapters or finetunes, and a finetune's metrics), ``"checkpoints"`` (save,
-list, delete checkpoints), ``"rollouts"`` and ``"train_step"``; both API dialects map
-to the same groups.
+list, delete checkpoints), ``"rollouts"``, ``"train_step"`` and ``"inference"`` (the
+inference API's ``/v1/query``, ``/detect``, ``/point`` and ``/caption``); both tuning
+API dialects map to the same groups.
 
 Failures drawn by ``FaultInjector.before`` are answered before the request reaches its
 handler, so they never change state: a client may safely retry any of them. The
@@ -20,13 +21,14 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-ENDPOINTS: tuple[str, ...] = ("adapters", "checkpoints", "rollouts", "train_step")
+from lightning_moondream.server.http_common import INFERENCE_PATHS, PREFIX
+
+ENDPOINTS: tuple[str, ...] = ("adapters", "checkpoints", "rollouts", "train_step", "inference")
 FAULT_KINDS: tuple[str, ...] = ("429", "503", "500", "drop")
 AFTER_APPLY_KINDS: tuple[str, ...] = ("500", "drop")
 
-_PREFIX = "/v1/tuning"
-_CHECKPOINTS = re.compile(rf"{_PREFIX}/(adapters|finetunes)/[^/]+/checkpoints?(/.*)?")
-_ADAPTERS = re.compile(rf"{_PREFIX}/(adapters(/[^/]+)?|finetunes(/[^/]+(/metrics)?)?)")
+_CHECKPOINTS = re.compile(rf"{PREFIX}/(adapters|finetunes)/[^/]+/checkpoints?(/.*)?")
+_ADAPTERS = re.compile(rf"{PREFIX}/(adapters(/[^/]+)?|finetunes(/[^/]+(/metrics)?)?)")
 
 
 class DroppedConnection(Exception):
@@ -39,8 +41,10 @@ class DroppedConnection(Exception):
 
 def endpoint_of(path: str) -> str | None:
     """The endpoint group of a request path, or ``None`` outside the API."""
-    if path in (f"{_PREFIX}/rollouts", f"{_PREFIX}/train_step"):
+    if path in (f"{PREFIX}/rollouts", f"{PREFIX}/train_step"):
         return path.rsplit("/", 1)[1]
+    if path in INFERENCE_PATHS:
+        return "inference"
     if _CHECKPOINTS.fullmatch(path):
         return "checkpoints"
     if _ADAPTERS.fullmatch(path):

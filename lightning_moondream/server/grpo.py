@@ -260,55 +260,92 @@ def train_step(
     }
     batches = rl_batches + target_batches
     before = [batch.distributions(policy, trainable) for batch in batches]
-    loss = torch.zeros(())
-    sft_loss = None
-    if rl_batches:
-        rollouts = sum(len(batch.lengths) for batch in rl_batches)
-        surrogate = sum(
-            (
-                _surrogate(batch, dist, hyperparameters.clip)
-                for batch, dist in zip(rl_batches, before, strict=False)
-            ),
-            torch.zeros(()),
-        )
-        loss = loss + surrogate / rollouts
-    if target_batches:
-        nll = -sum(
-            (
-                gather_tokens(dist, batch.tokens, batch.lengths).sum()
-                for batch, dist in zip(target_batches, before[len(rl_batches) :], strict=True)
-            ),
-            torch.zeros(()),
-        ) / len(targets)
-        loss = loss + nll
-        sft_loss = float(nll.detach())
-    names = list(trainable)
-    grads = torch.autograd.grad(loss, [trainable[name] for name in names], allow_unused=True)
-    gradients = {name: grad for name, grad in zip(names, grads, strict=True) if grad is not None}
-    grad_norm = float(
-        torch.sqrt(sum((grad.pow(2).sum() for grad in gradients.values()), torch.zeros(())))
-    )
+    loss, sft_loss = _loss(rl_batches, target_batches, before, hyperparameters.clip)
+    gradients, grad_norm = _gradients(loss, trainable)
     step_lr = hyperparameters.lr if lr is None else lr
     new_weights, new_optimizer = adam_update(weights, gradients, optimizer, lr=step_lr)
-    with torch.no_grad():
-        rows = sum(len(batch.lengths) for batch in batches)
-        kl = (
-            sum(
-                (
-                    _kl(dist.detach(), batch.distributions(policy, new_weights), batch.valid)
-                    for batch, dist in zip(batches, before, strict=True)
-                ),
-                torch.zeros(()),
-            )
-            / rows
-        )
+    kl = _mean_kl(policy, batches, before, new_weights)
     used = sum(len(batch.rows_per_group) for batch in batches)
     return StepResult(
         new_weights,
         new_optimizer,
         used,
         float(loss.detach()),
-        max(0.0, float(kl)),
+        max(0.0, kl),
         grad_norm,
         sft_loss,
     )
+
+
+def _loss(
+    rl_batches: Sequence[_Batch],
+    target_batches: Sequence[_Batch],
+    before: Sequence[torch.Tensor],
+    clip: float,
+) -> tuple[torch.Tensor, float | None]:
+    """The step's loss, and its SFT part (``None`` without targets).
+
+    ``before`` holds the distributions of the RL batches, then of the target batches.
+    """
+    loss = torch.zeros(())
+    sft_loss = None
+    if rl_batches:
+        rollouts = sum(len(batch.lengths) for batch in rl_batches)
+        surrogate = sum(
+            (
+                _surrogate(batch, dist, clip)
+                for batch, dist in zip(rl_batches, before, strict=False)
+            ),
+            torch.zeros(()),
+        )
+        loss = loss + surrogate / rollouts
+    if target_batches:
+        targets = sum(len(batch.lengths) for batch in target_batches)
+        nll = (
+            -sum(
+                (
+                    gather_tokens(dist, batch.tokens, batch.lengths).sum()
+                    for batch, dist in zip(target_batches, before[len(rl_batches) :], strict=True)
+                ),
+                torch.zeros(()),
+            )
+            / targets
+        )
+        loss = loss + nll
+        sft_loss = float(nll.detach())
+    return loss, sft_loss
+
+
+def _gradients(
+    loss: torch.Tensor, trainable: dict[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], float]:
+    """The loss's gradient for each trainable weight it depends on, and their global norm."""
+    names = list(trainable)
+    grads = torch.autograd.grad(loss, [trainable[name] for name in names], allow_unused=True)
+    gradients = {name: grad for name, grad in zip(names, grads, strict=True) if grad is not None}
+    grad_norm = float(
+        torch.sqrt(sum((grad.pow(2).sum() for grad in gradients.values()), torch.zeros(())))
+    )
+    return gradients, grad_norm
+
+
+def _mean_kl(
+    policy: Policy,
+    batches: Sequence[_Batch],
+    before: Sequence[torch.Tensor],
+    weights: LoRAWeights,
+) -> float:
+    """KL from the pre-step to the post-step policy, averaged over the rows."""
+    with torch.no_grad():
+        rows = sum(len(batch.lengths) for batch in batches)
+        kl = (
+            sum(
+                (
+                    _kl(dist.detach(), batch.distributions(policy, weights), batch.valid)
+                    for batch, dist in zip(batches, before, strict=True)
+                ),
+                torch.zeros(()),
+            )
+            / rows
+        )
+    return float(kl)

@@ -41,7 +41,11 @@ IMAGE_SIZE = 64
 HIDDEN = 128
 EMBED = 32
 DEFAULT_MAX_OBJECTS = 8
-"""Objects decoded at most when a request sets no ``max_objects``."""
+"""Objects decoded at most without ``max_objects`` (point requests, which take none).
+
+No request decodes more than twice this, whatever its ``max_objects`` (detect's default
+is 50): the small policy's own limit.
+"""
 SKILL_INDEX = {"query": 0, "point": 1, "detect": 2}
 BASE_WEIGHTS = Path(__file__).with_name("weights") / "base.pt"
 _MASKED = -1e9

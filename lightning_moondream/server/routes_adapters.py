@@ -1,4 +1,4 @@
-"""The ``/adapters`` dialect of the tuning API (the spec's), over the shared core.
+"""The ``/adapters`` dialect of the tuning API (the spec's): HTTP to the service and back.
 
 Answers follow the spec: ``{}`` for deletes and train steps, ISO timestamps, string
 checkpoint ids. Train steps take RL groups only, as in the spec. Two extensions:
@@ -12,19 +12,22 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import APIRouter, FastAPI, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from lightning_moondream.api.models import check_groups
-from lightning_moondream.server.core import (
+from lightning_moondream.server.errors import ServiceError
+from lightning_moondream.server.http_common import (
     PREFIX,
-    ApiError,
-    SampledRollout,
-    Service,
-    check_lr,
+    answer_rollouts,
+    authenticated,
     next_cursor,
     page_query,
+    parse_body,
 )
+from lightning_moondream.server.results import SampledRollout
+from lightning_moondream.server.service import Service
+from lightning_moondream.server.validation import check_lr, validate_body
 
 
 class _CreateAdapter(BaseModel):
@@ -70,80 +73,92 @@ def _public(reasoning: dict[str, Any]) -> dict[str, Any]:
     return {"text": reasoning["text"], "grounding": reasoning["grounding"]}
 
 
-def install(app: FastAPI, service: Service) -> None:
-    """Add the ``/adapters`` dialect's own routes to ``app``.
+router = APIRouter(prefix=PREFIX)
+"""This dialect's own routes; ``/rollouts`` and ``/train_step`` are in ``routes_shared``."""
 
-    ``rollouts`` and ``train_step`` share their paths with the other dialect: the app
-    routes them by body (see ``app.py``).
+
+@router.post("/adapters")
+async def create_adapter(request: Request) -> dict[str, Any]:
+    """``POST /adapters``: a fresh adapter, or one from a checkpoint."""
+    service, owner = authenticated(request)
+    body = await parse_body(request, _CreateAdapter)
+    record = await service.create_adapter(owner, body.name, body.rank, body.from_checkpoint)
+    return {"adapter_id": record.adapter_id}
+
+
+@router.get("/adapters")
+async def list_adapters(request: Request) -> dict[str, Any]:
+    """``GET /adapters``: one page of the caller's adapters, oldest first."""
+    service, owner = authenticated(request)
+    records, more = service.list_adapters(owner, *page_query(request))
+    return {
+        "adapters": [record.to_json() for record in records],
+        "next_cursor": next_cursor(records, more),
+    }
+
+
+@router.get("/adapters/{adapter_id}")
+async def get_adapter(adapter_id: str, request: Request) -> dict[str, Any]:
+    """``GET /adapters/{id}``."""
+    service, owner = authenticated(request)
+    return (await service.read_adapter(owner, adapter_id)).to_json()
+
+
+@router.delete("/adapters/{adapter_id}")
+async def delete_adapter(adapter_id: str, request: Request) -> dict[str, Any]:
+    """``DELETE /adapters/{id}``, with its checkpoints."""
+    service, owner = authenticated(request)
+    await service.delete_adapter(owner, adapter_id)
+    return {}
+
+
+@router.post("/adapters/{adapter_id}/checkpoint")
+async def save_checkpoint(adapter_id: str, request: Request) -> dict[str, Any]:
+    """``POST /adapters/{id}/checkpoint``."""
+    service, owner = authenticated(request)
+    return (await service.save_checkpoint(owner, adapter_id)).to_json()
+
+
+@router.get("/adapters/{adapter_id}/checkpoints")
+async def list_checkpoints(adapter_id: str, request: Request) -> dict[str, Any]:
+    """``GET /adapters/{id}/checkpoints``: one page, oldest first."""
+    service, owner = authenticated(request)
+    limit, after = page_query(request)
+    records, more = service.list_checkpoints(owner, adapter_id, limit, after)
+    return {
+        "checkpoints": [record.to_json() for record in records],
+        "next_cursor": next_cursor(records, more),
+    }
+
+
+@router.delete("/adapters/{adapter_id}/checkpoints/{checkpoint_id:path}")
+async def delete_checkpoint(
+    adapter_id: str, checkpoint_id: str, request: Request
+) -> dict[str, Any]:
+    """``DELETE /adapters/{id}/checkpoints/{checkpoint_id}``.
+
+    The id in its short form ``chk_001``, or in full ``adapter/chk_001`` (its slash raw
+    or as ``%2F``).
     """
-    store = service.store
+    service, owner = authenticated(request)
+    service.delete_checkpoint(owner, adapter_id, checkpoint_id)
+    return {}
 
-    @app.post(f"{PREFIX}/adapters")
-    async def create_adapter(request: Request) -> dict[str, Any]:
-        owner = service.authenticate(request)
-        body = await service.parse_body(request, _CreateAdapter)
-        record = await service.create_adapter(owner, body.name, body.rank, body.from_checkpoint)
-        return {"adapter_id": record.adapter_id}
 
-    @app.get(f"{PREFIX}/adapters")
-    async def list_adapters(request: Request) -> dict[str, Any]:
-        owner = service.authenticate(request)
-        records, more = store.list_adapters(owner, *page_query(request))
-        return {
-            "adapters": [record.to_json() for record in records],
-            "next_cursor": next_cursor(records, more),
-        }
-
-    @app.get(f"{PREFIX}/adapters/{{adapter_id}}")
-    async def get_adapter(adapter_id: str, request: Request) -> dict[str, Any]:
-        owner = service.authenticate(request)
-        return (await service.read_adapter(owner, adapter_id)).to_json()
-
-    @app.delete(f"{PREFIX}/adapters/{{adapter_id}}")
-    async def delete_adapter(adapter_id: str, request: Request) -> dict[str, Any]:
-        owner = service.authenticate(request)
-        await service.delete_adapter(owner, adapter_id)
-        return {}
-
-    @app.post(f"{PREFIX}/adapters/{{adapter_id}}/checkpoint")
-    async def save_checkpoint(adapter_id: str, request: Request) -> dict[str, Any]:
-        owner = service.authenticate(request)
-        return (await service.save_checkpoint(owner, adapter_id)).to_json()
-
-    @app.get(f"{PREFIX}/adapters/{{adapter_id}}/checkpoints")
-    async def list_checkpoints(adapter_id: str, request: Request) -> dict[str, Any]:
-        owner = service.authenticate(request)
-        limit, after = page_query(request)
-        service.get_adapter_or_404(owner, adapter_id)
-        records, more = store.list_checkpoints(owner, adapter_id, limit, after)
-        return {
-            "checkpoints": [record.to_json() for record in records],
-            "next_cursor": next_cursor(records, more),
-        }
-
-    @app.delete(f"{PREFIX}/adapters/{{adapter_id}}/checkpoints/{{checkpoint_id:path}}")
-    async def delete_checkpoint(
-        adapter_id: str, checkpoint_id: str, request: Request
-    ) -> dict[str, Any]:
-        owner = service.authenticate(request)
-        # Short form "chk_001", or the full id "adapter/chk_001" (its slash raw or %2F).
-        full_id = checkpoint_id if "/" in checkpoint_id else f"{adapter_id}/{checkpoint_id}"
-        if not full_id.startswith(f"{adapter_id}/") or not store.delete_checkpoint(owner, full_id):
-            raise ApiError(404, f"checkpoint {full_id!r} not found")
-        return {}
+def install(app: FastAPI) -> None:
+    """Add this dialect's own routes to ``app``."""
+    app.include_router(router)
 
 
 async def rollouts(service: Service, owner: str, body: dict[str, Any]) -> Response:
     """Answer ``POST /rollouts`` in this dialect."""
-    parsed = service.validate_body(body, _Rollouts)
-    return await service.rollouts(owner, parsed.adapter_id, parsed, rollout_json)
+    parsed = validate_body(body, _Rollouts)
+    return await answer_rollouts(service, owner, parsed.adapter_id, parsed, rollout_json)
 
 
-async def train_step(
-    service: Service, owner: str, body: dict[str, Any], request: Request
-) -> dict[str, Any]:
+async def train_step(service: Service, owner: str, body: dict[str, Any]) -> dict[str, Any]:
     """Answer ``POST /train_step`` in this dialect: RL groups, ``{}`` when applied."""
-    parsed = service.validate_body(body, _TrainStep)
+    parsed = validate_body(body, _TrainStep)
     lr = check_lr(parsed.lr)
     # Checked as the client checks them, before the adapter lookup: SFT groups are
     # refused with a message naming /finetunes, and a malformed step is a 422 even for
@@ -151,6 +166,6 @@ async def train_step(
     try:
         groups = check_groups(parsed.groups)
     except ValueError as exc:
-        raise ApiError(422, str(exc)) from exc
-    await service.train_step(owner, parsed.adapter_id, groups, lr, request)
+        raise ServiceError(422, str(exc)) from exc
+    await service.train_step(owner, parsed.adapter_id, groups, lr)
     return {}

@@ -1,4 +1,4 @@
-"""The ``/finetunes`` dialect of the tuning API (Moondream's current SDK), over the core.
+"""The ``/finetunes`` dialect of the tuning API (Moondream's current SDK): HTTP to the service.
 
 A finetune is an adapter: its id is the adapter's id, and both dialects see the same
 weights, steps and checkpoints. Times are milliseconds since the epoch; checkpoints are
@@ -11,26 +11,31 @@ SFT groups (``{"mode": "sft", "request", "target"}``) and answers what it did:
 ``step``, ``applied`` (false at ``lr`` 0, which computes the step but changes and counts
 nothing), ``kl``, ``router_kl`` (always ``None``: the policy has no router),
 ``grad_norm``, ``sft_loss``, ``reward_mean`` and ``reward_std``.
+
+Names, ranks, idempotent creation and deletes follow Moondream's API reference (see
+``finetunes``): ranks 8, 16, 24 or 32, deletes answer ``{"ok": true}``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import APIRouter, FastAPI, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
-from lightning_moondream.server.core import (
+from lightning_moondream.server.finetunes import Finetunes
+from lightning_moondream.server.http_common import (
     PREFIX,
-    ApiError,
-    SampledRollout,
-    Service,
-    check_lr,
-    is_finite_number,
+    answer_rollouts,
+    authenticated,
     next_cursor,
     page_query,
+    parse_body,
 )
+from lightning_moondream.server.results import SampledRollout, StepReport
+from lightning_moondream.server.service import Service
 from lightning_moondream.server.store import AdapterRecord, CheckpointRecord
+from lightning_moondream.server.validation import check_lr, check_step, validate_body
 
 MAX_METRICS = 1000
 """Most metrics one call may log."""
@@ -115,106 +120,126 @@ def rollout_json(item: SampledRollout) -> dict[str, Any]:
     }
 
 
-def _checked_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    checked = {}
-    for name, value in metrics.items():
-        if not name.strip() or len(name) > 256:
-            raise ApiError(422, f"metrics: names must be 1 to 256 characters, got {name!r}")
-        if not is_finite_number(value):
-            raise ApiError(422, f"metrics.{name}: must be a finite number, got {value!r}")
-        checked[name] = float(value)
-    return checked
+def step_report_json(report: StepReport) -> dict[str, Any]:
+    """A train step's answer in this dialect."""
+    return {
+        "step": report.step,
+        "applied": report.applied,
+        "kl": report.stats.kl,
+        # The reference policy has no mixture-of-experts router.
+        "router_kl": None,
+        "grad_norm": report.stats.grad_norm,
+        "sft_loss": report.stats.sft_loss,
+        "reward_mean": report.reward_mean,
+        "reward_std": report.reward_std,
+    }
 
 
-def _step_of(raw: str) -> int:
-    if not raw.isdigit():
-        raise ApiError(422, f"step: must be a non-negative integer, got {raw!r}")
-    return int(raw)
+router = APIRouter(prefix=PREFIX)
+"""This dialect's own routes; ``/rollouts`` and ``/train_step`` are in ``routes_shared``."""
 
 
-def install(app: FastAPI, service: Service) -> None:
-    """Add the ``/finetunes`` dialect's own routes to ``app``.
+def _finetunes(request: Request) -> Finetunes:
+    finetunes: Finetunes = request.app.state.finetunes
+    return finetunes
 
-    ``rollouts`` and ``train_step`` share their paths with the other dialect: the app
-    routes them by body (see ``app.py``).
-    """
-    store = service.store
 
-    @app.post(f"{PREFIX}/finetunes")
-    async def create_finetune(request: Request) -> dict[str, Any]:
-        owner = service.authenticate(request)
-        body = await service.parse_body(request, _CreateFinetune)
-        record = await service.create_adapter(owner, body.name, body.rank)
-        return {"finetune_id": record.adapter_id}
+@router.post("/finetunes")
+async def create_finetune(request: Request) -> dict[str, Any]:
+    """``POST /finetunes``: the caller's finetune of that name, created if new."""
+    _, owner = authenticated(request)
+    body = await parse_body(request, _CreateFinetune)
+    record = await _finetunes(request).create(owner, body.name, body.rank)
+    return {"finetune_id": record.adapter_id}
 
-    @app.get(f"{PREFIX}/finetunes/{{finetune_id}}")
-    async def get_finetune(finetune_id: str, request: Request) -> dict[str, Any]:
-        owner = service.authenticate(request)
-        return {"finetune": finetune_json(await service.read_adapter(owner, finetune_id))}
 
-    @app.delete(f"{PREFIX}/finetunes/{{finetune_id}}")
-    async def delete_finetune(finetune_id: str, request: Request) -> dict[str, Any]:
-        owner = service.authenticate(request)
-        await service.delete_adapter(owner, finetune_id)
-        return {}
+@router.get("/finetunes")
+async def list_finetunes(request: Request) -> dict[str, Any]:
+    """``GET /finetunes``: one page of the caller's finetunes, oldest first."""
+    service, owner = authenticated(request)
+    records, more = service.list_adapters(owner, *page_query(request))
+    return {
+        "finetunes": [finetune_json(record) for record in records],
+        "next_cursor": next_cursor(records, more),
+        "has_more": more,
+    }
 
-    @app.post(f"{PREFIX}/finetunes/{{finetune_id}}/metrics")
-    async def log_metrics(finetune_id: str, request: Request) -> dict[str, Any]:
-        owner = service.authenticate(request)
-        body = await service.parse_body(request, _Metrics)
-        metrics = _checked_metrics(body.metrics)
-        service.get_adapter_or_404(owner, finetune_id)
-        count = store.log_metrics(finetune_id, body.step, metrics)
-        return {"ok": True, "step": body.step, "logged_count": count}
 
-    @app.get(f"{PREFIX}/finetunes/{{finetune_id}}/metrics")
-    async def read_metrics(finetune_id: str, request: Request) -> dict[str, Any]:
-        owner = service.authenticate(request)
-        service.get_adapter_or_404(owner, finetune_id)
-        return {"metrics": store.list_metrics(finetune_id)}
+@router.get("/finetunes/{finetune_id}")
+async def get_finetune(finetune_id: str, request: Request) -> dict[str, Any]:
+    """``GET /finetunes/{id}``."""
+    service, owner = authenticated(request)
+    return {"finetune": finetune_json(await service.read_adapter(owner, finetune_id))}
 
-    @app.get(f"{PREFIX}/finetunes/{{finetune_id}}/checkpoints")
-    async def list_checkpoints(finetune_id: str, request: Request) -> dict[str, Any]:
-        owner = service.authenticate(request)
-        limit, after = page_query(request)
-        service.get_adapter_or_404(owner, finetune_id)
-        records, more = store.list_checkpoints(owner, finetune_id, limit, after)
-        return {
-            "checkpoints": [checkpoint_json(record, finetune_id) for record in records],
-            "next_cursor": next_cursor(records, more),
-            "has_more": more,
-        }
 
-    @app.post(f"{PREFIX}/finetunes/{{finetune_id}}/checkpoints/save")
-    async def save_checkpoint(finetune_id: str, request: Request) -> dict[str, Any]:
-        owner = service.authenticate(request)
-        record = await service.save_checkpoint(owner, finetune_id)
-        return {"ok": True, "checkpoint": checkpoint_json(record, finetune_id)}
+@router.delete("/finetunes/{finetune_id}")
+async def delete_finetune(finetune_id: str, request: Request) -> dict[str, Any]:
+    """``DELETE /finetunes/{id}``, with its checkpoints; idempotent."""
+    _, owner = authenticated(request)
+    await _finetunes(request).delete(owner, finetune_id)
+    return {"ok": True}
 
-    @app.delete(f"{PREFIX}/finetunes/{{finetune_id}}/checkpoints/{{step}}")
-    async def delete_checkpoint(finetune_id: str, step: str, request: Request) -> dict[str, Any]:
-        owner = service.authenticate(request)
-        number = _step_of(step)
-        service.get_adapter_or_404(owner, finetune_id)
-        deleted = 0
-        while (record := store.checkpoint_at_step(owner, finetune_id, number)) is not None:
-            deleted += store.delete_checkpoint(owner, record.checkpoint_id)
-        if not deleted:
-            raise ApiError(404, f"no checkpoint of finetune {finetune_id!r} at step {number}")
-        return {"ok": True}
+
+@router.post("/finetunes/{finetune_id}/metrics")
+async def log_metrics(finetune_id: str, request: Request) -> dict[str, Any]:
+    """``POST /finetunes/{id}/metrics``."""
+    service, owner = authenticated(request)
+    body = await parse_body(request, _Metrics)
+    count = service.log_metrics(owner, finetune_id, body.step, body.metrics)
+    return {"ok": True, "step": body.step, "logged_count": count}
+
+
+@router.get("/finetunes/{finetune_id}/metrics")
+async def read_metrics(finetune_id: str, request: Request) -> dict[str, Any]:
+    """``GET /finetunes/{id}/metrics``: every metric logged, by step then name."""
+    service, owner = authenticated(request)
+    return {"metrics": service.read_metrics(owner, finetune_id)}
+
+
+@router.get("/finetunes/{finetune_id}/checkpoints")
+async def list_checkpoints(finetune_id: str, request: Request) -> dict[str, Any]:
+    """``GET /finetunes/{id}/checkpoints``: one page, oldest first."""
+    service, owner = authenticated(request)
+    limit, after = page_query(request)
+    records, more = service.list_checkpoints(owner, finetune_id, limit, after)
+    return {
+        "checkpoints": [checkpoint_json(record, finetune_id) for record in records],
+        "next_cursor": next_cursor(records, more),
+        "has_more": more,
+    }
+
+
+@router.post("/finetunes/{finetune_id}/checkpoints/save")
+async def save_checkpoint(finetune_id: str, request: Request) -> dict[str, Any]:
+    """``POST /finetunes/{id}/checkpoints/save``: a checkpoint at the current step."""
+    service, owner = authenticated(request)
+    record = await service.save_checkpoint(owner, finetune_id)
+    return {"ok": True, "checkpoint": checkpoint_json(record, finetune_id)}
+
+
+@router.delete("/finetunes/{finetune_id}/checkpoints/{step}")
+async def delete_checkpoint(finetune_id: str, step: str, request: Request) -> dict[str, Any]:
+    """``DELETE /finetunes/{id}/checkpoints/{step}``; idempotent."""
+    _, owner = authenticated(request)
+    _finetunes(request).delete_checkpoints_at_step(owner, finetune_id, check_step(step))
+    return {"ok": True}
+
+
+def install(app: FastAPI) -> None:
+    """Add this dialect's own routes to ``app``, over its ``state.service``."""
+    app.state.finetunes = Finetunes(app.state.service)
+    app.include_router(router)
 
 
 async def rollouts(service: Service, owner: str, body: dict[str, Any]) -> Response:
     """Answer ``POST /rollouts`` in this dialect."""
-    parsed = service.validate_body(body, _Rollouts)
-    return await service.rollouts(owner, parsed.finetune_id, parsed, rollout_json)
+    parsed = validate_body(body, _Rollouts)
+    return await answer_rollouts(service, owner, parsed.finetune_id, parsed, rollout_json)
 
 
-async def train_step(
-    service: Service, owner: str, body: dict[str, Any], request: Request
-) -> dict[str, Any]:
+async def train_step(service: Service, owner: str, body: dict[str, Any]) -> dict[str, Any]:
     """Answer ``POST /train_step`` in this dialect: RL and SFT groups, the step's report."""
-    parsed = service.validate_body(body, _TrainStep)
+    parsed = validate_body(body, _TrainStep)
     lr = check_lr(parsed.lr)
-    report = await service.train_step(owner, parsed.finetune_id, parsed.groups, lr, request)
-    return report.to_json()
+    report = await service.train_step(owner, parsed.finetune_id, parsed.groups, lr)
+    return step_report_json(report)

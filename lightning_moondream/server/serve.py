@@ -3,7 +3,8 @@
 Serves the tuning API over HTTP with uvicorn, in the ``/adapters`` dialect, the
 ``/finetunes`` dialect or both (``--dialect``, default both). API keys come from ``--api-key``
 (repeatable), else from ``MOONDREAM_API_KEY``; with neither, any non-empty key is
-accepted and each key sees only its own adapters. Keys are never printed or logged.
+accepted and each key sees only its own adapters. Keys are never printed or logged. ``--rate-limit R`` limits each key to R requests per
+second, in bursts of ``max(1, ceil(R / 5))`` (see ``rate_limit``).
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 
 import torch
 import uvicorn
+from fastapi import FastAPI
 
 from lightning_moondream.images import DEFAULT_MAX_PIXELS
 from lightning_moondream.server.app import DEFAULT_MAX_BODY_BYTES, DIALECTS, create_app
@@ -88,6 +91,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
     parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads per request (default 1)"
+    )
+    parser.add_argument(
+        "--rate-limit",
+        type=float,
+        default=None,
+        metavar="R",
+        help="requests per second per API key, in bursts of max(1, ceil(R/5)); over it, "
+        "429 with Retry-After (default: no limit)",
+    )
+    _add_fault_options(parser)
+    return parser
+
+
+def _add_fault_options(parser: argparse.ArgumentParser) -> None:
+    """Options of injected latency and failures."""
+    parser.add_argument(
         "--latency",
         type=_latency,
         action="append",
@@ -116,10 +136,46 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--fail-after-train-step-rate", type=float, default=1.0)
     parser.add_argument("--fault-seed", type=int, default=0, help="seed of the fault draws")
-    parser.add_argument(
-        "--threads", type=int, default=1, help="torch threads per request (default 1)"
+
+
+def app_from_args(
+    args: argparse.Namespace,
+    keys: list[str] | None,
+    clock: Callable[[], float] = time.monotonic,
+) -> FastAPI:
+    """The app ``serve`` runs for its parsed arguments and the accepted keys.
+
+    Args:
+        args: ``build_parser``'s arguments.
+        keys: Accepted API keys; ``None`` accepts any key.
+        clock: Monotonic seconds the rate limit refills by.
+
+    Raises:
+        ValueError: For an option ``create_app`` or ``FaultConfig`` refuses.
+    """
+    faults = FaultConfig(
+        rate=args.fault_rate,
+        kinds=args.fault_kinds,
+        endpoints=args.fault_endpoints,
+        retry_after=args.retry_after,
+        after_train_step=args.fail_after_train_step,
+        after_train_step_rate=args.fail_after_train_step_rate,
+        seed=args.fault_seed,
     )
-    return parser
+    return create_app(
+        data_dir=args.data_dir,
+        api_keys=keys,
+        policy=args.policy,
+        latency=dict(args.latency),
+        faults=faults,
+        max_body_bytes=args.max_body_bytes,
+        max_pixels=args.max_pixels,
+        seed=args.seed,
+        dialect=args.dialect,
+        checkpoint_retention=args.checkpoint_retention,
+        rate_limit=args.rate_limit,
+        clock=clock,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -129,34 +185,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         [os.environ["MOONDREAM_API_KEY"]] if os.environ.get("MOONDREAM_API_KEY") else None
     )
     try:
-        faults = FaultConfig(
-            rate=args.fault_rate,
-            kinds=args.fault_kinds,
-            endpoints=args.fault_endpoints,
-            retry_after=args.retry_after,
-            after_train_step=args.fail_after_train_step,
-            after_train_step_rate=args.fail_after_train_step_rate,
-            seed=args.fault_seed,
-        )
         # One thread per request: requests run in parallel on the cores instead.
         torch.set_num_threads(max(1, args.threads))
-        app = create_app(
-            data_dir=args.data_dir,
-            api_keys=keys,
-            policy=args.policy,
-            latency=dict(args.latency),
-            faults=faults,
-            max_body_bytes=args.max_body_bytes,
-            max_pixels=args.max_pixels,
-            seed=args.seed,
-            dialect=args.dialect,
-            checkpoint_retention=args.checkpoint_retention,
-        )
+        app = app_from_args(args, keys)
     except ValueError as exc:
         sys.exit(f"error: {exc}")
     if keys is None:
         print("no API key configured: any non-empty X-Moondream-Auth key is accepted", flush=True)
     else:
         print(f"{len(keys)} API key(s) configured", flush=True)
+    if args.rate_limit is not None:
+        print(f"rate limit: {args.rate_limit:g} requests per second per API key", flush=True)
     print(f"serving the tuning API at http://{args.host}:{args.port}/v1/tuning", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")

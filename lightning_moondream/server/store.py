@@ -7,6 +7,10 @@ Layout under the data directory::
     adapters/<adapter_id>.pt    an adapter's current LoRA weights and optimizer state
     checkpoints/<adapter_id>/chk_NNN.pt
 
+Deleted adapters, and the steps of deleted checkpoints, are remembered (ids only, their
+files are removed at once), so that a delete sent again can be told from one of
+something that never existed.
+
 Every row carries its owner, a SHA-256 digest of the API key (the key itself is never
 stored), and every query filters on it, so one key can never read, list or delete
 another key's data. Ids are validated against their exact format before any path is
@@ -55,6 +59,16 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     created_at TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS checkpoints_adapter ON checkpoints (adapter_id, seq);
+CREATE TABLE IF NOT EXISTS deleted_adapters (
+    adapter_id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS deleted_checkpoints (
+    adapter_id TEXT NOT NULL,
+    step INTEGER NOT NULL,
+    owner TEXT NOT NULL,
+    PRIMARY KEY (adapter_id, step)
+);
 CREATE TABLE IF NOT EXISTS metrics (
     adapter_id TEXT NOT NULL,
     step INTEGER NOT NULL,
@@ -279,6 +293,15 @@ class Store:
             ).fetchone()
         return self._adapter(row) if row else None
 
+    def find_adapter_named(self, owner: str, name: str) -> AdapterRecord | None:
+        """The owner's oldest adapter of this name, or ``None``."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT * FROM adapters WHERE owner = ? AND name = ? ORDER BY seq LIMIT 1",
+                (owner, name),
+            ).fetchone()
+        return self._adapter(row) if row else None
+
     def list_adapters(self, owner: str, limit: int, after: int) -> tuple[list[AdapterRecord], bool]:
         """Adapters of an owner created after position ``after``; and whether more follow."""
         with self._lock:
@@ -293,6 +316,11 @@ class Store:
         if self.get_adapter(owner, adapter_id) is None:
             return False
         with self._lock, self._db:
+            self._db.execute(
+                "INSERT OR IGNORE INTO deleted_adapters (adapter_id, owner) VALUES (?, ?)",
+                (adapter_id, owner),
+            )
+            self._db.execute("DELETE FROM deleted_checkpoints WHERE adapter_id = ?", (adapter_id,))
             self._db.execute("DELETE FROM checkpoints WHERE adapter_id = ?", (adapter_id,))
             self._db.execute("DELETE FROM metrics WHERE adapter_id = ?", (adapter_id,))
             self._db.execute("DELETE FROM adapters WHERE adapter_id = ?", (adapter_id,))
@@ -303,6 +331,15 @@ class Store:
                 path.unlink(missing_ok=True)
             folder.rmdir()
         return True
+
+    def was_deleted(self, owner: str, adapter_id: str) -> bool:
+        """Whether this owner deleted an adapter of this id."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT 1 FROM deleted_adapters WHERE adapter_id = ? AND owner = ?",
+                (adapter_id, owner),
+            ).fetchone()
+        return row is not None
 
     def record_train_step(self, adapter_id: str, state: dict[str, Any]) -> bool:
         """Persist an adapter's new state and count the step; ``False`` if it was deleted."""
@@ -399,12 +436,29 @@ class Store:
 
     def delete_checkpoint(self, owner: str, checkpoint_id: str) -> bool:
         """Delete a checkpoint and its file; ``False`` if not found."""
-        if self.get_checkpoint(owner, checkpoint_id) is None:
+        record = self.get_checkpoint(owner, checkpoint_id)
+        if record is None:
             return False
+        adapter_id = checkpoint_id.partition("/")[0]
         with self._lock, self._db:
+            if record.step is not None:
+                self._db.execute(
+                    "INSERT OR IGNORE INTO deleted_checkpoints (adapter_id, step, owner) "
+                    "VALUES (?, ?, ?)",
+                    (adapter_id, record.step, owner),
+                )
             self._db.execute("DELETE FROM checkpoints WHERE checkpoint_id = ?", (checkpoint_id,))
         self.checkpoint_path(checkpoint_id).unlink(missing_ok=True)
         return True
+
+    def was_deleted_at_step(self, owner: str, adapter_id: str, step: int) -> bool:
+        """Whether this owner deleted a checkpoint of this adapter saved at ``step``."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT 1 FROM deleted_checkpoints WHERE adapter_id = ? AND step = ? AND owner = ?",
+                (adapter_id, step, owner),
+            ).fetchone()
+        return row is not None
 
     # Metrics -------------------------------------------------------------------------
 

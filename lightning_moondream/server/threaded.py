@@ -14,7 +14,7 @@ from typing import Any
 
 import uvicorn
 
-from lightning_moondream.server.core import PREFIX
+from lightning_moondream.server.http_common import PREFIX
 
 START_TIMEOUT = 30.0
 """Seconds uvicorn may take to start serving before it counts as failed."""

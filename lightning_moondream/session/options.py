@@ -8,10 +8,14 @@ from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 from lightning_moondream.api import Settings
+from lightning_moondream.api.limits import FINETUNE_RANKS
 from lightning_moondream.distributed import DEFAULT_TIMEOUT
 
 _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "rank": (lambda value: value in (16, 32), "must be 16 or 32"),
+    "rank": (
+        lambda value: value in FINETUNE_RANKS,
+        "must be 8, 16, 24 or 32 (8 and 24 on /finetunes only)",
+    ),
     "num_rollouts": (lambda value: 2 <= value <= 16, "must be from 2 to 16"),
     "max_retries": (lambda value: value >= 0, "must be 0 or more"),
     "max_staleness": (lambda value: value in (0, 1), "must be 0 or 1"),

@@ -10,6 +10,7 @@ session only reads it. Calls that take no collective are for one process; those 
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 import warnings
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
@@ -228,8 +229,13 @@ class Session:
 
     def _open(self) -> tuple[Adapter, bool, DialectChoice | None]:
         options = self.options
+        name = options.name
+        if self._evaluating_only:
+            # A name is a finetune's identity on /finetunes: creating under the run's
+            # name would hand back (and later delete) the finetune a fit trained.
+            name = f"{name}-eval-{secrets.token_hex(4)}"
         plan = AdapterPlan(
-            options.name,
+            name,
             options.rank,
             options.adapter_id,
             options.from_checkpoint,
