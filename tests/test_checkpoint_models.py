@@ -14,6 +14,7 @@ import logging
 import subprocess
 from collections.abc import Sized
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, cast
 
 import lightning as L
@@ -260,3 +261,25 @@ def test_the_best_checkpoint_of_a_served_finetune_is_one_model_everywhere(
         {name: row[name] for name in METRICS}
     )
     assert answered["objects"] == predicted[0]["output"]["boxes"]
+
+
+def test_the_finetunes_latest_api_checkpoint_outlives_its_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Files gone from disk take their API checkpoints, except the finetune's latest."""
+    deleted: list[str] = []
+    model = module()
+    monkeypatch.setattr(model, "delete_api_checkpoint", deleted.append)
+    trainer = cast(L.Trainer, SimpleNamespace(is_global_zero=True, lightning_module=model))
+    callback = checkpoints(tmp_path)
+    callback.api_checkpoints = {
+        str(tmp_path / "ckpt" / "step=2.ckpt"): "ft@2",
+        str(tmp_path / "ckpt" / "last.ckpt"): "ft@3",
+    }
+    for saved in ("ft@2", "ft@3"):
+        callback.on_save_checkpoint(
+            trainer, model, {CHECKPOINT_KEY: {"dialect": "finetunes", "checkpoint_id": saved}}
+        )
+    callback._follow(trainer, {})
+    assert deleted == ["ft@2"]
+    assert callback.api_checkpoints == {}
