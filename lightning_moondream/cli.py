@@ -16,12 +16,12 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from lightning_moondream.api import TuningAPIError, TuningClient
+from lightning_moondream.api import MissingAPIKeyError, TuningAPIError, TuningClient
 from lightning_moondream.data import MoondreamDataModule
 from lightning_moondream.module import MoondreamRLModule
-from lightning_moondream.session import ServiceChoice
+from lightning_moondream.session import LOCAL_SERVICE_DIR, NoLocalServiceDataError, ServiceChoice
 
 SUBCOMMANDS: dict[str, str] = {
     "fit": "tune an adapter by RL on a dataset (YAML config with --config)",
@@ -34,6 +34,9 @@ SUBCOMMANDS: dict[str, str] = {
     "adapters": "list and delete adapters and their checkpoints",
 }
 """Every subcommand with its one-line summary, as ``--help`` lists them."""
+
+MODEL_CLASS_PATH = f"{MoondreamRLModule.__module__}.{MoondreamRLModule.__qualname__}"
+"""The model of ``fit``, ``validate``, ``test`` and ``predict`` unless ``--model`` names another."""
 
 
 def _overview() -> str:
@@ -65,9 +68,21 @@ class MoondreamCLI(LightningCLI):
             auto_configure_optimizers=False,
         )
 
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """Make ``MoondreamRLModule`` the model when neither a config nor ``--model`` names one."""
+        parser.set_defaults({"model": {"class_path": MODEL_CLASS_PATH}})
+
 
 def _client(args: argparse.Namespace) -> TuningClient:
+    """The client of the service inspected; a local one must already hold data.
+
+    Raises:
+        NoLocalServiceDataError: If the local service's folder holds no data (the
+            service would otherwise create an empty store there).
+    """
     choice = ServiceChoice(base_url=args.base_url, local_dir=args.local_dir, dialect=args.dialect)
+    if choice.uses_local_service:
+        choice.existing_data_dir()
     return choice.client()
 
 
@@ -82,7 +97,11 @@ def _adapters_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--base-url", default=None, help="API base URL (default: MOONDREAM_TUNING_URL or the cloud)"
     )
-    parser.add_argument("--local-dir", default=None, help="data folder of a local tuning service")
+    parser.add_argument(
+        "--local-dir",
+        default=None,
+        help=f"data folder of a local tuning service (a run's <default_root_dir>/{LOCAL_SERVICE_DIR})",
+    )
     parser.add_argument(
         "--dialect",
         choices=("auto", "adapters", "finetunes"),
@@ -137,7 +156,15 @@ def adapters_main(argv: Sequence[str]) -> int:
     try:
         with _client(args) as client:
             _housekeeping(client, args)
-    except TuningAPIError as exc:
+    except MissingAPIKeyError:
+        print(
+            "error: no API key: set the MOONDREAM_API_KEY environment variable, or inspect "
+            "a local tuning service's data with --local-dir FOLDER (a run keeps it in "
+            f"<default_root_dir>/{LOCAL_SERVICE_DIR})",
+            file=sys.stderr,
+        )
+        return 1
+    except (TuningAPIError, NoLocalServiceDataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import re
 import sys
@@ -79,6 +80,7 @@ from lightning_moondream.session import (
     tuning_model,
 )
 from lightning_moondream.session.inference import checkpoint_model, inference_model
+from lightning_moondream.session.service import LOCAL_SCORES_NOTE
 
 BASE = "base"
 TEMPORARY_ADAPTER_NAME = "lightning-moondream-evaluate"
@@ -424,6 +426,8 @@ class EvaluationReport:
     predictions: list[Prediction] = field(default_factory=list)
     datasets: dict[str, EncodedDataset] = field(default_factory=dict)
     """The encoded datasets by name, to draw samples from."""
+    note: str | None = None
+    """A line shown above the table: what scored it, when that is not Moondream."""
 
     def columns(self) -> tuple[tuple[str, str], ...]:
         """The table's columns: ``COLUMNS``, and the benchmark scores when there are any."""
@@ -440,7 +444,8 @@ class EvaluationReport:
         ]
         for row in self.rows:
             lines.append("| " + " | ".join(_cell(row, key) for _, key in columns) + " |")
-        return "\n".join(lines)
+        table = "\n".join(lines)
+        return f"{self.note}\n\n{table}" if self.note else table
 
 
 def _cell(row: Mapping[str, Any], key: str) -> str:
@@ -653,8 +658,52 @@ async def _delete_temporary(client: AsyncTuningClient, opened: list[OpenedModel]
 # Output ----------------------------------------------------------------------------------
 
 
+_MAX_NAME_PART = 120
+"""Longest part (a label, an image, a dataset) of a drawing's path; file names stop at 255 bytes."""
+
+
 def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:80] or "item"
+    """``text`` in safe characters, whole unless longer than ``_MAX_NAME_PART``.
+
+    A longer one is cut and ends in a digest of the whole, so two never share a name.
+    """
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "item"
+    if len(slug) <= _MAX_NAME_PART:
+        return slug
+    digest = hashlib.sha256(text.encode()).hexdigest()[:8]
+    return f"{slug[: _MAX_NAME_PART - len(digest) - 1]}-{digest}"
+
+
+def image_of(prediction: Prediction) -> str:
+    """The image a prediction's sample is about: its id up to ``#`` (``IMAGE#skill:label``)."""
+    return prediction.sample_id.partition("#")[0]
+
+
+def worst_predictions(predictions: Sequence[Prediction], count: int) -> list[Prediction]:
+    """The ``count`` lowest-reward predictions, spread over images.
+
+    Round by round, each image gives its next-lowest prediction, the round ordered by
+    reward: every image's worst comes before any image's second worst, so that one
+    image whose prompts all scored zero does not fill the picks. Ties go by position,
+    so the same samples are picked on every run.
+    """
+    by_image: dict[str, list[Prediction]] = {}
+    for prediction in sorted(predictions, key=lambda p: (p.reward, p.index)):
+        by_image.setdefault(image_of(prediction), []).append(prediction)
+    picks: list[Prediction] = []
+    depth = 0
+    while len(picks) < count:
+        round_ = [ranked[depth] for ranked in by_image.values() if depth < len(ranked)]
+        if not round_:
+            break
+        picks += sorted(round_, key=lambda p: (p.reward, p.index))
+        depth += 1
+    return picks[:count]
+
+
+def _drawing_name(rank: int, prediction: Prediction) -> str:
+    """``RANK_LABEL_IMAGE.png``: the whole label (or question), then the image it is about."""
+    return f"{rank:03d}_{_slug(prediction.label)}_{_slug(image_of(prediction))}.png"
 
 
 def write_report(
@@ -671,7 +720,8 @@ def write_report(
         out: Output folder (created).
         save_predictions: Also write every prediction to ``predictions.jsonl``.
         draw_worst: Draw the ``draw_worst`` lowest-reward samples of every dataset and
-            model as PNGs under ``worst/<dataset>/<model>/``, true boxes and points in
+            model, spread over images (``worst_predictions``), as PNGs under
+            ``worst/<dataset>/<model>/RANK_LABEL_IMAGE.png``, true boxes and points in
             green and predicted ones in red (the drawing of ``PredictionImageLogger``).
 
     Returns:
@@ -682,7 +732,12 @@ def write_report(
     written = [folder / "results.md", folder / "results.json"]
     written[0].write_text(report.markdown() + "\n")
     columns = [{"heading": heading, "key": key} for heading, key in report.columns()]
-    written[1].write_text(json.dumps({"columns": columns, "rows": report.rows}, indent=2) + "\n")
+    results = {
+        "columns": columns,
+        "rows": report.rows,
+        **({"note": report.note} if report.note else {}),
+    }
+    written[1].write_text(json.dumps(results, indent=2) + "\n")
     if save_predictions:
         path = folder / "predictions.jsonl"
         with path.open("w") as handle:
@@ -694,13 +749,12 @@ def write_report(
         for prediction in report.predictions:
             groups.setdefault((prediction.dataset, prediction.model), []).append(prediction)
         for (dataset, model), predictions in groups.items():
-            # Stable on ties, so the same samples are drawn on every run.
-            worst = sorted(predictions, key=lambda p: (p.reward, p.index))[:draw_worst]
+            worst = worst_predictions(predictions, draw_worst)
             target = folder / "worst" / _slug(dataset) / _slug(model)
             target.mkdir(parents=True, exist_ok=True)
             for rank, prediction in enumerate(worst, start=1):
                 sample = report.datasets[dataset][prediction.index]
-                path = target / f"{rank:03d}_{_slug(prediction.sample_id)}.png"
+                path = target / _drawing_name(rank, prediction)
                 draw_prediction(sample, prediction.output, prediction.reward).save(path)
                 written.append(path)
     return written
@@ -718,6 +772,17 @@ def connect(local_dir: str | None, base_url: str | None) -> AsyncTuningClient:
     rooted in the current folder keeps its adapters.
     """
     return ServiceChoice(base_url=base_url, local_dir=local_dir).async_client()
+
+
+def local_service_note(local_dir: str | None, base_url: str | None) -> str | None:
+    """The line heading a table scored by the local service (its stand-in model), else ``None``."""
+    choice = ServiceChoice(base_url=base_url, local_dir=local_dir)
+    if not choice.uses_local_service:
+        return None
+    return (
+        f"Scored by the local tuning service (data in {choice.data_dir()}), an offline "
+        f"stand-in for Moondream Cloud: {LOCAL_SCORES_NOTE}."
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -766,7 +831,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         metavar="K",
-        help="draw the K lowest-reward samples of each dataset and model as PNGs",
+        help="draw the K lowest-reward samples of each dataset and model as PNGs, each "
+        "image's worst first",
     )
     parser.add_argument(
         "--max-side",
@@ -789,9 +855,12 @@ def _add_service_options(parser: argparse.ArgumentParser) -> None:
 
 
 async def _run(args: argparse.Namespace, datasets: list[tuple[str, Dataset]]) -> EvaluationReport:
+    note = local_service_note(args.local_dir, args.base_url)
+    if note is not None:
+        print(note, flush=True)
     client = connect(args.local_dir, args.base_url)
     try:
-        return await evaluate_async(
+        report = await evaluate_async(
             client,
             datasets,
             args.model,
@@ -802,6 +871,8 @@ async def _run(args: argparse.Namespace, datasets: list[tuple[str, Dataset]]) ->
         )
     finally:
         await client.close()
+    report.note = note
+    return report
 
 
 def evaluate_main(argv: Sequence[str]) -> int:

@@ -289,15 +289,22 @@ class MoondreamRLModule(LightningModule):
         if report is None:
             return
         metrics = {f"train/{name}": value for name, value in report.metrics.items()}
-        reward = metrics.pop("train/reward_mean", None)
-        if reward is not None:
-            self.log("train/reward_mean", reward, prog_bar=True, batch_size=1)
+        # In the bar: what the steps score, and how many of them sent nothing.
+        shown: dict[str, float] = {
+            name: metrics.pop(name)
+            for name in ("train/reward_mean", "train/skipped_steps")
+            if name in metrics
+        }
+        self.log_dict(shown, prog_bar=True, batch_size=1)
         self.log_dict(metrics, batch_size=1)
 
     def on_train_end(self) -> None:
-        """Apply the last pending train step, and total the usage of every process."""
+        """Apply the last pending train step, total the usage, and warn if most steps taught nothing."""
         self.session.drain()
         self.session.total_usage()
+        summary = self.session.remote.skipped_summary(self.global_step)
+        if summary is not None:
+            rank_zero_warn(summary)
 
     # Validation, test and predict --------------------------------------------------------
 

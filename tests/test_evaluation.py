@@ -6,6 +6,7 @@ import asyncio
 import json
 import re
 from collections.abc import Sized
+from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
@@ -146,7 +147,9 @@ def test_evaluate_command_writes_one_table_of_every_dataset_and_model(
             key: by_model[at_checkpoint][key] for key in METRIC_KEYS
         }
 
-    table = (out / "results.md").read_text().splitlines()
+    note, _, table_text = (out / "results.md").read_text().partition("\n\n")
+    assert note.startswith("Scored by the local tuning service") and "not Moondream" in note
+    table = table_text.splitlines()
     assert table[0].startswith("| dataset | model | N | mAP | mAP50 | mAP75 | det F1@0.5 |")
     assert len(table) == 2 + len(rows)
     assert "| voc | base | " in table[2] and "| - |" in table[2]
@@ -181,14 +184,23 @@ def test_predictions_and_worst_samples_are_written(service: dict[str, Any], tmp_
 
     drawings = sorted(path for path in written if path.suffix == ".png")
     folder = tmp_path / "worst" / "source_synthetic_num_images_3_skills_detect_point_query" / "base"
-    worst = sorted(report.predictions, key=lambda p: (p.reward, p.index))[:3]
+    # Each of the three images gives its lowest-reward sample.
+    images = {p.sample_id.partition("#")[0] for p in report.predictions}
+    worst = sorted(
+        (
+            min(
+                (p for p in report.predictions if p.sample_id.startswith(f"{image}#")),
+                key=lambda p: (p.reward, p.index),
+            )
+            for image in images
+        ),
+        key=lambda p: (p.reward, p.index),
+    )
+    slug = partial(re.sub, r"[^A-Za-z0-9._-]+", "_")
     assert drawings == [
-        folder / f"{rank:03d}_{re.sub(r'[^A-Za-z0-9._-]+', '_', p.sample_id).strip('_')}.png"
+        folder / f"{rank:03d}_{slug(p.label).strip('_')}_{slug(p.sample_id.partition('#')[0])}.png"
         for rank, p in enumerate(worst, start=1)
     ]
-    assert max(p.reward for p in worst) <= min(
-        p.reward for p in report.predictions if p not in worst
-    )
     # Each file is the drawing of its own sample and output.
     for path, prediction in zip(drawings, worst, strict=True):
         sample = report.datasets[prediction.dataset][prediction.index]

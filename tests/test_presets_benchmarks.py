@@ -272,7 +272,9 @@ def test_evaluate_benchmarks_side_by_side(
     assert {"accuracy", "f1", "precision", "recall"} <= set(pope)
     coco = next(row["scores"] for row in rows if row["dataset"] == "coco")
     assert {"moondream_map", "map", "map_50", "map_75"} <= set(coco)
-    table = (out / "results.md").read_text().splitlines()
+    note, _, table_text = (out / "results.md").read_text().partition("\n\n")
+    assert note.startswith("Scored by the local tuning service") and "not Moondream" in note
+    table = table_text.splitlines()
     assert table[0].endswith("| scores |")
     assert len(table) == 2 + len(rows)
     assert "| pope | base |" in "\n".join(table) and "f1 " in "\n".join(table)

@@ -519,6 +519,24 @@ def test_an_adapter_creation_whose_answer_is_lost_is_found_by_listing(
     assert made[0].adapter_id == created
 
 
+def test_a_finetune_creation_whose_answer_is_lost_is_sent_again_and_made_once(
+    tmp_path: Path,
+) -> None:
+    """``POST /finetunes`` is idempotent by name and rank: resending it names the same one."""
+    data_dir = tmp_path / "service"
+    app = LoseAnswer(service(data_dir, "finetunes"), "adapters")
+    with (
+        serving(app) as url,
+        TuningClient(api_key=KEY, base_url=url, dialect="finetunes") as client,
+    ):
+        created = client.adapters.create("lost-answer", 8)
+        listed = list(client.adapters.iter())
+    assert app.lost == [200]
+    assert [(item.adapter_id, item.name, item.rank) for item in listed] == [
+        (created.adapter_id, "lost-answer", 8)
+    ]
+
+
 def test_a_checkpoint_save_whose_answer_is_lost_is_resolved_by_listing(
     tmp_path: Path, dialect: Dialect
 ) -> None:

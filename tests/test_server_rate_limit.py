@@ -7,9 +7,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from PIL import Image
 from support import serving
 
 from lightning_moondream.api.inprocess import InProcessTransport
+from lightning_moondream.images import encode_image
 from lightning_moondream.server import create_app
 from lightning_moondream.server.rate_limit import burst_of
 from lightning_moondream.server.serve import app_from_args, build_parser
@@ -111,6 +113,16 @@ def test_every_tuning_route_counts_and_is_refused(client: httpx.Client, clock: F
         assert (route, answer.status_code) == (route, 429)
         clock.now += 0.5
         assert (route, call().status_code) != (route, 429)
+
+
+def test_inference_routes_share_the_keys_bucket(client: httpx.Client, clock: FakeClock) -> None:
+    # The key's one token goes to a tuning call; the inference call right after waits.
+    assert client.get("/finetunes").status_code == 200
+    detect = {"object": "circle", "image_url": encode_image(Image.new("RGB", (32, 32)))}
+    inference = client.post("http://t/v1/detect", json=detect)
+    assert_limited(inference, "1")
+    clock.now += 0.5
+    assert client.post("http://t/v1/detect", json=detect).status_code == 200
 
 
 def test_a_slow_rate_asks_to_retry_after_the_time_to_the_next_token(

@@ -24,7 +24,11 @@ from lightning_moondream.session.remote_step import (
     TrainStepFailedError,
 )
 from lightning_moondream.session.sampling import GreedyModel, tuning_model
-from lightning_moondream.session.service import LOCAL_SERVICE_DIR, ServiceChoice
+from lightning_moondream.session.service import (
+    LOCAL_SERVICE_DIR,
+    NoLocalServiceDataError,
+    ServiceChoice,
+)
 from lightning_moondream.session.session import Session
 
 __all__ = [
@@ -34,6 +38,7 @@ __all__ = [
     "BenchmarkTally",
     "EvaluationLoop",
     "GreedyModel",
+    "NoLocalServiceDataError",
     "RemoteStep",
     "ResumeMismatchError",
     "Scored",

@@ -86,7 +86,15 @@ class Connection:
             root_dir: The run's root folder, home of the local service's data.
         """
         self._root = root_dir
-        if not self.uses_local_service or not collective.distributed or self._shared:
+        # Each stage says again what it trains or scores: a test after fit is read apart.
+        self._announced = False
+        if not self.uses_local_service:
+            return
+        if not collective.distributed:
+            # Said at the stage's start rather than at its first request, mid progress bar.
+            self._announce("in this process")
+            return
+        if self._shared:
             return
         self._shared = collective.on_zero(self._serve)
 

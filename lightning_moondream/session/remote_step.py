@@ -213,6 +213,22 @@ class RemoteStep:
         metrics["skipped_steps"] = float(self.skipped_steps)
         return StepReport(self.train_steps, self.skipped_steps, metrics)
 
+    def skipped_summary(self, global_steps: int) -> str | None:
+        """The end-of-fit warning when most of a run's steps applied nothing, else ``None``.
+
+        Args:
+            global_steps: The run's global steps so far (applied plus skipped).
+        """
+        if global_steps <= 0 or 2 * self.skipped_steps <= global_steps:
+            return None
+        return (
+            f"{self.skipped_steps} of {global_steps} train steps applied nothing "
+            "(train/skipped_steps): in each, every sample's rollouts scored alike (no reward "
+            "spread), so there was nothing to learn from and no train step was sent. Sample "
+            "more variety (more num_rollouts, a higher train_settings temperature) or use more "
+            "varied data (more samples, several objects per image, harder prompts)"
+        )
+
     def drain(self, collective: Collective) -> None:
         """Wait for the step in flight, if any; call on every rank."""
         counts = collective.on_zero(self._settled_counts)

@@ -24,6 +24,32 @@ from lightning_moondream.api.client import DialectChoice, check_dialect
 LOCAL_SERVICE_DIR = "moondream-local-service"
 """Folder of the local service's data, under a root folder (the trainer's, or the current one)."""
 
+LOCAL_SERVICE_DATABASE = "tuning.sqlite3"
+"""The metadata file the local service keeps in its data folder (its store's database)."""
+
+LOCAL_SCORES_NOTE = "it trains and scores its own small model, not Moondream"
+"""What the local service's rewards and metrics measure, said wherever they are shown."""
+
+_SEARCH_DEPTH = 3
+"""Folder levels searched under a named folder for the local service's data."""
+
+
+class NoLocalServiceDataError(ValueError):
+    """A folder named as the local service's data holds none (nothing is created there)."""
+
+
+def local_service_folders(folder: Path) -> list[Path]:
+    """The local service data folders at most a few levels under ``folder``, sorted.
+
+    A run keeps its data in ``<default_root_dir>/moondream-local-service``, so a run's
+    folder, or a folder of runs, names where the data is.
+    """
+    found: list[Path] = []
+    for depth in range(_SEARCH_DEPTH):
+        pattern = "/".join(["*"] * depth + [LOCAL_SERVICE_DIR, LOCAL_SERVICE_DATABASE])
+        found += (database.parent for database in folder.glob(pattern))
+    return sorted(found)
+
 
 @dataclass(frozen=True)
 class ServiceChoice:
@@ -68,15 +94,46 @@ class ServiceChoice:
         chosen = self.local_dir or self.local_options.get("data_dir")
         return str(chosen or Path(root) / LOCAL_SERVICE_DIR)
 
+    def existing_data_dir(self, root: str | Path = ".") -> str:
+        """The local service's data folder, for reading: it must hold the service's data.
+
+        Raises:
+            NoLocalServiceDataError: If the folder holds no local service data, naming
+                it, how it was chosen and the data folders found under it.
+        """
+        folder = Path(self.data_dir(root))
+        if (folder / LOCAL_SERVICE_DATABASE).is_file():
+            return str(folder)
+        named = self.local_dir is not None
+        chosen = "--local-dir" if named else "no key, no base URL: the default folder"
+        message = (
+            f"{folder} ({chosen}) holds no local tuning service data (no {LOCAL_SERVICE_DATABASE})"
+        )
+        # A named folder may be a run's; the default one sits in the root, beside the runs.
+        searched = folder if named else Path(root)
+        found = local_service_folders(searched) if searched.is_dir() else []
+        if found:
+            where = ", ".join(str(path) for path in found)
+            raise NoLocalServiceDataError(f"{message}; it is in {where}: pass that as --local-dir")
+        raise NoLocalServiceDataError(
+            f"{message}. A run keeps it in <default_root_dir>/{LOCAL_SERVICE_DIR}: pass that "
+            "folder as --local-dir, or set MOONDREAM_API_KEY for Moondream Cloud"
+        )
+
     def service_options(self, root: str | Path = ".") -> dict[str, Any]:
         """The local service's options, its data folder settled."""
         return {**self.local_options, "data_dir": self.data_dir(root)}
 
     def announcement(self, root: str | Path = ".", where: str = "in this process") -> str:
-        """The one line saying that the local service serves, and where its data lives."""
+        """The one line saying that the local service serves, where, and what it scores."""
+        chosen = (
+            "--local-dir given"
+            if self.local_dir is not None
+            else "No MOONDREAM_API_KEY and no base_url"
+        )
         return (
-            "No MOONDREAM_API_KEY and no base_url: training against the local tuning service, "
-            f"{where} (data in {self.data_dir(root)}), an offline stand-in for Moondream Cloud."
+            f"{chosen}: using the local tuning service, {where} (data in {self.data_dir(root)}), "
+            f"an offline stand-in for Moondream Cloud: {LOCAL_SCORES_NOTE}."
         )
 
     def async_client(self, root: str | Path = ".") -> AsyncTuningClient:
