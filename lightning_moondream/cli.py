@@ -6,6 +6,7 @@
 - ``adapters list|delete|checkpoints|metrics``: housekeeping of adapters and checkpoints,
   in either wire dialect (``--dialect``).
 - ``evaluate``: models times datasets in one table (``lightning_moondream.evaluation``).
+- ``label``: a model's boxes or points for images, as COCO, YOLO or Label Studio files.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ SUBCOMMANDS: dict[str, str] = {
     "test": "score an adapter on the test data",
     "predict": "answer the prediction data with an adapter",
     "evaluate": "compare models on datasets and Moondream's benchmarks in one table",
+    "label": "label images with a model's boxes or points (COCO, YOLO, Label Studio)",
     "serve": "run the local tuning service over HTTP",
     "adapters": "list and delete adapters and their checkpoints",
 }
@@ -168,6 +170,13 @@ def adapters_main(argv: Sequence[str]) -> int:
     return 0
 
 
+def label_main(argv: Sequence[str]) -> int:
+    """``lightning-moondream label``: label images with a model; the exit status."""
+    from lightning_moondream.labelling.command import label_main as run_label
+
+    return run_label(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``lightning-moondream``."""
     # Lightning's own deprecation notice, raised inside Lightning on every run: nothing a
@@ -195,6 +204,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         from lightning_moondream.evaluation import evaluate_main
 
         raise SystemExit(evaluate_main(arguments[1:]))
+    if arguments[0] == "label":
+        raise SystemExit(label_main(arguments[1:]))
     # Given no argv, LightningCLI reads sys.argv itself; passing it as args would make it
     # echo the whole command line, API key included, in a warning.
     MoondreamCLI(arguments if argv is not None else None)

@@ -6,12 +6,15 @@ Every model is evaluated on every dataset with one greedy rollout per sample (te
 so the table matches ``val/...`` and ``test/...`` logs. Greedy
 decoding makes the results independent of batch size and concurrency.
 
-Models:
+Models (the table's ``path`` and ``model id`` columns say how each row answered):
 
-- ``base``: a fresh adapter, i.e. the base model (created, then deleted);
-- ``ADAPTER_ID``: an existing adapter, as it is now;
-- ``ADAPTER_ID/chk_xxx`` or ``ADAPTER_ID@chk_xxx``: a checkpoint, evaluated through a
-  new adapter created from it (deleted afterwards).
+- ``base``: the base model, through the inference API;
+- ``FINETUNE_ID@STEP`` or ``moondream3-preview/FINETUNE_ID@STEP``: a saved ``/finetunes``
+  checkpoint, through the inference API (read-only: no finetune is created or changed);
+- ``ADAPTER_ID``: an existing adapter (or finetune), as it is now, through rollouts;
+- ``ADAPTER_ID/chk_xxx`` or ``ADAPTER_ID@chk_xxx``: an ``/adapters`` checkpoint, evaluated
+  through a new adapter created from it (deleted afterwards);
+- a Lightning ``.ckpt`` file: the API checkpoint it holds, as above by its dialect.
 
 Datasets (``--data``): a dataset folder or annotation file (``load_dataset``; ``--format``
 to force one; its validation split, else test, else its only one, unless ``split`` is
@@ -45,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import yaml
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
@@ -54,8 +58,11 @@ from lightning_moondream.api import (
     NotFoundError,
     Settings,
     TuningAPIError,
+    UnsupportedFeatureError,
     UsageStats,
 )
+from lightning_moondream.api.inference import AsyncInferenceClient
+from lightning_moondream.api.inference_models import BASE_MODEL, model_id, parse_model
 from lightning_moondream.callbacks.prediction_images import draw_prediction
 from lightning_moondream.data.detect import FORMATS
 from lightning_moondream.data.encoding import DEFAULT_MAX_SIDE, DEFAULT_QUALITY, EncodedDataset
@@ -64,13 +71,19 @@ from lightning_moondream.data.module import build_source, stage_split
 from lightning_moondream.images import EncodingOptions
 from lightning_moondream.presets import BenchmarkDataset, expand_names
 from lightning_moondream.scoring import RewardSpec, Sample, Scorer
-from lightning_moondream.session import BenchmarkTally, EvaluationLoop, ServiceChoice, tuning_model
+from lightning_moondream.session import (
+    CHECKPOINT_KEY,
+    BenchmarkTally,
+    EvaluationLoop,
+    GreedyModel,
+    ServiceChoice,
+    tuning_model,
+)
+from lightning_moondream.session.inference import checkpoint_model, inference_model
 from lightning_moondream.session.service import LOCAL_SCORES_NOTE
 
 BASE = "base"
 TEMPORARY_ADAPTER_NAME = "lightning-moondream-evaluate"
-BASE_RANK = 16
-"""Rank of the fresh adapter standing for the base model (its LoRA starts at zero)."""
 
 COLUMNS: tuple[tuple[str, str], ...] = (
     ("dataset", "dataset"),
@@ -89,13 +102,15 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("p50 ms", "latency_p50_ms"),
     ("p95 ms", "latency_p95_ms"),
     ("requests", "requests"),
+    ("path", "path"),
+    ("model id", "model_id"),
 )
 """Table columns: ``(heading, key in each JSON row)``."""
 
 SCORES_COLUMN = ("scores", "scores")
 """Column of the benchmark scores, shown when a row has them."""
 
-_TEXT_KEYS = ("dataset", "model")
+_TEXT_KEYS = ("dataset", "model", "path", "model_id")
 _INTEGER_KEYS = ("samples", "requests")
 
 
@@ -105,75 +120,194 @@ class EvaluationError(ValueError):
 
 # Models --------------------------------------------------------------------------------
 
+_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
+_FINETUNE_CHECKPOINT = re.compile(
+    rf"(?:(?P<base>{_NAME})/)?(?P<finetune_id>{_NAME})@(?P<step>[0-9]+)"
+)
+MODEL_FORMS = (
+    "base, FINETUNE_ID@STEP, moondream3-preview/FINETUNE_ID@STEP, ADAPTER_ID, "
+    "ADAPTER_ID/chk_xxx (or ADAPTER_ID@chk_xxx), or a Lightning .ckpt file"
+)
+"""Every form a model takes on the command line, for messages."""
+
+INFERENCE = "inference"
+ROLLOUTS = "rollouts"
+
 
 @dataclass(frozen=True)
 class ModelSpec:
     """A model to evaluate, as named on the command line.
 
+    The base model and ``/finetunes`` checkpoints answer through the inference API;
+    adapters (and ``/adapters`` checkpoints, through an adapter created from them)
+    answer with greedy rollouts.
+
     Attributes:
         name: The text as given, used in the table.
-        adapter_id: The adapter to evaluate or to take the checkpoint of; ``None`` for base.
-        checkpoint_id: Full checkpoint id ``adapter_id/chk_xxx``, or ``None``.
+        adapter_id: The adapter to evaluate or to take the checkpoint of, or the
+            finetune of an inference model; ``None`` for base.
+        checkpoint_id: Full ``/adapters`` checkpoint id ``adapter_id/chk_xxx``, or ``None``.
+        inference_model: The inference API's model id (``moondream3-preview`` or
+            ``moondream3-preview/FT@STEP``), or ``None`` for an adapter.
+        step: The step of a finetune checkpoint.
     """
 
     name: str
     adapter_id: str | None = None
     checkpoint_id: str | None = None
+    inference_model: str | None = None
+    step: int | None = None
 
     @classmethod
     def parse(cls, text: str) -> ModelSpec:
-        """Parse ``base``, ``ADAPTER_ID``, ``ADAPTER_ID/CHECKPOINT`` or ``ADAPTER_ID@CHECKPOINT``.
+        """Parse any of ``MODEL_FORMS``.
 
         Raises:
-            EvaluationError: If the text is empty or malformed.
+            EvaluationError: If the text is empty or malformed, or a ``.ckpt`` file holds
+                no API checkpoint.
         """
         value = text.strip()
         if not value:
-            raise EvaluationError("model: an empty name; use base, an adapter id or adapter/chk")
+            raise EvaluationError(f"model: an empty name; use {MODEL_FORMS}")
         if value == BASE:
-            return cls(value)
-        adapter_id, separator, checkpoint = value.replace("@", "/", 1).partition("/")
+            return cls(value, inference_model=BASE_MODEL)
+        if value.endswith(".ckpt") or Path(value).is_file():
+            return cls.of_lightning_checkpoint(value)
+        checkpoint = _FINETUNE_CHECKPOINT.fullmatch(value)
+        if checkpoint is not None:
+            finetune_id, step = checkpoint["finetune_id"], int(checkpoint["step"])
+            model = model_id(finetune_id, step, base=checkpoint["base"] or BASE_MODEL)
+            return cls(value, adapter_id=finetune_id, inference_model=model, step=step)
+        adapter_id, separator, short = value.replace("@", "/", 1).partition("/")
         if not separator:
             return cls(value, adapter_id=value)
-        if not adapter_id or not checkpoint or "/" in checkpoint or "@" in checkpoint:
+        if not adapter_id or not short or "/" in short or "@" in short:
+            raise EvaluationError(f"model {text!r}: expected {MODEL_FORMS}")
+        return cls(value, adapter_id=adapter_id, checkpoint_id=f"{adapter_id}/{short}")
+
+    @classmethod
+    def of_lightning_checkpoint(cls, path: str) -> ModelSpec:
+        """The model of the API checkpoint a Lightning checkpoint file holds.
+
+        Raises:
+            EvaluationError: If the file is missing or holds no API checkpoint.
+        """
+        if not Path(path).is_file():
+            raise EvaluationError(f"model {path!r}: no such Lightning checkpoint file")
+        state = torch.load(path, map_location="cpu", weights_only=False).get(CHECKPOINT_KEY)
+        if not state or not state.get("checkpoint_id"):
             raise EvaluationError(
-                f"model {text!r}: expected ADAPTER_ID/CHECKPOINT_ID or ADAPTER_ID@CHECKPOINT_ID"
+                f"model {path!r}: the Lightning checkpoint holds no Moondream API checkpoint"
             )
-        return cls(value, adapter_id=adapter_id, checkpoint_id=f"{adapter_id}/{checkpoint}")
+        model = checkpoint_model(state)
+        if model is not None:
+            step = parse_model(model).step
+            return cls(path, adapter_id=state["adapter_id"], inference_model=model, step=step)
+        return cls(path, adapter_id=state["adapter_id"], checkpoint_id=state["checkpoint_id"])
+
+    @property
+    def path(self) -> str:
+        """How the model answers: ``inference`` or ``rollouts``."""
+        return ROLLOUTS if self.inference_model is None else INFERENCE
 
     @property
     def temporary(self) -> bool:
         """Whether evaluating it creates an adapter that is deleted afterwards."""
-        return self.adapter_id is None or self.checkpoint_id is not None
+        return self.checkpoint_id is not None
 
 
-async def open_model(client: AsyncTuningClient, spec: ModelSpec) -> str:
-    """Return the adapter id that serves ``spec``, creating it when it is temporary.
+@dataclass(frozen=True)
+class OpenedModel:
+    """A model ready to answer.
+
+    Attributes:
+        spec: The model as named.
+        model_id: What answers: the inference model id, or the adapter id of the rollouts.
+        created: Whether ``model_id`` is an adapter made for the evaluation alone.
+    """
+
+    spec: ModelSpec
+    model_id: str
+    created: bool = False
+
+    @property
+    def shown_id(self) -> str:
+        """The model id the table shows (an ``/adapters`` checkpoint by its id)."""
+        return self.spec.checkpoint_id or self.model_id
+
+    def greedy(
+        self,
+        client: AsyncTuningClient,
+        inference: AsyncInferenceClient,
+        settings: Settings,
+        scorer: Scorer,
+        max_concurrency: int,
+    ) -> GreedyModel:
+        """The model as the evaluation loop takes it."""
+        if self.spec.path == INFERENCE:
+            return inference_model(inference, self.model_id, settings, max_concurrency)
+        return tuning_model(client, self.model_id, settings, scorer, max_concurrency)
+
+
+async def open_model(client: AsyncTuningClient, spec: ModelSpec) -> OpenedModel:
+    """Check that ``spec`` exists and return what answers for it (an adapter made if needed).
 
     Raises:
-        EvaluationError: Naming the model, if its adapter or checkpoint does not exist.
+        EvaluationError: Naming the model and what exists, if it does not exist.
     """
     if spec.adapter_id is None:
-        return (await client.adapters.create(TEMPORARY_ADAPTER_NAME, BASE_RANK)).adapter_id
+        return OpenedModel(spec, str(spec.inference_model))
     try:
         adapter = await client.adapters.get(spec.adapter_id)
     except NotFoundError as exc:
         raise EvaluationError(
-            f"model {spec.name!r}: no adapter {spec.adapter_id!r} at this service "
+            f"model {spec.name!r}: no adapter or finetune {spec.adapter_id!r} at this service "
             f"(see `lightning-moondream adapters list`): {exc.message}"
         ) from exc
+    if spec.inference_model is not None:
+        await _check_checkpoint(client, spec)
+        return OpenedModel(spec, spec.inference_model)
     if spec.checkpoint_id is None:
-        return adapter.adapter_id
+        return OpenedModel(spec, adapter.adapter_id)
     try:
         created = await client.adapters.create(
             TEMPORARY_ADAPTER_NAME, adapter.rank, spec.checkpoint_id
         )
-    except NotFoundError as exc:
+    except (NotFoundError, UnsupportedFeatureError) as exc:
         raise EvaluationError(
-            f"model {spec.name!r}: no checkpoint {spec.checkpoint_id!r} (see "
-            f"`lightning-moondream adapters checkpoints {spec.adapter_id}`): {exc.message}"
+            f"model {spec.name!r}: no checkpoint {spec.checkpoint_id!r} to start an adapter "
+            f"from ({exc}); {await _checkpoints_of(client, spec.adapter_id)}"
         ) from exc
-    return created.adapter_id
+    return OpenedModel(spec, created.adapter_id, created=True)
+
+
+async def _check_checkpoint(client: AsyncTuningClient, spec: ModelSpec) -> None:
+    """Refuse a finetune checkpoint the finetune does not keep, listing those it keeps."""
+    finetune_id = str(spec.adapter_id)
+    if client.dialect != "finetunes":
+        raise EvaluationError(
+            f"model {spec.name!r}: {finetune_id!r} is an adapter of the /adapters dialect, "
+            f"whose checkpoints are not models; {await _checkpoints_of(client, finetune_id)}"
+        )
+    steps = [checkpoint.step async for checkpoint in client.checkpoints.iter(finetune_id, 100)]
+    if spec.step not in steps:
+        raise EvaluationError(
+            f"model {spec.name!r}: finetune {finetune_id} keeps no checkpoint at step "
+            f"{spec.step}; {await _checkpoints_of(client, finetune_id)}"
+        )
+
+
+async def _checkpoints_of(client: AsyncTuningClient, adapter_id: str) -> str:
+    """What checkpoints an adapter keeps, as models to name (with their steps)."""
+    names = [
+        f"{checkpoint.ref} (step {checkpoint.step})"
+        if checkpoint.step is not None
+        else checkpoint.ref
+        async for checkpoint in client.checkpoints.iter(adapter_id, 100)
+    ]
+    if not names:
+        return f"{adapter_id} keeps no checkpoint"
+    return f"{adapter_id} keeps: {', '.join(names)}"
 
 
 # Datasets ------------------------------------------------------------------------------
@@ -335,9 +469,9 @@ def _encode_batch(samples: EncodedDataset, indices: range) -> list[Sample]:
 
 async def _evaluate_pair(
     client: AsyncTuningClient,
-    adapter_id: str,
+    inference: AsyncInferenceClient,
+    opened: OpenedModel,
     dataset_name: str,
-    model_name: str,
     samples: EncodedDataset,
     *,
     batch_size: int,
@@ -346,17 +480,18 @@ async def _evaluate_pair(
     scorer: Scorer,
     advance: Callable[[int], None],
 ) -> tuple[dict[str, Any], list[Prediction]]:
+    model_name = opened.spec.name
     benchmark = samples.dataset if isinstance(samples.dataset, BenchmarkDataset) else None
     tally = (
         BenchmarkTally(benchmark.benchmark.metric(), benchmark.group)
         if benchmark is not None
         else None
     )
-    model = tuning_model(client, adapter_id, settings, scorer, max_concurrency)
+    model = opened.greedy(client, inference, settings, scorer, max_concurrency)
     loop = EvaluationLoop(model, scorer, tallies=[tally] if tally is not None else [])
     predictions: list[Prediction] = []
     # A fresh counter per dataset and model, so latencies and requests are theirs alone.
-    client.usage = UsageStats()
+    client.usage = inference.usage = UsageStats()
     for start in range(0, len(samples), batch_size):
         indices = range(start, min(start + batch_size, len(samples)))
         # Encoding off the event loop, which also serves the in-process local service.
@@ -377,21 +512,28 @@ async def _evaluate_pair(
                 )
             )
         advance(len(batch))
-    return _row(dataset_name, model_name, loop.results(), client.usage, tally), predictions
+    return _row(dataset_name, opened, loop.results(), client.usage, tally), predictions
 
 
 def _row(
     dataset: str,
-    model: str,
+    opened: OpenedModel,
     values: dict[str, float],
     usage: UsageStats,
     tally: BenchmarkTally | None,
 ) -> dict[str, Any]:
     """One row of the table: the loop's results, the requests' latencies and count."""
-    row: dict[str, Any] = {"dataset": dataset, "model": model, "samples": int(values["samples"])}
+    row: dict[str, Any] = {
+        "dataset": dataset,
+        "model": opened.spec.name,
+        "path": opened.spec.path,
+        "model_id": opened.shown_id,
+        "samples": int(values["samples"]),
+    }
     for _, key in COLUMNS[3:13]:
         row[key] = values.get(key)
-    latencies = usage.latencies("POST /rollouts")
+    # Only the answering calls: an inference row's every request is one.
+    latencies = usage.latencies("POST /rollouts" if opened.spec.path == ROLLOUTS else None)
     p50, p95 = np.percentile(latencies, [50, 95]) if latencies else (None, None)
     row["latency_p50_ms"] = None if p50 is None else float(p50) * 1000
     row["latency_p95_ms"] = None if p95 is None else float(p95) * 1000
@@ -443,12 +585,14 @@ async def evaluate_async(
     report = EvaluationReport()
     for name, dataset in datasets:
         report.datasets[name] = EncodedDataset(dataset, options)
-    opened: list[tuple[ModelSpec, str]] = []
+    opened: list[OpenedModel] = []
+    inference = AsyncInferenceClient.for_tuning(client)
     try:
         for spec in specs:
-            opened.append((spec, await open_model(client, spec)))
+            opened.append(await open_model(client, spec))
         await _evaluate_all(
             client,
+            inference,
             report,
             opened,
             batch_size=batch_size,
@@ -464,8 +608,9 @@ async def evaluate_async(
 
 async def _evaluate_all(
     client: AsyncTuningClient,
+    inference: AsyncInferenceClient,
     report: EvaluationReport,
-    opened: list[tuple[ModelSpec, str]],
+    opened: list[OpenedModel],
     *,
     batch_size: int,
     max_concurrency: int,
@@ -477,13 +622,13 @@ async def _evaluate_all(
     total = sum(len(encoded) for encoded in report.datasets.values()) * len(opened)
     with tqdm(total=total, unit="sample", disable=not progress) as bar:
         for name, encoded in report.datasets.items():
-            for spec, adapter_id in opened:
-                bar.set_description(f"{name} / {spec.name}")
+            for model in opened:
+                bar.set_description(f"{name} / {model.spec.name}")
                 row, predictions = await _evaluate_pair(
                     client,
-                    adapter_id,
+                    inference,
+                    model,
                     name,
-                    spec.name,
                     encoded,
                     batch_size=batch_size,
                     max_concurrency=max_concurrency,
@@ -495,10 +640,11 @@ async def _evaluate_all(
                 report.predictions.extend(predictions)
 
 
-async def _delete_temporary(client: AsyncTuningClient, opened: list[tuple[ModelSpec, str]]) -> None:
+async def _delete_temporary(client: AsyncTuningClient, opened: list[OpenedModel]) -> None:
     """Delete the adapters made for the evaluation alone, warning where one cannot be."""
-    for spec, adapter_id in opened:
-        if spec.temporary:
+    for model in opened:
+        adapter_id = model.model_id
+        if model.created:
             # One failed clean-up must neither hide the run's own error nor leave
             # the other temporary adapters behind.
             try:
@@ -671,8 +817,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         action="append",
         required=True,
-        help="'base', an adapter id, or a checkpoint ADAPTER/chk_xxx or ADAPTER@chk_xxx; "
-        "repeat for several",
+        help=f"{MODEL_FORMS}; repeat for several",
     )
     parser.add_argument("--format", choices=FORMATS, default=None)
     parser.add_argument("--batch-size", type=int, default=32, help="samples per batch")

@@ -118,6 +118,15 @@ class MoondreamRLModule(LightningModule):
         max_extra_requests: Dynamic sampling: per step and process, up to this many more
             requests sample again the batch's prompts that spread, until the step holds
             a group with spread per sample of the batch (0: off).
+        resume_at_finetune_step: On ``/finetunes``, let ``fit`` resume a finetune that
+            went on past the checkpoint (the run stopped after saving it) from the step
+            it stands at, said in the log; by default such a resume stops with
+            ``ResumeMismatchError``. Steps are never sent or counted twice.
+
+    ``validate``, ``test`` and ``predict`` given a ``/finetunes`` checkpoint
+    (``ckpt_path``, ``"best"``, ``"last"``) answer with its inference model
+    ``moondream3-preview/FT@STEP``, read-only: the finetune is not reattached, so it may
+    stand at any step.
     """
 
     def __init__(
@@ -148,6 +157,7 @@ class MoondreamRLModule(LightningModule):
         skip_prompts: bool = True,
         skip_floor: float = DEFAULT_FLOOR,
         max_extra_requests: int = 0,
+        resume_at_finetune_step: bool = False,
     ) -> None:
         super().__init__()
         ignored = ["api_key", "lr_scheduler"] + (
@@ -311,7 +321,7 @@ class MoondreamRLModule(LightningModule):
     # Validation, test and predict --------------------------------------------------------
 
     def on_validation_start(self) -> None:
-        """Evaluate the adapter with every train step applied."""
+        """Evaluate the adapter with every train step applied (or the checkpoint's model)."""
         self.session.drain()
         self._bind_cloud_loggers()
 

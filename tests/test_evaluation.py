@@ -239,7 +239,7 @@ def main_status(arguments: list[str]) -> int | str | None:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("base", ModelSpec("base")),
+        ("base", ModelSpec("base", inference_model="moondream3-preview")),
         ("abc123", ModelSpec("abc123", adapter_id="abc123")),
         ("abc123/chk_001", ModelSpec("abc123/chk_001", "abc123", "abc123/chk_001")),
         ("abc123@chk_001", ModelSpec("abc123@chk_001", "abc123", "abc123/chk_001")),
@@ -247,7 +247,7 @@ def main_status(arguments: list[str]) -> int | str | None:
 )
 def test_model_names_are_parsed(text: str, expected: ModelSpec) -> None:
     assert ModelSpec.parse(text) == expected
-    assert expected.temporary == (text != "abc123")
+    assert expected.temporary == (text not in ("abc123", "base"))
 
 
 @pytest.mark.parametrize("text", ["", "abc/", "/chk_001", "a/b/c", "a@b@c"])

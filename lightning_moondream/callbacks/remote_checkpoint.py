@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -29,6 +30,13 @@ class RemoteCheckpoint(ModelCheckpoint):
     or removed by comparing the files it keeps before and after each of
     ``ModelCheckpoint``'s saving hooks.
 
+    With ``save_last``, ``last.ckpt`` is written at every point where a checkpoint may be
+    saved, so it always holds the latest such step, also when the top-k file is not
+    replaced (``ModelCheckpoint`` alone refreshes it only with a top-k file). On
+    ``/finetunes`` the finetune's latest API checkpoint is never deleted: without it the
+    finetune cannot be trained further. A resumed run reads which API checkpoint each
+    kept file holds from the files themselves.
+
     Args:
         keep_remote: Keep API checkpoints when their files are deleted.
         **kwargs: Arguments of ``ModelCheckpoint`` (``monitor``, ``mode``,
@@ -41,6 +49,9 @@ class RemoteCheckpoint(ModelCheckpoint):
         self.api_checkpoints: dict[str, str] = {}
         """API checkpoint id of each file this callback saved and still keeps."""
         self._saving: list[dict[str, Any]] = []
+        self._latest: dict[str, Any] | None = None
+        """The API state of the latest save, so the finetune's latest checkpoint is kept."""
+        self._save_point = False
 
     @property
     def best_api_checkpoint_id(self) -> str | None:
@@ -71,13 +82,29 @@ class RemoteCheckpoint(ModelCheckpoint):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         kept = self._kept()
         super().on_train_epoch_end(trainer, pl_module)
+        self._refresh_last(trainer)
         self._follow(trainer, kept)
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         kept = self._kept()
         super().on_validation_end(trainer, pl_module)
+        self._refresh_last(trainer)
         self._follow(trainer, kept)
+
+    @override
+    def _save_topk_checkpoint(
+        self, trainer: pl.Trainer, monitor_candidates: dict[str, Any]
+    ) -> None:
+        # Called at every point where a checkpoint may be saved, whether one is or not.
+        self._save_point = True
+        super()._save_topk_checkpoint(trainer, monitor_candidates)
+
+    def _refresh_last(self, trainer: pl.Trainer) -> None:
+        """Write ``last.ckpt`` at a save point where no top-k file was written."""
+        save_point, self._save_point = self._save_point, False
+        if save_point and self.save_last and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def _kept(self) -> dict[str, Any]:
         """Every file kept now, with what says it was written again (its top-k score)."""
@@ -96,10 +123,12 @@ class RemoteCheckpoint(ModelCheckpoint):
             if CHECKPOINT_KEY in checkpoint
         ]
         self._saving = []
+        self._save_point = False
         after = self._kept()
         orphans: set[str | None] = set()
         if saved:
             # One state of the adapter is one API checkpoint: every save of a hook holds it.
+            self._latest = saved[-1]
             checkpoint_id = saved[-1]["checkpoint_id"]
             for path in self._written(before, after):
                 orphans.add(self.api_checkpoints.get(path))
@@ -129,6 +158,13 @@ class RemoteCheckpoint(ModelCheckpoint):
             or not isinstance(module, MoondreamRLModule)
         ):
             return
+        latest = self._latest or {}
+        if latest.get("dialect") == "finetunes" and latest.get("checkpoint_id") == checkpoint_id:
+            rank_zero_info(
+                f"API checkpoint {checkpoint_id} is kept although no file holds it: it is the "
+                "finetune's latest, without which the finetune cannot be trained further"
+            )
+            return
         try:
             module.delete_api_checkpoint(checkpoint_id)
         except NotFoundError:
@@ -136,6 +172,17 @@ class RemoteCheckpoint(ModelCheckpoint):
         except TuningAPIError as exc:
             # Cleanup is not worth a run: the checkpoint stays, and the run goes on.
             rank_zero_warn(f"could not delete API checkpoint {checkpoint_id}: {exc}")
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """After a resume, read which API checkpoint each kept file holds from the file."""
+        super().on_fit_start(trainer, pl_module)
+        if self.api_checkpoints:
+            self.api_checkpoints = {
+                path: checkpoint_id
+                for path in self._kept()
+                if (checkpoint_id := _api_checkpoint_of(path)) is not None
+            }
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -161,3 +208,12 @@ class RemoteCheckpoint(ModelCheckpoint):
 
 def _exists(path: str) -> bool:
     return bool(get_filesystem(path).exists(path))
+
+
+def _api_checkpoint_of(path: str) -> str | None:
+    """The API checkpoint a checkpoint file holds, or ``None`` if the file is gone."""
+    if not _exists(path):
+        return None
+    with get_filesystem(path).open(path, "rb") as file:
+        state = torch.load(file, map_location="cpu", weights_only=False).get(CHECKPOINT_KEY)
+    return (state or {}).get("checkpoint_id")

@@ -7,12 +7,15 @@ which lack some of its keys, still load.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from lightning_moondream.api import Adapter, AsyncTuningClient
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_KEY = "moondream"
 """Key of the API state (adapter and checkpoint ids, never the key) in Lightning checkpoints."""
@@ -31,12 +34,15 @@ class AdapterPlan:
         rank: LoRA rank of an adapter to create.
         adapter_id: Attach to this existing adapter instead of creating one.
         from_checkpoint: Create the adapter from this API checkpoint.
+        resume_at_finetune_step: On ``/finetunes``, resume a finetune that went on past
+            the checkpoint (a run that stopped after saving it) where it stands.
     """
 
     name: str
     rank: int
     adapter_id: str | None = None
     from_checkpoint: str | None = None
+    resume_at_finetune_step: bool = False
 
 
 async def open_adapter(
@@ -44,6 +50,7 @@ async def open_adapter(
     plan: AdapterPlan,
     resume: Mapping[str, Any] | None,
     warn: Callable[[str], None],
+    info: Callable[[str], None] = logger.info,
 ) -> tuple[Adapter, bool]:
     """The adapter to use, and whether it was created for this run.
 
@@ -52,10 +59,12 @@ async def open_adapter(
         plan: The adapter the run asks for.
         resume: The API state of the checkpoint the run resumes from, if any.
         warn: Says what cannot be checked now.
+        info: Says where a resumed finetune goes on from.
     """
     adapters = client.adapters
     if resume is not None and resume.get("dialect") == "finetunes":
-        return await reattach(client, resume, warn), False
+        ahead = info if plan.resume_at_finetune_step else None
+        return await reattach(client, resume, warn, ahead), False
     if resume is not None:
         return await adapters.create(plan.name, plan.rank, resume["checkpoint_id"]), True
     if plan.adapter_id is not None:
@@ -103,15 +112,21 @@ async def create(
 
 
 async def reattach(
-    client: AsyncTuningClient, state: Mapping[str, Any], warn: Callable[[str], None]
+    client: AsyncTuningClient,
+    state: Mapping[str, Any],
+    warn: Callable[[str], None],
+    go_on_ahead: Callable[[str], None] | None = None,
 ) -> Adapter:
     """Resume on ``/finetunes``, which cannot create a finetune from a checkpoint.
 
-    The same finetune goes on only where it is exactly at the checkpoint's step, so no
-    step is counted twice or lost.
+    The same finetune goes on where it is exactly at the checkpoint's step, so no step
+    is counted twice or lost. Given ``go_on_ahead``, a finetune that went on past the
+    checkpoint (its run stopped after saving it) goes on from the step it reports, said
+    through ``go_on_ahead``: the steps it has are counted once, and never sent again.
 
     Raises:
-        ResumeMismatchError: If the finetune reports another step than the checkpoint's.
+        ResumeMismatchError: If the finetune reports another step than the checkpoint's
+            (only a step below it, given ``go_on_ahead``).
     """
     finetune = await client.adapters.get(state["adapter_id"])
     if finetune.train_steps is None:
@@ -122,13 +137,28 @@ async def reattach(
             f"checkpoint's step {state['train_steps']}, checked by the first train step"
         )
         return finetune.model_copy(update={"train_steps": state["train_steps"]})
-    if finetune.train_steps != state["train_steps"]:
+    ahead = finetune.train_steps - state["train_steps"]
+    if ahead > 0 and go_on_ahead is not None:
+        go_on_ahead(
+            f"finetune {finetune.adapter_id} is at train step {finetune.train_steps}, {ahead} "
+            f"past the checkpoint's step {state['train_steps']}: going on from step "
+            f"{finetune.train_steps} (resume_at_finetune_step); those {ahead} steps stay "
+            "applied and are not sent again"
+        )
+        return finetune
+    if ahead:
+        hint = (
+            ""
+            if ahead < 0
+            else " (or set resume_at_finetune_step=True to go on from the finetune's own step)"
+        )
         raise ResumeMismatchError(
             f"cannot resume finetune {finetune.adapter_id}: the checkpoint was taken at train "
             f"step {state['train_steps']} but the finetune reports {finetune.train_steps}. "
             "The /finetunes API cannot start a finetune from a checkpoint; resume from the "
-            "checkpoint whose step matches, or start a new run (its inference model "
-            f"{state['checkpoint_id']} stays usable)."
+            f"checkpoint whose step matches{hint}, or start a new run (its inference model "
+            f"{state.get('model_id') or state['checkpoint_id']} stays usable, and validate, "
+            "test and predict of this checkpoint use it)."
         )
     return finetune
 

@@ -74,6 +74,7 @@ class SessionOptions:
     skip_prompts: bool = True
     skip_floor: float = DEFAULT_FLOOR
     max_extra_requests: int = 0
+    resume_at_finetune_step: bool = False
 
     def __post_init__(self) -> None:
         for name, (valid, expected) in _RULES.items():

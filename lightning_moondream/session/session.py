@@ -28,12 +28,14 @@ from lightning_moondream.api import (
     UsageStats,
 )
 from lightning_moondream.api.client import DialectChoice
+from lightning_moondream.api.inference import AsyncInferenceClient
 from lightning_moondream.distributed import Collective
 from lightning_moondream.metrics import SkillMetrics
 from lightning_moondream.scoring import Sample, Scorer
 from lightning_moondream.session.adapter import AdapterPlan, open_adapter, save_checkpoint
 from lightning_moondream.session.connection import Connection
 from lightning_moondream.session.evaluation import EvaluationLoop, Scored, Tally
+from lightning_moondream.session.inference import checkpoint_model, inference_model
 from lightning_moondream.session.options import SessionOptions
 from lightning_moondream.session.remote_step import (
     AmbiguousTrainStepError,
@@ -102,12 +104,15 @@ class Session:
         self._adapter: Adapter | None = None
         self._created = self._temporary = self._evaluating_only = False
         self._resume: dict[str, Any] | None = None
+        self._evaluated: dict[str, Any] | None = None
+        """The API state of the checkpoint that evaluation stages answer with, if any."""
         self._run_usage: UsageStats | None = None
         self._saved: tuple[tuple[str, int, int], dict[str, Any]] | None = None
         self.prompt_filter = (
             PromptFilter(SkipRule(floor=options.skip_floor)) if options.skip_prompts else None
         )
         """Skips prompts whose recent groups had no spread (``skip_prompts``), else ``None``."""
+        self._inference: tuple[AsyncTuningClient, AsyncInferenceClient] | None = None
 
     # The service --------------------------------------------------------------------------
 
@@ -123,12 +128,30 @@ class Session:
             self.collective = Collective.create(self.options.collective_timeout)
         self.connection.prepare(self.collective, root_dir)
         self._evaluating_only = evaluating_only
+        if not evaluating_only:
+            # Trained from here on: what the module holds is the adapter, not a checkpoint.
+            self._evaluated = None
         self._run_usage = None
 
     @property
     def client(self) -> AsyncTuningClient:
         """The API client, connected on first use."""
         return self.connection.client
+
+    @property
+    def inference(self) -> AsyncInferenceClient:
+        """The inference API's client, bound to the service the tuning client talks to.
+
+        It sends through the tuning client's connection: a remote service's inference
+        URL is its tuning URL without ``/tuning``; the local service in this process is
+        the same app; in a multi-process run, rank 0's served URL.
+        """
+        client = self.client
+        if self._inference is None or self._inference[0] is not client:
+            inference = AsyncInferenceClient.for_tuning(client)
+            inference.usage = client.usage
+            self._inference = (client, inference)
+        return self._inference[1]
 
     @property
     def dialect(self) -> DialectChoice | None:
@@ -195,6 +218,19 @@ class Session:
             )
         return self._adapter
 
+    @property
+    def checkpoint_model(self) -> str | None:
+        """The inference model answering for a checkpoint under evaluation, if any.
+
+        A validate, test or predict stage given a ``/finetunes`` checkpoint evaluates it
+        read-only as ``moondream3-preview/FT@STEP``: the finetune may have moved on, and
+        a checkpoint cannot start one. Later evaluation stages without a checkpoint
+        evaluate it too (as Lightning evaluates the weights it loaded), until ``fit``.
+        """
+        if not self._evaluating_only or self._evaluated is None:
+            return None
+        return checkpoint_model(self._evaluated)
+
     def _open(self) -> tuple[Adapter, bool, DialectChoice | None]:
         options = self.options
         name = options.name
@@ -202,10 +238,29 @@ class Session:
             # A name is a finetune's identity on /finetunes: creating under the run's
             # name would hand back (and later delete) the finetune a fit trained.
             name = f"{name}-eval-{secrets.token_hex(4)}"
-        plan = AdapterPlan(name, options.rank, options.adapter_id, options.from_checkpoint)
-        opened = self.connection.run(open_adapter(self.client, plan, self._resume, self._warn))
+        plan = AdapterPlan(
+            name,
+            options.rank,
+            options.adapter_id,
+            options.from_checkpoint,
+            options.resume_at_finetune_step,
+        )
+        if self.checkpoint_model is not None:
+            opened = (self.connection.run(self._checkpoint_finetune()), False)
+        else:
+            opened = self.connection.run(
+                open_adapter(self.client, plan, self._resume, self._warn, self._info)
+            )
         # Opening an adapter settles an ``auto`` dialect.
         return (*opened, self.client.dialect)
+
+    async def _checkpoint_finetune(self) -> Adapter:
+        """The finetune of the checkpoint under evaluation, read as it is (never reattached)."""
+        assert self._evaluated is not None
+        finetune = await self.client.adapters.get(self._evaluated["adapter_id"])
+        if finetune.train_steps is None:
+            return finetune.model_copy(update={"train_steps": self._evaluated["train_steps"]})
+        return finetune
 
     @property
     def resumed_from(self) -> str | None:
@@ -217,11 +272,19 @@ class Session:
 
         On ``/adapters`` a new adapter is created from the API checkpoint, so steps
         applied to the old adapter after it are not carried over and none is counted
-        twice. On ``/finetunes`` the same finetune goes on if it is still at the
-        checkpoint's step.
+        twice. On ``/finetunes`` ``fit`` goes on with the same finetune if it is still at
+        the checkpoint's step (or, with ``resume_at_finetune_step``, where it stands);
+        a stage that only evaluates answers with the checkpoint's inference model.
         """
         self._resume = dict(state)
+        self._evaluated = dict(state) if self._evaluating_only else None
         self._adapter = None
+        model = self.checkpoint_model
+        if model is not None:
+            self._info(
+                f"Evaluating checkpoint {state['checkpoint_id']} through the inference API as "
+                f"{model} (read-only: finetune {state['adapter_id']} is left as it is)"
+            )
 
     def check_training(self, lr: float | None) -> None:
         """Open the adapter for training, refusing what its dialect cannot do (on every rank).
@@ -279,6 +342,7 @@ class Session:
             else:
                 self.remote.abandon()
         finally:
+            self._inference = None
             self.connection.shutdown()
 
     # Training -----------------------------------------------------------------------------
@@ -365,13 +429,19 @@ class Session:
     # Evaluation ---------------------------------------------------------------------------
 
     def greedy_model(self, settings: Settings | None = None, *, scored: bool = True) -> GreedyModel:
-        """The current adapter as a :data:`GreedyModel` (``eval_settings`` by default).
+        """What answers for the run as a :data:`GreedyModel` (``eval_settings`` by default).
+
+        The checkpoint's inference model where one answers (:attr:`checkpoint_model`),
+        else the current adapter's rollouts.
 
         Args:
             settings: Generation settings.
             scored: Send ground truth where the scorer uses the service's rewards.
         """
         settings = self.options.evaluation if settings is None else settings
+        model = self.checkpoint_model
+        if model is not None:
+            return inference_model(self.inference, model, settings, self.options.max_concurrency)
         return tuning_model(
             self.client,
             self.adapter.adapter_id,
