@@ -83,8 +83,10 @@ class MoondreamRLModule(LightningModule):
             ``reward(sample, rollout) -> float``, sync or async.
         reward_std_eps: Groups whose reward standard deviation is below this teach
             nothing and are not sent.
-        max_concurrency: Rollouts requests in flight at once; by default the whole batch
-            (up to 64), so a step's rollouts go out in one wave.
+        max_concurrency: Rollouts requests in flight at once. By default, once the
+            service's rate is known (``requests_per_second``, or learnt from its 429s),
+            what that rate and the latency call for (rate x latency, plus one); else the
+            whole batch (up to 64), so a step's rollouts go out in one wave.
         max_staleness: 0 samples each batch after the previous step is applied
             (on-policy); 1 samples the next batch while the current step is applied.
         api_key: Moondream API key; defaults to ``MOONDREAM_API_KEY``. Never saved.
@@ -109,6 +111,11 @@ class MoondreamRLModule(LightningModule):
         sft_share: Share of each RL step's samples also taught as SFT groups (0 to 1).
         collective_timeout: Seconds a process of a multi-process run waits for the
             others at a collective before the run fails.
+        requests_per_second: The API key's rate limit (Moondream Cloud: 2, or 10 once
+            funded), shared by every process of the run: each sends its equal share, on
+            turns of its own. ``None`` learns it from the service's 429 answers. The
+            admitted rate and the 429s are logged (``train/admitted_rps``,
+            ``train/rate_limited``) and counted in ``usage``.
     """
 
     def __init__(
@@ -136,6 +143,7 @@ class MoondreamRLModule(LightningModule):
         sft_warmup_steps: int = 0,
         sft_share: float = 0.0,
         collective_timeout: float = DEFAULT_TIMEOUT,
+        requests_per_second: float | None = None,
     ) -> None:
         super().__init__()
         ignored = ["api_key", "lr_scheduler"] + (

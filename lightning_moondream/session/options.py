@@ -28,6 +28,10 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "sft_warmup_steps": (lambda value: value >= 0, "must be 0 or more"),
     "sft_share": (lambda value: 0.0 <= value <= 1.0, "must be from 0 to 1"),
     "collective_timeout": (lambda value: value > 0, "must be a positive number of seconds"),
+    "requests_per_second": (
+        lambda value: value is None or (math.isfinite(value) and value > 0),
+        "must be a finite number > 0 (the key's requests per second), or None to learn it",
+    ),
 }
 
 _REASONS = {
@@ -68,6 +72,7 @@ class SessionOptions:
     sft_warmup_steps: int = 0
     sft_share: float = 0.0
     collective_timeout: float = DEFAULT_TIMEOUT
+    requests_per_second: float | None = None
 
     def __post_init__(self) -> None:
         for name, (valid, expected) in _RULES.items():
