@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import subprocess
 import sys
@@ -40,8 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
-from common import print_table, write_results
+from common import print_table, serve_http, write_results
 
 KEY = "bench-rate-limit"
 ROLLOUTS = 4
@@ -62,12 +60,12 @@ class AccessLog:
     answers: list[tuple[float, str, int]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def follow(self, stream: Any) -> None:
-        for line in stream:
-            match = ACCESS.search(line)
-            if match:
-                with self.lock:
-                    self.answers.append((time.monotonic(), match["path"], int(match["status"])))
+    def take(self, line: str) -> None:
+        """Time one line of the log, if it tells an answer."""
+        match = ACCESS.search(line)
+        if match:
+            with self.lock:
+                self.answers.append((time.monotonic(), match["path"], int(match["status"])))
 
     def figures(self, rate: float, path_part: str = "") -> dict[str, float]:
         """Achieved rate over ``rate`` and 429s per 100 requests, of paths holding ``path_part``."""
@@ -90,42 +88,12 @@ class AccessLog:
 @contextmanager
 def rate_limited_serve(folder: str, rate: float) -> Iterator[tuple[str, AccessLog]]:
     """``serve --rate-limit rate`` on a free port; yields its base URL and access log."""
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = int(probe.getsockname()[1])
-    command = [str(EXECUTABLES / "lightning-moondream"), "serve", "--host", "127.0.0.1"]
-    command += ["--port", str(port), "--data-dir", folder, "--api-key", KEY]
-    command += ["--rate-limit", f"{rate:g}"]
-    server = subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
     log = AccessLog()
-    threading.Thread(target=log.follow, args=(server.stdout,), daemon=True).start()
-    base_url = f"http://127.0.0.1:{port}/v1/tuning"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if server.poll() is not None:
-                raise RuntimeError(f"lightning-moondream serve exited with {server.returncode}")
-            try:
-                httpx.get(base_url + "/finetunes", headers={"X-Moondream-Auth": KEY}, timeout=1)
-                break
-            except httpx.TransportError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
+    options = ("--api-key", KEY, "--rate-limit", f"{rate:g}")
+    with serve_http(folder, *options, on_line=log.take) as base_url:
         with log.lock:
             log.answers.clear()  # the readiness probe is not the run's
         yield base_url, log
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def _request(index: int) -> dict[str, Any]:
