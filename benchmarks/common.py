@@ -8,8 +8,9 @@ import platform
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -54,19 +55,35 @@ def write_results(name: str, payload: dict[str, Any]) -> Path:
 
 
 @contextmanager
-def serve_http(folder: str, *options: str) -> Iterator[str]:
+def serve_http(
+    folder: str, *options: str, on_line: Callable[[str], None] | None = None
+) -> Iterator[str]:
     """Run ``lightning-moondream serve`` on a free port of 127.0.0.1; yields its base URL.
 
     Args:
         folder: The service's data folder.
         *options: More ``serve`` options, e.g. ``"--policy", "constant"``.
+        on_line: Given each line the service prints (its access log among them), as it
+            is printed; by default its output is dropped.
     """
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = int(probe.getsockname()[1])
     command = [str(Path(sys.executable).with_name("lightning-moondream")), "serve"]
     command += ["--host", "127.0.0.1", "--port", str(port), "--data-dir", folder, *options]
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    output = subprocess.DEVNULL if on_line is None else subprocess.PIPE
+    server = subprocess.Popen(
+        command,
+        stdout=output,
+        stderr=subprocess.STDOUT if on_line else subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    if on_line is not None:
+        lines = server.stdout
+        threading.Thread(
+            target=lambda: [on_line(line) for line in lines or ()], daemon=True
+        ).start()
     base_url = f"http://127.0.0.1:{port}/v1/tuning"
     try:
         deadline = time.monotonic() + 120

@@ -84,8 +84,10 @@ class MoondreamRLModule(LightningModule):
             ``reward(sample, rollout) -> float``, sync or async.
         reward_std_eps: Groups whose reward standard deviation is below this teach
             nothing and are not sent.
-        max_concurrency: Rollouts requests in flight at once; by default the whole batch
-            (up to 64), so a step's rollouts go out in one wave.
+        max_concurrency: Rollouts requests in flight at once. By default, once the
+            service's rate is known (``requests_per_second``, or learnt from its 429s),
+            what that rate and the latency call for (rate x latency, plus one); else the
+            whole batch (up to 64), so a step's rollouts go out in one wave.
         max_staleness: 0 samples each batch after the previous step is applied
             (on-policy); 1 samples the next batch while the current step is applied.
         api_key: Moondream API key; defaults to ``MOONDREAM_API_KEY``. Never saved.
@@ -127,6 +129,11 @@ class MoondreamRLModule(LightningModule):
     (``ckpt_path``, ``"best"``, ``"last"``) answer with its inference model
     ``moondream3-preview/FT@STEP``, read-only: the finetune is not reattached, so it may
     stand at any step.
+        requests_per_second: The API key's rate limit (Moondream Cloud: 2, or 10 once
+            funded), shared by every process of the run: each sends its equal share, on
+            turns of its own. ``None`` learns it from the service's 429 answers. The
+            admitted rate and the 429s are logged (``train/admitted_rps``,
+            ``train/rate_limited``) and counted in ``usage``.
     """
 
     def __init__(
@@ -158,6 +165,7 @@ class MoondreamRLModule(LightningModule):
         skip_floor: float = DEFAULT_FLOOR,
         max_extra_requests: int = 0,
         resume_at_finetune_step: bool = False,
+        requests_per_second: float | None = None,
     ) -> None:
         super().__init__()
         ignored = ["api_key", "lr_scheduler"] + (

@@ -26,7 +26,9 @@ KEY = "ddp-test-key"
 
 def ddp_run(root: Path, *args: str, expect_failure: bool = False) -> dict[int, dict[str, Any]]:
     """Run the script; each rank's report (``{}`` for a failed run, with its output)."""
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    # The package of this checkout, whichever one the environment installed.
+    tests = Path(__file__).parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests), str(tests.parent)])}
     done = subprocess.run(
         [sys.executable, str(SCRIPT), str(root), *args],
         env=env,

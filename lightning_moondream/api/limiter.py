@@ -87,6 +87,7 @@ class RateLimiter:
         self._clock = clock
         self._rate = None if requests_per_second is None else _check_rate(requests_per_second)
         self._ceiling = self._rate
+        self._phase: float | None = None
         self._next_slot = -math.inf
         self._paused_until = -math.inf
         self._last_decrease = -math.inf
@@ -100,8 +101,15 @@ class RateLimiter:
         with self._lock:
             return self._rate
 
-    def set_rate(self, requests_per_second: float) -> None:
+    def set_rate(self, requests_per_second: float, *, phase: float | None = None) -> None:
         """Set the rate and its ceiling from outside, e.g. this process's share of a key.
+
+        Args:
+            requests_per_second: The rate, and the most it may rise to.
+            phase: Requests then start only at ``phase + k / requests_per_second`` on the
+                limiter's clock (``k`` whole): processes sharing a key with staggered
+                phases take turns, and never send in the same instant, which a service
+                admitting a burst of one would refuse.
 
         Raises:
             ValueError: If the rate is not a finite number > 0.
@@ -109,6 +117,7 @@ class RateLimiter:
         rate = _check_rate(requests_per_second)
         with self._lock:
             self._rate = self._ceiling = rate
+            self._phase = phase
 
     def reserve(self, delay: float = 0.0) -> Reservation:
         """Take the next turn to send, no sooner than ``delay`` seconds from now.
@@ -118,7 +127,7 @@ class RateLimiter:
         """
         with self._lock:
             now = self._clock()
-            earliest = max(now, self._paused_until, self._next_slot)
+            earliest = self._on_turn(max(now, self._paused_until, self._next_slot))
             if self._rate is not None:
                 self._next_slot = earliest + 1.0 / self._rate
             wait = max(delay, earliest - now)
@@ -159,6 +168,14 @@ class RateLimiter:
             if self._ceiling is not None:
                 self._rate = min(self._rate, self._ceiling)
             self._last_decrease = now
+
+    def _on_turn(self, moment: float) -> float:
+        """The first of this limiter's turns at or after ``moment`` (any, without a phase)."""
+        if self._phase is None or self._ceiling is None:
+            return moment
+        spacing = 1.0 / self._ceiling
+        turns = math.ceil((moment - self._phase) / spacing - 1e-9)
+        return self._phase + turns * spacing
 
     def _send_rate(self, now: float) -> float | None:
         self._trim(self._sent, now)

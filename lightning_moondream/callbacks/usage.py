@@ -56,6 +56,8 @@ class UsageSummary(Callback):
     Counters are cumulative since the module was made. What they cover is the module's
     ``usage`` to say; ``MoondreamRLModule``'s are rank zero's own in the logs during a
     stage, and every process's in the tables printed when ``fit`` or ``test`` ends.
+    Among them, ``rate_limited`` counts 429 answers and ``admitted_rate`` is the rate
+    (requests per second) the rate limiter admits, summed over processes: the key's.
 
     Raises:
         TypeError: At setup, if the module has no ``usage`` with a ``snapshot()`` method.

@@ -3,10 +3,15 @@
 In one process the local service runs inside it, with no port. In a multi-process run
 one process (rank 0) serves it on 127.0.0.1 and shares the URL and a fresh key with the
 others through the run's collectives, never through a file or a log.
+
+The connection also paces its client: its share of the key's rate (``rate_share``),
+granted at ``prepare`` and again at every train step, and how many requests it keeps in
+flight (``in_flight``).
 """
 
 from __future__ import annotations
 
+import math
 import secrets
 from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
@@ -19,9 +24,13 @@ from pydantic import SecretStr
 from lightning_moondream.api import AsyncTuningClient, BackgroundLoop, UsageStats
 from lightning_moondream.api.client import LOCAL_API_KEY, DialectChoice
 from lightning_moondream.distributed import Collective
+from lightning_moondream.session.rate_share import Pace, RateShare, Turns
 from lightning_moondream.session.service import ServiceChoice
 
 T = TypeVar("T")
+
+LATENCY_SAMPLE = 32
+"""Latest rollouts answers whose latency sets how many requests are kept in flight."""
 
 
 class Connection:
@@ -31,14 +40,24 @@ class Connection:
         choice: The service to talk to.
         usage: Where the client counts requests, kept across reconnections.
         info: Says where the local service runs, once.
+        requests_per_second: The key's rate, shared by the run's processes; ``None``
+            to learn it from the service's 429s.
     """
 
     def __init__(
-        self, choice: ServiceChoice, usage: UsageStats, info: Callable[[str], None]
+        self,
+        choice: ServiceChoice,
+        usage: UsageStats,
+        info: Callable[[str], None],
+        requests_per_second: float | None = None,
     ) -> None:
         self.choice = choice
         self.usage = usage
         self._info = info
+        self.requests_per_second = requests_per_second
+        self._collective = Collective()
+        self._share = RateShare(requests_per_second, 1)
+        self._granted: float | None = None
         self._root: str | Path = "."
         self._client: AsyncTuningClient | None = None
         self._loop: BackgroundLoop | None = None
@@ -79,13 +98,17 @@ class Connection:
 
         With several processes, rank 0 starts the one local service of the run and the
         others learn its URL and key; with one, the service will run in this process.
-        What else every process must share before the first request is settled here too.
+        Each process is granted its share of the key's rate.
 
         Args:
             collective: The run's collectives.
             root_dir: The run's root folder, home of the local service's data.
         """
         self._root = root_dir
+        if collective is not self._collective:
+            self._collective = collective
+            self._share = RateShare(self.requests_per_second, collective.world_size)
+            self.follow(self._share.key_rate)
         # Each stage says again what it trains or scores: a test after fit is read apart.
         self._announced = False
         if not self.uses_local_service:
@@ -97,6 +120,43 @@ class Connection:
         if self._shared:
             return
         self._shared = collective.on_zero(self._serve)
+
+    def pace(self) -> Pace:
+        """What this process's rate limiter knows now, for rank 0 to share the key's rate."""
+        rate = self._client.rate_limiter.rate if self._client is not None else None
+        return Pace(rate, self.usage.rate_limited)
+
+    def rate_share(self, paces: list[Pace]) -> float | None:
+        """The key's rate for the next step, from every process's pace (on rank 0)."""
+        return self._share.update(paces)
+
+    def follow(self, key_rate: float | None) -> None:
+        """Take this process's share of the key's rate, as rank 0 granted it."""
+        if key_rate is None or key_rate == self._granted:
+            return
+        self._granted = key_rate
+        if self._client is not None:
+            self._take_turns(self._client)
+
+    def _take_turns(self, client: AsyncTuningClient) -> None:
+        if self._granted is not None:
+            collective = self._collective
+            turns = Turns.of(self._granted, collective.rank, collective.world_size)
+            client.rate_limiter.set_rate(turns.rate, phase=turns.phase)
+
+    def in_flight(self) -> int | None:
+        """Requests to keep in flight: Little's law, once a rate and a latency are known.
+
+        The admitted rate times the latency (its 90th percentile over the latest
+        answers), plus one so that a slow answer does not leave a turn unused. ``None``
+        while nothing limits the rate or no answer has come: then the caller decides.
+        """
+        rate = self._client.rate_limiter.rate if self._client is not None else None
+        latencies = sorted(self.usage.latencies("POST /rollouts")[-LATENCY_SAMPLE:])
+        if rate is None or not latencies:
+            return None
+        latency = latencies[math.ceil(0.9 * len(latencies)) - 1]
+        return math.ceil(rate * latency) + 1
 
     def _serve(self) -> tuple[str, SecretStr]:
         from lightning_moondream.server import create_app
@@ -120,6 +180,7 @@ class Connection:
         if self._client is None:
             client = self._connect()
             client.usage = self.usage
+            self._take_turns(client)
             self._loop, self._client = BackgroundLoop(), client
         return self._client
 

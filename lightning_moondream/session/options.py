@@ -31,6 +31,10 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "collective_timeout": (lambda value: value > 0, "must be a positive number of seconds"),
     "skip_floor": (lambda value: 0.0 <= value <= 1.0, "must be from 0 to 1"),
     "max_extra_requests": (lambda value: value >= 0, "must be 0 or more"),
+    "requests_per_second": (
+        lambda value: value is None or (math.isfinite(value) and value > 0),
+        "must be a finite number > 0 (the key's requests per second), or None to learn it",
+    ),
 }
 
 _REASONS = {
@@ -75,6 +79,7 @@ class SessionOptions:
     skip_floor: float = DEFAULT_FLOOR
     max_extra_requests: int = 0
     resume_at_finetune_step: bool = False
+    requests_per_second: float | None = None
 
     def __post_init__(self) -> None:
         for name, (valid, expected) in _RULES.items():

@@ -24,6 +24,7 @@ from typing import Any, Literal, Protocol, TypeVar
 
 from lightning_moondream.api import AmbiguousRequestError, TrainStepResult, TuningAPIError
 from lightning_moondream.distributed import Collective
+from lightning_moondream.session.rate_share import Pace
 
 T = TypeVar("T")
 
@@ -50,6 +51,8 @@ class Shard:
         rollout_seconds: Time spent sampling and scoring.
         counts: Further counts of the step (``skipped_prompts``, ``extra_requests``),
             summed over batches and ranks and logged as ``train/<name>``.
+        pace: What the rank's rate limiter knows (the latest added), so that rank 0
+            can share the key's rate anew.
     """
 
     groups: list[Any] = field(default_factory=list)
@@ -57,6 +60,7 @@ class Shard:
     sft_groups: int = 0
     rollout_seconds: float = 0.0
     counts: dict[str, int] = field(default_factory=dict)
+    pace: Pace | None = None
 
     def add(self, other: Shard) -> None:
         """Take in another batch's shard (gradient accumulation)."""
@@ -66,6 +70,7 @@ class Shard:
         self.rollout_seconds += other.rollout_seconds
         for name, value in other.counts.items():
             self.counts[name] = self.counts.get(name, 0) + value
+        self.pace = other.pace or self.pace
 
 
 @dataclass(frozen=True)
@@ -76,11 +81,14 @@ class StepReport:
         train_steps: Train steps the adapter has, counting a step still in flight.
         skipped_steps: Global steps that applied nothing (no group had signal, or lr 0).
         metrics: ``train/...`` values to log for this step.
+        key_rate: The API key's rate granted to the run's processes together for the
+            next step; ``None`` while nothing limits it.
     """
 
     train_steps: int
     skipped_steps: int
     metrics: dict[str, float]
+    key_rate: float | None = None
 
 
 class TrainStepService(Protocol):
@@ -98,6 +106,10 @@ class TrainStepService(Protocol):
 
     async def reported_steps(self, adapter_id: str) -> int | None:
         """The train steps the service reports for the adapter, if it does."""
+        ...
+
+    def rate_share(self, paces: list[Pace]) -> float | None:
+        """The key's rate for the next step, from every rank's pace."""
         ...
 
 
@@ -216,7 +228,10 @@ class RemoteStep:
                 if result is not None:
                     metrics.update(_service_metrics(result))
         metrics["skipped_steps"] = float(self.skipped_steps)
-        return StepReport(self.train_steps, self.skipped_steps, metrics)
+        paces = [shard.pace for shard in shards if shard.pace is not None]
+        key_rate = self.service.rate_share(paces) if len(paces) == len(shards) else None
+        metrics.update(_rate_metrics(paces))
+        return StepReport(self.train_steps, self.skipped_steps, metrics, key_rate)
 
     def skipped_summary(self, global_steps: int) -> str | None:
         """The end-of-fit warning when most of a run's steps applied nothing, else ``None``.
@@ -381,6 +396,16 @@ def _batch_metrics(shards: list[Shard]) -> dict[str, float]:
         metrics["frac_zero_std"] = 1.0 - (groups - sft_groups) / len(rewards)
         metrics["rollouts_time_s"] = max(shard.rollout_seconds for shard in shards)
     return metrics
+
+
+def _rate_metrics(paces: list[Pace]) -> dict[str, float]:
+    """The key's admitted rate (every rank's, summed) and its 429s so far, if any rank knows."""
+    if not paces:
+        return {}
+    return {
+        "admitted_rps": math.fsum(pace.rate or 0.0 for pace in paces),
+        "rate_limited": float(sum(pace.rate_limited for pace in paces)),
+    }
 
 
 def _service_metrics(result: TrainStepResult) -> dict[str, float]:

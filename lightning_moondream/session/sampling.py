@@ -77,11 +77,15 @@ def share(samples: Sequence[Sample], fraction: float) -> list[Sample]:
     ]
 
 
-def concurrency(max_concurrency: int | None, requests: int) -> int:
-    """Requests in flight at once: ``max_concurrency``, else the whole batch (capped)."""
+def concurrency(max_concurrency: int | None, requests: int, in_flight: int | None = None) -> int:
+    """Requests in flight at once.
+
+    ``max_concurrency`` if given; else ``in_flight`` (what the admitted rate and the
+    latency call for) or, unknown, the whole batch, either capped.
+    """
     if max_concurrency is not None:
         return max_concurrency
-    return max(1, min(MAX_DEFAULT_CONCURRENCY, requests))
+    return max(1, min(MAX_DEFAULT_CONCURRENCY, requests, in_flight or requests))
 
 
 def rollout_calls(

@@ -37,6 +37,7 @@ from lightning_moondream.session.connection import Connection
 from lightning_moondream.session.evaluation import EvaluationLoop, Scored, Tally
 from lightning_moondream.session.inference import checkpoint_model, inference_model
 from lightning_moondream.session.options import SessionOptions
+from lightning_moondream.session.rate_share import Pace
 from lightning_moondream.session.remote_step import (
     AmbiguousTrainStepError,
     RemoteStep,
@@ -92,7 +93,7 @@ class Session:
         self.scorer = scorer
         self.collective = Collective()
         """The run's collectives, joined at :meth:`join`; trivial in one process."""
-        self.connection = Connection(choice, UsageStats(), info)
+        self.connection = Connection(choice, UsageStats(), info, options.requests_per_second)
         self.remote = RemoteStep(
             self,
             max_staleness=options.max_staleness,
@@ -196,6 +197,10 @@ class Session:
     async def reported_steps(self, adapter_id: str) -> int | None:
         """The train steps the service reports for the adapter, if it does."""
         return (await self.client.adapters.get(adapter_id)).train_steps
+
+    def rate_share(self, paces: list[Pace]) -> float | None:
+        """The key's rate for the next step, from every process's pace."""
+        return self.connection.rate_share(paces)
 
     # The adapter --------------------------------------------------------------------------
 
@@ -408,7 +413,8 @@ class Session:
                 self.options.num_rollouts,
                 self.scorer,
             )
-            limit = concurrency(self.options.max_concurrency, len(calls))
+            in_flight = self.connection.in_flight()
+            limit = concurrency(self.options.max_concurrency, len(calls), in_flight)
             scored = self.connection.run(
                 sample_and_score(self.client, calls, wave, self.scorer, limit)
             )
@@ -419,8 +425,15 @@ class Session:
         return harvest
 
     def step(self, lr: float | None) -> StepReport:
-        """Send one train step with every rank's groups at ``lr`` (on every rank)."""
-        return self.remote.step(self.collective, self.adapter.adapter_id, lr)
+        """Send one train step with every rank's groups at ``lr`` (on every rank).
+
+        Every rank's rate limiter rides along; the step's report grants each its share
+        of the key's rate for the next step.
+        """
+        self.remote.add(Shard(pace=self.connection.pace()))
+        report = self.remote.step(self.collective, self.adapter.adapter_id, lr)
+        self.connection.follow(report.key_rate)
+        return report
 
     def drain(self) -> None:
         """Wait for the train step in flight, if any (on every rank)."""

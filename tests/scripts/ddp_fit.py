@@ -2,7 +2,7 @@
 
 Usage: ``python tests/scripts/ddp_fit.py ROOT [--devices N] [--base-url URL]
 [--max-steps N] [--resume CKPT] [--accumulate K] [--fail-on-rank R] [--validate ADAPTER]
-[--strategy ddp|ddp_spawn] [--staleness 0|1]``.
+[--strategy ddp|ddp_spawn] [--staleness 0|1] [--requests-per-second R]``.
 
 Lightning starts the other processes by running this script again. Synthetic detect
 data comes from ``MoondreamDataModule``; a checkpoint is kept every two steps
@@ -59,6 +59,7 @@ class Report(Callback):
             "skipped_steps": model.skipped_steps,
             "metrics": {name: float(value) for name, value in trainer.callback_metrics.items()},
             "usage": model.usage.snapshot(),
+            "rate": model.client.rate_limiter.rate,
             "api_checkpoints": sorted(self.checkpoints.api_checkpoints.values()),
         }
         (self.root / f"rank-{trainer.global_rank}.json").write_text(json.dumps(result))
@@ -78,6 +79,7 @@ def main() -> None:
     parser.add_argument("--strategy", default="ddp", choices=["ddp", "ddp_spawn"])
     parser.add_argument("--staleness", type=int, default=0)
     parser.add_argument("--val-images", type=int, default=5)
+    parser.add_argument("--requests-per-second", type=float, default=None)
     args = parser.parse_args()
     if args.fail_on_rank is not None:
         os.environ["FAIL_ON_RANK"] = args.fail_on_rank
@@ -87,6 +89,7 @@ def main() -> None:
         "collective_timeout": 60.0,
         "lr": 0.003,
         "max_staleness": args.staleness,
+        "requests_per_second": args.requests_per_second,
     }
     if not args.validate:
         options["reward"] = varying_reward
