@@ -6,18 +6,15 @@ each wait; its calls and their arguments are those of ``TuningClient``.
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 
 from lightning_moondream.api import operations as ops
-from lightning_moondream.api.core import Attempts, ClientCore, Done
-from lightning_moondream.api.errors import TuningAPIError
-from lightning_moondream.api.inprocess import InProcessAsyncTransport
+from lightning_moondream.api.core import ClientCore
+from lightning_moondream.api.drivers import AsyncDriver, check_concurrency
 from lightning_moondream.api.limits import DEFAULT_PAGE_SIZE
 from lightning_moondream.api.models import (
     Adapter,
@@ -30,10 +27,9 @@ from lightning_moondream.api.models import (
     TrainStepResult,
 )
 from lightning_moondream.api.plans import Plan, RolloutCall
-from lightning_moondream.api.pools import async_spread_client
 
 if TYPE_CHECKING:
-    from typing_extensions import Self
+    pass
 
 T = TypeVar("T")
 
@@ -123,7 +119,7 @@ class AsyncMetrics:
         return await self._client._drive(self._client._plans.read_metrics(adapter_id))
 
 
-class AsyncTuningClient(ClientCore[httpx.AsyncClient]):
+class AsyncTuningClient(AsyncDriver, ClientCore[httpx.AsyncClient]):
     """Asynchronous client of the Moondream tuning API; arguments as ``TuningClient``.
 
     Raises:
@@ -145,51 +141,11 @@ class AsyncTuningClient(ClientCore[httpx.AsyncClient]):
         """Log metrics of a train step, and read them back (``/finetunes``)."""
         return AsyncMetrics(self)
 
-    async def _sleep(self, seconds: float) -> None:
-        """Wait before retrying (a test gives the client a fake one)."""
-        await asyncio.sleep(seconds)
-
-    def _default_http_client(self) -> httpx.AsyncClient:
-        return async_spread_client()
-
-    @classmethod
-    def _in_process_http_client(cls, app: Any, on_close: Callable[[], None]) -> httpx.AsyncClient:
-        return httpx.AsyncClient(transport=InProcessAsyncTransport(app, on_close=on_close))
-
     async def _execute(self, operation: ops.Operation[T]) -> T:
-        request = self._build_request(operation)
-        attempts = Attempts()
-        delay: float | None = None  # before a retry: the wait it asks for
-        while True:
-            turn = self.rate_limiter.reserve(delay or 0.0)
-            if delay is not None or turn.wait > 0:
-                await self._sleep(turn.wait)
-            started = time.perf_counter()
-            outcome: httpx.Response | httpx.RequestError
-            try:
-                outcome = await self._http.send(request)
-            except httpx.RequestError as exc:
-                outcome = exc
-            elapsed = time.perf_counter() - started
-            step = self._settle(
-                operation, attempts, outcome, turn.at, elapsed, len(request.content)
-            )
-            if isinstance(step, Done):
-                return step.value
-            delay = step
+        return await self._run(self._attempts(operation))
 
     async def _drive(self, plan: Plan[T]) -> T:
-        try:
-            operation = next(plan)
-            while True:
-                try:
-                    result = await self._execute(operation)
-                except TuningAPIError as exc:
-                    operation = plan.throw(exc)
-                else:
-                    operation = plan.send(result)
-        except StopIteration as stop:
-            return stop.value
+        return await self._run(self._steps(plan))
 
     async def rollouts(
         self,
@@ -211,23 +167,9 @@ class AsyncTuningClient(ClientCore[httpx.AsyncClient]):
         first failure cancels the others and is raised. From synchronous code, run it on
         a ``BackgroundLoop`` (``loop.run(client.rollouts_many(calls))``) or ``asyncio.run``.
         """
-        if max_concurrency < 1:
-            raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
+        check_concurrency(max_concurrency)
         operations = await self._drive(self._plans.rollouts_operations(calls))
-        limit = asyncio.Semaphore(max_concurrency)
-
-        async def bounded(operation: ops.Operation[RolloutsResponse]) -> RolloutsResponse:
-            async with limit:
-                return await self._execute(operation)
-
-        tasks = [asyncio.ensure_future(bounded(operation)) for operation in operations]
-        try:
-            return list(await asyncio.gather(*tasks))
-        except BaseException:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
+        return await self._concurrently(self._execute, operations, max_concurrency)
 
     async def train_step(
         self,
@@ -239,14 +181,3 @@ class AsyncTuningClient(ClientCore[httpx.AsyncClient]):
     ) -> TrainStepResult:
         """Apply one training step; see ``TuningClient.train_step``."""
         return await self._drive(self._plans.train_step(adapter_id, groups, lr, extra))
-
-    async def close(self) -> None:
-        """Close the HTTP client if this client created it."""
-        if self._owns_http:
-            await self._http.aclose()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()

@@ -3,14 +3,16 @@
 ``ClientCore`` holds a client's configuration (API key, base URL, timeouts, retry
 policy, rate limiter, dialect) and turns an ``Operation`` into an ``httpx.Request``, and
 an attempt's outcome into a result, a wait before the next attempt, or a typed error,
-telling the rate limiter what the service answered. It never sends and never sleeps:
-the synchronous and asynchronous clients do, each in its own way.
+telling the rate limiter what the service answered. A call is written here as steps
+(``drivers``): it never sends and never sleeps itself; the synchronous and asynchronous
+clients' drivers do, each in its own way.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,7 @@ import httpx
 from pydantic import SecretStr
 
 from lightning_moondream.api import wire
+from lightning_moondream.api.drivers import Send, Steps
 from lightning_moondream.api.errors import (
     AmbiguousRequestError,
     APIConnectionError,
@@ -32,7 +35,13 @@ from lightning_moondream.api.errors import (
 )
 from lightning_moondream.api.limiter import RateLimiter, limiter_for
 from lightning_moondream.api.operations import Action, Dialect, Operation
-from lightning_moondream.api.plans import DialectChoice, DialectNegotiation, Plans, check_dialect
+from lightning_moondream.api.plans import (
+    DialectChoice,
+    DialectNegotiation,
+    Plan,
+    Plans,
+    check_dialect,
+)
 from lightning_moondream.api.retry import (
     CallKind,
     RetryPolicy,
@@ -141,12 +150,12 @@ class ClientCore(Generic[HttpClientT]):
         self._http = http_client if http_client is not None else self._default_http_client()
 
     def _default_http_client(self) -> HttpClientT:
-        """The httpx client to send through when none is given."""
+        """The httpx client to send through when none is given (the driver's)."""
         raise NotImplementedError
 
     @classmethod
     def _in_process_http_client(cls, app: Any, on_close: Callable[[], None]) -> HttpClientT:
-        """An httpx client whose transport calls ``app`` in this process."""
+        """An httpx client whose transport calls ``app`` in this process (the driver's)."""
         raise NotImplementedError
 
     @classmethod
@@ -220,6 +229,41 @@ class ClientCore(Generic[HttpClientT]):
             headers=headers,
             timeout=self._timeout(operation),
         )
+
+    # Steps -------------------------------------------------------------------------------
+
+    def _attempts(self, operation: Operation[T]) -> Steps[T]:
+        """Send an operation, at the key's pace, until it settles; its result."""
+        request = self._build_request(operation)
+        attempts = Attempts()
+        delay: float | None = None  # before a retry: the wait it asks for
+        while True:
+            turn = self.rate_limiter.reserve(delay or 0.0)
+            if delay is not None or turn.wait > 0:
+                yield turn.wait
+            started = time.perf_counter()
+            outcome = yield Send(request)
+            elapsed = time.perf_counter() - started
+            step = self._settle(
+                operation, attempts, outcome, turn.at, elapsed, len(request.content)
+            )
+            if isinstance(step, Done):
+                return step.value
+            delay = step
+
+    def _steps(self, plan: Plan[T]) -> Steps[T]:
+        """Send each operation a plan yields, handing it the result or the error."""
+        try:
+            operation = next(plan)
+            while True:
+                try:
+                    result = yield from self._attempts(operation)
+                except TuningAPIError as exc:
+                    operation = plan.throw(exc)
+                else:
+                    operation = plan.send(result)
+        except StopIteration as stop:
+            return stop.value
 
     # Answers and errors ------------------------------------------------------------------
 

@@ -6,11 +6,11 @@ it. Written as ordinary code, that logic would exist twice, once blocking and on
 ``await``. It is written once here instead, as a *plan*: a generator that yields each
 ``Operation`` it needs sent and receives its result.
 
-- The driver (``TuningClient._drive`` or ``AsyncTuningClient._drive``) takes each
-  yielded operation, sends it with its own I/O (with retries), and resumes the plan with
-  ``plan.send(result)``, or with ``plan.throw(error)`` when the operation failed for
-  good, so the plan can catch the error like any other (a missing route, an unknown
-  outcome).
+- ``ClientCore._steps`` takes each yielded operation, sends it (with retries, as steps
+  that the client's blocking or async driver carries out, see ``drivers``), and resumes
+  the plan with ``plan.send(result)``, or with ``plan.throw(error)`` when the operation
+  failed for good, so the plan can catch the error like any other (a missing route, an
+  unknown outcome).
 - The plan's ``return`` value is the call's result (``StopIteration.value``).
 - A plan never does I/O and never sleeps itself: blocking or not is the driver's
   business, so the synchronous and asynchronous clients follow the same steps exactly,

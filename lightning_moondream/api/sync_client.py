@@ -11,18 +11,15 @@ Example:
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 
 from lightning_moondream.api import operations as ops
-from lightning_moondream.api.core import Attempts, ClientCore, Done
-from lightning_moondream.api.errors import TuningAPIError
-from lightning_moondream.api.inprocess import InProcessTransport
+from lightning_moondream.api.core import ClientCore
+from lightning_moondream.api.drivers import BlockingDriver, check_concurrency
 from lightning_moondream.api.limits import DEFAULT_PAGE_SIZE
 from lightning_moondream.api.models import (
     Adapter,
@@ -35,10 +32,9 @@ from lightning_moondream.api.models import (
     TrainStepResult,
 )
 from lightning_moondream.api.plans import Plan, RolloutCall
-from lightning_moondream.api.pools import spread_client
 
 if TYPE_CHECKING:
-    from typing_extensions import Self
+    pass
 
 T = TypeVar("T")
 
@@ -149,7 +145,7 @@ class Metrics:
         return self._client._drive(self._client._plans.read_metrics(adapter_id))
 
 
-class TuningClient(ClientCore[httpx.Client]):
+class TuningClient(BlockingDriver, ClientCore[httpx.Client]):
     """Synchronous client of the Moondream tuning API.
 
     Args:
@@ -187,51 +183,11 @@ class TuningClient(ClientCore[httpx.Client]):
         """Log metrics of a train step, and read them back (``/finetunes``)."""
         return Metrics(self)
 
-    def _sleep(self, seconds: float) -> None:
-        """Wait before retrying (a test gives the client a fake one)."""
-        time.sleep(seconds)
-
-    def _default_http_client(self) -> httpx.Client:
-        return spread_client()
-
-    @classmethod
-    def _in_process_http_client(cls, app: Any, on_close: Callable[[], None]) -> httpx.Client:
-        return httpx.Client(transport=InProcessTransport(app, on_close=on_close))
-
     def _execute(self, operation: ops.Operation[T]) -> T:
-        request = self._build_request(operation)
-        attempts = Attempts()
-        delay: float | None = None  # before a retry: the wait it asks for
-        while True:
-            turn = self.rate_limiter.reserve(delay or 0.0)
-            if delay is not None or turn.wait > 0:
-                self._sleep(turn.wait)
-            started = time.perf_counter()
-            outcome: httpx.Response | httpx.RequestError
-            try:
-                outcome = self._http.send(request)
-            except httpx.RequestError as exc:
-                outcome = exc
-            elapsed = time.perf_counter() - started
-            step = self._settle(
-                operation, attempts, outcome, turn.at, elapsed, len(request.content)
-            )
-            if isinstance(step, Done):
-                return step.value
-            delay = step
+        return self._run(self._attempts(operation))
 
     def _drive(self, plan: Plan[T]) -> T:
-        try:
-            operation = next(plan)
-            while True:
-                try:
-                    result = self._execute(operation)
-                except TuningAPIError as exc:
-                    operation = plan.throw(exc)
-                else:
-                    operation = plan.send(result)
-        except StopIteration as stop:
-            return stop.value
+        return self._run(self._steps(plan))
 
     def rollouts(
         self,
@@ -259,17 +215,9 @@ class TuningClient(ClientCore[httpx.Client]):
         Every call is validated before any is sent. Results come in input order; the
         first failure cancels the calls not yet started and is raised.
         """
-        if max_concurrency < 1:
-            raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
+        check_concurrency(max_concurrency)
         operations = self._drive(self._plans.rollouts_operations(calls))
-        with ThreadPoolExecutor(max_workers=max_concurrency) as pool:
-            futures = [pool.submit(self._execute, operation) for operation in operations]
-            try:
-                return [future.result() for future in futures]
-            except BaseException:
-                for future in futures:
-                    future.cancel()
-                raise
+        return self._concurrently(self._execute, operations, max_concurrency)
 
     def train_step(
         self,
@@ -296,14 +244,3 @@ class TuningClient(ClientCore[httpx.Client]):
             UnsupportedFeatureError: SFT groups, ``lr`` or extras on ``/adapters``.
         """
         return self._drive(self._plans.train_step(adapter_id, groups, lr, extra))
-
-    def close(self) -> None:
-        """Close the HTTP client if this client created it."""
-        if self._owns_http:
-            self._http.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
