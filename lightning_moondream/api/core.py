@@ -268,36 +268,7 @@ class ClientCore(Generic[HttpClientT]):
     # Answers and errors ------------------------------------------------------------------
 
     def _scrub(self, text: str) -> str:
-        key = self._api_key.get_secret_value()
-        # A key too short to be a secret (the local service's "local") would only mangle
-        # ordinary words of the message.
-        return text.replace(key, "**********") if len(key) >= MIN_SCRUBBED_KEY else text
-
-    def _status_error(self, operation: Operation[Any], response: httpx.Response) -> TuningAPIError:
-        request_id = response.headers.get("x-request-id") or response.headers.get("request-id")
-        message = server_message(response)
-        text = self._scrub(f"{operation.label} answered {response.status_code}: {message}")
-        error_class = error_class_for_status(response.status_code)
-        if error_class is RateLimitError:
-            return RateLimitError(
-                text,
-                status_code=response.status_code,
-                request_id=request_id,
-                retry_after=retry_after_of(response),
-            )
-        return error_class(text, status_code=response.status_code, request_id=request_id)
-
-    def _transport_error(
-        self, operation: Operation[Any], error: httpx.RequestError
-    ) -> TuningAPIError:
-        what = "timed out" if isinstance(error, httpx.TimeoutException) else "failed"
-        text = self._scrub(f"{operation.label} {what}: {type(error).__name__}: {error}")
-        if isinstance(error, httpx.TimeoutException):
-            return APITimeoutError(text)
-        if isinstance(error, httpx.TransportError):
-            return APIConnectionError(text)
-        # An answer came but could not be read (bad encoding, endless redirects).
-        return ServerError(text)
+        return scrub_key(self._api_key, text)
 
     def _settle(
         self,
@@ -329,12 +300,12 @@ class ClientCore(Generic[HttpClientT]):
             done = self._answered(operation, attempts, outcome, sent_at)
             if done is not None:
                 return done
-            error = self._status_error(operation, outcome)
+            error = status_error(operation.label, outcome, self._scrub)
             retryable = should_retry_status(operation.kind, outcome.status_code)
             # Only a 5xx leaves a state change in doubt; a 4xx is the server refusing.
             ambiguous = not retryable and outcome.status_code >= 500
         else:
-            error = self._transport_error(operation, outcome)
+            error = transport_error(operation.label, outcome, self._scrub)
             retryable = should_retry_transport(operation.kind, outcome)
             ambiguous = not retryable
         delay = self._retry_delay(attempts, outcome) if retryable else None
@@ -413,6 +384,44 @@ class ClientCore(Generic[HttpClientT]):
             self.usage.record_success(rollouts=len(result), images=operation.images)
         elif operation.action is Action.TRAIN_STEP:
             self.usage.record_success(train_steps=1)
+
+
+def scrub_key(api_key: SecretStr, text: str) -> str:
+    """A text with the API key replaced by stars."""
+    key = api_key.get_secret_value()
+    # A key too short to be a secret (the local service's "local") would only mangle
+    # ordinary words of the message.
+    return text.replace(key, "**********") if len(key) >= MIN_SCRUBBED_KEY else text
+
+
+def status_error(
+    label: str, response: httpx.Response, scrub: Callable[[str], str]
+) -> TuningAPIError:
+    """The typed error of an answer with a failure status, its text scrubbed of the key."""
+    request_id = response.headers.get("x-request-id") or response.headers.get("request-id")
+    message = server_message(response)
+    text = scrub(f"{label} answered {response.status_code}: {message}")
+    error_class = error_class_for_status(response.status_code)
+    if error_class is RateLimitError:
+        return RateLimitError(
+            text,
+            status_code=response.status_code,
+            request_id=request_id,
+            retry_after=retry_after_of(response),
+        )
+    return error_class(text, status_code=response.status_code, request_id=request_id)
+
+
+def transport_error(label: str, error: Exception, scrub: Callable[[str], str]) -> TuningAPIError:
+    """The typed error of a request that got no answer, its text scrubbed of the key."""
+    what = "timed out" if isinstance(error, httpx.TimeoutException) else "failed"
+    text = scrub(f"{label} {what}: {type(error).__name__}: {error}")
+    if isinstance(error, httpx.TimeoutException):
+        return APITimeoutError(text)
+    if isinstance(error, httpx.TransportError):
+        return APIConnectionError(text)
+    # An answer came but could not be read (bad encoding, endless redirects).
+    return ServerError(text)
 
 
 def local_app(
