@@ -35,7 +35,7 @@ name) or ``"query"`` (counting and presence questions).
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -152,16 +152,7 @@ class _Prompting:
     def samples(self, records: Records, where: str) -> Dataset:
         """The samples of what a reader found."""
         return build_prompts(
-            records.images,
-            records.classes,
-            skill=self.skill,
-            template=self.template,
-            negative_rate=self.negative_rate,
-            seed=self.seed,
-            questions=self.questions,
-            groups=records.groups,
-            phrase_labels=self.phrase_labels,
-            where=where,
+            records.images, records.classes, groups=records.groups, where=where, **asdict(self)
         )
 
 
