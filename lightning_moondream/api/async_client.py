@@ -8,28 +8,16 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import httpx
 
+from lightning_moondream.api import models
 from lightning_moondream.api import operations as ops
 from lightning_moondream.api.core import ClientCore
 from lightning_moondream.api.drivers import AsyncDriver, check_concurrency
 from lightning_moondream.api.limits import DEFAULT_PAGE_SIZE
-from lightning_moondream.api.models import (
-    Adapter,
-    AdapterPage,
-    AnyRequest,
-    Checkpoint,
-    CheckpointPage,
-    GroundTruth,
-    RolloutsResponse,
-    TrainStepResult,
-)
 from lightning_moondream.api.plans import Plan, RolloutCall
-
-if TYPE_CHECKING:
-    pass
 
 T = TypeVar("T")
 
@@ -40,20 +28,24 @@ class AsyncAdapters:
     def __init__(self, client: AsyncTuningClient) -> None:
         self._client = client
 
-    async def create(self, name: str, rank: int, from_checkpoint: str | None = None) -> Adapter:
+    async def create(
+        self, name: str, rank: int, from_checkpoint: str | None = None
+    ) -> models.Adapter:
         """Create an adapter; see ``Adapters.create``."""
         plan = self._client._plans.create_adapter(name, rank, from_checkpoint)
         return await self._client._drive(plan)
 
-    async def get(self, adapter_id: str) -> Adapter:
+    async def get(self, adapter_id: str) -> models.Adapter:
         """Describe one adapter; in ``auto`` this is how the dialect is found."""
         return await self._client._drive(self._client._plans.get_adapter(adapter_id))
 
-    async def list(self, limit: int = DEFAULT_PAGE_SIZE, cursor: str | None = None) -> AdapterPage:
+    async def list(
+        self, limit: int = DEFAULT_PAGE_SIZE, cursor: str | None = None
+    ) -> models.AdapterPage:
         """One page of adapters (finetunes, oldest first), with the next page's cursor."""
         return await self._client._drive(self._client._plans.list_adapters(limit, cursor))
 
-    async def iter(self, limit: int = DEFAULT_PAGE_SIZE) -> AsyncIterator[Adapter]:
+    async def iter(self, limit: int = DEFAULT_PAGE_SIZE) -> AsyncIterator[models.Adapter]:
         """Every adapter, across pages."""
         cursor = None
         while True:
@@ -75,20 +67,20 @@ class AsyncCheckpoints:
     def __init__(self, client: AsyncTuningClient) -> None:
         self._client = client
 
-    async def save(self, adapter_id: str) -> Checkpoint:
+    async def save(self, adapter_id: str) -> models.Checkpoint:
         """Save the adapter's current state as a checkpoint; see ``Checkpoints.save``."""
         return await self._client._drive(self._client._plans.save_checkpoint(adapter_id))
 
     async def list(
         self, adapter_id: str, limit: int = DEFAULT_PAGE_SIZE, cursor: str | None = None
-    ) -> CheckpointPage:
+    ) -> models.CheckpointPage:
         """One page of an adapter's checkpoints."""
         plan = self._client._plans.list_checkpoints(adapter_id, limit, cursor)
         return await self._client._drive(plan)
 
     async def iter(
         self, adapter_id: str, limit: int = DEFAULT_PAGE_SIZE
-    ) -> AsyncIterator[Checkpoint]:
+    ) -> AsyncIterator[models.Checkpoint]:
         """Every checkpoint of an adapter, across pages."""
         cursor = None
         while True:
@@ -150,17 +142,17 @@ class AsyncTuningClient(AsyncDriver, ClientCore[httpx.AsyncClient]):
     async def rollouts(
         self,
         adapter_id: str,
-        request: AnyRequest | Mapping[str, Any],
+        request: ops.RequestInput,
         num_rollouts: int,
-        ground_truth: GroundTruth | Mapping[str, Any] | None = None,
-    ) -> RolloutsResponse:
+        ground_truth: ops.GroundTruthInput = None,
+    ) -> models.RolloutsResponse:
         """Sample ``num_rollouts`` attempts at a request; see ``TuningClient.rollouts``."""
         plan = self._plans.rollouts(adapter_id, request, num_rollouts, ground_truth)
         return await self._drive(plan)
 
     async def rollouts_many(
         self, calls: Iterable[RolloutCall], *, max_concurrency: int = 8
-    ) -> list[RolloutsResponse]:
+    ) -> list[models.RolloutsResponse]:
         """Run many rollouts requests at once, at most ``max_concurrency`` in flight.
 
         Every call is validated before any is sent. Results come in input order; the
@@ -178,6 +170,6 @@ class AsyncTuningClient(AsyncDriver, ClientCore[httpx.AsyncClient]):
         *,
         lr: float | None = None,
         **extra: Any,
-    ) -> TrainStepResult:
+    ) -> models.TrainStepResult:
         """Apply one training step; see ``TuningClient.train_step``."""
         return await self._drive(self._plans.train_step(adapter_id, groups, lr, extra))

@@ -51,10 +51,8 @@ from lightning_moondream.api.errors import (
 from lightning_moondream.api.models import (
     Adapter,
     AdapterPage,
-    AnyRequest,
     Checkpoint,
     CheckpointPage,
-    GroundTruth,
     RolloutsResponse,
     TrainStepResult,
 )
@@ -92,9 +90,9 @@ class RolloutCall:
     """One ``/rollouts`` request for ``rollouts_many``."""
 
     adapter_id: str
-    request: AnyRequest | Mapping[str, Any]
+    request: ops.RequestInput
     num_rollouts: int
-    ground_truth: GroundTruth | Mapping[str, Any] | None = None
+    ground_truth: ops.GroundTruthInput = None
 
     def checked(self) -> ops.CheckedRollouts:
         """The call checked, before any dialect is involved."""
@@ -297,9 +295,9 @@ class Plans:
     def rollouts(
         self,
         adapter_id: str,
-        request: AnyRequest | Mapping[str, Any],
+        request: ops.RequestInput,
         num_rollouts: int,
-        ground_truth: GroundTruth | Mapping[str, Any] | None,
+        ground_truth: ops.GroundTruthInput,
     ) -> Plan[RolloutsResponse]:
         """Sample rollouts; invalid input fails before any request, negotiation included."""
         checked = ops.check_rollouts(adapter_id, request, num_rollouts, ground_truth)

@@ -13,28 +13,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import httpx
 
+from lightning_moondream.api import models
 from lightning_moondream.api import operations as ops
 from lightning_moondream.api.core import ClientCore
 from lightning_moondream.api.drivers import BlockingDriver, check_concurrency
 from lightning_moondream.api.limits import DEFAULT_PAGE_SIZE
-from lightning_moondream.api.models import (
-    Adapter,
-    AdapterPage,
-    AnyRequest,
-    Checkpoint,
-    CheckpointPage,
-    GroundTruth,
-    RolloutsResponse,
-    TrainStepResult,
-)
 from lightning_moondream.api.plans import Plan, RolloutCall
-
-if TYPE_CHECKING:
-    pass
 
 T = TypeVar("T")
 
@@ -45,7 +33,7 @@ class Adapters:
     def __init__(self, client: TuningClient) -> None:
         self._client = client
 
-    def create(self, name: str, rank: int, from_checkpoint: str | None = None) -> Adapter:
+    def create(self, name: str, rank: int, from_checkpoint: str | None = None) -> models.Adapter:
         """Create an adapter, optionally starting from a checkpoint ``adapter_id/chk_id``.
 
         ``rank`` is 16 or 32 on ``/adapters``; 8, 16, 24 or 32 on ``/finetunes``. A
@@ -61,15 +49,15 @@ class Adapters:
         """
         return self._client._drive(self._client._plans.create_adapter(name, rank, from_checkpoint))
 
-    def get(self, adapter_id: str) -> Adapter:
+    def get(self, adapter_id: str) -> models.Adapter:
         """Describe one adapter; in ``auto`` this is how the dialect is found."""
         return self._client._drive(self._client._plans.get_adapter(adapter_id))
 
-    def list(self, limit: int = DEFAULT_PAGE_SIZE, cursor: str | None = None) -> AdapterPage:
+    def list(self, limit: int = DEFAULT_PAGE_SIZE, cursor: str | None = None) -> models.AdapterPage:
         """One page of adapters (finetunes, oldest first), with the next page's cursor."""
         return self._client._drive(self._client._plans.list_adapters(limit, cursor))
 
-    def iter(self, limit: int = DEFAULT_PAGE_SIZE) -> Iterator[Adapter]:
+    def iter(self, limit: int = DEFAULT_PAGE_SIZE) -> Iterator[models.Adapter]:
         """Every adapter, across pages."""
         cursor = None
         while True:
@@ -90,7 +78,7 @@ class Checkpoints:
     def __init__(self, client: TuningClient) -> None:
         self._client = client
 
-    def save(self, adapter_id: str) -> Checkpoint:
+    def save(self, adapter_id: str) -> models.Checkpoint:
         """Save the adapter's current state as a checkpoint.
 
         An unknown outcome is resolved by listing checkpoints: the newest made since the
@@ -103,11 +91,11 @@ class Checkpoints:
 
     def list(
         self, adapter_id: str, limit: int = DEFAULT_PAGE_SIZE, cursor: str | None = None
-    ) -> CheckpointPage:
+    ) -> models.CheckpointPage:
         """One page of an adapter's checkpoints."""
         return self._client._drive(self._client._plans.list_checkpoints(adapter_id, limit, cursor))
 
-    def iter(self, adapter_id: str, limit: int = DEFAULT_PAGE_SIZE) -> Iterator[Checkpoint]:
+    def iter(self, adapter_id: str, limit: int = DEFAULT_PAGE_SIZE) -> Iterator[models.Checkpoint]:
         """Every checkpoint of an adapter, across pages."""
         cursor = None
         while True:
@@ -192,10 +180,10 @@ class TuningClient(BlockingDriver, ClientCore[httpx.Client]):
     def rollouts(
         self,
         adapter_id: str,
-        request: AnyRequest | Mapping[str, Any],
+        request: ops.RequestInput,
         num_rollouts: int,
-        ground_truth: GroundTruth | Mapping[str, Any] | None = None,
-    ) -> RolloutsResponse:
+        ground_truth: ops.GroundTruthInput = None,
+    ) -> models.RolloutsResponse:
         """Sample ``num_rollouts`` attempts at a request.
 
         Args:
@@ -209,7 +197,7 @@ class TuningClient(BlockingDriver, ClientCore[httpx.Client]):
 
     def rollouts_many(
         self, calls: Iterable[RolloutCall], *, max_concurrency: int = 8
-    ) -> list[RolloutsResponse]:
+    ) -> list[models.RolloutsResponse]:
         """Run many rollouts requests at once, at most ``max_concurrency`` in flight.
 
         Every call is validated before any is sent. Results come in input order; the
@@ -226,7 +214,7 @@ class TuningClient(BlockingDriver, ClientCore[httpx.Client]):
         *,
         lr: float | None = None,
         **extra: Any,
-    ) -> TrainStepResult:
+    ) -> models.TrainStepResult:
         """Apply one training step, never repeated when its outcome is unknown.
 
         Args:
