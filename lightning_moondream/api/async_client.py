@@ -118,20 +118,10 @@ class AsyncTuningClient(AsyncDriver, ClientCore[httpx.AsyncClient]):
         MissingAPIKeyError: If no API key is given or set.
     """
 
-    @cached_property
-    def adapters(self) -> AsyncAdapters:
-        """Create, read, list and delete adapters (finetunes)."""
-        return AsyncAdapters(self)
-
-    @cached_property
-    def checkpoints(self) -> AsyncCheckpoints:
-        """Save, list and delete checkpoints of an adapter."""
-        return AsyncCheckpoints(self)
-
-    @cached_property
-    def metrics(self) -> AsyncMetrics:
-        """Log metrics of a train step, and read them back (``/finetunes``)."""
-        return AsyncMetrics(self)
+    # Each namespace is made on first use, from the client.
+    adapters = cached_property(AsyncAdapters)
+    checkpoints = cached_property(AsyncCheckpoints)
+    metrics = cached_property(AsyncMetrics)
 
     async def _execute(self, operation: ops.Operation[T]) -> T:
         return await self._run(self._attempts(operation))

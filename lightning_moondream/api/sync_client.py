@@ -156,20 +156,10 @@ class TuningClient(BlockingDriver, ClientCore[httpx.Client]):
         MissingAPIKeyError: If no API key is given or set.
     """
 
-    @cached_property
-    def adapters(self) -> Adapters:
-        """Create, read, list and delete adapters (finetunes)."""
-        return Adapters(self)
-
-    @cached_property
-    def checkpoints(self) -> Checkpoints:
-        """Save, list and delete checkpoints of an adapter."""
-        return Checkpoints(self)
-
-    @cached_property
-    def metrics(self) -> Metrics:
-        """Log metrics of a train step, and read them back (``/finetunes``)."""
-        return Metrics(self)
+    # Each namespace is made on first use, from the client.
+    adapters = cached_property(Adapters)
+    checkpoints = cached_property(Checkpoints)
+    metrics = cached_property(Metrics)
 
     def _execute(self, operation: ops.Operation[T]) -> T:
         return self._run(self._attempts(operation))
