@@ -115,13 +115,45 @@ def retry_after_of(response: httpx.Response) -> float | None:
     return parse_retry_after(response.headers.get("retry-after"))
 
 
-class ClientCore(Generic[HttpClientT]):
+class HttpHolder(Generic[HttpClientT]):
+    """The httpx client a client sends through, and whether closing it is the client's job.
+
+    The client's driver (``drivers``) says which httpx client to make when none is given.
+    """
+
+    _http: HttpClientT
+    _owns_http: bool
+
+    def _hold_http(self, http_client: HttpClientT | None) -> None:
+        self._owns_http = http_client is None
+        self._http = http_client if http_client is not None else self._default_http_client()
+
+    def _default_http_client(self) -> HttpClientT:
+        """The httpx client to send through when none is given (the driver's)."""
+        raise NotImplementedError
+
+    @classmethod
+    def _in_process_http_client(cls, app: Any, on_close: Callable[[], None]) -> HttpClientT:
+        """An httpx client whose transport calls ``app`` in this process (the driver's)."""
+        raise NotImplementedError
+
+    @classmethod
+    def _of_local_app(
+        cls, data_dir: str | Path | None, service_options: dict[str, Any], **options: Any
+    ) -> Self:
+        """A client of a local service app made for it alone, closed with it."""
+        app, close = local_app(data_dir, service_options)
+        options["http_client"] = cls._in_process_http_client(app, close)
+        client = cls(**options)
+        client._owns_http = True
+        return client
+
+
+class ClientCore(HttpHolder[HttpClientT]):
     """Configuration, building requests and reading answers, for both clients.
 
     Its arguments are documented on ``TuningClient``, which both clients share.
     """
-
-    _http: HttpClientT
 
     def __init__(
         self,
@@ -146,17 +178,7 @@ class ClientCore(Generic[HttpClientT]):
         )
         """The pace of this client's key, shared with every client of the key here."""
         self._plans = Plans(DialectNegotiation(dialect, self.base_url), self._scrub)
-        self._owns_http = http_client is None
-        self._http = http_client if http_client is not None else self._default_http_client()
-
-    def _default_http_client(self) -> HttpClientT:
-        """The httpx client to send through when none is given (the driver's)."""
-        raise NotImplementedError
-
-    @classmethod
-    def _in_process_http_client(cls, app: Any, on_close: Callable[[], None]) -> HttpClientT:
-        """An httpx client whose transport calls ``app`` in this process (the driver's)."""
-        raise NotImplementedError
+        self._hold_http(http_client)
 
     @classmethod
     def local(
@@ -177,18 +199,15 @@ class ClientCore(Generic[HttpClientT]):
             ValueError: For an unknown dialect name, before the service is made.
         """
         check_dialect(dialect)
-        app, close = local_app(data_dir, service_options)
-        client = cls(
+        return cls._of_local_app(
+            data_dir,
+            service_options,
             api_key=LOCAL_API_KEY,
             base_url=LOCAL_BASE_URL,
-            http_client=cls._in_process_http_client(app, close),
             dialect=dialect,
             # The app serves this client alone, so its rate is this client's alone too.
             rate_limiter=RateLimiter(),
         )
-        # The transport serves an app made for this client alone: close it with the client.
-        client._owns_http = True
-        return client
 
     @property
     def dialect(self) -> Dialect | None:

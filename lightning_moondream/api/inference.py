@@ -36,7 +36,7 @@ from collections.abc import (
     Sequence,
 )
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 import httpx
 from pydantic import SecretStr
@@ -49,7 +49,7 @@ from lightning_moondream.api.core import (
     USER_AGENT,
     ClientCore,
     HttpClientT,
-    local_app,
+    HttpHolder,
     resolve_api_key,
     retry_after_of,
     scrub_key,
@@ -178,14 +178,12 @@ class _EventReader:
         return [chunk] if isinstance(chunk, str) and chunk else []
 
 
-class _InferenceCore(Generic[HttpClientT]):
+class _InferenceCore(HttpHolder[HttpClientT]):
     """What both clients share: configuration, building requests, the steps of a call.
 
     A call is written as steps (``drivers``); the blocking or async driver each client
     class adds carries them out.
     """
-
-    _http: HttpClientT
 
     def __init__(
         self,
@@ -205,17 +203,7 @@ class _InferenceCore(Generic[HttpClientT]):
         self.timeout = timeout
         self.retry_policy = RetryPolicy(max_retries=max_retries)
         self.usage = UsageStats()
-        self._owns_http = http_client is None
-        self._http = http_client if http_client is not None else self._default_http_client()
-
-    def _default_http_client(self) -> HttpClientT:
-        """The httpx client to send through when none is given (the driver's)."""
-        raise NotImplementedError
-
-    @classmethod
-    def _in_process_http_client(cls, app: Any, on_close: Callable[[], None]) -> HttpClientT:
-        """An httpx client whose transport calls ``app`` in this process (the driver's)."""
-        raise NotImplementedError
+        self._hold_http(http_client)
 
     @classmethod
     def local(
@@ -235,14 +223,13 @@ class _InferenceCore(Generic[HttpClientT]):
             model: The model of calls that name none (see ``InferenceClient``).
             **service_options: Passed to ``lightning_moondream.server.create_app``.
         """
-        app, close = local_app(data_dir, service_options)
-        http = cls._in_process_http_client(app, close)
-        client = cls(
-            api_key=LOCAL_API_KEY, base_url=LOCAL_INFERENCE_URL, model=model, http_client=http
+        return cls._of_local_app(
+            data_dir,
+            service_options,
+            api_key=LOCAL_API_KEY,
+            base_url=LOCAL_INFERENCE_URL,
+            model=model,
         )
-        # The transport serves an app made for this client alone: close it with the client.
-        client._owns_http = True
-        return client
 
     @classmethod
     def for_tuning(cls, tuning: ClientCore[HttpClientT], *, model: str | None = None) -> Self:
