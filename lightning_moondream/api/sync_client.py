@@ -1,7 +1,8 @@
 """``TuningClient``: the tuning API over a blocking ``httpx.Client``.
 
-Every call is a plan (``plans``) driven here: each operation the plan yields is sent,
-retried where safe, and its result or error handed back to the plan.
+Every call is a plan (``plans``): each operation the plan yields is sent, retried where
+safe, and its result or error handed back to the plan, in steps (``ClientCore._steps``)
+that the blocking driver (``drivers.BlockingDriver``) carries out.
 
 Example:
     >>> from lightning_moondream.api import TuningClient
