@@ -6,34 +6,18 @@ each wait; its calls and their arguments are those of ``TuningClient``.
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import httpx
 
+from lightning_moondream.api import models
 from lightning_moondream.api import operations as ops
-from lightning_moondream.api.core import Attempts, ClientCore, Done
-from lightning_moondream.api.errors import TuningAPIError
-from lightning_moondream.api.inprocess import InProcessAsyncTransport
+from lightning_moondream.api.core import ClientCore
+from lightning_moondream.api.drivers import AsyncDriver, check_concurrency
 from lightning_moondream.api.limits import DEFAULT_PAGE_SIZE
-from lightning_moondream.api.models import (
-    Adapter,
-    AdapterPage,
-    AnyRequest,
-    Checkpoint,
-    CheckpointPage,
-    GroundTruth,
-    RolloutsResponse,
-    TrainStepResult,
-)
 from lightning_moondream.api.plans import Plan, RolloutCall
-from lightning_moondream.api.pools import async_spread_client
-
-if TYPE_CHECKING:
-    from typing_extensions import Self
 
 T = TypeVar("T")
 
@@ -44,20 +28,24 @@ class AsyncAdapters:
     def __init__(self, client: AsyncTuningClient) -> None:
         self._client = client
 
-    async def create(self, name: str, rank: int, from_checkpoint: str | None = None) -> Adapter:
+    async def create(
+        self, name: str, rank: int, from_checkpoint: str | None = None
+    ) -> models.Adapter:
         """Create an adapter; see ``Adapters.create``."""
         plan = self._client._plans.create_adapter(name, rank, from_checkpoint)
         return await self._client._drive(plan)
 
-    async def get(self, adapter_id: str) -> Adapter:
+    async def get(self, adapter_id: str) -> models.Adapter:
         """Describe one adapter; in ``auto`` this is how the dialect is found."""
         return await self._client._drive(self._client._plans.get_adapter(adapter_id))
 
-    async def list(self, limit: int = DEFAULT_PAGE_SIZE, cursor: str | None = None) -> AdapterPage:
+    async def list(
+        self, limit: int = DEFAULT_PAGE_SIZE, cursor: str | None = None
+    ) -> models.AdapterPage:
         """One page of adapters (finetunes, oldest first), with the next page's cursor."""
         return await self._client._drive(self._client._plans.list_adapters(limit, cursor))
 
-    async def iter(self, limit: int = DEFAULT_PAGE_SIZE) -> AsyncIterator[Adapter]:
+    async def iter(self, limit: int = DEFAULT_PAGE_SIZE) -> AsyncIterator[models.Adapter]:
         """Every adapter, across pages."""
         cursor = None
         while True:
@@ -79,20 +67,20 @@ class AsyncCheckpoints:
     def __init__(self, client: AsyncTuningClient) -> None:
         self._client = client
 
-    async def save(self, adapter_id: str) -> Checkpoint:
+    async def save(self, adapter_id: str) -> models.Checkpoint:
         """Save the adapter's current state as a checkpoint; see ``Checkpoints.save``."""
         return await self._client._drive(self._client._plans.save_checkpoint(adapter_id))
 
     async def list(
         self, adapter_id: str, limit: int = DEFAULT_PAGE_SIZE, cursor: str | None = None
-    ) -> CheckpointPage:
+    ) -> models.CheckpointPage:
         """One page of an adapter's checkpoints."""
         plan = self._client._plans.list_checkpoints(adapter_id, limit, cursor)
         return await self._client._drive(plan)
 
     async def iter(
         self, adapter_id: str, limit: int = DEFAULT_PAGE_SIZE
-    ) -> AsyncIterator[Checkpoint]:
+    ) -> AsyncIterator[models.Checkpoint]:
         """Every checkpoint of an adapter, across pages."""
         cursor = None
         while True:
@@ -123,111 +111,47 @@ class AsyncMetrics:
         return await self._client._drive(self._client._plans.read_metrics(adapter_id))
 
 
-class AsyncTuningClient(ClientCore[httpx.AsyncClient]):
+class AsyncTuningClient(AsyncDriver, ClientCore[httpx.AsyncClient]):
     """Asynchronous client of the Moondream tuning API; arguments as ``TuningClient``.
 
     Raises:
         MissingAPIKeyError: If no API key is given or set.
     """
 
-    @cached_property
-    def adapters(self) -> AsyncAdapters:
-        """Create, read, list and delete adapters (finetunes)."""
-        return AsyncAdapters(self)
-
-    @cached_property
-    def checkpoints(self) -> AsyncCheckpoints:
-        """Save, list and delete checkpoints of an adapter."""
-        return AsyncCheckpoints(self)
-
-    @cached_property
-    def metrics(self) -> AsyncMetrics:
-        """Log metrics of a train step, and read them back (``/finetunes``)."""
-        return AsyncMetrics(self)
-
-    async def _sleep(self, seconds: float) -> None:
-        """Wait before retrying (a test gives the client a fake one)."""
-        await asyncio.sleep(seconds)
-
-    def _default_http_client(self) -> httpx.AsyncClient:
-        return async_spread_client()
-
-    @classmethod
-    def _in_process_http_client(cls, app: Any, on_close: Callable[[], None]) -> httpx.AsyncClient:
-        return httpx.AsyncClient(transport=InProcessAsyncTransport(app, on_close=on_close))
+    # Each namespace is made on first use, from the client.
+    adapters = cached_property(AsyncAdapters)
+    checkpoints = cached_property(AsyncCheckpoints)
+    metrics = cached_property(AsyncMetrics)
 
     async def _execute(self, operation: ops.Operation[T]) -> T:
-        request = self._build_request(operation)
-        attempts = Attempts()
-        delay: float | None = None  # before a retry: the wait it asks for
-        while True:
-            turn = self.rate_limiter.reserve(delay or 0.0)
-            if delay is not None or turn.wait > 0:
-                await self._sleep(turn.wait)
-            started = time.perf_counter()
-            outcome: httpx.Response | httpx.RequestError
-            try:
-                outcome = await self._http.send(request)
-            except httpx.RequestError as exc:
-                outcome = exc
-            elapsed = time.perf_counter() - started
-            step = self._settle(
-                operation, attempts, outcome, turn.at, elapsed, len(request.content)
-            )
-            if isinstance(step, Done):
-                return step.value
-            delay = step
+        return await self._run(self._attempts(operation))
 
     async def _drive(self, plan: Plan[T]) -> T:
-        try:
-            operation = next(plan)
-            while True:
-                try:
-                    result = await self._execute(operation)
-                except TuningAPIError as exc:
-                    operation = plan.throw(exc)
-                else:
-                    operation = plan.send(result)
-        except StopIteration as stop:
-            return stop.value
+        return await self._run(self._steps(plan))
 
     async def rollouts(
         self,
         adapter_id: str,
-        request: AnyRequest | Mapping[str, Any],
+        request: ops.RequestInput,
         num_rollouts: int,
-        ground_truth: GroundTruth | Mapping[str, Any] | None = None,
-    ) -> RolloutsResponse:
+        ground_truth: ops.GroundTruthInput = None,
+    ) -> models.RolloutsResponse:
         """Sample ``num_rollouts`` attempts at a request; see ``TuningClient.rollouts``."""
         plan = self._plans.rollouts(adapter_id, request, num_rollouts, ground_truth)
         return await self._drive(plan)
 
     async def rollouts_many(
         self, calls: Iterable[RolloutCall], *, max_concurrency: int = 8
-    ) -> list[RolloutsResponse]:
+    ) -> list[models.RolloutsResponse]:
         """Run many rollouts requests at once, at most ``max_concurrency`` in flight.
 
         Every call is validated before any is sent. Results come in input order; the
         first failure cancels the others and is raised. From synchronous code, run it on
         a ``BackgroundLoop`` (``loop.run(client.rollouts_many(calls))``) or ``asyncio.run``.
         """
-        if max_concurrency < 1:
-            raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
+        check_concurrency(max_concurrency)
         operations = await self._drive(self._plans.rollouts_operations(calls))
-        limit = asyncio.Semaphore(max_concurrency)
-
-        async def bounded(operation: ops.Operation[RolloutsResponse]) -> RolloutsResponse:
-            async with limit:
-                return await self._execute(operation)
-
-        tasks = [asyncio.ensure_future(bounded(operation)) for operation in operations]
-        try:
-            return list(await asyncio.gather(*tasks))
-        except BaseException:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
+        return await self._concurrently(self._execute, operations, max_concurrency)
 
     async def train_step(
         self,
@@ -236,17 +160,6 @@ class AsyncTuningClient(ClientCore[httpx.AsyncClient]):
         *,
         lr: float | None = None,
         **extra: Any,
-    ) -> TrainStepResult:
+    ) -> models.TrainStepResult:
         """Apply one training step; see ``TuningClient.train_step``."""
         return await self._drive(self._plans.train_step(adapter_id, groups, lr, extra))
-
-    async def close(self) -> None:
-        """Close the HTTP client if this client created it."""
-        if self._owns_http:
-            await self._http.aclose()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()

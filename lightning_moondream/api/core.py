@@ -3,14 +3,16 @@
 ``ClientCore`` holds a client's configuration (API key, base URL, timeouts, retry
 policy, rate limiter, dialect) and turns an ``Operation`` into an ``httpx.Request``, and
 an attempt's outcome into a result, a wait before the next attempt, or a typed error,
-telling the rate limiter what the service answered. It never sends and never sleeps:
-the synchronous and asynchronous clients do, each in its own way.
+telling the rate limiter what the service answered. A call is written here as steps
+(``drivers``): it never sends and never sleeps itself; the synchronous and asynchronous
+clients' drivers do, each in its own way.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,7 @@ import httpx
 from pydantic import SecretStr
 
 from lightning_moondream.api import wire
+from lightning_moondream.api.drivers import Send, Steps
 from lightning_moondream.api.errors import (
     AmbiguousRequestError,
     APIConnectionError,
@@ -32,7 +35,13 @@ from lightning_moondream.api.errors import (
 )
 from lightning_moondream.api.limiter import RateLimiter, limiter_for
 from lightning_moondream.api.operations import Action, Dialect, Operation
-from lightning_moondream.api.plans import DialectChoice, DialectNegotiation, Plans, check_dialect
+from lightning_moondream.api.plans import (
+    DialectChoice,
+    DialectNegotiation,
+    Plan,
+    Plans,
+    check_dialect,
+)
 from lightning_moondream.api.retry import (
     CallKind,
     RetryPolicy,
@@ -106,13 +115,45 @@ def retry_after_of(response: httpx.Response) -> float | None:
     return parse_retry_after(response.headers.get("retry-after"))
 
 
-class ClientCore(Generic[HttpClientT]):
+class HttpHolder(Generic[HttpClientT]):
+    """The httpx client a client sends through, and whether closing it is the client's job.
+
+    The client's driver (``drivers``) says which httpx client to make when none is given.
+    """
+
+    _http: HttpClientT
+    _owns_http: bool
+
+    def _hold_http(self, http_client: HttpClientT | None) -> None:
+        self._owns_http = http_client is None
+        self._http = http_client if http_client is not None else self._default_http_client()
+
+    def _default_http_client(self) -> HttpClientT:
+        """The httpx client to send through when none is given (the driver's)."""
+        raise NotImplementedError
+
+    @classmethod
+    def _in_process_http_client(cls, app: Any, on_close: Callable[[], None]) -> HttpClientT:
+        """An httpx client whose transport calls ``app`` in this process (the driver's)."""
+        raise NotImplementedError
+
+    @classmethod
+    def _of_local_app(
+        cls, data_dir: str | Path | None, service_options: dict[str, Any], **options: Any
+    ) -> Self:
+        """A client of a local service app made for it alone, closed with it."""
+        app, close = local_app(data_dir, service_options)
+        options["http_client"] = cls._in_process_http_client(app, close)
+        client = cls(**options)
+        client._owns_http = True
+        return client
+
+
+class ClientCore(HttpHolder[HttpClientT]):
     """Configuration, building requests and reading answers, for both clients.
 
     Its arguments are documented on ``TuningClient``, which both clients share.
     """
-
-    _http: HttpClientT
 
     def __init__(
         self,
@@ -137,17 +178,7 @@ class ClientCore(Generic[HttpClientT]):
         )
         """The pace of this client's key, shared with every client of the key here."""
         self._plans = Plans(DialectNegotiation(dialect, self.base_url), self._scrub)
-        self._owns_http = http_client is None
-        self._http = http_client if http_client is not None else self._default_http_client()
-
-    def _default_http_client(self) -> HttpClientT:
-        """The httpx client to send through when none is given."""
-        raise NotImplementedError
-
-    @classmethod
-    def _in_process_http_client(cls, app: Any, on_close: Callable[[], None]) -> HttpClientT:
-        """An httpx client whose transport calls ``app`` in this process."""
-        raise NotImplementedError
+        self._hold_http(http_client)
 
     @classmethod
     def local(
@@ -168,18 +199,15 @@ class ClientCore(Generic[HttpClientT]):
             ValueError: For an unknown dialect name, before the service is made.
         """
         check_dialect(dialect)
-        app, close = local_app(data_dir, service_options)
-        client = cls(
+        return cls._of_local_app(
+            data_dir,
+            service_options,
             api_key=LOCAL_API_KEY,
             base_url=LOCAL_BASE_URL,
-            http_client=cls._in_process_http_client(app, close),
             dialect=dialect,
             # The app serves this client alone, so its rate is this client's alone too.
             rate_limiter=RateLimiter(),
         )
-        # The transport serves an app made for this client alone: close it with the client.
-        client._owns_http = True
-        return client
 
     @property
     def dialect(self) -> Dialect | None:
@@ -221,39 +249,45 @@ class ClientCore(Generic[HttpClientT]):
             timeout=self._timeout(operation),
         )
 
+    # Steps -------------------------------------------------------------------------------
+
+    def _attempts(self, operation: Operation[T]) -> Steps[T]:
+        """Send an operation, at the key's pace, until it settles; its result."""
+        request = self._build_request(operation)
+        attempts = Attempts()
+        delay: float | None = None  # before a retry: the wait it asks for
+        while True:
+            turn = self.rate_limiter.reserve(delay or 0.0)
+            if delay is not None or turn.wait > 0:
+                yield turn.wait
+            started = time.perf_counter()
+            outcome = yield Send(request)
+            elapsed = time.perf_counter() - started
+            step = self._settle(
+                operation, attempts, outcome, turn.at, elapsed, len(request.content)
+            )
+            if isinstance(step, Done):
+                return step.value
+            delay = step
+
+    def _steps(self, plan: Plan[T]) -> Steps[T]:
+        """Send each operation a plan yields, handing it the result or the error."""
+        try:
+            operation = next(plan)
+            while True:
+                try:
+                    result = yield from self._attempts(operation)
+                except TuningAPIError as exc:
+                    operation = plan.throw(exc)
+                else:
+                    operation = plan.send(result)
+        except StopIteration as stop:
+            return stop.value
+
     # Answers and errors ------------------------------------------------------------------
 
     def _scrub(self, text: str) -> str:
-        key = self._api_key.get_secret_value()
-        # A key too short to be a secret (the local service's "local") would only mangle
-        # ordinary words of the message.
-        return text.replace(key, "**********") if len(key) >= MIN_SCRUBBED_KEY else text
-
-    def _status_error(self, operation: Operation[Any], response: httpx.Response) -> TuningAPIError:
-        request_id = response.headers.get("x-request-id") or response.headers.get("request-id")
-        message = server_message(response)
-        text = self._scrub(f"{operation.label} answered {response.status_code}: {message}")
-        error_class = error_class_for_status(response.status_code)
-        if error_class is RateLimitError:
-            return RateLimitError(
-                text,
-                status_code=response.status_code,
-                request_id=request_id,
-                retry_after=retry_after_of(response),
-            )
-        return error_class(text, status_code=response.status_code, request_id=request_id)
-
-    def _transport_error(
-        self, operation: Operation[Any], error: httpx.RequestError
-    ) -> TuningAPIError:
-        what = "timed out" if isinstance(error, httpx.TimeoutException) else "failed"
-        text = self._scrub(f"{operation.label} {what}: {type(error).__name__}: {error}")
-        if isinstance(error, httpx.TimeoutException):
-            return APITimeoutError(text)
-        if isinstance(error, httpx.TransportError):
-            return APIConnectionError(text)
-        # An answer came but could not be read (bad encoding, endless redirects).
-        return ServerError(text)
+        return scrub_key(self._api_key, text)
 
     def _settle(
         self,
@@ -285,12 +319,12 @@ class ClientCore(Generic[HttpClientT]):
             done = self._answered(operation, attempts, outcome, sent_at)
             if done is not None:
                 return done
-            error = self._status_error(operation, outcome)
+            error = status_error(operation.label, outcome, self._scrub)
             retryable = should_retry_status(operation.kind, outcome.status_code)
             # Only a 5xx leaves a state change in doubt; a 4xx is the server refusing.
             ambiguous = not retryable and outcome.status_code >= 500
         else:
-            error = self._transport_error(operation, outcome)
+            error = transport_error(operation.label, outcome, self._scrub)
             retryable = should_retry_transport(operation.kind, outcome)
             ambiguous = not retryable
         delay = self._retry_delay(attempts, outcome) if retryable else None
@@ -369,6 +403,44 @@ class ClientCore(Generic[HttpClientT]):
             self.usage.record_success(rollouts=len(result), images=operation.images)
         elif operation.action is Action.TRAIN_STEP:
             self.usage.record_success(train_steps=1)
+
+
+def scrub_key(api_key: SecretStr, text: str) -> str:
+    """A text with the API key replaced by stars."""
+    key = api_key.get_secret_value()
+    # A key too short to be a secret (the local service's "local") would only mangle
+    # ordinary words of the message.
+    return text.replace(key, "**********") if len(key) >= MIN_SCRUBBED_KEY else text
+
+
+def status_error(
+    label: str, response: httpx.Response, scrub: Callable[[str], str]
+) -> TuningAPIError:
+    """The typed error of an answer with a failure status, its text scrubbed of the key."""
+    request_id = response.headers.get("x-request-id") or response.headers.get("request-id")
+    message = server_message(response)
+    text = scrub(f"{label} answered {response.status_code}: {message}")
+    error_class = error_class_for_status(response.status_code)
+    if error_class is RateLimitError:
+        return RateLimitError(
+            text,
+            status_code=response.status_code,
+            request_id=request_id,
+            retry_after=retry_after_of(response),
+        )
+    return error_class(text, status_code=response.status_code, request_id=request_id)
+
+
+def transport_error(label: str, error: Exception, scrub: Callable[[str], str]) -> TuningAPIError:
+    """The typed error of a request that got no answer, its text scrubbed of the key."""
+    what = "timed out" if isinstance(error, httpx.TimeoutException) else "failed"
+    text = scrub(f"{label} {what}: {type(error).__name__}: {error}")
+    if isinstance(error, httpx.TimeoutException):
+        return APITimeoutError(text)
+    if isinstance(error, httpx.TransportError):
+        return APIConnectionError(text)
+    # An answer came but could not be read (bad encoding, endless redirects).
+    return ServerError(text)
 
 
 def local_app(

@@ -22,65 +22,70 @@ Example:
 
 from __future__ import annotations
 
-import asyncio
+import inspect
 import json
 import os
 import time
-from collections.abc import AsyncGenerator, Callable, Generator, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import (
+    AsyncGenerator,
+    Callable,
+    Coroutine,
+    Generator,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 import httpx
 from pydantic import SecretStr
 
 from lightning_moondream.api import wire
-from lightning_moondream.api.async_client import AsyncTuningClient
 from lightning_moondream.api.core import (
     CONNECT_TIMEOUT,
     LOCAL_API_KEY,
     LOCAL_BASE_URL,
-    MIN_SCRUBBED_KEY,
     USER_AGENT,
+    ClientCore,
     HttpClientT,
-    local_app,
+    HttpHolder,
     resolve_api_key,
-    server_message,
+    retry_after_of,
+    scrub_key,
+    status_error,
+    transport_error,
+)
+from lightning_moondream.api.drivers import (
+    AsyncDriver,
+    BlockingDriver,
+    Send,
+    Steps,
+    check_concurrency,
 )
 from lightning_moondream.api.errors import (
     APIConnectionError,
-    APITimeoutError,
     InvalidRequestError,
-    RateLimitError,
     ServerError,
     TuningAPIError,
-    error_class_for_status,
 )
 from lightning_moondream.api.inference_models import (
     CaptionCall,
     CaptionLength,
-    CaptionResult,
     DetectCall,
-    DetectResult,
     InferenceCall,
     PointCall,
-    PointResult,
     QueryCall,
-    QueryResult,
     check_model,
 )
-from lightning_moondream.api.inprocess import InProcessAsyncTransport, InProcessTransport
 from lightning_moondream.api.models import Settings
 from lightning_moondream.api.operations import DEFAULT_READ_TIMEOUT, Action, Operation
-from lightning_moondream.api.pools import async_spread_client, spread_client
 from lightning_moondream.api.retry import (
     CallKind,
     RetryPolicy,
-    parse_retry_after,
     should_retry_status,
     should_retry_transport,
 )
-from lightning_moondream.api.sync_client import TuningClient
 from lightning_moondream.api.usage import UsageStats
 from lightning_moondream.images import ImageInput
 
@@ -88,6 +93,7 @@ if TYPE_CHECKING:
     from typing_extensions import Self
 
 R = TypeVar("R")
+P = ParamSpec("P")
 SettingsInput = Settings | Mapping[str, Any] | None
 SpatialRefs = Sequence[Sequence[float]] | None
 
@@ -172,32 +178,23 @@ class _EventReader:
         return [chunk] if isinstance(chunk, str) and chunk else []
 
 
-def _sharing(tuning: TuningClient | AsyncTuningClient) -> dict[str, Any]:
-    """The options of an inference client of the service a tuning client talks to."""
-    return {
-        "api_key": tuning._api_key,
-        "tuning_url": tuning.base_url,
-        "timeout": tuning.timeout,
-        "max_retries": tuning.retry_policy.max_retries,
-    }
+class _InferenceCore(HttpHolder[HttpClientT]):
+    """What both clients share: configuration, building requests, the steps of a call.
 
-
-class _InferenceCore(Generic[HttpClientT]):
-    """What both clients share: configuration, building requests, reading answers."""
-
-    _http: HttpClientT
+    A call is written as steps (``drivers``); the blocking or async driver each client
+    class adds carries them out.
+    """
 
     def __init__(
         self,
         *,
-        api_key: str | SecretStr | None,
-        base_url: str | None,
-        tuning_url: str | None,
-        model: str | None,
-        timeout: float | httpx.Timeout | None,
-        max_retries: int,
-        http_client: HttpClientT | None,
-        default_http_client: Callable[[], HttpClientT],
+        api_key: str | SecretStr | None = None,
+        base_url: str | None = None,
+        tuning_url: str | None = None,
+        model: str | None = None,
+        timeout: float | httpx.Timeout | None = None,
+        max_retries: int = 4,
+        http_client: HttpClientT | None = None,
     ) -> None:
         self._api_key = resolve_api_key(api_key)
         self.base_url = resolve_inference_url(base_url, tuning_url)
@@ -206,21 +203,63 @@ class _InferenceCore(Generic[HttpClientT]):
         self.timeout = timeout
         self.retry_policy = RetryPolicy(max_retries=max_retries)
         self.usage = UsageStats()
-        self._owns_http = http_client is None
-        self._http = http_client if http_client is not None else default_http_client()
+        self._hold_http(http_client)
 
     @classmethod
-    def _owning(cls, http_client: HttpClientT, **options: Any) -> Self:
-        """A client that closes ``http_client`` (and the app behind it) when it closes."""
-        client = cls(http_client=http_client, **options)
-        client._owns_http = True
-        return client
+    def local(
+        cls,
+        *,
+        data_dir: str | Path | None = None,
+        model: str | None = None,
+        **service_options: Any,
+    ) -> Self:
+        """A client of the local service running in this process (no port).
+
+        The service is made for this client and closed with it; to share one with a
+        tuning client, use ``for_tuning`` on ``TuningClient.local()``.
+
+        Args:
+            data_dir: Where the service keeps finetunes; a temporary folder by default.
+            model: The model of calls that name none (see ``InferenceClient``).
+            **service_options: Passed to ``lightning_moondream.server.create_app``.
+        """
+        return cls._of_local_app(
+            data_dir,
+            service_options,
+            api_key=LOCAL_API_KEY,
+            base_url=LOCAL_INFERENCE_URL,
+            model=model,
+        )
+
+    @classmethod
+    def for_tuning(cls, tuning: ClientCore[HttpClientT], *, model: str | None = None) -> Self:
+        """A client of the service ``tuning`` talks to, with its key, timeout and retries.
+
+        It sends through the tuning client's HTTP client, so for ``TuningClient.local()``
+        it reaches the same in-process service; it is usable while ``tuning`` is open,
+        and closing it leaves ``tuning`` open. The base URL is the tuning URL without
+        ``/tuning``.
+
+        Args:
+            tuning: The tuning client (an ``AsyncTuningClient`` for the async client).
+            model: The model of calls that name none (see ``InferenceClient``).
+        """
+        return cls(
+            api_key=tuning._api_key,
+            tuning_url=tuning.base_url,
+            timeout=tuning.timeout,
+            max_retries=tuning.retry_policy.max_retries,
+            model=model,
+            http_client=tuning._http,
+        )
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(base_url={self.base_url!r}, model={self.model!r}, "
             "api_key='**********')"
         )
+
+    # Requests ---------------------------------------------------------------------------
 
     def _operation(self, call: InferenceCall[R], *, stream: bool = False) -> Operation[R]:
         """Validate a call and build its request; nothing invalid is ever sent."""
@@ -273,40 +312,55 @@ class _InferenceCore(Generic[HttpClientT]):
             timeout=self._timeout(),
         )
 
+    # Steps ------------------------------------------------------------------------------
+
+    def _answer(
+        self, operation: Operation[Any], *, stream: bool = False
+    ) -> Steps[tuple[httpx.Response, float]]:
+        """Send until an answer comes with a success status, retrying what can be.
+
+        Returns:
+            The answer and when its attempt started. A stream's body is still to read,
+            and its attempt is counted once it is read (``_count``).
+        """
+        request = self._build_request(operation)
+        attempt = 0
+        while True:
+            started = time.perf_counter()
+            outcome = yield Send(request, stream)
+            succeeded = isinstance(outcome, httpx.Response) and outcome.is_success
+            if not (succeeded and stream):
+                self._count(operation, request, started)
+            if succeeded:
+                return outcome, started
+            yield self._retry_delay(operation, attempt, outcome)
+            attempt += 1
+
+    def _call(self, operation: Operation[R]) -> Steps[R]:
+        """The steps of a call answered in one piece."""
+        response, _ = yield from self._answer(operation)
+        return self._result(operation, response)
+
+    def _count(self, operation: Operation[Any], request: httpx.Request, started: float) -> None:
+        elapsed = time.perf_counter() - started
+        self.usage.record_attempt(operation.endpoint, elapsed, len(request.content))
+
+    # Answers and errors -----------------------------------------------------------------
+
     def _label(self, operation: Operation[Any]) -> str:
         model = operation.json.get("model")
         return f"{operation.label} with model {model}" if model else operation.label
 
     def _scrub(self, text: str) -> str:
-        key = self._api_key.get_secret_value()
-        return text.replace(key, "**********") if len(key) >= MIN_SCRUBBED_KEY else text
+        return scrub_key(self._api_key, text)
 
     def _error(
         self, operation: Operation[Any], outcome: httpx.Response | Exception
     ) -> TuningAPIError:
         """The typed error of a failed attempt, its text scrubbed of the key."""
-        label = self._label(operation)
         if isinstance(outcome, httpx.Response):
-            request_id = outcome.headers.get("x-request-id") or outcome.headers.get("request-id")
-            text = self._scrub(f"{label} answered {outcome.status_code}: {server_message(outcome)}")
-            error_class = error_class_for_status(outcome.status_code)
-            if error_class is RateLimitError:
-                return RateLimitError(
-                    text,
-                    status_code=outcome.status_code,
-                    request_id=request_id,
-                    retry_after=parse_retry_after(outcome.headers.get("retry-after")),
-                )
-            return error_class(text, status_code=outcome.status_code, request_id=request_id)
-        timed_out = isinstance(outcome, httpx.TimeoutException)
-        text = self._scrub(
-            f"{label} {'timed out' if timed_out else 'failed'}: {type(outcome).__name__}: {outcome}"
-        )
-        if timed_out:
-            return APITimeoutError(text)
-        if isinstance(outcome, httpx.TransportError):
-            return APIConnectionError(text)
-        return ServerError(text)  # an answer came but could not be read
+            return status_error(self._label(operation), outcome, self._scrub)
+        return transport_error(self._label(operation), outcome, self._scrub)
 
     def _retry_delay(
         self, operation: Operation[Any], attempt: int, outcome: httpx.Response | httpx.RequestError
@@ -318,7 +372,7 @@ class _InferenceCore(Generic[HttpClientT]):
         """
         if isinstance(outcome, httpx.Response):
             retryable = should_retry_status(CallKind.SAFE, outcome.status_code)
-            retry_after = parse_retry_after(outcome.headers.get("retry-after"))
+            retry_after = retry_after_of(outcome)
         else:
             retryable = should_retry_transport(CallKind.SAFE, outcome)
             retry_after = None
@@ -370,7 +424,172 @@ class _InferenceCore(Generic[HttpClientT]):
         return error if isinstance(error, TuningAPIError) else self._error(operation, error)
 
 
-class InferenceClient(_InferenceCore[httpx.Client]):
+# The calls, each written once ---------------------------------------------------------
+#
+# A call's arguments and documentation are those of the function that builds it
+# (``_query``, ...); ``_blocking``, ``_awaited`` and ``_streaming`` make each client's
+# methods of it, so both clients take the same arguments and say the same of them.
+
+
+def _query(
+    image: ImageInput | None,
+    question: str,
+    *,
+    model: str | None = None,
+    settings: SettingsInput = None,
+    reasoning: bool | None = None,
+    spatial_refs: SpatialRefs = None,
+) -> QueryCall:
+    """Answer a question about an image (or none).
+
+    Args:
+        image: A PIL image, a path, encoded bytes or a data URL; ``None`` for text only.
+        question: The question.
+        model: The model id; defaults to the client's.
+        settings: Sampling settings; only those set are sent.
+        reasoning: Ask for the reasoning behind the answer.
+        spatial_refs: Points ``[x, y]`` or boxes ``[x1, y1, x2, y2]`` (0-1).
+
+    Raises:
+        InvalidRequestError: Naming the argument that is wrong, before sending.
+    """
+    return QueryCall(image, question, settings, reasoning, spatial_refs, model=model)
+
+
+def _detect(
+    image: ImageInput,
+    object: str,
+    *,
+    model: str | None = None,
+    settings: SettingsInput = None,
+) -> DetectCall:
+    """Detect every instance of an object, as boxes.
+
+    Args:
+        image: A PIL image, a path, encoded bytes or a data URL.
+        object: What to detect.
+        model: The model id; defaults to the client's.
+        settings: Sampling settings, ``max_objects`` included; only those set are sent.
+
+    Raises:
+        InvalidRequestError: Naming the argument that is wrong, before sending.
+    """
+    return DetectCall(image, object, settings, model=model)
+
+
+def _point(
+    image: ImageInput,
+    object: str,
+    *,
+    model: str | None = None,
+    settings: SettingsInput = None,
+    spatial_refs: SpatialRefs = None,
+) -> PointCall:
+    """Point at every instance of an object; arguments as ``detect``, plus ``spatial_refs``.
+
+    Raises:
+        InvalidRequestError: Naming the argument that is wrong, before sending.
+    """
+    return PointCall(image, object, settings, spatial_refs, model=model)
+
+
+def _caption(
+    image: ImageInput,
+    *,
+    length: CaptionLength = "normal",
+    model: str | None = None,
+    settings: SettingsInput = None,
+) -> CaptionCall:
+    """Describe an image.
+
+    Args:
+        image: A PIL image, a path, encoded bytes or a data URL.
+        length: ``"short"``, ``"normal"`` or ``"long"``.
+        model: The model id; defaults to the client's.
+        settings: Sampling settings; only those set are sent.
+
+    Raises:
+        InvalidRequestError: Naming the argument that is wrong, before sending.
+    """
+    return CaptionCall(image, length, settings, model=model)
+
+
+_QUERY_STREAM_DOC = """Answer a question as a stream of text chunks; arguments as ``query``.
+
+The call is validated here; it is sent when iteration starts. A failure before the text
+begins is retried as any call; one after it raises. Closing the stream early closes the
+connection. The async client's stream is an async generator.
+
+Raises:
+    InvalidRequestError: Naming the argument that is wrong, before sending.
+    APIConnectionError: While iterating, if the stream ends before completing.
+"""
+_CAPTION_STREAM_DOC = (
+    """Describe an image as a stream of text chunks; see ``caption`` and ``query_stream``."""
+)
+
+
+def _as_method(
+    method: Callable[..., Any], build: Callable[..., Any], name: str, doc: str | None
+) -> None:
+    """Name and document a client method after the builder of its call."""
+    signature = inspect.signature(build)
+    client = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)
+    method.__name__ = method.__qualname__ = name
+    method.__doc__ = doc or build.__doc__
+    method.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[client, *signature.parameters.values()],
+        return_annotation=inspect.Signature.empty,
+    )
+
+
+def _blocking(build: Callable[P, InferenceCall[R]]) -> Callable[Concatenate[Any, P], R]:
+    """``InferenceClient``'s method of a call: sends it and returns its result."""
+
+    def method(client: InferenceClient, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        return client._send(client._operation(build(*args, **kwargs)))
+
+    _as_method(method, build, build.__name__.lstrip("_"), None)
+    return method
+
+
+def _awaited(
+    build: Callable[P, InferenceCall[R]],
+) -> Callable[Concatenate[Any, P], Coroutine[Any, Any, R]]:
+    """``AsyncInferenceClient``'s method of a call: a coroutine of its result."""
+
+    async def method(client: AsyncInferenceClient, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        return await client._send(client._operation(build(*args, **kwargs)))
+
+    _as_method(method, build, build.__name__.lstrip("_"), None)
+    return method
+
+
+def _blocking_stream(
+    build: Callable[P, InferenceCall[Any]], doc: str
+) -> Callable[Concatenate[Any, P], Generator[str, None, None]]:
+    """``InferenceClient``'s streaming method of a call: validates it, streams its text."""
+
+    def method(client: InferenceClient, /, *args: P.args, **kwargs: P.kwargs) -> Any:
+        return client._stream(client._operation(build(*args, **kwargs), stream=True))
+
+    _as_method(method, build, build.__name__.lstrip("_") + "_stream", doc)
+    return method
+
+
+def _async_stream(
+    build: Callable[P, InferenceCall[Any]], doc: str
+) -> Callable[Concatenate[Any, P], AsyncGenerator[str, None]]:
+    """``AsyncInferenceClient``'s streaming method of a call: an async stream of its text."""
+
+    def method(client: AsyncInferenceClient, /, *args: P.args, **kwargs: P.kwargs) -> Any:
+        return client._stream(client._operation(build(*args, **kwargs), stream=True))
+
+    _as_method(method, build, build.__name__.lstrip("_") + "_stream", doc)
+    return method
+
+
+class InferenceClient(BlockingDriver, _InferenceCore[httpx.Client]):
     """Synchronous client of Moondream's inference API.
 
     Args:
@@ -393,113 +612,18 @@ class InferenceClient(_InferenceCore[httpx.Client]):
         ValueError: If the base URL cannot be derived from the tuning URL.
     """
 
-    def __init__(
-        self,
-        *,
-        api_key: str | SecretStr | None = None,
-        base_url: str | None = None,
-        tuning_url: str | None = None,
-        model: str | None = None,
-        timeout: float | httpx.Timeout | None = None,
-        max_retries: int = 4,
-        http_client: httpx.Client | None = None,
-    ) -> None:
-        super().__init__(
-            api_key=api_key,
-            base_url=base_url,
-            tuning_url=tuning_url,
-            model=model,
-            timeout=timeout,
-            max_retries=max_retries,
-            http_client=http_client,
-            default_http_client=spread_client,
-        )
-        self._sleep: Callable[[float], None] = time.sleep
-
-    @classmethod
-    def local(
-        cls,
-        *,
-        data_dir: str | Path | None = None,
-        model: str | None = None,
-        **service_options: Any,
-    ) -> InferenceClient:
-        """A client of the local service running in this process (no port).
-
-        The service is made for this client and closed with it; to share one with a
-        tuning client, use ``for_tuning`` on ``TuningClient.local()``.
-
-        Args:
-            data_dir: Where the service keeps finetunes; a temporary folder by default.
-            model: The model of calls that name none (see ``InferenceClient``).
-            **service_options: Passed to ``lightning_moondream.server.create_app``.
-        """
-        app, close = local_app(data_dir, service_options)
-        http = httpx.Client(transport=InProcessTransport(app, on_close=close))
-        return cls._owning(http, api_key=LOCAL_API_KEY, base_url=LOCAL_INFERENCE_URL, model=model)
-
-    @classmethod
-    def for_tuning(cls, tuning: TuningClient, *, model: str | None = None) -> InferenceClient:
-        """A client of the service ``tuning`` talks to, with its key, timeout and retries.
-
-        It sends through the tuning client's HTTP client, so for ``TuningClient.local()``
-        it reaches the same in-process service; it is usable while ``tuning`` is open,
-        and closing it leaves ``tuning`` open. The base URL is the tuning URL without
-        ``/tuning``.
-
-        Args:
-            tuning: The tuning client.
-            model: The model of calls that name none (see ``InferenceClient``).
-        """
-        return cls(**_sharing(tuning), model=model, http_client=tuning._http)
+    query = _blocking(_query)
+    detect = _blocking(_detect)
+    point = _blocking(_point)
+    caption = _blocking(_caption)
+    query_stream = _blocking_stream(_query, _QUERY_STREAM_DOC)
+    caption_stream = _blocking_stream(_caption, _CAPTION_STREAM_DOC)
 
     def _send(self, operation: Operation[R]) -> R:
-        request = self._build_request(operation)
-        attempt = 0
-        while True:
-            started = time.perf_counter()
-            outcome: httpx.Response | httpx.RequestError
-            try:
-                outcome = self._http.send(request)
-            except httpx.RequestError as exc:
-                outcome = exc
-            elapsed = time.perf_counter() - started
-            self.usage.record_attempt(operation.endpoint, elapsed, len(request.content))
-            if isinstance(outcome, httpx.Response) and outcome.is_success:
-                return self._result(operation, outcome)
-            self._sleep(self._retry_delay(operation, attempt, outcome))
-            attempt += 1
-
-    def _open_stream(
-        self, request: httpx.Request, operation: Operation[Any]
-    ) -> tuple[httpx.Response, float]:
-        """Send until an answer begins with a success status, retrying as ``_send``.
-
-        Returns:
-            The answer, its body still to read, and when its attempt started.
-        """
-        attempt = 0
-        while True:
-            started = time.perf_counter()
-            outcome: httpx.Response | httpx.RequestError
-            try:
-                outcome = self._http.send(request, stream=True)
-                if outcome.is_success:
-                    return outcome, started
-                try:
-                    outcome.read()
-                finally:
-                    outcome.close()
-            except httpx.RequestError as exc:
-                outcome = exc
-            elapsed = time.perf_counter() - started
-            self.usage.record_attempt(operation.endpoint, elapsed, len(request.content))
-            self._sleep(self._retry_delay(operation, attempt, outcome))
-            attempt += 1
+        return self._run(self._call(operation))
 
     def _stream(self, operation: Operation[Any]) -> Generator[str, None, None]:
-        request = self._build_request(operation)
-        response, started = self._open_stream(request, operation)
+        response, started = self._run(self._answer(operation, stream=True))
         reader = self._event_reader(operation, response)
         try:
             for line in response.iter_lines():
@@ -510,129 +634,8 @@ class InferenceClient(_InferenceCore[httpx.Client]):
             raise self._stream_broke(operation, exc) from exc
         finally:
             response.close()
-            elapsed = time.perf_counter() - started
-            self.usage.record_attempt(operation.endpoint, elapsed, len(request.content))
+            self._count(operation, response.request, started)
         self._stream_ended(operation, reader)
-
-    def query(
-        self,
-        image: ImageInput | None,
-        question: str,
-        *,
-        model: str | None = None,
-        settings: SettingsInput = None,
-        reasoning: bool | None = None,
-        spatial_refs: SpatialRefs = None,
-    ) -> QueryResult:
-        """Answer a question about an image (or none).
-
-        Args:
-            image: A PIL image, a path, encoded bytes or a data URL; ``None`` for text only.
-            question: The question.
-            model: The model id; defaults to the client's.
-            settings: Sampling settings; only those set are sent.
-            reasoning: Ask for the reasoning behind the answer.
-            spatial_refs: Points ``[x, y]`` or boxes ``[x1, y1, x2, y2]`` (0-1).
-
-        Raises:
-            InvalidRequestError: Naming the argument that is wrong, before sending.
-        """
-        call = QueryCall(image, question, settings, reasoning, spatial_refs, model=model)
-        return self._send(self._operation(call))
-
-    def query_stream(
-        self,
-        image: ImageInput | None,
-        question: str,
-        *,
-        model: str | None = None,
-        settings: SettingsInput = None,
-        reasoning: bool | None = None,
-        spatial_refs: SpatialRefs = None,
-    ) -> Generator[str, None, None]:
-        """Answer a question as a stream of text chunks; arguments as ``query``.
-
-        The call is validated here; it is sent when iteration starts. A failure before
-        the text begins is retried as any call; one after it raises. Closing the
-        generator early closes the connection.
-
-        Raises:
-            InvalidRequestError: Naming the argument that is wrong, before sending.
-            APIConnectionError: While iterating, if the stream ends before completing.
-        """
-        call = QueryCall(image, question, settings, reasoning, spatial_refs, model=model)
-        return self._stream(self._operation(call, stream=True))
-
-    def detect(
-        self,
-        image: ImageInput,
-        object: str,
-        *,
-        model: str | None = None,
-        settings: SettingsInput = None,
-    ) -> DetectResult:
-        """Detect every instance of an object, as boxes.
-
-        Args:
-            image: A PIL image, a path, encoded bytes or a data URL.
-            object: What to detect.
-            model: The model id; defaults to the client's.
-            settings: Sampling settings, ``max_objects`` included; only those set are sent.
-
-        Raises:
-            InvalidRequestError: Naming the argument that is wrong, before sending.
-        """
-        return self._send(self._operation(DetectCall(image, object, settings, model=model)))
-
-    def point(
-        self,
-        image: ImageInput,
-        object: str,
-        *,
-        model: str | None = None,
-        settings: SettingsInput = None,
-        spatial_refs: SpatialRefs = None,
-    ) -> PointResult:
-        """Point at every instance of an object; arguments as ``detect``, plus ``spatial_refs``.
-
-        Raises:
-            InvalidRequestError: Naming the argument that is wrong, before sending.
-        """
-        call = PointCall(image, object, settings, spatial_refs, model=model)
-        return self._send(self._operation(call))
-
-    def caption(
-        self,
-        image: ImageInput,
-        *,
-        length: CaptionLength = "normal",
-        model: str | None = None,
-        settings: SettingsInput = None,
-    ) -> CaptionResult:
-        """Describe an image.
-
-        Args:
-            image: A PIL image, a path, encoded bytes or a data URL.
-            length: ``"short"``, ``"normal"`` or ``"long"``.
-            model: The model id; defaults to the client's.
-            settings: Sampling settings; only those set are sent.
-
-        Raises:
-            InvalidRequestError: Naming the argument that is wrong, before sending.
-        """
-        return self._send(self._operation(CaptionCall(image, length, settings, model=model)))
-
-    def caption_stream(
-        self,
-        image: ImageInput,
-        *,
-        length: CaptionLength = "normal",
-        model: str | None = None,
-        settings: SettingsInput = None,
-    ) -> Generator[str, None, None]:
-        """Describe an image as a stream of text chunks; see ``caption`` and ``query_stream``."""
-        call = CaptionCall(image, length, settings, model=model)
-        return self._stream(self._operation(call, stream=True))
 
     def many(self, calls: Iterable[InferenceCall[R]], *, max_concurrency: int = 8) -> list[R]:
         """Run many calls at once, at most ``max_concurrency`` in flight.
@@ -643,118 +646,25 @@ class InferenceClient(_InferenceCore[httpx.Client]):
         Raises:
             InvalidRequestError: Naming the call (``calls[i]``) and argument that is wrong.
         """
-        if max_concurrency < 1:
-            raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
-        operations = self._operations(calls)
-        with ThreadPoolExecutor(max_workers=max_concurrency) as pool:
-            futures = [pool.submit(self._send, operation) for operation in operations]
-            try:
-                return [future.result() for future in futures]
-            except BaseException:
-                for future in futures:
-                    future.cancel()
-                raise
-
-    def close(self) -> None:
-        """Close the HTTP client if this client created it."""
-        if self._owns_http:
-            self._http.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+        check_concurrency(max_concurrency)
+        return self._concurrently(self._send, self._operations(calls), max_concurrency)
 
 
-class AsyncInferenceClient(_InferenceCore[httpx.AsyncClient]):
+class AsyncInferenceClient(AsyncDriver, _InferenceCore[httpx.AsyncClient]):
     """Asynchronous client of Moondream's inference API; arguments as ``InferenceClient``."""
 
-    def __init__(
-        self,
-        *,
-        api_key: str | SecretStr | None = None,
-        base_url: str | None = None,
-        tuning_url: str | None = None,
-        model: str | None = None,
-        timeout: float | httpx.Timeout | None = None,
-        max_retries: int = 4,
-        http_client: httpx.AsyncClient | None = None,
-    ) -> None:
-        super().__init__(
-            api_key=api_key,
-            base_url=base_url,
-            tuning_url=tuning_url,
-            model=model,
-            timeout=timeout,
-            max_retries=max_retries,
-            http_client=http_client,
-            default_http_client=async_spread_client,
-        )
-        self._sleep: Callable[[float], Any] = asyncio.sleep
-
-    @classmethod
-    def local(
-        cls,
-        *,
-        data_dir: str | Path | None = None,
-        model: str | None = None,
-        **service_options: Any,
-    ) -> AsyncInferenceClient:
-        """An async client of the local service running in this process; see ``InferenceClient.local``."""
-        app, close = local_app(data_dir, service_options)
-        http = httpx.AsyncClient(transport=InProcessAsyncTransport(app, on_close=close))
-        return cls._owning(http, api_key=LOCAL_API_KEY, base_url=LOCAL_INFERENCE_URL, model=model)
-
-    @classmethod
-    def for_tuning(
-        cls, tuning: AsyncTuningClient, *, model: str | None = None
-    ) -> AsyncInferenceClient:
-        """An async client of the service ``tuning`` talks to; see ``InferenceClient.for_tuning``."""
-        return cls(**_sharing(tuning), model=model, http_client=tuning._http)
+    query = _awaited(_query)
+    detect = _awaited(_detect)
+    point = _awaited(_point)
+    caption = _awaited(_caption)
+    query_stream = _async_stream(_query, _QUERY_STREAM_DOC)
+    caption_stream = _async_stream(_caption, _CAPTION_STREAM_DOC)
 
     async def _send(self, operation: Operation[R]) -> R:
-        request = self._build_request(operation)
-        attempt = 0
-        while True:
-            started = time.perf_counter()
-            outcome: httpx.Response | httpx.RequestError
-            try:
-                outcome = await self._http.send(request)
-            except httpx.RequestError as exc:
-                outcome = exc
-            elapsed = time.perf_counter() - started
-            self.usage.record_attempt(operation.endpoint, elapsed, len(request.content))
-            if isinstance(outcome, httpx.Response) and outcome.is_success:
-                return self._result(operation, outcome)
-            await self._sleep(self._retry_delay(operation, attempt, outcome))
-            attempt += 1
-
-    async def _open_stream(
-        self, request: httpx.Request, operation: Operation[Any]
-    ) -> tuple[httpx.Response, float]:
-        attempt = 0
-        while True:
-            started = time.perf_counter()
-            outcome: httpx.Response | httpx.RequestError
-            try:
-                outcome = await self._http.send(request, stream=True)
-                if outcome.is_success:
-                    return outcome, started
-                try:
-                    await outcome.aread()
-                finally:
-                    await outcome.aclose()
-            except httpx.RequestError as exc:
-                outcome = exc
-            elapsed = time.perf_counter() - started
-            self.usage.record_attempt(operation.endpoint, elapsed, len(request.content))
-            await self._sleep(self._retry_delay(operation, attempt, outcome))
-            attempt += 1
+        return await self._run(self._call(operation))
 
     async def _stream(self, operation: Operation[Any]) -> AsyncGenerator[str, None]:
-        request = self._build_request(operation)
-        response, started = await self._open_stream(request, operation)
+        response, started = await self._run(self._answer(operation, stream=True))
         reader = self._event_reader(operation, response)
         try:
             async for line in response.aiter_lines():
@@ -766,88 +676,8 @@ class AsyncInferenceClient(_InferenceCore[httpx.AsyncClient]):
             raise self._stream_broke(operation, exc) from exc
         finally:
             await response.aclose()
-            elapsed = time.perf_counter() - started
-            self.usage.record_attempt(operation.endpoint, elapsed, len(request.content))
+            self._count(operation, response.request, started)
         self._stream_ended(operation, reader)
-
-    async def query(
-        self,
-        image: ImageInput | None,
-        question: str,
-        *,
-        model: str | None = None,
-        settings: SettingsInput = None,
-        reasoning: bool | None = None,
-        spatial_refs: SpatialRefs = None,
-    ) -> QueryResult:
-        """Answer a question about an image (or none); see ``InferenceClient.query``."""
-        call = QueryCall(image, question, settings, reasoning, spatial_refs, model=model)
-        return await self._send(self._operation(call))
-
-    def query_stream(
-        self,
-        image: ImageInput | None,
-        question: str,
-        *,
-        model: str | None = None,
-        settings: SettingsInput = None,
-        reasoning: bool | None = None,
-        spatial_refs: SpatialRefs = None,
-    ) -> AsyncGenerator[str, None]:
-        """Answer as an async stream of text chunks; see ``InferenceClient.query_stream``.
-
-        Raises:
-            InvalidRequestError: Naming the argument that is wrong, before sending.
-        """
-        call = QueryCall(image, question, settings, reasoning, spatial_refs, model=model)
-        return self._stream(self._operation(call, stream=True))
-
-    async def detect(
-        self,
-        image: ImageInput,
-        object: str,
-        *,
-        model: str | None = None,
-        settings: SettingsInput = None,
-    ) -> DetectResult:
-        """Detect every instance of an object; see ``InferenceClient.detect``."""
-        return await self._send(self._operation(DetectCall(image, object, settings, model=model)))
-
-    async def point(
-        self,
-        image: ImageInput,
-        object: str,
-        *,
-        model: str | None = None,
-        settings: SettingsInput = None,
-        spatial_refs: SpatialRefs = None,
-    ) -> PointResult:
-        """Point at every instance of an object; see ``InferenceClient.point``."""
-        call = PointCall(image, object, settings, spatial_refs, model=model)
-        return await self._send(self._operation(call))
-
-    async def caption(
-        self,
-        image: ImageInput,
-        *,
-        length: CaptionLength = "normal",
-        model: str | None = None,
-        settings: SettingsInput = None,
-    ) -> CaptionResult:
-        """Describe an image; see ``InferenceClient.caption``."""
-        return await self._send(self._operation(CaptionCall(image, length, settings, model=model)))
-
-    def caption_stream(
-        self,
-        image: ImageInput,
-        *,
-        length: CaptionLength = "normal",
-        model: str | None = None,
-        settings: SettingsInput = None,
-    ) -> AsyncGenerator[str, None]:
-        """Describe an image as an async stream of text chunks; see ``caption_stream``."""
-        call = CaptionCall(image, length, settings, model=model)
-        return self._stream(self._operation(call, stream=True))
 
     async def many(self, calls: Iterable[InferenceCall[R]], *, max_concurrency: int = 8) -> list[R]:
         """Run many calls at once, at most ``max_concurrency`` in flight.
@@ -859,31 +689,5 @@ class AsyncInferenceClient(_InferenceCore[httpx.AsyncClient]):
         Raises:
             InvalidRequestError: Naming the call (``calls[i]``) and argument that is wrong.
         """
-        if max_concurrency < 1:
-            raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
-        operations = self._operations(calls)
-        limit = asyncio.Semaphore(max_concurrency)
-
-        async def bounded(operation: Operation[R]) -> R:
-            async with limit:
-                return await self._send(operation)
-
-        tasks = [asyncio.ensure_future(bounded(operation)) for operation in operations]
-        try:
-            return list(await asyncio.gather(*tasks))
-        except BaseException:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
-
-    async def close(self) -> None:
-        """Close the HTTP client if this client created it."""
-        if self._owns_http:
-            await self._http.aclose()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
+        check_concurrency(max_concurrency)
+        return await self._concurrently(self._send, self._operations(calls), max_concurrency)

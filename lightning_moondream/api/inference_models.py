@@ -258,21 +258,15 @@ class QueryCall(_Call):
 
 
 @dataclass(frozen=True)
-class DetectCall(_Call):
-    """``POST /detect``: every instance of an object in an image, as boxes.
-
-    Attributes:
-        image: A PIL image, a path, encoded bytes or a data URL.
-        object: What to detect.
-        model: The model id; ``None`` means the client's model.
-        settings: Sampling settings, ``max_objects`` included.
-    """
+class _ObjectCall(_Call):
+    """A call about every instance of an object in an image."""
 
     image: ImageInput
     object: str
     settings: Settings | Mapping[str, Any] | None = None
 
-    path: ClassVar[str] = "/detect"
+    request_model: ClassVar[type[BaseModel]]
+    """The tuning API's request model that checks the call."""
 
     def to_json(self) -> dict[str, Any]:
         """Validate the call and build its body.
@@ -284,8 +278,29 @@ class DetectCall(_Call):
             "image_url": _encode(self.image),
             "object": self.object,
             "settings": self.settings,
+            **self._more_fields(),
         }
-        return self._body(_validated(DetectRequest, fields, "detect"))
+        skill = self.path.removeprefix("/")
+        return self._body(_validated(self.request_model, fields, skill))
+
+    def _more_fields(self) -> dict[str, Any]:
+        """Fields of this skill's body beyond the image, the object and the settings."""
+        return {}
+
+
+@dataclass(frozen=True)
+class DetectCall(_ObjectCall):
+    """``POST /detect``: every instance of an object in an image, as boxes.
+
+    Attributes:
+        image: A PIL image, a path, encoded bytes or a data URL.
+        object: What to detect.
+        model: The model id; ``None`` means the client's model.
+        settings: Sampling settings, ``max_objects`` included.
+    """
+
+    path: ClassVar[str] = "/detect"
+    request_model: ClassVar[type[BaseModel]] = DetectRequest
 
     def parse(self, data: Any) -> DetectResult:
         """Read the answer."""
@@ -293,7 +308,7 @@ class DetectCall(_Call):
 
 
 @dataclass(frozen=True)
-class PointCall(_Call):
+class PointCall(_ObjectCall):
     """``POST /point``: a point on every instance of an object in an image.
 
     Attributes:
@@ -304,30 +319,17 @@ class PointCall(_Call):
         spatial_refs: Points ``[x, y]`` or boxes ``[x1, y1, x2, y2]`` (0-1).
     """
 
-    image: ImageInput
-    object: str
-    settings: Settings | Mapping[str, Any] | None = None
     spatial_refs: Sequence[Sequence[float]] | None = None
 
     path: ClassVar[str] = "/point"
-
-    def to_json(self) -> dict[str, Any]:
-        """Validate the call and build its body.
-
-        Raises:
-            InvalidRequestError: Naming the field that is wrong.
-        """
-        fields = {
-            "image_url": _encode(self.image),
-            "object": self.object,
-            "settings": self.settings,
-            "spatial_refs": _spatial_refs(self.spatial_refs, "point"),
-        }
-        return self._body(_validated(PointRequest, fields, "point"))
+    request_model: ClassVar[type[BaseModel]] = PointRequest
 
     def parse(self, data: Any) -> PointResult:
         """Read the answer."""
         return PointResult.model_validate(data)
+
+    def _more_fields(self) -> dict[str, Any]:
+        return {"spatial_refs": _spatial_refs(self.spatial_refs, "point")}
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,11 @@ from lightning_moondream.api.retry import CallKind
 
 T = TypeVar("T")
 
+RequestInput = AnyRequest | Mapping[str, Any]
+"""A request as a caller gives it: a typed request or the spec's JSON."""
+GroundTruthInput = GroundTruth | Mapping[str, Any] | None
+"""Ground truth as a caller gives it: typed, the spec's JSON, or none."""
+
 Dialect = Literal["adapters", "finetunes"]
 """A wire dialect: the spec's ``/adapters`` or the Moondream SDK's ``/finetunes``."""
 DIALECTS: tuple[Dialect, ...] = ("adapters", "finetunes")
@@ -452,9 +457,9 @@ def _checked_field(what: str, field: str, check: Callable[[], T]) -> T:
 
 def check_rollouts(
     adapter_id: str,
-    request: AnyRequest | Mapping[str, Any],
+    request: RequestInput,
     num_rollouts: int,
-    ground_truth: GroundTruth | Mapping[str, Any] | None = None,
+    ground_truth: GroundTruthInput = None,
 ) -> CheckedRollouts:
     """Check a ``/rollouts`` call before any dialect is involved.
 

@@ -6,11 +6,11 @@ it. Written as ordinary code, that logic would exist twice, once blocking and on
 ``await``. It is written once here instead, as a *plan*: a generator that yields each
 ``Operation`` it needs sent and receives its result.
 
-- The driver (``TuningClient._drive`` or ``AsyncTuningClient._drive``) takes each
-  yielded operation, sends it with its own I/O (with retries), and resumes the plan with
-  ``plan.send(result)``, or with ``plan.throw(error)`` when the operation failed for
-  good, so the plan can catch the error like any other (a missing route, an unknown
-  outcome).
+- ``ClientCore._steps`` takes each yielded operation, sends it (with retries, as steps
+  that the client's blocking or async driver carries out, see ``drivers``), and resumes
+  the plan with ``plan.send(result)``, or with ``plan.throw(error)`` when the operation
+  failed for good, so the plan can catch the error like any other (a missing route, an
+  unknown outcome).
 - The plan's ``return`` value is the call's result (``StopIteration.value``).
 - A plan never does I/O and never sleeps itself: blocking or not is the driver's
   business, so the synchronous and asynchronous clients follow the same steps exactly,
@@ -51,10 +51,8 @@ from lightning_moondream.api.errors import (
 from lightning_moondream.api.models import (
     Adapter,
     AdapterPage,
-    AnyRequest,
     Checkpoint,
     CheckpointPage,
-    GroundTruth,
     RolloutsResponse,
     TrainStepResult,
 )
@@ -92,9 +90,9 @@ class RolloutCall:
     """One ``/rollouts`` request for ``rollouts_many``."""
 
     adapter_id: str
-    request: AnyRequest | Mapping[str, Any]
+    request: ops.RequestInput
     num_rollouts: int
-    ground_truth: GroundTruth | Mapping[str, Any] | None = None
+    ground_truth: ops.GroundTruthInput = None
 
     def checked(self) -> ops.CheckedRollouts:
         """The call checked, before any dialect is involved."""
@@ -297,9 +295,9 @@ class Plans:
     def rollouts(
         self,
         adapter_id: str,
-        request: AnyRequest | Mapping[str, Any],
+        request: ops.RequestInput,
         num_rollouts: int,
-        ground_truth: GroundTruth | Mapping[str, Any] | None,
+        ground_truth: ops.GroundTruthInput,
     ) -> Plan[RolloutsResponse]:
         """Sample rollouts; invalid input fails before any request, negotiation included."""
         checked = ops.check_rollouts(adapter_id, request, num_rollouts, ground_truth)

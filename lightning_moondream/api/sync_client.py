@@ -1,7 +1,8 @@
 """``TuningClient``: the tuning API over a blocking ``httpx.Client``.
 
-Every call is a plan (``plans``) driven here: each operation the plan yields is sent,
-retried where safe, and its result or error handed back to the plan.
+Every call is a plan (``plans``): each operation the plan yields is sent, retried where
+safe, and its result or error handed back to the plan, in steps (``ClientCore._steps``)
+that the blocking driver (``drivers.BlockingDriver``) carries out.
 
 Example:
     >>> from lightning_moondream.api import TuningClient
@@ -11,34 +12,18 @@ Example:
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import httpx
 
+from lightning_moondream.api import models
 from lightning_moondream.api import operations as ops
-from lightning_moondream.api.core import Attempts, ClientCore, Done
-from lightning_moondream.api.errors import TuningAPIError
-from lightning_moondream.api.inprocess import InProcessTransport
+from lightning_moondream.api.core import ClientCore
+from lightning_moondream.api.drivers import BlockingDriver, check_concurrency
 from lightning_moondream.api.limits import DEFAULT_PAGE_SIZE
-from lightning_moondream.api.models import (
-    Adapter,
-    AdapterPage,
-    AnyRequest,
-    Checkpoint,
-    CheckpointPage,
-    GroundTruth,
-    RolloutsResponse,
-    TrainStepResult,
-)
 from lightning_moondream.api.plans import Plan, RolloutCall
-from lightning_moondream.api.pools import spread_client
-
-if TYPE_CHECKING:
-    from typing_extensions import Self
 
 T = TypeVar("T")
 
@@ -49,7 +34,7 @@ class Adapters:
     def __init__(self, client: TuningClient) -> None:
         self._client = client
 
-    def create(self, name: str, rank: int, from_checkpoint: str | None = None) -> Adapter:
+    def create(self, name: str, rank: int, from_checkpoint: str | None = None) -> models.Adapter:
         """Create an adapter, optionally starting from a checkpoint ``adapter_id/chk_id``.
 
         ``rank`` is 16 or 32 on ``/adapters``; 8, 16, 24 or 32 on ``/finetunes``. A
@@ -65,15 +50,15 @@ class Adapters:
         """
         return self._client._drive(self._client._plans.create_adapter(name, rank, from_checkpoint))
 
-    def get(self, adapter_id: str) -> Adapter:
+    def get(self, adapter_id: str) -> models.Adapter:
         """Describe one adapter; in ``auto`` this is how the dialect is found."""
         return self._client._drive(self._client._plans.get_adapter(adapter_id))
 
-    def list(self, limit: int = DEFAULT_PAGE_SIZE, cursor: str | None = None) -> AdapterPage:
+    def list(self, limit: int = DEFAULT_PAGE_SIZE, cursor: str | None = None) -> models.AdapterPage:
         """One page of adapters (finetunes, oldest first), with the next page's cursor."""
         return self._client._drive(self._client._plans.list_adapters(limit, cursor))
 
-    def iter(self, limit: int = DEFAULT_PAGE_SIZE) -> Iterator[Adapter]:
+    def iter(self, limit: int = DEFAULT_PAGE_SIZE) -> Iterator[models.Adapter]:
         """Every adapter, across pages."""
         cursor = None
         while True:
@@ -94,7 +79,7 @@ class Checkpoints:
     def __init__(self, client: TuningClient) -> None:
         self._client = client
 
-    def save(self, adapter_id: str) -> Checkpoint:
+    def save(self, adapter_id: str) -> models.Checkpoint:
         """Save the adapter's current state as a checkpoint.
 
         An unknown outcome is resolved by listing checkpoints: the newest made since the
@@ -107,11 +92,11 @@ class Checkpoints:
 
     def list(
         self, adapter_id: str, limit: int = DEFAULT_PAGE_SIZE, cursor: str | None = None
-    ) -> CheckpointPage:
+    ) -> models.CheckpointPage:
         """One page of an adapter's checkpoints."""
         return self._client._drive(self._client._plans.list_checkpoints(adapter_id, limit, cursor))
 
-    def iter(self, adapter_id: str, limit: int = DEFAULT_PAGE_SIZE) -> Iterator[Checkpoint]:
+    def iter(self, adapter_id: str, limit: int = DEFAULT_PAGE_SIZE) -> Iterator[models.Checkpoint]:
         """Every checkpoint of an adapter, across pages."""
         cursor = None
         while True:
@@ -149,7 +134,7 @@ class Metrics:
         return self._client._drive(self._client._plans.read_metrics(adapter_id))
 
 
-class TuningClient(ClientCore[httpx.Client]):
+class TuningClient(BlockingDriver, ClientCore[httpx.Client]):
     """Synchronous client of the Moondream tuning API.
 
     Args:
@@ -172,74 +157,24 @@ class TuningClient(ClientCore[httpx.Client]):
         MissingAPIKeyError: If no API key is given or set.
     """
 
-    @cached_property
-    def adapters(self) -> Adapters:
-        """Create, read, list and delete adapters (finetunes)."""
-        return Adapters(self)
-
-    @cached_property
-    def checkpoints(self) -> Checkpoints:
-        """Save, list and delete checkpoints of an adapter."""
-        return Checkpoints(self)
-
-    @cached_property
-    def metrics(self) -> Metrics:
-        """Log metrics of a train step, and read them back (``/finetunes``)."""
-        return Metrics(self)
-
-    def _sleep(self, seconds: float) -> None:
-        """Wait before retrying (a test gives the client a fake one)."""
-        time.sleep(seconds)
-
-    def _default_http_client(self) -> httpx.Client:
-        return spread_client()
-
-    @classmethod
-    def _in_process_http_client(cls, app: Any, on_close: Callable[[], None]) -> httpx.Client:
-        return httpx.Client(transport=InProcessTransport(app, on_close=on_close))
+    # Each namespace is made on first use, from the client.
+    adapters = cached_property(Adapters)
+    checkpoints = cached_property(Checkpoints)
+    metrics = cached_property(Metrics)
 
     def _execute(self, operation: ops.Operation[T]) -> T:
-        request = self._build_request(operation)
-        attempts = Attempts()
-        delay: float | None = None  # before a retry: the wait it asks for
-        while True:
-            turn = self.rate_limiter.reserve(delay or 0.0)
-            if delay is not None or turn.wait > 0:
-                self._sleep(turn.wait)
-            started = time.perf_counter()
-            outcome: httpx.Response | httpx.RequestError
-            try:
-                outcome = self._http.send(request)
-            except httpx.RequestError as exc:
-                outcome = exc
-            elapsed = time.perf_counter() - started
-            step = self._settle(
-                operation, attempts, outcome, turn.at, elapsed, len(request.content)
-            )
-            if isinstance(step, Done):
-                return step.value
-            delay = step
+        return self._run(self._attempts(operation))
 
     def _drive(self, plan: Plan[T]) -> T:
-        try:
-            operation = next(plan)
-            while True:
-                try:
-                    result = self._execute(operation)
-                except TuningAPIError as exc:
-                    operation = plan.throw(exc)
-                else:
-                    operation = plan.send(result)
-        except StopIteration as stop:
-            return stop.value
+        return self._run(self._steps(plan))
 
     def rollouts(
         self,
         adapter_id: str,
-        request: AnyRequest | Mapping[str, Any],
+        request: ops.RequestInput,
         num_rollouts: int,
-        ground_truth: GroundTruth | Mapping[str, Any] | None = None,
-    ) -> RolloutsResponse:
+        ground_truth: ops.GroundTruthInput = None,
+    ) -> models.RolloutsResponse:
         """Sample ``num_rollouts`` attempts at a request.
 
         Args:
@@ -253,23 +188,15 @@ class TuningClient(ClientCore[httpx.Client]):
 
     def rollouts_many(
         self, calls: Iterable[RolloutCall], *, max_concurrency: int = 8
-    ) -> list[RolloutsResponse]:
+    ) -> list[models.RolloutsResponse]:
         """Run many rollouts requests at once, at most ``max_concurrency`` in flight.
 
         Every call is validated before any is sent. Results come in input order; the
         first failure cancels the calls not yet started and is raised.
         """
-        if max_concurrency < 1:
-            raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
+        check_concurrency(max_concurrency)
         operations = self._drive(self._plans.rollouts_operations(calls))
-        with ThreadPoolExecutor(max_workers=max_concurrency) as pool:
-            futures = [pool.submit(self._execute, operation) for operation in operations]
-            try:
-                return [future.result() for future in futures]
-            except BaseException:
-                for future in futures:
-                    future.cancel()
-                raise
+        return self._concurrently(self._execute, operations, max_concurrency)
 
     def train_step(
         self,
@@ -278,7 +205,7 @@ class TuningClient(ClientCore[httpx.Client]):
         *,
         lr: float | None = None,
         **extra: Any,
-    ) -> TrainStepResult:
+    ) -> models.TrainStepResult:
         """Apply one training step, never repeated when its outcome is unknown.
 
         Args:
@@ -296,14 +223,3 @@ class TuningClient(ClientCore[httpx.Client]):
             UnsupportedFeatureError: SFT groups, ``lr`` or extras on ``/adapters``.
         """
         return self._drive(self._plans.train_step(adapter_id, groups, lr, extra))
-
-    def close(self) -> None:
-        """Close the HTTP client if this client created it."""
-        if self._owns_http:
-            self._http.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()

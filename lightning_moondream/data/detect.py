@@ -35,7 +35,7 @@ name) or ``"query"`` (counting and presence questions).
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -126,26 +126,34 @@ def build_prompts(
     if skill not in ("detect", "point", "query"):
         raise ValueError(f"skill must be detect, point or query, got {skill!r}")
     report_rare_classes(images, classes, where)
+    # Both kinds of samples draw negatives and phrase labels alike.
+    common: dict[str, Any] = {
+        "negative_rate": negative_rate,
+        "seed": seed,
+        "groups": groups,
+        "phrase_labels": phrase_labels,
+    }
     if skill == "query":
-        return DetectionQuestions(
-            images,
-            classes,
-            kinds=questions,
-            negative_rate=negative_rate,
-            seed=seed,
-            groups=groups,
-            phrase_labels=phrase_labels,
+        return DetectionQuestions(images, classes, kinds=questions, **common)
+    return DetectionPrompts(images, classes, skill=skill, template=template, **common)
+
+
+@dataclass(frozen=True)
+class _Prompting:
+    """The arguments of :func:`build_prompts` that say which samples to make."""
+
+    skill: PromptSkill
+    template: str
+    negative_rate: float
+    seed: int
+    questions: Sequence[str]
+    phrase_labels: bool
+
+    def samples(self, records: Records, where: str) -> Dataset:
+        """The samples of what a reader found."""
+        return build_prompts(
+            records.images, records.classes, groups=records.groups, where=where, **asdict(self)
         )
-    return DetectionPrompts(
-        images,
-        classes,
-        skill=skill,
-        template=template,
-        negative_rate=negative_rate,
-        seed=seed,
-        groups=groups,
-        phrase_labels=phrase_labels,
-    )
 
 
 def from_torchvision(
@@ -176,17 +184,8 @@ def from_torchvision(
             ``black king``).
     """
     images, classes = torchvision_images(dataset, class_names=class_names, strict=strict)
-    return build_prompts(
-        images,
-        classes,
-        skill=skill,
-        template=template,
-        negative_rate=negative_rate,
-        seed=seed,
-        questions=questions,
-        phrase_labels=phrase_labels,
-        where=type(dataset).__name__,
-    )
+    prompting = _Prompting(skill, template, negative_rate, seed, questions, phrase_labels)
+    return prompting.samples(Records(images, classes), where=type(dataset).__name__)
 
 
 @dataclass(frozen=True)
@@ -208,6 +207,10 @@ class ReadSettings:
     keypoints: bool = False
     template: str = "{name}"
     options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.keypoints and self.skill != "point":
+            raise ValueError("keypoints=True needs a COCO keypoint file and skill='point'")
 
 
 @dataclass(frozen=True)
@@ -536,8 +539,7 @@ def load_dataset(
     size where a format needs it, and decoded when samples are encoded.
 
     Args:
-        path: A folder, or an annotation file (``.json``, ``.jsonl``, ``.xml``,
-            ``data.yaml``).
+        path: A folder, or an annotation file (``.json``, ``.jsonl``, ``.xml``, ``data.yaml``).
         format: One of :data:`FORMATS`; detected if ``None``.
         split: The split, for datasets with splits (YOLO, VOC devkit, COCO
             ``annotations/instances_<split>.json``, split folders, Hugging Face);
@@ -550,8 +552,7 @@ def load_dataset(
         negative_rate: Probability, per image and absent class, of a prompt about it.
         seed: Seed of the negative draws.
         questions: For query, which of ``"count"`` and ``"presence"`` to ask.
-        keypoints: For COCO with ``skill="point"``, prompt keypoint names instead of
-            classes.
+        keypoints: COCO with ``skill="point"``: prompt keypoint names instead of classes.
         image_root: COCO, CVAT and Label Studio: the images' folder, if not beside
             the annotation file.
         strict: Refuse (instead of clamping or dropping with a warning) boxes outside
@@ -568,28 +569,11 @@ def load_dataset(
     Raises:
         DatasetError: Naming the file and annotation, for anything that cannot be read.
     """
-    if keypoints and skill != "point":
-        raise ValueError("keypoints=True needs a COCO keypoint file and skill='point'")
-    settings = ReadSettings(
-        strict=strict,
-        image_root=image_root,
-        skill=skill,
-        keypoints=keypoints,
-        template=template,
-        options=options,
-    )
+    settings = ReadSettings(strict, image_root, skill, keypoints, template, options)
     records = read_records(path, format=format, split=split, settings=settings)
     if isinstance(records, Dataset):
         return records
-    return build_prompts(
-        records.images,
-        records.classes,
-        skill=skill or "detect",
-        template=template,
-        negative_rate=negative_rate,
-        seed=seed,
-        questions=questions,
-        groups=records.groups,
-        phrase_labels=phrase_labels,
-        where=str(path),
+    prompting = _Prompting(
+        skill or "detect", template, negative_rate, seed, questions, phrase_labels
     )
+    return prompting.samples(records, where=str(path))

@@ -72,6 +72,17 @@ def _refs(refs: Sequence[Sequence[float]] | None) -> list[list[float]] | None:
     return None if refs is None else [list(ref) for ref in refs]
 
 
+def _normalized_boxes(
+    pixel_boxes: Sequence[Sequence[float]], size: tuple[int, int], where: str, strict: bool
+) -> tuple[Box, ...]:
+    """Pixel boxes normalized to the image; those dropped with a warning left out."""
+    boxes = [
+        normalize_box(box, size, where=f"{where} box {index}", strict=strict)
+        for index, box in enumerate(pixel_boxes)
+    ]
+    return tuple(box for box in boxes if box is not None)
+
+
 class _ImageCarrier:
     """What every sample does with its image: count it and encode it once."""
 
@@ -141,8 +152,33 @@ class _ImageCarrier:
         return dataclasses.replace(cast(Any, self), image=url, image_size=size)
 
 
+class _ObjectSample(_ImageCarrier):
+    """A sample about every instance of an object phrase (detect, point)."""
+
+    image: ImageInput
+    object: str
+    spatial_refs: tuple[tuple[float, ...], ...] | None
+
+    @property
+    def label(self) -> str:
+        """The object phrase."""
+        return self.object
+
+    def _object_request(
+        self, request: type[DetectRequest] | type[PointRequest], settings: Settings | None
+    ) -> AnyRequest:
+        return request.model_validate(
+            {
+                "object": self.object,
+                "image_url": self.image,
+                "settings": settings,
+                "spatial_refs": _refs(self.spatial_refs),
+            }
+        )
+
+
 @dataclass(frozen=True)
-class DetectSample(_ImageCarrier):
+class DetectSample(_ObjectSample):
     """Detect every instance of ``object`` in ``image``.
 
     Attributes:
@@ -196,28 +232,12 @@ class DetectSample(_ImageCarrier):
         """
         source = source or describe_source(image)
         size = _size_of(image, image_size, source)
-        boxes = [
-            normalize_box(box, size, where=f"{source} {object!r} box {index}", strict=strict)
-            for index, box in enumerate(pixel_boxes)
-        ]
-        kept = tuple(box for box in boxes if box is not None)
-        return cls(image=image, object=object, boxes=kept, id=id, image_size=size)
-
-    @property
-    def label(self) -> str:
-        """The object phrase."""
-        return self.object
+        boxes = _normalized_boxes(pixel_boxes, size, f"{source} {object!r}", strict)
+        return cls(image=image, object=object, boxes=boxes, id=id, image_size=size)
 
     def to_request(self, settings: Settings | None = None) -> AnyRequest:
         """Build the detect request; encodes the image if it is not encoded yet."""
-        return DetectRequest.model_validate(
-            {
-                "object": self.object,
-                "image_url": self.image,
-                "settings": settings,
-                "spatial_refs": _refs(self.spatial_refs),
-            }
-        )
+        return self._object_request(DetectRequest, settings)
 
     def ground_truth(self) -> GroundTruth | None:
         """The true boxes, as the API's ground truth."""
@@ -229,7 +249,7 @@ class DetectSample(_ImageCarrier):
 
 
 @dataclass(frozen=True)
-class PointSample(_ImageCarrier):
+class PointSample(_ObjectSample):
     """Point at every instance of ``object`` in ``image``.
 
     Ground truth is either true ``points`` or ``boxes`` a point must fall in, not both.
@@ -296,28 +316,12 @@ class PointSample(_ImageCarrier):
                 for i, xy in enumerate(pixel_points)
             )
             return cls(image=image, object=object, points=points, id=id, image_size=size)
-        boxes = [
-            normalize_box(box, size, where=f"{source} {object!r} box {i}", strict=strict)
-            for i, box in enumerate(pixel_boxes or ())
-        ]
-        kept = tuple(box for box in boxes if box is not None)
-        return cls(image=image, object=object, boxes=kept, id=id, image_size=size)
-
-    @property
-    def label(self) -> str:
-        """The object phrase."""
-        return self.object
+        boxes = _normalized_boxes(pixel_boxes or (), size, f"{source} {object!r}", strict)
+        return cls(image=image, object=object, boxes=boxes, id=id, image_size=size)
 
     def to_request(self, settings: Settings | None = None) -> AnyRequest:
         """Build the point request; encodes the image if it is not encoded yet."""
-        return PointRequest.model_validate(
-            {
-                "object": self.object,
-                "image_url": self.image,
-                "settings": _without_max_objects(settings),
-                "spatial_refs": _refs(self.spatial_refs),
-            }
-        )
+        return self._object_request(PointRequest, _without_max_objects(settings))
 
     def ground_truth(self) -> GroundTruth | None:
         """The true points, or the containing boxes, as the API's ground truth."""

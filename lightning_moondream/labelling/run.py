@@ -102,6 +102,24 @@ async def label_images_async(
         ValueError: For an empty class list, an unknown format, or points in a format
             without them.
     """
+    _check_options(classes, formats, skill)
+    files = _image_list(images)
+    root = Path(output)
+    record = _Progress(root / PROGRESS_FILE, model=model_version, skill=skill, classes=classes)
+    labelling = _Labelling(files, record, _Asker(answer, classes, max_concurrency, encoding))
+    answered = await labelling.run(progress)
+    labelled = [
+        _annotated(path, image_id, labelling.done[image_id], skill)
+        for image_id, path in files.items()
+    ]
+    written = {
+        name: write_labels(labelled, classes, root / name, name, model_version=model_version)
+        for name in formats
+    }
+    return LabellingRun(root, written, labelled=answered, resumed=len(files) - answered)
+
+
+def _check_options(classes: Sequence[str], formats: Sequence[str], skill: LabelSkill) -> None:
     if not classes or len(set(classes)) != len(classes):
         raise ValueError(f"classes must be distinct object names, got {list(classes)!r}")
     unknown = [name for name in formats if name not in LABEL_FORMATS]
@@ -110,43 +128,77 @@ async def label_images_async(
             f"formats must be from {', '.join(LABEL_FORMATS)} (points: labelstudio only), "
             f"got {list(formats)!r}"
         )
-    files = _image_list(images)
-    root = Path(output)
-    record = _Progress(root / PROGRESS_FILE, model=model_version, skill=skill, classes=classes)
-    done = record.load()
-    resumed = sum(1 for image_id in files if image_id in done)
-    todo = [(image_id, path) for image_id, path in files.items() if image_id not in done]
-    limit = asyncio.Semaphore(max_concurrency)
-    # Bounds the encoded images held at once, however many images there are.
-    open_images = asyncio.Semaphore(max_concurrency)
 
-    async def ask(data_url: str, name: str) -> list[list[float]]:
-        async with limit:
-            found = await answer(data_url, name)
+
+class _Asker:
+    """Asks the model for every class on an image, a bounded number of requests at once."""
+
+    def __init__(
+        self,
+        answer: Answer,
+        classes: Sequence[str],
+        max_concurrency: int,
+        encoding: EncodingOptions,
+    ) -> None:
+        self._answer = answer
+        self._classes = classes
+        self._encoding = encoding
+        self._requests = asyncio.Semaphore(max_concurrency)
+        # Bounds the encoded images held at once, however many images there are.
+        self._open_images = asyncio.Semaphore(max_concurrency)
+
+    async def objects(self, path: Path) -> dict[str, list[list[float]]]:
+        """What the model found of each class on an image, as coordinates."""
+        async with self._open_images:
+            data_url = await asyncio.to_thread(encode_image, path, self._encoding)
+            answers = await asyncio.gather(*(self._ask(data_url, name) for name in self._classes))
+        return dict(zip(self._classes, answers, strict=True))
+
+    async def _ask(self, data_url: str, name: str) -> list[list[float]]:
+        async with self._requests:
+            found = await self._answer(data_url, name)
         return [_coordinates(item) for item in found]
 
-    async def label(image_id: str, path: Path) -> None:
+
+class _Labelling:
+    """One run over the images: those not done yet are asked and recorded as they finish.
+
+    Args:
+        files: Every image of the run, by id.
+        record: The output folder's record; what it holds already is not asked again.
+        asker: Asks the model about one image.
+    """
+
+    def __init__(self, files: dict[str, Path], record: _Progress, asker: _Asker) -> None:
+        self._files = files
+        self._record = record
+        self._asker = asker
+        self.done = record.load()
+        """The entry of every image done, by id."""
+
+    async def run(self, progress: Callable[[int, int], None] | None) -> int:
+        """Label every image not done yet; return how many this run answered."""
+        todo = [
+            (image_id, path) for image_id, path in self._files.items() if image_id not in self.done
+        ]
+        await _run_all(self._label(image_id, path, progress) for image_id, path in todo)
+        return len(todo)
+
+    async def _label(
+        self, image_id: str, path: Path, progress: Callable[[int, int], None] | None
+    ) -> None:
         try:
-            async with open_images:
-                data_url = await asyncio.to_thread(encode_image, path, encoding)
-                answers = await asyncio.gather(*(ask(data_url, name) for name in classes))
+            objects = await self._asker.objects(path)
         except Exception as exc:
             raise LabellingError(
-                f"{path}: the model could not answer ({exc}); {len(done)} of {len(files)} "
-                f"images are done and kept in {record.path}: run again to go on"
+                f"{path}: the model could not answer ({exc}); {len(self.done)} of "
+                f"{len(self._files)} images are done and kept in {self._record.path}: run "
+                "again to go on"
             ) from exc
         size = header_size(path, str(path))
-        done[image_id] = record.append(image_id, size, dict(zip(classes, answers, strict=True)))
+        self.done[image_id] = self._record.append(image_id, size, objects)
         if progress is not None:
-            progress(len(done), len(files))
-
-    await _run_all(label(image_id, path) for image_id, path in todo)
-    labelled = [_annotated(files[image_id], image_id, done[image_id], skill) for image_id in files]
-    written = {
-        name: write_labels(labelled, classes, root / name, name, model_version=model_version)
-        for name in formats
-    }
-    return LabellingRun(root, written, labelled=len(todo), resumed=resumed)
+            progress(len(self.done), len(self._files))
 
 
 async def _run_all(jobs: Iterable[Awaitable[None]]) -> None:

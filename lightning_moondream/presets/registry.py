@@ -329,6 +329,14 @@ def _pope_metric() -> BenchmarkMetric:
     return YesNoScores(POPE_GROUPS)
 
 
+def _plain_accuracy() -> BenchmarkMetric:
+    """Accuracy: the answer, stripped and lowercased, equals the first reference."""
+    return MeanScore("accuracy", _first(plain_match))
+
+
+_ACCURACY = ("accuracy",)
+
+
 BENCHMARKS: dict[str, Benchmark] = {
     benchmark.name: benchmark
     for benchmark in (
@@ -336,7 +344,7 @@ BENCHMARKS: dict[str, Benchmark] = {
             "countbenchqa", "vikhyatk/CountBenchQA", "test", "query",
             "counting objects (2 to 10) in natural images",
             ("question", "number"), _countbench,
-            lambda: MeanScore("accuracy", _first(plain_match)), ("accuracy",),
+            _plain_accuracy, _ACCURACY,
         ),
         Benchmark(
             "pope", "vikhyatk/POPE", "test", "query",
@@ -366,13 +374,13 @@ BENCHMARKS: dict[str, Benchmark] = {
             "realworldqa", "lmms-lab/RealWorldQA", "test", "query",
             "multiple-choice spatial questions about real-world scenes",
             ("question", "answer"), _realworldqa,
-            lambda: MeanScore("accuracy", _first(plain_match)), ("accuracy",),
+            _plain_accuracy, _ACCURACY,
         ),
         Benchmark(
             "mmstar", "Lin-Chen/MMStar", "val", "query",
             "multiple-choice questions that need the image, over six core abilities",
             ("question", "answer"), _mmstar,
-            lambda: MeanScore("accuracy", _first(plain_match)), ("accuracy",),
+            _plain_accuracy, _ACCURACY,
         ),
         Benchmark(
             "tallyqa", "vikhyatk/tallyqa-test", "test", "query",

@@ -120,6 +120,28 @@ def coco_image_table(
     return table
 
 
+def _labelled_box(
+    annotation: Mapping[str, Any],
+    categories: Mapping[int, dict[str, Any]],
+    size: tuple[int, int],
+    where: str,
+    strict: bool,
+) -> tuple[Box, str] | None:
+    """An annotation's box in the image and its class; ``None`` if dropped with a warning."""
+    category_id: Any = annotation.get("category_id")
+    category = categories.get(category_id)
+    if category is None:
+        raise DatasetError(
+            f"{where}: category id {category_id!r} is not among the {len(categories)} categories"
+        )
+    bbox = annotation.get("bbox")
+    if not isinstance(bbox, list) or len(bbox) != 4:
+        raise DatasetError(f"{where}: 'bbox' must be [x, y, width, height], got {bbox!r}")
+    x, y, width, height = bbox
+    box = normalize_box((x, y, x + width, y + height), size, where=where, strict=strict)
+    return None if box is None else (box, category["name"])
+
+
 def read_coco(
     annotation_file: str | Path,
     image_root: str | Path | None = None,
@@ -158,26 +180,12 @@ def read_coco(
     boxes: dict[int, list[tuple[Box, str]]] = {image_id: [] for image_id in table}
     for position, annotation in enumerate(data["annotations"]):
         image_id = annotation.get("image_id") if isinstance(annotation, dict) else None
-        if image_id not in table:
+        if image_id not in table or (annotation.get("iscrowd") and not include_crowd):
             continue
         where = f"{source} annotations[{position}] (id {annotation.get('id')})"
-        if annotation.get("iscrowd") and not include_crowd:
-            continue
-        category = categories.get(annotation.get("category_id"))
-        if category is None:
-            raise DatasetError(
-                f"{where}: category id {annotation.get('category_id')!r} is not among the "
-                f"{len(categories)} categories"
-            )
-        bbox = annotation.get("bbox")
-        if not isinstance(bbox, list) or len(bbox) != 4:
-            raise DatasetError(f"{where}: 'bbox' must be [x, y, width, height], got {bbox!r}")
-        x, y, width, height = bbox
-        box = normalize_box(
-            (x, y, x + width, y + height), table[image_id][1], where=where, strict=strict
-        )
-        if box is not None:
-            boxes[image_id].append((box, category["name"]))
+        found = _labelled_box(annotation, categories, table[image_id][1], where, strict)
+        if found is not None:
+            boxes[image_id].append(found)
     order = ids if ids is not None else list(table)
     images = [
         AnnotatedImage(

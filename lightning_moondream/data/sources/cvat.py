@@ -120,51 +120,77 @@ def read_cvat(
         raise DatasetError(f"{path}: CVAT for video (tracks); export as 'CVAT for images 1.1'")
     declared = _meta_labels(root)
     folder = Path(image_root) if image_root is not None else path.parent
-    folders = [folder, folder / "images"]
     images: list[AnnotatedImage] = []
     used: set[str] = set()
     for position, element in enumerate(root.findall("image")):
-        name = element.get("name")
-        if not name:
-            raise DatasetError(f"{path} <image> {position}: no 'name' attribute")
-        where_image = f"{path} image {name!r}"
-        names = [name, Path(name).name]
-        found = find_image(p for n in names for p in image_candidates(folders, n))
-        if found is None:
-            missing_image(f"{where_image}: not found in {folder}", strict)
-            continue
-        width, height = element.get("width"), element.get("height")
-        size = (
-            (int(width), int(height))
-            if width and height and width.isdigit() and height.isdigit()
-            else header_size(found, where_image)
-        )
-        collector = AnnotationCollector(size, strict=strict)
-        for index, shape in enumerate(element):
-            where = f"{where_image} <{shape.tag}> {index}"
-            label = shape.get("label")
-            if shape.tag in _SKIPPED or label is None:
-                message = f"{where}: not a box, polygon, points, ellipse or mask shape"
-                if strict:
-                    raise DatasetError(message)
-                warn(message + "; skipped")
-                continue
-            where = f"{where} ({label})"
-            if declared and label not in declared:
-                raise DatasetError(
-                    f"{where}: label {label!r} is not among the labels of <meta>: "
-                    f"{', '.join(declared)}"
-                )
-            used.add(label)
-            if shape.tag == "points":
-                pairs = parse_point_list(shape.get("points") or "", where)
-                if len(pairs) == 1:
-                    collector.add_point(pairs[0], label, where=where)
-                    continue
-            elif shape.tag not in (*_BOXED, "box", "ellipse", "mask"):
-                raise DatasetError(f"{where}: unknown shape <{shape.tag}>")
-            collector.add_box(
-                _shape_box(shape, where), label, where=where, occluded=shape.get("occluded") == "1"
-            )
-        images.append(collector.build(str(found), found.name))
+        image = _read_image(element, path, position, folder, declared, used, strict)
+        if image is not None:
+            images.append(image)
     return images, declared or sorted(used)
+
+
+def _read_image(
+    element: ET.Element,
+    path: Path,
+    position: int,
+    folder: Path,
+    declared: list[str],
+    used: set[str],
+    strict: bool,
+) -> AnnotatedImage | None:
+    """One ``<image>`` and its shapes; ``None`` for a missing image not refused."""
+    name = element.get("name")
+    if not name:
+        raise DatasetError(f"{path} <image> {position}: no 'name' attribute")
+    where_image = f"{path} image {name!r}"
+    names = [name, Path(name).name]
+    folders = [folder, folder / "images"]
+    found = find_image(p for n in names for p in image_candidates(folders, n))
+    if found is None:
+        missing_image(f"{where_image}: not found in {folder}", strict)
+        return None
+    width, height = element.get("width"), element.get("height")
+    size = (
+        (int(width), int(height))
+        if width and height and width.isdigit() and height.isdigit()
+        else header_size(found, where_image)
+    )
+    collector = AnnotationCollector(size, strict=strict)
+    for index, shape in enumerate(element):
+        where_shape = f"{where_image} <{shape.tag}> {index}"
+        label = _shape_label(shape, where_shape, declared, strict)
+        if label is not None:
+            used.add(label)
+            _add_shape(collector, shape, label, f"{where_shape} ({label})")
+    return collector.build(str(found), found.name)
+
+
+def _shape_label(shape: ET.Element, where: str, declared: list[str], strict: bool) -> str | None:
+    """The label of a shape to read; ``None`` for a shape skipped with a warning."""
+    label = shape.get("label")
+    if shape.tag in _SKIPPED or label is None:
+        message = f"{where}: not a box, polygon, points, ellipse or mask shape"
+        if strict:
+            raise DatasetError(message)
+        warn(message + "; skipped")
+        return None
+    if declared and label not in declared:
+        raise DatasetError(
+            f"{where} ({label}): label {label!r} is not among the labels of <meta>: "
+            f"{', '.join(declared)}"
+        )
+    return label
+
+
+def _add_shape(collector: AnnotationCollector, shape: ET.Element, label: str, where: str) -> None:
+    """Add a shape as a keypoint (a ``<points>`` of one point) or as the box around it."""
+    if shape.tag == "points":
+        pairs = parse_point_list(shape.get("points") or "", where)
+        if len(pairs) == 1:
+            collector.add_point(pairs[0], label, where=where)
+            return
+    elif shape.tag not in (*_BOXED, "box", "ellipse", "mask"):
+        raise DatasetError(f"{where}: unknown shape <{shape.tag}>")
+    collector.add_box(
+        _shape_box(shape, where), label, where=where, occluded=shape.get("occluded") == "1"
+    )

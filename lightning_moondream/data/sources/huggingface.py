@@ -454,52 +454,78 @@ def read_huggingface(
     mapping = _as_columns(columns).resolved_for_boxes(dataset, where)
     assert mapping.image is not None and mapping.boxes is not None and mapping.box_format
     names = _label_names(dataset, mapping.labels, class_names)
-    rows = undecoded(dataset, mapping.image)
+    reader = _BoxRows(
+        undecoded(dataset, mapping.image),
+        mapping.image,
+        mapping.boxes,
+        mapping.labels,
+        mapping.box_format,
+        mapping.normalized,
+        names,
+        strict,
+    )
     images: list[AnnotatedImage] = []
     classes: dict[str, None] = dict.fromkeys(names or ())
-    for index, row in enumerate(rows):
-        place = f"{where} row {index}"
-        image = image_value(row[mapping.image], place)
-        raw_boxes = cell(row, mapping.boxes, place) or []
-        raw_labels = (
-            [None] * len(raw_boxes)
-            if mapping.labels is None
-            else cell(row, mapping.labels, place) or []
-        )
-        if len(raw_labels) != len(raw_boxes):
-            raise DatasetError(
-                f"{place}: {len(raw_boxes)} boxes but {len(raw_labels)} labels "
-                f"({mapping.boxes} / {mapping.labels})"
-            )
+    for index, row in enumerate(reader.rows):
+        image = reader.read(index, row, f"{where} row {index}")
+        classes.update(dict.fromkeys(image.labels))
+        images.append(image)
+    return images, list(classes)
+
+
+@dataclass(frozen=True)
+class _BoxRows:
+    """The rows of a detection dataset, and how to read each into an annotated image."""
+
+    rows: datasets.Dataset
+    image: str
+    boxes: str
+    labels: str | None
+    box_format: BoxFormat
+    normalized: bool
+    names: list[str] | None
+    strict: bool
+
+    def read(self, index: int, row: Mapping[str, Any], place: str) -> AnnotatedImage:
+        """One row's image, and its boxes with their labels."""
+        image = image_value(row[self.image], place)
         size = None
-        if not mapping.normalized:
+        if not self.normalized:
             try:
                 size = displayed_size(image)
             except ImageError as exc:
                 raise DatasetError(f"{place}: {exc}") from exc
         boxes: list[Box] = []
         labels: list[str] = []
-        for position, (values, label) in enumerate(zip(raw_boxes, raw_labels, strict=True)):
+        for position, (values, label) in enumerate(self._pairs(row, place)):
             box_where = f"{place} box {position}"
             if values is None or len(values) != 4:
                 raise DatasetError(f"{box_where}: expected 4 numbers, got {values!r}")
-            name = _label_name(label, names, box_where)
-            xyxy = _xyxy(values, mapping.box_format)
+            name = _label_name(label, self.names, box_where)
+            xyxy = _xyxy(values, self.box_format)
             box = (
-                check_normalized_box(xyxy, where=box_where, strict=strict)
+                check_normalized_box(xyxy, where=box_where, strict=self.strict)
                 if size is None
-                else normalize_box(xyxy, size, where=box_where, strict=strict)
+                else normalize_box(xyxy, size, where=box_where, strict=self.strict)
             )
             if box is not None:
                 boxes.append(box)
                 labels.append(name)
-                classes.setdefault(name)
-        images.append(
-            AnnotatedImage(
-                RowImage(rows, index, mapping.image), tuple(boxes), tuple(labels), place, size
-            )
+        image_ref = RowImage(self.rows, index, self.image)
+        return AnnotatedImage(image_ref, tuple(boxes), tuple(labels), place, size)
+
+    def _pairs(self, row: Mapping[str, Any], place: str) -> list[tuple[Any, Any]]:
+        """A row's boxes, each with its label (``None`` without a labels column)."""
+        raw_boxes = cell(row, self.boxes, place) or []
+        raw_labels = (
+            [None] * len(raw_boxes) if self.labels is None else cell(row, self.labels, place) or []
         )
-    return images, list(classes)
+        if len(raw_labels) != len(raw_boxes):
+            raise DatasetError(
+                f"{place}: {len(raw_boxes)} boxes but {len(raw_labels)} labels "
+                f"({self.boxes} / {self.labels})"
+            )
+        return list(zip(raw_boxes, raw_labels, strict=True))
 
 
 def _label_name(label: Any, names: Sequence[str] | None, where: str) -> str:

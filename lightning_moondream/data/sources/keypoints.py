@@ -12,7 +12,7 @@ image; each becomes one prompt with one true point.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,37 @@ from lightning_moondream.data.sources.coco import (
     read_coco_file,
 )
 from lightning_moondream.images import ImageError, displayed_size
+
+
+def _visible_points(
+    annotation: Mapping[str, Any],
+    categories: Mapping[int, dict[str, Any]],
+    template: str,
+    size: tuple[int, int],
+    where: str,
+    strict: bool,
+) -> list[tuple[str, Point]]:
+    """An annotation's visible keypoints, each with its prompt phrase."""
+    category_id: Any = annotation.get("category_id")
+    category = categories.get(category_id)
+    if category is None:
+        raise DatasetError(f"{where}: category id {category_id!r} is unknown")
+    names: Sequence[str] = category.get("keypoints") or []
+    values = annotation["keypoints"]
+    if not isinstance(values, list) or len(values) != 3 * len(names):
+        raise DatasetError(
+            f"{where}: 'keypoints' must hold {3 * len(names)} numbers "
+            f"(x, y, v for each of {len(names)} names)"
+        )
+    points = []
+    for index, name in enumerate(names):
+        x, y, visibility = values[3 * index : 3 * index + 3]
+        if visibility <= 0:
+            continue
+        phrase = template.format(name=label_phrase(name), category=category["name"])
+        point = normalize_point((x, y), size, where=f"{where} keypoint {name}", strict=strict)
+        points.append((phrase, point))
+    return points
 
 
 def read_coco_keypoints(
@@ -68,23 +99,10 @@ def read_coco_keypoints(
         if image_id not in table or "keypoints" not in annotation:
             continue
         where = f"{source} annotations[{position}] (id {annotation.get('id')})"
-        category = categories.get(annotation.get("category_id"))
-        if category is None:
-            raise DatasetError(f"{where}: category id {annotation.get('category_id')!r} is unknown")
-        names: Sequence[str] = category.get("keypoints") or []
-        values = annotation["keypoints"]
-        if not isinstance(values, list) or len(values) != 3 * len(names):
-            raise DatasetError(
-                f"{where}: 'keypoints' must hold {3 * len(names)} numbers "
-                f"(x, y, v for each of {len(names)} names)"
-            )
-        size = table[image_id][1]
-        for index, name in enumerate(names):
-            x, y, visibility = values[3 * index : 3 * index + 3]
-            if visibility <= 0:
-                continue
-            phrase = template.format(name=label_phrase(name), category=category["name"])
-            point = normalize_point((x, y), size, where=f"{where} keypoint {name}", strict=strict)
+        points = _visible_points(
+            annotation, categories, template, table[image_id][1], where, strict
+        )
+        for phrase, point in points:
             prompts[image_id].setdefault(phrase, []).append(point)
     samples = [
         PointSample(

@@ -1,0 +1,213 @@
+"""Drivers: a call's requests and waits, carried out blocking or awaited.
+
+A call of either API (tuning or inference) is written once as *steps*: a generator
+that yields what it needs done, a ``Send`` (a request to send) or a number (seconds to
+wait), and receives what came of it: the ``httpx.Response``, or the
+``httpx.RequestError`` raised instead (a wait receives ``None``). Its ``return`` value
+is the call's result. Steps never do I/O themselves, so each rule of retrying, pacing
+and counting usage is written once, for both kinds of client.
+
+A driver carries the steps out. ``BlockingDriver`` does so with an ``httpx.Client`` and
+``time.sleep``, ``AsyncDriver`` with an ``httpx.AsyncClient`` and ``asyncio.sleep``;
+each is the I/O half of a client class, which also runs many calls at once and closes
+the HTTP client it owns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Generator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import httpx
+
+from lightning_moondream.api.inprocess import InProcessAsyncTransport, InProcessTransport
+from lightning_moondream.api.pools import async_spread_client, spread_client
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+T = TypeVar("T")
+A = TypeVar("A")
+
+
+@dataclass(frozen=True)
+class Send:
+    """A request for the driver to send.
+
+    Attributes:
+        request: What to send.
+        stream: Return a successful answer as soon as its headers arrive, its body still
+            to read; a failed one is read and closed first.
+    """
+
+    request: httpx.Request
+    stream: bool = False
+
+
+Outcome = httpx.Response | httpx.RequestError
+"""What came of sending a request: the answer, or why none came."""
+Steps = Generator[Send | float, Any, T]
+"""A call as the requests and waits it needs: sent an ``Outcome`` for each ``Send``."""
+
+
+def check_concurrency(max_concurrency: int) -> None:
+    """Refuse a bound on calls in flight below one.
+
+    Raises:
+        ValueError: Naming ``max_concurrency`` and its value.
+    """
+    if max_concurrency < 1:
+        raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
+
+
+class BlockingDriver:
+    """Carries out steps with a blocking ``httpx.Client``."""
+
+    _http: httpx.Client
+    _owns_http: bool
+
+    def _sleep(self, seconds: float) -> None:
+        """Wait before retrying (a test gives the client a fake one)."""
+        time.sleep(seconds)
+
+    def _default_http_client(self) -> httpx.Client:
+        return spread_client()
+
+    @classmethod
+    def _in_process_http_client(cls, app: Any, on_close: Callable[[], None]) -> httpx.Client:
+        return httpx.Client(transport=InProcessTransport(app, on_close=on_close))
+
+    def _run(self, steps: Steps[T]) -> T:
+        """Carry out a call's steps; return its result."""
+        came: Outcome | None = None
+        try:
+            while True:
+                step = steps.send(came)
+                if isinstance(step, Send):
+                    came = self._send_request(step)
+                else:
+                    self._sleep(step)
+                    came = None
+        except StopIteration as stop:
+            return stop.value
+
+    def _send_request(self, send: Send) -> Outcome:
+        try:
+            response = self._http.send(send.request, stream=send.stream)
+            if send.stream and not response.is_success:
+                try:
+                    response.read()
+                finally:
+                    response.close()
+        except httpx.RequestError as exc:
+            return exc
+        return response
+
+    @staticmethod
+    def _concurrently(run: Callable[[A], T], items: Sequence[A], max_concurrency: int) -> list[T]:
+        """``run`` each item on threads, at most ``max_concurrency`` at once.
+
+        Results come in input order; the first failure cancels the runs not yet started
+        and is raised.
+        """
+        with ThreadPoolExecutor(max_workers=max_concurrency) as pool:
+            futures = [pool.submit(run, item) for item in items]
+            try:
+                return [future.result() for future in futures]
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                raise
+
+    def close(self) -> None:
+        """Close the HTTP client if this client created it."""
+        if self._owns_http:
+            self._http.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class AsyncDriver:
+    """Carries out steps with an ``httpx.AsyncClient``."""
+
+    _http: httpx.AsyncClient
+    _owns_http: bool
+
+    async def _sleep(self, seconds: float) -> None:
+        """Wait before retrying (a test gives the client a fake one)."""
+        await asyncio.sleep(seconds)
+
+    def _default_http_client(self) -> httpx.AsyncClient:
+        return async_spread_client()
+
+    @classmethod
+    def _in_process_http_client(cls, app: Any, on_close: Callable[[], None]) -> httpx.AsyncClient:
+        return httpx.AsyncClient(transport=InProcessAsyncTransport(app, on_close=on_close))
+
+    async def _run(self, steps: Steps[T]) -> T:
+        """Carry out a call's steps; return its result."""
+        came: Outcome | None = None
+        try:
+            while True:
+                step = steps.send(came)
+                if isinstance(step, Send):
+                    came = await self._send_request(step)
+                else:
+                    await self._sleep(step)
+                    came = None
+        except StopIteration as stop:
+            return stop.value
+
+    async def _send_request(self, send: Send) -> Outcome:
+        try:
+            response = await self._http.send(send.request, stream=send.stream)
+            if send.stream and not response.is_success:
+                try:
+                    await response.aread()
+                finally:
+                    await response.aclose()
+        except httpx.RequestError as exc:
+            return exc
+        return response
+
+    @staticmethod
+    async def _concurrently(
+        run: Callable[[A], Awaitable[T]], items: Sequence[A], max_concurrency: int
+    ) -> list[T]:
+        """Await ``run`` of each item, at most ``max_concurrency`` at once.
+
+        Results come in input order; the first failure cancels the others and is raised.
+        """
+        limit = asyncio.Semaphore(max_concurrency)
+
+        async def bounded(item: A) -> T:
+            async with limit:
+                return await run(item)
+
+        tasks = [asyncio.ensure_future(bounded(item)) for item in items]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+
+    async def close(self) -> None:
+        """Close the HTTP client if this client created it."""
+        if self._owns_http:
+            await self._http.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
