@@ -17,12 +17,7 @@ from lightning_moondream.module import MoondreamRLModule
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-@pytest.fixture(autouse=True)
-def command_line(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Run as the installed command would: no key, no base URL, no pytest arguments."""
-    monkeypatch.setattr("sys.argv", ["lightning-moondream"])
-    monkeypatch.delenv("MOONDREAM_API_KEY", raising=False)
-    monkeypatch.delenv("MOONDREAM_TUNING_URL", raising=False)
+pytestmark = pytest.mark.usefixtures("command_line")
 
 
 def keypoints_file(root: Path) -> Path:

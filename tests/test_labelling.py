@@ -98,29 +98,24 @@ def test_points_are_written_as_label_studio_keypoints(tmp_path: Path) -> None:
     async def point(data_url: str, name: str) -> list[Point]:
         return [Point(x=0.25, y=0.75)]
 
-    run = label_images(
-        _folder(tmp_path, 2),
-        ["cat"],
-        point,
-        tmp_path / "out",
-        model_version="base",
-        skill="point",
-        formats=["labelstudio"],
-    )
+    def label(count: int, format: str):
+        return label_images(
+            _folder(tmp_path, count),
+            ["cat"],
+            point,
+            tmp_path / format,
+            model_version="base",
+            skill="point",
+            formats=[format],
+        )
+
+    run = label(2, "labelstudio")
     samples = load_dataset(run.files["labelstudio"].parent, skill="point")
     assert [(sample.object, sample.points) for sample in samples] == [
         ("cat", (Point(x=0.25, y=0.75),))
     ] * 2
     with pytest.raises(ValueError, match="points: labelstudio only"):
-        label_images(
-            _folder(tmp_path, 1),
-            ["cat"],
-            point,
-            tmp_path / "o2",
-            model_version="base",
-            skill="point",
-            formats=["coco"],
-        )
+        label(1, "coco")
 
 
 def test_a_stopped_run_resumes_without_asking_again_for_images_done(tmp_path: Path) -> None:

@@ -16,12 +16,12 @@ SYNTHETIC = "{source: synthetic, num_images: 1, skills: [detect]}"
 STAND_IN = "an offline stand-in for Moondream Cloud: it trains and scores its own small model, not Moondream."
 
 
+pytestmark = pytest.mark.usefixtures("command_line")
+
+
 @pytest.fixture(autouse=True)
-def command_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Run as the installed command would, in an empty folder: no key, no base URL."""
-    monkeypatch.setattr("sys.argv", ["lightning-moondream"])
-    monkeypatch.delenv("MOONDREAM_API_KEY", raising=False)
-    monkeypatch.delenv("MOONDREAM_TUNING_URL", raising=False)
+def empty_folder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Run in an empty folder, where no local service keeps data."""
     monkeypatch.chdir(tmp_path)
 
 

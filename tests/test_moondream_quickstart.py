@@ -17,11 +17,7 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "moondream_quickstart
 CLASSES = ("rock", "paper", "scissors")
 
 
-@pytest.fixture(autouse=True)
-def command_line(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("sys.argv", ["lightning-moondream"])
-    monkeypatch.delenv("MOONDREAM_API_KEY", raising=False)
-    monkeypatch.delenv("MOONDREAM_TUNING_URL", raising=False)
+pytestmark = pytest.mark.usefixtures("command_line")
 
 
 def rps_dataset(root: Path) -> Path:
