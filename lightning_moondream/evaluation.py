@@ -581,10 +581,7 @@ async def evaluate_async(
         raise EvaluationError(f"datasets need distinct names, got {names}")
     specs = [spec if isinstance(spec, ModelSpec) else ModelSpec.parse(spec) for spec in models]
     settings = Settings.model_validate({"temperature": 0.0, **dict(eval_settings or {})})
-    options = encoding or EncodingOptions(max_side=DEFAULT_MAX_SIDE, quality=DEFAULT_QUALITY)
-    report = EvaluationReport()
-    for name, dataset in datasets:
-        report.datasets[name] = EncodedDataset(dataset, options)
+    report = EvaluationReport(datasets=_encoded(datasets, encoding))
     opened: list[OpenedModel] = []
     inference = AsyncInferenceClient.for_tuning(client)
     try:
@@ -604,6 +601,14 @@ async def evaluate_async(
     finally:
         await _delete_temporary(client, opened)
     return report
+
+
+def _encoded(
+    datasets: Sequence[tuple[str, Dataset]], encoding: EncodingOptions | None
+) -> dict[str, EncodedDataset]:
+    """Each dataset by name, its images encoded as ``encoding`` says (default cap and quality)."""
+    options = encoding or EncodingOptions(max_side=DEFAULT_MAX_SIDE, quality=DEFAULT_QUALITY)
+    return {name: EncodedDataset(dataset, options) for name, dataset in datasets}
 
 
 async def _evaluate_all(

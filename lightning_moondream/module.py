@@ -62,6 +62,9 @@ __all__ = [
     "TrainStepFailedError",
 ]
 
+_IN_THE_BAR = ("train/reward_mean", "train/skipped_steps")
+"""Train metrics shown in the progress bar: what the steps score, and how many sent nothing."""
+
 LRSchedulerFactory = Callable[[Optimizer], LRScheduler]
 """Builds an LR scheduler for the module's optimizer, e.g. ``partial(CosineAnnealingLR, T_max=100)``."""
 
@@ -124,16 +127,16 @@ class MoondreamRLModule(LightningModule):
             went on past the checkpoint (the run stopped after saving it) from the step
             it stands at, said in the log; by default such a resume stops with
             ``ResumeMismatchError``. Steps are never sent or counted twice.
-
-    ``validate``, ``test`` and ``predict`` given a ``/finetunes`` checkpoint
-    (``ckpt_path``, ``"best"``, ``"last"``) answer with its inference model
-    ``moondream3-preview/FT@STEP``, read-only: the finetune is not reattached, so it may
-    stand at any step.
         requests_per_second: The API key's rate limit (Moondream Cloud: 2, or 10 once
             funded), shared by every process of the run: each sends its equal share, on
             turns of its own. ``None`` learns it from the service's 429 answers. The
             admitted rate and the 429s are logged (``train/admitted_rps``,
             ``train/rate_limited``) and counted in ``usage``.
+
+    ``validate``, ``test`` and ``predict`` given a ``/finetunes`` checkpoint
+    (``ckpt_path``, ``"best"``, ``"last"``) answer with its inference model
+    ``moondream3-preview/FT@STEP``, read-only: the finetune is not reattached, so it may
+    stand at any step.
     """
 
     def __init__(
@@ -173,14 +176,7 @@ class MoondreamRLModule(LightningModule):
         )
         self.save_hyperparameters(ignore=ignored)
         options = SessionOptions.of(self.hparams)
-        service = ServiceChoice(
-            api_key=SecretStr(api_key) if isinstance(api_key, str) else api_key,
-            base_url=base_url,
-            local_options=dict(local_service or {}),
-            dialect=dialect,
-            max_retries=max_retries,
-            timeout=timeout,
-        )
+        service = ServiceChoice.of(self.hparams, api_key)
         if lr_scheduler is not None and lr is None:
             raise ValueError("lr_scheduler needs lr: a schedule scales the module's lr")
         self.lr_scheduler = lr_scheduler
@@ -309,12 +305,7 @@ class MoondreamRLModule(LightningModule):
         if report is None:
             return
         metrics = {f"train/{name}": value for name, value in report.metrics.items()}
-        # In the bar: what the steps score, and how many of them sent nothing.
-        shown: dict[str, float] = {
-            name: metrics.pop(name)
-            for name in ("train/reward_mean", "train/skipped_steps")
-            if name in metrics
-        }
+        shown = {name: metrics.pop(name) for name in _IN_THE_BAR if name in metrics}
         self.log_dict(shown, prog_bar=True, batch_size=1)
         self.log_dict(metrics, batch_size=1)
 

@@ -12,6 +12,9 @@ Nothing here imports Lightning (``torch.distributed`` carries the collectives).
   recent groups had no reward spread, and steps topped up with more groups that spread.
 - :mod:`~lightning_moondream.session.remote_step`: one train step per global step.
 - :mod:`~lightning_moondream.session.evaluation`: the one evaluation loop.
+- :mod:`~lightning_moondream.session.teaching`: each batch sampled and scored into a shard.
+- :mod:`~lightning_moondream.session.checkpoints`: the API checkpoints resumed, evaluated, saved.
+- :mod:`~lightning_moondream.session.evaluator`: what answers for the run, its answers scored.
 - :mod:`~lightning_moondream.session.session`: :class:`Session`, which holds them together.
 """
 

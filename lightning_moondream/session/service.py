@@ -30,6 +30,9 @@ LOCAL_SERVICE_DATABASE = "tuning.sqlite3"
 LOCAL_SCORES_NOTE = "it trains and scores its own small model, not Moondream"
 """What the local service's rewards and metrics measure, said wherever they are shown."""
 
+_CHOSEN_BY = ("base_url", "dialect", "max_retries", "timeout")
+"""The values :meth:`ServiceChoice.of` takes as they are."""
+
 _SEARCH_DEPTH = 3
 """Folder levels searched under a named folder for the local service's data."""
 
@@ -76,6 +79,22 @@ class ServiceChoice:
 
     def __post_init__(self) -> None:
         check_dialect(self.dialect)
+
+    @classmethod
+    def of(cls, values: Mapping[str, Any], api_key: SecretStr | str | None = None) -> ServiceChoice:
+        """The choice among ``values`` (e.g. a module's hyperparameters); others are left.
+
+        Args:
+            values: ``base_url``, ``dialect``, ``max_retries``, ``timeout`` and
+                ``local_service`` (the local service's options), each where given.
+            api_key: The API key, kept apart from ``values`` as it is never saved.
+        """
+        given = {name: values[name] for name in _CHOSEN_BY if name in values}
+        return cls(
+            api_key=SecretStr(api_key) if isinstance(api_key, str) else api_key,
+            local_options=dict(values.get("local_service") or {}),
+            **given,
+        )
 
     @property
     def uses_local_service(self) -> bool:

@@ -5,13 +5,16 @@ sampling and scoring, the remote train step, API checkpoints, usage and evaluati
 dialect is the client's (given, or settled by the client on its first requests); the
 session only reads it. Calls that take no collective are for one process; those marked
 "on every rank" are collectives of a multi-process run.
+
+Three collaborators do parts of the work: a :class:`~.teaching.Teacher` turns batches into
+shards, :class:`~.checkpoints.Checkpoints` keeps the API checkpoints, and an
+:class:`~.evaluator.Evaluator` answers and scores; the session holds them together.
 """
 
 from __future__ import annotations
 
 import logging
 import secrets
-import time
 import warnings
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from concurrent.futures import Future
@@ -32,30 +35,24 @@ from lightning_moondream.api.inference import AsyncInferenceClient
 from lightning_moondream.distributed import Collective
 from lightning_moondream.metrics import SkillMetrics
 from lightning_moondream.scoring import Sample, Scorer
-from lightning_moondream.session.adapter import AdapterPlan, open_adapter, save_checkpoint
+from lightning_moondream.session.adapter import AdapterPlan, open_adapter
+from lightning_moondream.session.checkpoints import Checkpoints
 from lightning_moondream.session.connection import Connection
-from lightning_moondream.session.evaluation import EvaluationLoop, Scored, Tally
-from lightning_moondream.session.inference import checkpoint_model, inference_model
+from lightning_moondream.session.evaluation import Scored, Tally
+from lightning_moondream.session.evaluator import Evaluator
 from lightning_moondream.session.options import SessionOptions
 from lightning_moondream.session.rate_share import Pace
 from lightning_moondream.session.remote_step import (
-    AmbiguousTrainStepError,
     RemoteStep,
     Shard,
     StepReport,
 )
 from lightning_moondream.session.sampling import (
     GreedyModel,
-    check_batch,
-    concurrency,
-    encoded,
-    rollout_calls,
-    sample_and_score,
-    share,
-    tuning_model,
 )
 from lightning_moondream.session.service import ServiceChoice
-from lightning_moondream.session.signal import Harvest, PromptFilter, SkipRule, resampled
+from lightning_moondream.session.signal import PromptFilter
+from lightning_moondream.session.teaching import Teacher
 
 T = TypeVar("T")
 
@@ -104,15 +101,13 @@ class Session:
         self._info, self._warn = info, warn
         self._adapter: Adapter | None = None
         self._created = self._temporary = self._evaluating_only = False
-        self._resume: dict[str, Any] | None = None
-        self._evaluated: dict[str, Any] | None = None
-        """The API state of the checkpoint that evaluation stages answer with, if any."""
         self._run_usage: UsageStats | None = None
-        self._saved: tuple[tuple[str, int, int], dict[str, Any]] | None = None
-        self.prompt_filter = (
-            PromptFilter(SkipRule(floor=options.skip_floor)) if options.skip_prompts else None
-        )
-        """Skips prompts whose recent groups had no spread (``skip_prompts``), else ``None``."""
+        self.teacher = Teacher(self)
+        """Turns batches into this rank's shards of the next train step."""
+        self.checkpoints = Checkpoints(self, info)
+        """The API checkpoints: resumed from, under evaluation, saved."""
+        self.evaluator = Evaluator(self)
+        """Answers samples greedily and scores the answers."""
         self._inference: tuple[AsyncTuningClient, AsyncInferenceClient] | None = None
 
     # The service --------------------------------------------------------------------------
@@ -131,7 +126,7 @@ class Session:
         self._evaluating_only = evaluating_only
         if not evaluating_only:
             # Trained from here on: what the module holds is the adapter, not a checkpoint.
-            self._evaluated = None
+            self.checkpoints.evaluated = None
         self._run_usage = None
 
     @property
@@ -209,14 +204,14 @@ class Session:
         """The adapter, opened on first use: rank 0 opens it and shares it (on every rank)."""
         if self._adapter is None:
             adapter, created, dialect = self.collective.on_zero(self._open)
-            skipped = (self._resume or {}).get("skipped_steps", 0)
+            skipped = (self.checkpoints.resumed or {}).get("skipped_steps", 0)
             self.remote.reset(
                 adapter.train_steps or 0, skipped, steps_in_answers=dialect == "finetunes"
             )
             self._adapter, self._created = adapter, created
             self.connection.settle(dialect)
             self._temporary = created and self._evaluating_only
-            origin = f" from checkpoint {self.resumed_from}" if self._resume else ""
+            origin = f" from checkpoint {self.resumed_from}" if self.checkpoints.resumed else ""
             self._info(
                 f"Moondream adapter {adapter.adapter_id} (rank {adapter.rank}, {dialect} "
                 f"dialect){origin}"
@@ -227,14 +222,9 @@ class Session:
     def checkpoint_model(self) -> str | None:
         """The inference model answering for a checkpoint under evaluation, if any.
 
-        A validate, test or predict stage given a ``/finetunes`` checkpoint evaluates it
-        read-only as ``moondream3-preview/FT@STEP``: the finetune may have moved on, and
-        a checkpoint cannot start one. Later evaluation stages without a checkpoint
-        evaluate it too (as Lightning evaluates the weights it loaded), until ``fit``.
+        See :meth:`Checkpoints.model`: only in a stage that only evaluates.
         """
-        if not self._evaluating_only or self._evaluated is None:
-            return None
-        return checkpoint_model(self._evaluated)
+        return self.checkpoints.model(self._evaluating_only)
 
     def _open(self) -> tuple[Adapter, bool, DialectChoice | None]:
         options = self.options
@@ -251,45 +241,26 @@ class Session:
             options.resume_at_finetune_step,
         )
         if self.checkpoint_model is not None:
-            opened = (self.connection.run(self._checkpoint_finetune()), False)
+            opened = (self.connection.run(self.checkpoints.finetune()), False)
         else:
             opened = self.connection.run(
-                open_adapter(self.client, plan, self._resume, self._warn, self._info)
+                open_adapter(self.client, plan, self.checkpoints.resumed, self._warn, self._info)
             )
         # Opening an adapter settles an ``auto`` dialect.
         return (*opened, self.client.dialect)
 
-    async def _checkpoint_finetune(self) -> Adapter:
-        """The finetune of the checkpoint under evaluation, read as it is (never reattached)."""
-        assert self._evaluated is not None
-        finetune = await self.client.adapters.get(self._evaluated["adapter_id"])
-        if finetune.train_steps is None:
-            return finetune.model_copy(update={"train_steps": self._evaluated["train_steps"]})
-        return finetune
-
     @property
     def resumed_from(self) -> str | None:
         """The API checkpoint the adapter continues from, if a Lightning checkpoint gave one."""
-        return None if self._resume is None else self._resume.get("checkpoint_id")
+        return self.checkpoints.resumed_from
 
     def resume(self, state: Mapping[str, Any]) -> None:
         """Continue from a Lightning checkpoint's API state when the adapter is next opened.
 
-        On ``/adapters`` a new adapter is created from the API checkpoint, so steps
-        applied to the old adapter after it are not carried over and none is counted
-        twice. On ``/finetunes`` ``fit`` goes on with the same finetune if it is still at
-        the checkpoint's step (or, with ``resume_at_finetune_step``, where it stands);
-        a stage that only evaluates answers with the checkpoint's inference model.
+        See :meth:`Checkpoints.resume`.
         """
-        self._resume = dict(state)
-        self._evaluated = dict(state) if self._evaluating_only else None
         self._adapter = None
-        model = self.checkpoint_model
-        if model is not None:
-            self._info(
-                f"Evaluating checkpoint {state['checkpoint_id']} through the inference API as "
-                f"{model} (read-only: finetune {state['adapter_id']} is left as it is)"
-            )
+        self.checkpoints.resume(state, self._evaluating_only)
 
     def check_training(self, lr: float | None) -> None:
         """Open the adapter for training, refusing what its dialect cannot do (on every rank).
@@ -355,74 +326,14 @@ class Session:
     def teach(self, batch: Sequence[Sample], batch_idx: int, global_step: int) -> None:
         """Sample and score a batch (or take its SFT targets) for the next train step.
 
-        With ``skip_prompts``, prompts whose recent groups had no reward spread may be
-        skipped; every process then records every process's groups, so all of them
-        draw alike. A failure on any rank ends every rank here (on every rank).
+        See :meth:`Teacher.teach` (on every rank).
         """
-        error: Exception | None = None
-        outcomes: list[tuple[str, bool]] = []
-        try:
-            shard, outcomes = self._shard(encoded(check_batch(batch, batch_idx)), global_step)
-            self.remote.add(shard)
-        except Exception as exc:
-            error = exc
-        self.collective.check(error)
-        if self.prompt_filter is not None:
-            for sampled in self.collective.all_gather(outcomes):
-                self.prompt_filter.record(sampled)
+        self.teacher.teach(batch, batch_idx, global_step)
 
-    def _shard(
-        self, samples: list[Sample], global_step: int
-    ) -> tuple[Shard, list[tuple[str, bool]]]:
-        settings = self.options.training
-        if global_step < self.options.sft_warmup_steps:
-            taught = [sample.sft_group(settings) for sample in samples]
-            return Shard(groups=taught, sft_groups=len(taught)), []
-        started = time.perf_counter()
-        chosen = samples
-        counts: dict[str, int] = {}
-        if self.prompt_filter is not None:
-            chosen = self.prompt_filter.select(samples, global_step)
-            counts["skipped_prompts"] = len(samples) - len(chosen)
-        harvest = self._sample(chosen, wanted=len(samples))
-        if self.options.max_extra_requests:
-            counts["extra_requests"] = harvest.extra_requests
-        taught = [sample.sft_group(settings) for sample in share(samples, self.options.sft_share)]
-        shard = Shard(
-            groups=harvest.groups + taught,
-            rewards=harvest.rewards,
-            sft_groups=len(taught),
-            rollout_seconds=time.perf_counter() - started,
-            counts=counts,
-        )
-        return shard, harvest.outcomes
-
-    def _sample(self, samples: list[Sample], wanted: int) -> Harvest:
-        """Sample and score ``samples``, then sample again those that spread (dynamic sampling).
-
-        Waves follow until ``wanted`` groups spread, ``max_extra_requests`` are spent, or
-        no prompt of the last wave spread.
-        """
-        harvest = Harvest()
-        wave, budget = samples, self.options.max_extra_requests
-        while wave:
-            calls = rollout_calls(
-                self.adapter.adapter_id,
-                wave,
-                self.options.training,
-                self.options.num_rollouts,
-                self.scorer,
-            )
-            in_flight = self.connection.in_flight()
-            limit = concurrency(self.options.max_concurrency, len(calls), in_flight)
-            scored = self.connection.run(
-                sample_and_score(self.client, calls, wave, self.scorer, limit)
-            )
-            taught = harvest.add(wave, scored, self.options.reward_std_eps)
-            wave = resampled(taught, wanted - len(harvest.groups), budget)
-            budget -= len(wave)
-            harvest.extra_requests += len(wave)
-        return harvest
+    @property
+    def prompt_filter(self) -> PromptFilter | None:
+        """Skips prompts whose recent groups had no spread (``skip_prompts``), else ``None``."""
+        return self.teacher.prompt_filter
 
     def step(self, lr: float | None) -> StepReport:
         """Send one train step with every rank's groups at ``lr`` (on every rank).
@@ -442,34 +353,14 @@ class Session:
     # Evaluation ---------------------------------------------------------------------------
 
     def greedy_model(self, settings: Settings | None = None, *, scored: bool = True) -> GreedyModel:
-        """What answers for the run as a :data:`GreedyModel` (``eval_settings`` by default).
-
-        The checkpoint's inference model where one answers (:attr:`checkpoint_model`),
-        else the current adapter's rollouts.
-
-        Args:
-            settings: Generation settings.
-            scored: Send ground truth where the scorer uses the service's rewards.
-        """
-        settings = self.options.evaluation if settings is None else settings
-        model = self.checkpoint_model
-        if model is not None:
-            return inference_model(self.inference, model, settings, self.options.max_concurrency)
-        return tuning_model(
-            self.client,
-            self.adapter.adapter_id,
-            settings,
-            self.scorer if scored else None,
-            self.options.max_concurrency,
-        )
+        """What answers for the run (:meth:`Evaluator.greedy_model`)."""
+        return self.evaluator.greedy_model(settings, scored=scored)
 
     def evaluate_batch(
         self, batch: Sequence[Sample], batch_idx: int, metrics: SkillMetrics
     ) -> list[Scored]:
         """Answer one batch greedily, score it, and add it to ``metrics``."""
-        samples = encoded(check_batch(batch, batch_idx))
-        loop = EvaluationLoop(self.greedy_model(), self.scorer, metrics)
-        return self.connection.run(loop.answer(samples))
+        return self.evaluator.evaluate_batch(batch, batch_idx, metrics)
 
     def evaluate(
         self,
@@ -480,83 +371,30 @@ class Session:
     ) -> dict[str, float]:
         """Evaluate the adapter, with every train step applied, on every rank's batches.
 
-        Returns:
-            The metrics of ``SkillMetrics`` plus ``reward`` and ``samples``, over every
-            process.
+        See :meth:`Evaluator.evaluate`: the results cover every process.
         """
-        self.drain()
-        loop = EvaluationLoop(self.greedy_model(), self.scorer, SkillMetrics(), tallies)
-        for index, batch in enumerate(batches):
-            self.connection.run(loop.answer(encoded(check_batch(batch, index))))
-            if progress is not None:
-                progress(len(loop.rewards))
-        return loop.results(self.collective.all_gather)
+        return self.evaluator.evaluate(batches, progress=progress, tallies=tallies)
 
     def generate(
         self, samples: Sequence[Sample], settings: Settings | None = None
     ) -> list[RolloutsResponse]:
         """One rollout per sample from the current adapter, in order (``eval_settings`` by default)."""
-        model = self.greedy_model(settings, scored=False)
-        return self.connection.run(model(encoded(samples)))
+        return self.evaluator.generate(samples, settings)
 
     def predict(self, batch: Sequence[Sample], batch_idx: int) -> list[dict[str, Any]]:
         """One greedy rollout per sample: ``{"id", "skill", "label", "output"}`` records."""
-        samples = check_batch(batch, batch_idx)
-        return [
-            {
-                "id": sample.id,
-                "skill": sample.skill,
-                "label": sample.label,
-                "output": response.rollouts[0].output,
-            }
-            for sample, response in zip(samples, self.generate(samples), strict=True)
-        ]
+        return self.evaluator.predict(batch, batch_idx)
 
     # API checkpoints ----------------------------------------------------------------------
 
     def save_checkpoint(self, interrupted: bool = False) -> dict[str, Any] | None:
         """Save an API checkpoint: its state for a Lightning checkpoint, or ``None``.
 
-        One API checkpoint stands for one state of the adapter: saved again at the same
-        step, the same checkpoint is given. ``None`` before an adapter is open, and on
-        ranks other than 0 of an interrupted run.
-
-        Args:
-            interrupted: The run stopped on an error: other ranks may be gone, so no
-                collective is used, only rank 0 saves, and the session closes after.
-
-        Raises:
-            AmbiguousTrainStepError: If the last train step may or may not have been
-                applied: no checkpoint can then pair the run's step with the adapter's.
+        See :meth:`Checkpoints.save`; ``interrupted`` saves on rank 0 alone, then closes.
         """
-        try:
-            if self._adapter is None:
-                return None
-            if interrupted:
-                if not self.collective.is_zero:
-                    return None
-                self.remote.settle()
-                return self._checkpoint_state()
-            self.drain()
-            return self.collective.on_zero(self._checkpoint_state)
-        finally:
-            if interrupted:
-                self.close()
-
-    def _checkpoint_state(self) -> dict[str, Any]:
-        adapter_id = self.adapter.adapter_id
-        if self.remote.in_doubt:
-            raise AmbiguousTrainStepError(
-                f"not checkpointing: the trainer counted train step {self.remote.train_steps + 1} "
-                f"but adapter {adapter_id} may not have it; resume from an earlier checkpoint"
-            )
-        counts = (adapter_id, self.remote.train_steps, self.remote.skipped_steps)
-        if self._saved is None or self._saved[0] != counts:
-            self._saved = (counts, self.connection.run(save_checkpoint(self.client, *counts)))
-        return dict(self._saved[1])
+        adapter = self._adapter
+        return self.checkpoints.save(None if adapter is None else adapter.adapter_id, interrupted)
 
     def delete_checkpoint(self, checkpoint_id: str) -> None:
         """Delete an API checkpoint."""
-        if self._saved is not None and self._saved[1]["checkpoint_id"] == checkpoint_id:
-            self._saved = None
-        self.connection.run(self.client.checkpoints.delete(checkpoint_id))
+        self.checkpoints.delete(checkpoint_id)
