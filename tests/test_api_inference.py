@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 from PIL import Image
+from support import read_request, serving
 
 from lightning_moondream.api import (
     APIConnectionError,
@@ -44,7 +45,6 @@ from lightning_moondream.api.inference_models import (
     model_id,
     parse_model,
 )
-from tests.support import read_request, serving
 
 KEY = "sk-test-5ecret-inference-key"
 BASE = "https://inference.example/v1"

@@ -14,10 +14,12 @@ from exports import (
     roboflow_yolo,
     voc_split_folders,
 )
-from test_cli import CONFIGS, command_line  # noqa: F401 (an autouse fixture)
+from test_cli import CONFIGS
 
 from lightning_moondream.api import TuningClient
 from lightning_moondream.cli import MoondreamCLI, main
+
+pytestmark = pytest.mark.usefixtures("command_line")
 
 
 def label_studio_source(root: Path) -> str:
