@@ -35,6 +35,3 @@ DEFAULT_MAX_TOKENS: Final = MappingProxyType({"query": 128, "point": 128, "detec
 
 DEFAULT_MAX_OBJECTS: Final = 50
 """``max_objects`` of a detect request that sets none."""
-
-DEFAULT_LR: Final = 2e-4
-"""Learning rate of a ``/finetunes`` train step that sends none."""
