@@ -162,3 +162,18 @@ def test_bad_arguments_are_refused_by_name(tmp_path: Path) -> None:
         )
     with pytest.raises(LabellingError, match="not a folder"):
         label_images(tmp_path / "nope", CLASSES, _Model(), tmp_path / "o", model_version="m")
+
+
+def test_a_garbled_line_costs_only_its_own_image_on_resume(tmp_path: Path) -> None:
+    folder = _folder(tmp_path)
+    label_images(folder, CLASSES, _Model(), tmp_path / "out", model_version="m@3")
+    progress = tmp_path / "out" / PROGRESS_FILE
+    header, *entries = progress.read_text().splitlines(keepends=True)
+    progress.write_text(header + entries[0] + "not json\n" + "".join(entries[1:]))
+    model = _Model()
+    run = label_images(folder, CLASSES, model, tmp_path / "out", model_version="m@3")
+    assert (run.resumed, run.labelled, len(model.calls)) == (4, 0, 0)
+    # A file a run created and left empty is started afresh.
+    progress.write_text("")
+    run = label_images(folder, CLASSES, _Model(), tmp_path / "out", model_version="m@3")
+    assert (run.resumed, run.labelled) == (0, 4)

@@ -53,6 +53,7 @@ from lightning_moondream.api.inference_models import (
     QueryCall,
     QueryResult,
     Reasoning,
+    checkpoint_model_id,
     model_id,
     parse_model,
 )
@@ -138,6 +139,7 @@ __all__ = [
     "TuningClient",
     "UnsupportedFeatureError",
     "UsageStats",
+    "checkpoint_model_id",
     "inference_model_id",
     "model_id",
     "parse_model",

@@ -90,8 +90,12 @@ def labelling_input(
     if not isinstance(records, Records):
         raise LabellingError(f"{data}: not a dataset of annotated images (boxes or points)")
     files = [str(image.image) for image in records.images if isinstance(image.image, (str, Path))]
-    if not files:
-        raise LabellingError(f"{data}: no image files to label")
+    if len(files) < len(records.images):
+        raise LabellingError(
+            f"{data}: {len(records.images) - len(files)} of {len(records.images)} images are "
+            "not files (e.g. kept inside a Hugging Face dataset); labelling writes files "
+            "beside images: save them to a folder and pass --images"
+        )
     return LabellingInput(files, list(classes) or list(records.classes))
 
 
@@ -144,8 +148,9 @@ async def label_with_model(
         EvaluationError: If the model does not exist (naming what does).
         LabellingError: If labelling cannot go on (what is done is kept).
     """
-    opened = await open_model(client, ModelSpec.parse(model))
+    # Made first: a service it cannot reach must not leave an adapter behind.
     inference = AsyncInferenceClient.for_tuning(client)
+    opened = await open_model(client, ModelSpec.parse(model))
     try:
         with tqdm(unit="image", disable=not progress, desc=f"labelling with {model}") as bar:
 
@@ -166,8 +171,11 @@ async def label_with_model(
                 progress=advance,
             )
     finally:
-        if opened.created:
-            await client.adapters.delete(opened.model_id)
+        try:
+            if opened.created:
+                await client.adapters.delete(opened.model_id)
+        finally:
+            await inference.close()
 
 
 def build_parser() -> argparse.ArgumentParser:

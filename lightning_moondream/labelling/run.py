@@ -259,14 +259,17 @@ class _Progress:
     def load(self) -> dict[str, dict[str, Any]]:
         """The images an earlier run finished, after checking it is the same run.
 
-        A last line cut short by a crash is dropped from the file.
+        A line a crash cut short or garbled is dropped from the file (its image is asked
+        again); every other finished image is kept.
         """
-        if not self.path.exists():
+        text = self.path.read_text(encoding="utf-8") if self.path.exists() else ""
+        if not text.strip():
+            # New, or created by a run that stopped before writing its header.
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.write_text(json.dumps(self.header) + "\n", encoding="utf-8")
             return {}
-        lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
-        header = json.loads(lines[0]) if lines else None
+        lines = text.splitlines(keepends=True)
+        header = _entry(lines[0])
         if header != self.header:
             raise LabellingError(
                 f"{self.path} holds labels of another run ({header}); labelling now asks "
@@ -275,14 +278,10 @@ class _Progress:
         done: dict[str, dict[str, Any]] = {}
         kept = [lines[0]]
         for line in lines[1:]:
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                break
-            if not line.endswith("\n"):
-                break
-            done[entry["id"]] = entry
-            kept.append(line)
+            entry = _entry(line) if line.endswith("\n") else None
+            if entry is not None and isinstance(entry.get("id"), str):
+                done[entry["id"]] = entry
+                kept.append(line)
         if len(kept) < len(lines):
             self.path.write_text("".join(kept), encoding="utf-8")
         return done
@@ -295,3 +294,12 @@ class _Progress:
         with self.path.open("a", encoding="utf-8") as file:
             file.write(json.dumps(entry) + "\n")
         return entry
+
+
+def _entry(line: str) -> dict[str, Any] | None:
+    """A line of ``predictions.jsonl`` as a JSON object, or ``None`` if it is not one."""
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
