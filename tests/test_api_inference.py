@@ -24,9 +24,11 @@ from lightning_moondream.api import (
     MissingAPIKeyError,
     NotFoundError,
     Point,
+    RateLimiter,
     RateLimitError,
     ServerError,
     Settings,
+    TuningClient,
 )
 from lightning_moondream.api.inference import (
     DEFAULT_INFERENCE_URL,
@@ -121,16 +123,35 @@ def canned(request: httpx.Request) -> httpx.Response:
     return httpx.Response(200, json=ANSWERS[path])
 
 
+class FakeClock:
+    """A clock that moves only when the client sleeps on it."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.slept: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
 def make_client(
     handler: Handler = canned, **kwargs: Any
 ) -> tuple[InferenceClient, Recorder, list[float]]:
     recorder = Recorder(handler)
     kwargs.setdefault("base_url", BASE)
+    clock = FakeClock()
+    # A limiter of its own, on the clock the fake sleep moves: the key's shared one
+    # would carry 429s from test to test.
+    kwargs.setdefault("rate_limiter", RateLimiter(clock=clock))
     client = InferenceClient(
         api_key=KEY, http_client=httpx.Client(transport=httpx.MockTransport(recorder)), **kwargs
     )
-    slept: list[float] = []
-    client._sleep = slept.append
+    slept = clock.slept
+    client._sleep = clock.sleep
     client.retry_policy.rng = random.Random(0)
     return client, recorder, slept
 
@@ -138,19 +159,20 @@ def make_client(
 def make_async_client(
     handler: Any = canned, **kwargs: Any
 ) -> tuple[AsyncInferenceClient, list[float]]:
+    clock = FakeClock()
+    kwargs.setdefault("rate_limiter", RateLimiter(clock=clock))
     client = AsyncInferenceClient(
         api_key=KEY,
         base_url=BASE,
         http_client=httpx.AsyncClient(transport=httpx.MockTransport(handler)),
         **kwargs,
     )
-    slept: list[float] = []
 
     async def fake_sleep(seconds: float) -> None:
-        slept.append(seconds)
+        clock.sleep(seconds)
 
     client._sleep = fake_sleep
-    return client, slept
+    return client, clock.slept
 
 
 def failing(times: int, failure: Handler, then: Handler = canned) -> Handler:
@@ -531,7 +553,7 @@ def test_dropped_connections_and_timeouts_are_retried(error: type[httpx.Transpor
     assert len(recorder.requests) == 3
 
 
-def test_retry_after_is_honoured() -> None:
+def test_retry_after_is_honoured_and_a_429_pauses_the_key() -> None:
     client, _, slept = make_client(
         failing(
             1,
@@ -541,6 +563,21 @@ def test_retry_after_is_honoured() -> None:
     )
     client.query(None, "q")
     assert slept == [7.0, 2.5]
+    # The 429 was waited out, not counted as a failed attempt, and the usage says so.
+    assert (client.usage.rate_limited, client.usage.retries, client.usage.failures) == (1, 2, 0)
+
+
+def test_429s_are_waited_out_beyond_max_retries_and_shared_with_the_tuning_client() -> None:
+    client, recorder, _ = make_client(failing(6, status(429)), max_retries=1)
+    assert client.detect(IMAGE, "car").objects == [Box(**BOX)]
+    assert len(recorder.requests) == 7 and client.usage.rate_limited == 6
+    # The account's limit covers inference and tuning: one key, one limiter.
+    with (
+        TuningClient(api_key=KEY, base_url=BASE + "/tuning") as tuning,
+        InferenceClient.for_tuning(tuning) as inference,
+        InferenceClient(api_key=KEY, base_url=BASE) as standalone,
+    ):
+        assert inference.rate_limiter is tuning.rate_limiter is standalone.rate_limiter
 
 
 def test_a_refusal_is_not_retried_and_retries_stop_at_the_limit() -> None:
@@ -549,12 +586,21 @@ def test_a_refusal_is_not_retried_and_retries_stop_at_the_limit() -> None:
         client.detect(IMAGE, "car")
     assert len(recorder.requests) == 1 and slept == []
 
-    client, recorder, slept = make_client(status(429, **{"Retry-After": "3"}), max_retries=2)
+    client, recorder, slept = make_client(status(503, **{"Retry-After": "3"}), max_retries=2)
+    with pytest.raises(ServerError):
+        client.detect(IMAGE, "car")
+    assert len(recorder.requests) == 3 and slept == [3.0, 3.0]
+    assert (client.usage.retries, client.usage.failures) == (2, 1)
+
+
+def test_429s_stop_only_when_the_time_allowed_for_them_is_spent() -> None:
+    client, recorder, slept = make_client(status(429, **{"Retry-After": "3"}), max_retries=0)
+    client.retry_policy.max_rate_limited_wait = 9.0
     with pytest.raises(RateLimitError) as caught:
         client.detect(IMAGE, "car")
     assert caught.value.retry_after == 3.0
-    assert len(recorder.requests) == 3 and slept == [3.0, 3.0]
-    assert (client.usage.retries, client.usage.failures) == (2, 1)
+    assert len(recorder.requests) == 4 and slept == [3.0, 3.0, 3.0]
+    assert (client.usage.rate_limited, client.usage.failures) == (4, 1)
 
 
 def test_the_key_never_shows_in_reprs_or_errors() -> None:

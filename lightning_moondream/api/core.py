@@ -344,13 +344,7 @@ class ClientCore(HttpHolder[HttpClientT]):
         sent_at: float,
     ) -> Done[T] | None:
         """Tell the rate limiter about an answer; the result if it settles the call."""
-        limiter = self.rate_limiter
-        if response.status_code == 429:
-            self.usage.record_rate_limited()
-            limiter.record_rate_limited(sent_at, retry_after_of(response))
-        elif response.status_code < 500:
-            limiter.record_success()
-        self.usage.record_admitted_rate(limiter.rate)
+        pace_answer(self.rate_limiter, self.usage, response, sent_at)
         if response.is_success:
             return Done(self._parse(operation, response))
         if response.status_code == 404 and (
@@ -364,21 +358,7 @@ class ClientCore(HttpHolder[HttpClientT]):
         self, attempts: Attempts, outcome: httpx.Response | httpx.RequestError
     ) -> float | None:
         """The wait before retrying a retryable failure, or ``None`` to give up."""
-        policy = self.retry_policy
-        retry_after = retry_after_of(outcome) if isinstance(outcome, httpx.Response) else None
-        if isinstance(outcome, httpx.Response) and outcome.status_code == 429:
-            # The service asked to slow down: waited out, not counted as a failed attempt.
-            delay = policy.delay(attempts.rate_limited, retry_after)
-            if attempts.rate_limited_wait + delay > policy.max_rate_limited_wait:
-                return None
-            attempts.rate_limited += 1
-            attempts.rate_limited_wait += delay
-            return delay
-        if attempts.retries >= policy.max_retries:
-            return None
-        delay = policy.delay(attempts.retries, retry_after)
-        attempts.retries += 1
-        return delay
+        return retry_delay(self.retry_policy, attempts, outcome)
 
     def _parse(self, operation: Operation[T], response: httpx.Response) -> T:
         try:
@@ -441,6 +421,41 @@ def transport_error(label: str, error: Exception, scrub: Callable[[str], str]) -
         return APIConnectionError(text)
     # An answer came but could not be read (bad encoding, endless redirects).
     return ServerError(text)
+
+
+def pace_answer(
+    limiter: RateLimiter, usage: UsageStats, response: httpx.Response, sent_at: float
+) -> None:
+    """Tell a key's rate limiter, and the usage, what an answer says of the pace."""
+    if response.status_code == 429:
+        usage.record_rate_limited()
+        limiter.record_rate_limited(sent_at, retry_after_of(response))
+    elif response.status_code < 500:
+        limiter.record_success()
+    usage.record_admitted_rate(limiter.rate)
+
+
+def retry_delay(
+    policy: RetryPolicy, attempts: Attempts, outcome: httpx.Response | httpx.RequestError
+) -> float | None:
+    """The wait before retrying a retryable failure, or ``None`` to give up.
+
+    A 429 is the service asking to slow down: it is waited out, not counted against
+    ``max_retries``, up to ``max_rate_limited_wait`` seconds in all.
+    """
+    retry_after = retry_after_of(outcome) if isinstance(outcome, httpx.Response) else None
+    if isinstance(outcome, httpx.Response) and outcome.status_code == 429:
+        delay = policy.delay(attempts.rate_limited, retry_after)
+        if attempts.rate_limited_wait + delay > policy.max_rate_limited_wait:
+            return None
+        attempts.rate_limited += 1
+        attempts.rate_limited_wait += delay
+        return delay
+    if attempts.retries >= policy.max_retries:
+        return None
+    delay = policy.delay(attempts.retries, retry_after)
+    attempts.retries += 1
+    return delay
 
 
 def local_app(

@@ -47,11 +47,13 @@ from lightning_moondream.api.core import (
     LOCAL_API_KEY,
     LOCAL_BASE_URL,
     USER_AGENT,
+    Attempts,
     ClientCore,
     HttpClientT,
     HttpHolder,
+    pace_answer,
     resolve_api_key,
-    retry_after_of,
+    retry_delay,
     scrub_key,
     status_error,
     transport_error,
@@ -78,6 +80,7 @@ from lightning_moondream.api.inference_models import (
     QueryCall,
     check_model,
 )
+from lightning_moondream.api.limiter import RateLimiter, limiter_for
 from lightning_moondream.api.models import Settings
 from lightning_moondream.api.operations import DEFAULT_READ_TIMEOUT, Action, Operation
 from lightning_moondream.api.retry import (
@@ -195,6 +198,8 @@ class _InferenceCore(HttpHolder[HttpClientT]):
         timeout: float | httpx.Timeout | None = None,
         max_retries: int = 4,
         http_client: HttpClientT | None = None,
+        requests_per_second: float | None = None,
+        rate_limiter: RateLimiter | None = None,
     ) -> None:
         self._api_key = resolve_api_key(api_key)
         self.base_url = resolve_inference_url(base_url, tuning_url)
@@ -203,6 +208,12 @@ class _InferenceCore(HttpHolder[HttpClientT]):
         self.timeout = timeout
         self.retry_policy = RetryPolicy(max_retries=max_retries)
         self.usage = UsageStats()
+        # The account's limit covers inference and tuning alike: the key's one limiter
+        # is the tuning client's of the same service.
+        self.rate_limiter = rate_limiter or limiter_for(
+            self.base_url + "/tuning", self._api_key, requests_per_second
+        )
+        """The pace of this client's key, shared with every client of the key here."""
         self._hold_http(http_client)
 
     @classmethod
@@ -251,6 +262,7 @@ class _InferenceCore(HttpHolder[HttpClientT]):
             max_retries=tuning.retry_policy.max_retries,
             model=model,
             http_client=tuning._http,
+            rate_limiter=tuning.rate_limiter,
         )
 
     def __repr__(self) -> str:
@@ -324,17 +336,22 @@ class _InferenceCore(HttpHolder[HttpClientT]):
             and its attempt is counted once it is read (``_count``).
         """
         request = self._build_request(operation)
-        attempt = 0
+        attempts = Attempts()
+        delay: float | None = None  # before a retry: the wait it asks for
         while True:
+            turn = self.rate_limiter.reserve(delay or 0.0)
+            if delay is not None or turn.wait > 0:
+                yield turn.wait
             started = time.perf_counter()
             outcome = yield Send(request, stream)
             succeeded = isinstance(outcome, httpx.Response) and outcome.is_success
             if not (succeeded and stream):
                 self._count(operation, request, started)
+            if isinstance(outcome, httpx.Response):
+                pace_answer(self.rate_limiter, self.usage, outcome, turn.at)
             if succeeded:
                 return outcome, started
-            yield self._retry_delay(operation, attempt, outcome)
-            attempt += 1
+            delay = self._retry_delay(operation, attempts, outcome)
 
     def _call(self, operation: Operation[R]) -> Steps[R]:
         """The steps of a call answered in one piece."""
@@ -363,22 +380,24 @@ class _InferenceCore(HttpHolder[HttpClientT]):
         return transport_error(self._label(operation), outcome, self._scrub)
 
     def _retry_delay(
-        self, operation: Operation[Any], attempt: int, outcome: httpx.Response | httpx.RequestError
+        self,
+        operation: Operation[Any],
+        attempts: Attempts,
+        outcome: httpx.Response | httpx.RequestError,
     ) -> float:
-        """Seconds to wait before retrying a failed attempt.
+        """Seconds to wait before retrying a failed attempt (every inference call is safe).
 
         Raises:
             TuningAPIError: The typed error, when the call fails for good.
         """
         if isinstance(outcome, httpx.Response):
             retryable = should_retry_status(CallKind.SAFE, outcome.status_code)
-            retry_after = retry_after_of(outcome)
         else:
             retryable = should_retry_transport(CallKind.SAFE, outcome)
-            retry_after = None
-        if retryable and attempt < self.retry_policy.max_retries:
+        delay = retry_delay(self.retry_policy, attempts, outcome) if retryable else None
+        if delay is not None:
             self.usage.record_retry()
-            return self.retry_policy.delay(attempt, retry_after)
+            return delay
         self.usage.record_failure()
         raise self._error(operation, outcome)
 
