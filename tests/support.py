@@ -220,3 +220,21 @@ _ALTERNATION = itertools.count()
 def alternating(sample: Any, rollout: Any) -> float:
     """``alternating_reward`` as a plain function, for configs that name it by path."""
     return float(next(_ALTERNATION) % 2)
+
+
+class SleepClock:
+    """A clock that only moves when the code under test sleeps on it."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.slept: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+    async def async_sleep(self, seconds: float) -> None:
+        self.sleep(seconds)

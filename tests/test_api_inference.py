@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 from PIL import Image
-from support import read_request, serving
+from support import SleepClock, read_request, serving
 
 from lightning_moondream.api import (
     APIConnectionError,
@@ -123,27 +123,12 @@ def canned(request: httpx.Request) -> httpx.Response:
     return httpx.Response(200, json=ANSWERS[path])
 
 
-class FakeClock:
-    """A clock that moves only when the client sleeps on it."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-        self.slept: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.slept.append(seconds)
-        self.now += seconds
-
-
 def make_client(
     handler: Handler = canned, **kwargs: Any
 ) -> tuple[InferenceClient, Recorder, list[float]]:
     recorder = Recorder(handler)
     kwargs.setdefault("base_url", BASE)
-    clock = FakeClock()
+    clock = SleepClock()
     # A limiter of its own, on the clock the fake sleep moves: the key's shared one
     # would carry 429s from test to test.
     kwargs.setdefault("rate_limiter", RateLimiter(clock=clock))
@@ -159,7 +144,7 @@ def make_client(
 def make_async_client(
     handler: Any = canned, **kwargs: Any
 ) -> tuple[AsyncInferenceClient, list[float]]:
-    clock = FakeClock()
+    clock = SleepClock()
     kwargs.setdefault("rate_limiter", RateLimiter(clock=clock))
     client = AsyncInferenceClient(
         api_key=KEY,
@@ -168,10 +153,7 @@ def make_async_client(
         **kwargs,
     )
 
-    async def fake_sleep(seconds: float) -> None:
-        clock.sleep(seconds)
-
-    client._sleep = fake_sleep
+    client._sleep = clock.async_sleep
     return client, clock.slept
 
 

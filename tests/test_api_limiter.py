@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
+from support import SleepClock
 
 from lightning_moondream.api import (
     AsyncTuningClient,
@@ -25,28 +26,10 @@ BASE = "https://tuning.example/v1/tuning"
 ADAPTER = {"adapter_id": "a", "name": "a", "rank": 16}
 
 
-class Clock:
-    """A clock that only moves when the code under test sleeps."""
-
-    def __init__(self) -> None:
-        self.now = 100.0
-        self.slept: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.slept.append(seconds)
-        self.now += seconds
-
-    async def async_sleep(self, seconds: float) -> None:
-        self.sleep(seconds)
-
-
 class Service:
     """Answers with the statuses given, then 200; remembers when each request came."""
 
-    def __init__(self, clock: Clock, *statuses: int, retry_after: str | None = None) -> None:
+    def __init__(self, clock: SleepClock, *statuses: int, retry_after: str | None = None) -> None:
         self.clock = clock
         self.statuses = list(statuses)
         self.retry_after = retry_after
@@ -78,7 +61,7 @@ def client_of(service: Service, limiter: RateLimiter, **kwargs: Any) -> TuningCl
 
 
 def test_a_configured_rate_spaces_requests_evenly() -> None:
-    clock = Clock()
+    clock = SleepClock()
     service = Service(clock)
     client = client_of(service, RateLimiter(2.0, clock=clock))
     for _ in range(5):
@@ -89,7 +72,7 @@ def test_a_configured_rate_spaces_requests_evenly() -> None:
 
 
 def test_the_async_client_keeps_the_same_pace() -> None:
-    clock = Clock()
+    clock = SleepClock()
     service = Service(clock)
 
     async def run() -> None:
@@ -109,7 +92,7 @@ def test_the_async_client_keeps_the_same_pace() -> None:
 
 
 def test_a_granted_share_sets_the_rate_and_its_ceiling() -> None:
-    clock = Clock()
+    clock = SleepClock()
     limiter = RateLimiter(10.0, clock=clock)
     limiter.set_rate(0.5)  # e.g. a tenth of a funded key's 5 per process
     assert limiter.rate == 0.5
@@ -125,7 +108,7 @@ def test_a_granted_share_sets_the_rate_and_its_ceiling() -> None:
 
 
 def test_retry_after_pauses_every_request_of_the_key() -> None:
-    clock = Clock()
+    clock = SleepClock()
     limiter = RateLimiter(clock=clock)
     turn = limiter.reserve()
     limiter.record_rate_limited(turn.at, retry_after=3.0)
@@ -134,7 +117,7 @@ def test_retry_after_pauses_every_request_of_the_key() -> None:
 
 
 def test_429s_are_waited_out_without_counting_against_max_retries() -> None:
-    clock = Clock()
+    clock = SleepClock()
     service = Service(clock, 429, 429, 429, 429, 429, retry_after="2")
     client = client_of(service, RateLimiter(clock=clock), max_retries=0)
     assert client.adapters.get("a").adapter_id == "a"
@@ -146,7 +129,7 @@ def test_429s_are_waited_out_without_counting_against_max_retries() -> None:
 
 
 def test_a_call_gives_up_on_429s_only_after_the_long_cap() -> None:
-    clock = Clock()
+    clock = SleepClock()
     service = Service(clock, *[429] * 10, retry_after="4")
     client = client_of(service, RateLimiter(clock=clock))
     client.retry_policy.max_rate_limited_wait = 10.0
@@ -157,7 +140,7 @@ def test_a_call_gives_up_on_429s_only_after_the_long_cap() -> None:
 
 
 def test_without_a_configured_rate_429s_find_one_and_successes_raise_it() -> None:
-    clock = Clock()
+    clock = SleepClock()
     limiter = RateLimiter(clock=clock)
     sent = []
     for _ in range(5):  # 10 requests per second, nothing limits them yet
@@ -177,7 +160,7 @@ def test_without_a_configured_rate_429s_find_one_and_successes_raise_it() -> Non
 
 
 def test_a_429_asking_for_no_wait_changes_no_rate() -> None:
-    clock = Clock()
+    clock = SleepClock()
     limiter = RateLimiter(4.0, clock=clock)
     limiter.record_rate_limited(limiter.reserve().at, retry_after=0.0)
     assert limiter.rate == 4.0
@@ -186,7 +169,7 @@ def test_a_429_asking_for_no_wait_changes_no_rate() -> None:
 
 
 def test_a_decrease_never_goes_below_what_the_service_admitted() -> None:
-    clock = Clock()
+    clock = SleepClock()
     limiter = RateLimiter(5.0, clock=clock)
     for _ in range(8):  # 4 requests per second admitted over the last two seconds
         turn = limiter.reserve()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,7 +116,7 @@ def retry_after_of(response: httpx.Response) -> float | None:
     return parse_retry_after(response.headers.get("retry-after"))
 
 
-class HttpHolder(Generic[HttpClientT]):
+class HttpHolder(ABC, Generic[HttpClientT]):
     """The httpx client a client sends through, and whether closing it is the client's job.
 
     The client's driver (``drivers``) says which httpx client to make when none is given.
@@ -128,14 +129,14 @@ class HttpHolder(Generic[HttpClientT]):
         self._owns_http = http_client is None
         self._http = http_client if http_client is not None else self._default_http_client()
 
+    @abstractmethod
     def _default_http_client(self) -> HttpClientT:
         """The httpx client to send through when none is given (the driver's)."""
-        raise NotImplementedError
 
     @classmethod
+    @abstractmethod
     def _in_process_http_client(cls, app: Any, on_close: Callable[[], None]) -> HttpClientT:
         """An httpx client whose transport calls ``app`` in this process (the driver's)."""
-        raise NotImplementedError
 
     @classmethod
     def _of_local_app(
@@ -222,14 +223,6 @@ class ClientCore(HttpHolder[HttpClientT]):
 
     # Requests ---------------------------------------------------------------------------
 
-    def _timeout(self, operation: Operation[Any]) -> httpx.Timeout:
-        if isinstance(self.timeout, httpx.Timeout):
-            return self.timeout
-        if self.timeout is not None:
-            return httpx.Timeout(self.timeout)
-        read = operation.read_timeout
-        return httpx.Timeout(connect=CONNECT_TIMEOUT, read=read, write=read, pool=read)
-
     def _build_request(self, operation: Operation[Any]) -> httpx.Request:
         headers = {
             "X-Moondream-Auth": self._api_key.get_secret_value(),
@@ -246,7 +239,7 @@ class ClientCore(HttpHolder[HttpClientT]):
             params=operation.params,
             content=content,
             headers=headers,
-            timeout=self._timeout(operation),
+            timeout=request_timeout(self.timeout, operation),
         )
 
     # Steps -------------------------------------------------------------------------------
@@ -257,14 +250,12 @@ class ClientCore(HttpHolder[HttpClientT]):
         attempts = Attempts()
         delay: float | None = None  # before a retry: the wait it asks for
         while True:
-            turn = self.rate_limiter.reserve(delay or 0.0)
-            if delay is not None or turn.wait > 0:
-                yield turn.wait
+            sent_at = yield from take_turn(self.rate_limiter, delay)
             started = time.perf_counter()
             outcome = yield Send(request)
             elapsed = time.perf_counter() - started
             step = self._settle(
-                operation, attempts, outcome, turn.at, elapsed, len(request.content)
+                operation, attempts, outcome, sent_at, elapsed, len(request.content)
             )
             if isinstance(step, Done):
                 return step.value
@@ -421,6 +412,30 @@ def transport_error(label: str, error: Exception, scrub: Callable[[str], str]) -
         return APIConnectionError(text)
     # An answer came but could not be read (bad encoding, endless redirects).
     return ServerError(text)
+
+
+def request_timeout(
+    configured: float | httpx.Timeout | None, operation: Operation[Any]
+) -> httpx.Timeout:
+    """A request's timeouts: the client's, else the operation's own read timeout."""
+    if isinstance(configured, httpx.Timeout):
+        return configured
+    if configured is not None:
+        return httpx.Timeout(configured)
+    read = operation.read_timeout
+    return httpx.Timeout(connect=CONNECT_TIMEOUT, read=read, write=read, pool=read)
+
+
+def take_turn(limiter: RateLimiter, delay: float | None) -> Steps[float]:
+    """Wait for the key's next turn to send (a retry: no sooner than ``delay``).
+
+    Returns:
+        When the turn starts, on the limiter's clock.
+    """
+    turn = limiter.reserve(delay or 0.0)
+    if delay is not None or turn.wait > 0:
+        yield turn.wait
+    return turn.at
 
 
 def pace_answer(

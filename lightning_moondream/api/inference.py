@@ -43,7 +43,6 @@ from pydantic import SecretStr
 
 from lightning_moondream.api import wire
 from lightning_moondream.api.core import (
-    CONNECT_TIMEOUT,
     LOCAL_API_KEY,
     LOCAL_BASE_URL,
     USER_AGENT,
@@ -52,10 +51,12 @@ from lightning_moondream.api.core import (
     HttpClientT,
     HttpHolder,
     pace_answer,
+    request_timeout,
     resolve_api_key,
     retry_delay,
     scrub_key,
     status_error,
+    take_turn,
     transport_error,
 )
 from lightning_moondream.api.drivers import (
@@ -82,7 +83,7 @@ from lightning_moondream.api.inference_models import (
 )
 from lightning_moondream.api.limiter import RateLimiter, limiter_for
 from lightning_moondream.api.models import Settings
-from lightning_moondream.api.operations import DEFAULT_READ_TIMEOUT, Action, Operation
+from lightning_moondream.api.operations import Action, Operation
 from lightning_moondream.api.retry import (
     CallKind,
     RetryPolicy,
@@ -300,14 +301,6 @@ class _InferenceCore(HttpHolder[HttpClientT]):
                 raise InvalidRequestError(f"calls[{index}]: {exc.message}") from exc
         return operations
 
-    def _timeout(self) -> httpx.Timeout:
-        if isinstance(self.timeout, httpx.Timeout):
-            return self.timeout
-        if self.timeout is not None:
-            return httpx.Timeout(self.timeout)
-        read = DEFAULT_READ_TIMEOUT
-        return httpx.Timeout(connect=CONNECT_TIMEOUT, read=read, write=read, pool=read)
-
     def _build_request(self, operation: Operation[Any]) -> httpx.Request:
         streams = bool(operation.json.get("stream"))
         headers = {
@@ -321,7 +314,7 @@ class _InferenceCore(HttpHolder[HttpClientT]):
             self.base_url + operation.path,
             content=wire.dumps(operation.json),
             headers=headers,
-            timeout=self._timeout(),
+            timeout=request_timeout(self.timeout, operation),
         )
 
     # Steps ------------------------------------------------------------------------------
@@ -339,16 +332,14 @@ class _InferenceCore(HttpHolder[HttpClientT]):
         attempts = Attempts()
         delay: float | None = None  # before a retry: the wait it asks for
         while True:
-            turn = self.rate_limiter.reserve(delay or 0.0)
-            if delay is not None or turn.wait > 0:
-                yield turn.wait
+            sent_at = yield from take_turn(self.rate_limiter, delay)
             started = time.perf_counter()
             outcome = yield Send(request, stream)
             succeeded = isinstance(outcome, httpx.Response) and outcome.is_success
             if not (succeeded and stream):
                 self._count(operation, request, started)
             if isinstance(outcome, httpx.Response):
-                pace_answer(self.rate_limiter, self.usage, outcome, turn.at)
+                pace_answer(self.rate_limiter, self.usage, outcome, sent_at)
             if succeeded:
                 return outcome, started
             delay = self._retry_delay(operation, attempts, outcome)

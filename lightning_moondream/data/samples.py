@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, cast
@@ -83,7 +84,7 @@ def _normalized_boxes(
     return tuple(box for box in boxes if box is not None)
 
 
-class _ImageCarrier:
+class _ImageCarrier(ABC):
     """What every sample does with its image: count it and encode it once."""
 
     image: ImageInput | None
@@ -91,13 +92,13 @@ class _ImageCarrier:
     id: str
     spatial_refs: tuple[tuple[float, ...], ...] | None
 
+    @abstractmethod
     def to_request(self, settings: Settings | None = None) -> AnyRequest:
         """Build the request of this sample's skill."""
-        raise NotImplementedError
 
+    @abstractmethod
     def target(self) -> dict[str, Any]:
         """The sample's ground truth as plain JSON."""
-        raise NotImplementedError
 
     def sft_target(self) -> dict[str, Any]:
         """The target of an SFT group: the sample's points or boxes."""
