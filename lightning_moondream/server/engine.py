@@ -14,7 +14,6 @@ immutable values; a train step returns a new one, which the service swaps in.
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -151,11 +150,6 @@ class Engine(Protocol):
         Returns:
             The new state and the step's statistics.
         """
-
-
-def adapter_seed(adapter_id: str) -> int:
-    """Seed of an adapter's initialization, derived from its id."""
-    return zlib.crc32(adapter_id.encode())
 
 
 class ReferenceEngine:

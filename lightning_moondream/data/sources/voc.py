@@ -163,11 +163,6 @@ def voc_annotation_folder(root: Path) -> Path:
     return _subfolder(root, _ANNOTATION_FOLDERS) or root
 
 
-def is_voc_flat(root: Path) -> bool:
-    """Tell whether ``root`` is a folder of VOC XML files (or has an annotations folder)."""
-    return any(voc_annotation_folder(root).glob("*.xml"))
-
-
 def voc_split_ids(root: Path, split: str) -> list[str]:
     """Image ids listed in ``ImageSets/Main/{split}.txt``.
 
