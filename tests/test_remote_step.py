@@ -27,7 +27,7 @@ def remote_step(train_steps: int) -> RemoteStep:
     )
     session = Session(SessionOptions(max_retries=0), service, Scorer())
     step = RemoteStep(
-        session,
+        session.connection,
         max_staleness=0,
         max_retries=0,
         on_ambiguous_step="raise",

@@ -22,7 +22,12 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Literal, Protocol, TypeVar
 
-from lightning_moondream.api import AmbiguousRequestError, TrainStepResult, TuningAPIError
+from lightning_moondream.api import (
+    AmbiguousRequestError,
+    AsyncTuningClient,
+    TrainStepResult,
+    TuningAPIError,
+)
 from lightning_moondream.distributed import Collective
 from lightning_moondream.session.rate_share import Pace
 
@@ -92,20 +97,15 @@ class StepReport:
 
 
 class TrainStepService(Protocol):
-    """What the remote step needs of the service (rank 0 only)."""
+    """What the remote step needs of the service (rank 0 only): a ``Connection``."""
+
+    @property
+    def client(self) -> AsyncTuningClient:
+        """The API client that sends train steps and reads the adapter back."""
+        ...
 
     def submit(self, coroutine: Coroutine[Any, Any, T]) -> Future[T]:
         """Start a coroutine on the client's event loop."""
-        ...
-
-    async def train_step(
-        self, adapter_id: str, groups: list[Any], lr: float | None
-    ) -> TrainStepResult:
-        """Send one ``/train_step``."""
-        ...
-
-    async def reported_steps(self, adapter_id: str) -> int | None:
-        """The train steps the service reports for the adapter, if it does."""
         ...
 
     def rate_share(self, paces: list[Pace]) -> float | None:
@@ -295,7 +295,7 @@ class RemoteStep:
         """
         for _ in range(self.max_retries + 1):
             try:
-                return await self.service.train_step(adapter_id, groups, lr)
+                return await self.service.client.train_step(adapter_id, groups, lr=lr)
             except AmbiguousRequestError as exc:
                 if not await self._resend_needed(adapter_id, applied_before, exc):
                     return None
@@ -331,7 +331,7 @@ class RemoteStep:
         self, adapter_id: str, applied_before: int, error: AmbiguousRequestError
     ) -> bool:
         """Read the adapter back to learn whether an ambiguous train step was applied."""
-        reported = await self.service.reported_steps(adapter_id)
+        reported = (await self.service.client.adapters.get(adapter_id)).train_steps
         step = applied_before + 1
         if reported == applied_before:
             warnings.warn(

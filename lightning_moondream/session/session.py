@@ -16,17 +16,16 @@ from __future__ import annotations
 import logging
 import secrets
 import warnings
-from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from lightning_moondream.api import (
     Adapter,
     AsyncTuningClient,
     RolloutsResponse,
     Settings,
-    TrainStepResult,
     TuningAPIError,
     UsageStats,
 )
@@ -41,7 +40,6 @@ from lightning_moondream.session.connection import Connection
 from lightning_moondream.session.evaluation import Scored, Tally
 from lightning_moondream.session.evaluator import Evaluator
 from lightning_moondream.session.options import SessionOptions
-from lightning_moondream.session.rate_share import Pace
 from lightning_moondream.session.remote_step import (
     RemoteStep,
     Shard,
@@ -53,8 +51,6 @@ from lightning_moondream.session.sampling import (
 from lightning_moondream.session.service import ServiceChoice
 from lightning_moondream.session.signal import PromptFilter
 from lightning_moondream.session.teaching import Teacher
-
-T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +88,7 @@ class Session:
         """The run's collectives, joined at :meth:`join`; trivial in one process."""
         self.connection = Connection(choice, UsageStats(), info, options.requests_per_second)
         self.remote = RemoteStep(
-            self,
+            self.connection,
             max_staleness=options.max_staleness,
             max_retries=options.max_retries,
             on_ambiguous_step=options.on_ambiguous_step,
@@ -175,27 +171,9 @@ class Session:
 
     def send_metrics(self, step: int, metrics: Mapping[str, float]) -> Future[int]:
         """Start logging ``metrics`` at ``step`` to the finetune; a future of how many were stored."""
-        return self.submit(self.client.metrics.log(self.adapter.adapter_id, step, metrics))
-
-    # What the remote step needs of the service.
-
-    def submit(self, coroutine: Coroutine[Any, Any, T]) -> Future[T]:
-        """Start a coroutine on the client's event loop."""
-        return self.connection.submit(coroutine)
-
-    async def train_step(
-        self, adapter_id: str, groups: list[Any], lr: float | None
-    ) -> TrainStepResult:
-        """Send one ``/train_step``."""
-        return await self.client.train_step(adapter_id, groups, lr=lr)
-
-    async def reported_steps(self, adapter_id: str) -> int | None:
-        """The train steps the service reports for the adapter, if it does."""
-        return (await self.client.adapters.get(adapter_id)).train_steps
-
-    def rate_share(self, paces: list[Pace]) -> float | None:
-        """The key's rate for the next step, from every process's pace."""
-        return self.connection.rate_share(paces)
+        return self.connection.submit(
+            self.client.metrics.log(self.adapter.adapter_id, step, metrics)
+        )
 
     # The adapter --------------------------------------------------------------------------
 
