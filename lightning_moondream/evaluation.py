@@ -845,12 +845,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_MAX_SIDE,
         help="longest image side sent, in pixels",
     )
-    _add_service_options(parser)
+    add_service_options(parser)
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
 
-def _add_service_options(parser: argparse.ArgumentParser) -> None:
+def add_service_options(parser: argparse.ArgumentParser) -> None:
     """``--local-dir`` or ``--base-url`` (``ServiceChoice`` decides with the environment)."""
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--local-dir", default=None, help="data folder of a local tuning service")

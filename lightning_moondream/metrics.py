@@ -211,7 +211,43 @@ def _points_of(mapping: Mapping[str, Any]) -> Any:
 # Metrics --------------------------------------------------------------------------------
 
 
-class DetectionF1(Metric):
+class _MatchCounts(Metric):
+    """Summed true positives, predictions and targets of a one-to-one matching.
+
+    Args:
+        prefix: Names the results ``<prefix>_precision``, ``<prefix>_recall`` and
+            ``<prefix>_f1``.
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    true_positives: Tensor
+    predicted: Tensor
+    target: Tensor
+
+    def __init__(self, prefix: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._prefix = prefix
+        for name in ("true_positives", "predicted", "target"):
+            self.add_state(name, default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def _count(self, counts: PointCounts | DetectionCounts) -> None:
+        # ``add_`` of Python numbers: no tensor is built and no module attribute is set per
+        # image (``+=`` would go through ``Module.__setattr__``, the largest cost here).
+        self.true_positives.add_(counts.true_positives)
+        self.predicted.add_(counts.predicted)
+        self.target.add_(counts.target)
+
+    def compute(self) -> dict[str, Tensor]:
+        """Return ``<prefix>_precision``, ``<prefix>_recall`` and ``<prefix>_f1``."""
+        values = precision_recall_f1(self.true_positives, self.predicted, self.target)
+        names = (f"{self._prefix}_{name}" for name in ("precision", "recall", "f1"))
+        return dict(zip(names, values, strict=True))
+
+
+class DetectionF1(_MatchCounts):
     """Detection precision, recall and F1 at IoU 0.5, and mean matched IoU.
 
     Uses the one-to-one maximum-IoU matching of the detect reward; see the module
@@ -224,21 +260,13 @@ class DetectionF1(Metric):
         1.0
     """
 
-    is_differentiable = False
-    higher_is_better = True
-    full_state_update = False
-
-    true_positives: Tensor
-    predicted: Tensor
-    target: Tensor
     iou_sum: Tensor
     pairs: Tensor
 
     def __init__(self, iou_threshold: float = IOU_THRESHOLD, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+        super().__init__("det", **kwargs)
         self.iou_threshold = iou_threshold
-        for name in ("true_positives", "predicted", "target", "pairs"):
-            self.add_state(name, default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("pairs", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state(
             "iou_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum"
         )
@@ -246,28 +274,21 @@ class DetectionF1(Metric):
     def update(self, predicted: BoxesLike, target: BoxesLike) -> None:
         """Add one image's predicted and true boxes (normalized ``xyxy``)."""
         counts = detection_counts(predicted, target, self.iou_threshold)
-        # ``add_`` of Python numbers: no tensor is built and no module attribute is set per
-        # image (``+=`` would go through ``Module.__setattr__``, the largest cost here).
-        self.true_positives.add_(counts.true_positives)
-        self.predicted.add_(counts.predicted)
-        self.target.add_(counts.target)
+        self._count(counts)
         self.iou_sum.add_(counts.iou_sum)
         self.pairs.add_(counts.pairs)
 
     def compute(self) -> dict[str, Tensor]:
         """Return ``det_precision``, ``det_recall``, ``det_f1`` and ``det_miou``."""
-        precision, recall, f1 = precision_recall_f1(
-            self.true_positives, self.predicted, self.target
-        )
         if self.pairs > 0:
             miou = self.iou_sum / self.pairs
         else:
             empty = self.predicted == 0 and self.target == 0
             miou = torch.tensor(1.0 if empty else 0.0, dtype=torch.float64)
-        return {"det_precision": precision, "det_recall": recall, "det_f1": f1, "det_miou": miou}
+        return {**super().compute(), "det_miou": miou}
 
 
-class PointAccuracy(Metric):
+class PointAccuracy(_MatchCounts):
     """Point precision, recall and F1 under the matching of the point reward.
 
     Against true points a predicted point is a true positive when the distance-minimizing
@@ -281,18 +302,8 @@ class PointAccuracy(Metric):
         1.0
     """
 
-    is_differentiable = False
-    higher_is_better = True
-    full_state_update = False
-
-    true_positives: Tensor
-    predicted: Tensor
-    target: Tensor
-
     def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        for name in ("true_positives", "predicted", "target"):
-            self.add_state(name, default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        super().__init__("point", **kwargs)
 
     def update(
         self,
@@ -302,17 +313,7 @@ class PointAccuracy(Metric):
         boxes: BoxesLike | None = None,
     ) -> None:
         """Add one image's predicted points against its true ``points`` or ``boxes``."""
-        counts = point_counts(predicted, points=points, boxes=boxes)
-        self.true_positives.add_(counts.true_positives)
-        self.predicted.add_(counts.predicted)
-        self.target.add_(counts.target)
-
-    def compute(self) -> dict[str, Tensor]:
-        """Return ``point_precision``, ``point_recall`` and ``point_f1``."""
-        precision, recall, f1 = precision_recall_f1(
-            self.true_positives, self.predicted, self.target
-        )
-        return {"point_precision": precision, "point_recall": recall, "point_f1": f1}
+        self._count(point_counts(predicted, points=points, boxes=boxes))
 
 
 class VQAAccuracy(Metric):

@@ -42,6 +42,7 @@ from lightning_moondream.evaluation import (
     EvaluationError,
     ModelSpec,
     OpenedModel,
+    add_service_options,
     connect,
     open_model,
 )
@@ -207,11 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--output", required=True, help="output folder")
     parser.add_argument("--max-concurrency", type=int, default=8, help="requests in flight")
-    where = parser.add_mutually_exclusive_group()
-    where.add_argument("--local-dir", default=None, help="data folder of a local tuning service")
-    where.add_argument(
-        "--base-url", default=None, help="API base URL (default: MOONDREAM_TUNING_URL or the cloud)"
-    )
+    add_service_options(parser)
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
