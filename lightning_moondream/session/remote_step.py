@@ -161,6 +161,7 @@ class RemoteStep:
         self._shard = Shard()
         self._pending: _Sent | None = None
         self._drained: TrainStepResult | None = None
+        self._warned: set[str] = set()
 
     def reset(
         self, train_steps: int, skipped_steps: int = 0, *, steps_in_answers: bool = False
@@ -209,13 +210,7 @@ class RemoteStep:
             metrics.update(_service_metrics(previous))
         if not groups:
             self.skipped_steps += 1
-            if self.skipped_steps == 1:
-                warnings.warn(
-                    "a step's rollouts all scored alike, so there was nothing to learn from and no "
-                    "train step was sent (counted in train/skipped_steps); check the reward, or "
-                    "sample with more variety (temperature, num_rollouts)",
-                    stacklevel=2,
-                )
+            self._warn_skipped(sampled="reward_mean" in metrics)
         else:
             sent = time.perf_counter()
             applied_before, self.in_doubt = self.train_steps, True
@@ -232,6 +227,27 @@ class RemoteStep:
         key_rate = self.service.rate_share(paces) if len(paces) == len(shards) else None
         metrics.update(_rate_metrics(paces))
         return StepReport(self.train_steps, self.skipped_steps, metrics, key_rate)
+
+    def _warn_skipped(self, *, sampled: bool) -> None:
+        """Say once per cause why a step sent nothing."""
+        cause = "alike" if sampled else "all skipped"
+        if cause in self._warned:
+            return
+        self._warned.add(cause)
+        if sampled:
+            message = (
+                "a step's rollouts all scored alike, so there was nothing to learn from and no "
+                "train step was sent (counted in train/skipped_steps); check the reward, or "
+                "sample with more variety (temperature, num_rollouts)"
+            )
+        else:
+            message = (
+                "every prompt of a step was skipped, as their recent groups had no reward "
+                "spread (skip_prompts), so no train step was sent (counted in "
+                "train/skipped_steps and train/skipped_prompts); raise skip_floor (the least "
+                "chance that such a prompt is still sampled) or turn skip_prompts off"
+            )
+        warnings.warn(message, stacklevel=3)
 
     def skipped_summary(self, global_steps: int) -> str | None:
         """The end-of-fit warning when most of a run's steps applied nothing, else ``None``.
