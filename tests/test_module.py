@@ -294,7 +294,7 @@ def test_after_ctrl_c_a_step_in_flight_is_not_waited_for_and_blocks_checkpoints(
     model = MoondreamRLModule(local_service={"data_dir": str(tmp_path), "policy": "constant"})
     adapter_id = model.adapter.adapter_id
     # A train step that never answers, as one stuck on the service.
-    stuck = model.session.submit(asyncio.sleep(3600))
+    stuck = model.session.connection.submit(asyncio.sleep(3600))
     model.session.remote._pending = _Sent(stuck, adapter_id, applied_before=0)  # type: ignore[arg-type]
     _CloseOnException().on_exception(cast(Any, None), model, KeyboardInterrupt())
     with pytest.raises(AmbiguousTrainStepError, match="not checkpointing"):

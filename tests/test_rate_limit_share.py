@@ -115,7 +115,11 @@ def test_the_step_carries_every_ranks_pace_and_grants_the_key_rate() -> None:
         SessionOptions(requests_per_second=4.0, max_retries=0), remote_choice(9005), Scorer()
     )
     step = RemoteStep(
-        session.connection, max_staleness=0, max_retries=0, on_ambiguous_step="raise", resume_hint=str
+        session.connection,
+        max_staleness=0,
+        max_retries=0,
+        on_ambiguous_step="raise",
+        resume_hint=str,
     )
     # No group has signal: nothing is sent, yet the paces are counted and logged.
     step.add(Shard(rewards=[[1.0, 1.0]]))

@@ -229,3 +229,39 @@ def test_bad_options_name_the_option() -> None:
         SessionOptions(max_staleness=2)
     with pytest.raises(ValueError, match="dialect must be one of"):
         ServiceChoice(dialect="cloud")  # type: ignore[arg-type]
+
+
+def test_a_resumed_session_skips_prompts_as_an_unbroken_one(tmp_path: Path) -> None:
+    batch = detect_samples("train", 3)
+
+    def run(session: Session, steps: range) -> list[float]:
+        skipped = []
+        for step in steps:
+            session.teach(batch, step, global_step=step)
+            skipped.append(session.step(lr=None).metrics["skipped_prompts"])
+        return skipped
+
+    options: dict[str, Any] = {"skip_prompts": True, "skip_floor": 0.0}
+    unbroken = local_session(tmp_path / "unbroken", "finetunes", reward=constant, **options)
+    with pytest.warns(UserWarning):
+        expected = run(unbroken, range(8))
+    unbroken.close()
+
+    first = local_session(tmp_path / "resumed", "finetunes", reward=constant, **options)
+    with pytest.warns(UserWarning):
+        skipped = run(first, range(4))
+    state = first.save_checkpoint()
+    first.close()
+    assert state is not None and state["prompt_streaks"]
+    second = local_session(tmp_path / "resumed", "finetunes", reward=constant, **options)
+    second.resume(state)
+    with pytest.warns(UserWarning):
+        skipped += run(second, range(4, 8))
+    second.close()
+    # Every prompt is always solved: the later steps skip most of them, the same ones.
+    assert sum(expected[4:]) > 0
+    assert skipped == expected
+
+
+def constant(sample: Any, rollout: Any) -> float:
+    return 1.0

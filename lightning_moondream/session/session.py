@@ -239,6 +239,8 @@ class Session:
         """
         self._adapter = None
         self.checkpoints.resume(state, self._evaluating_only)
+        if self.prompt_filter is not None:
+            self.prompt_filter.restore(state.get("prompt_streaks", {}))
 
     def check_training(self, lr: float | None) -> None:
         """Open the adapter for training, refusing what its dialect cannot do (on every rank).
@@ -369,9 +371,15 @@ class Session:
         """Save an API checkpoint: its state for a Lightning checkpoint, or ``None``.
 
         See :meth:`Checkpoints.save`; ``interrupted`` saves on rank 0 alone, then closes.
+        With ``skip_prompts`` the state keeps the prompts' flat streaks too, so a resumed
+        run skips as this one would have.
         """
         adapter = self._adapter
-        return self.checkpoints.save(None if adapter is None else adapter.adapter_id, interrupted)
+        state = self.checkpoints.save(None if adapter is None else adapter.adapter_id, interrupted)
+        streaks = None if self.prompt_filter is None else self.prompt_filter.state()
+        if state is not None and streaks:
+            state["prompt_streaks"] = streaks
+        return state
 
     def delete_checkpoint(self, checkpoint_id: str) -> None:
         """Delete an API checkpoint."""

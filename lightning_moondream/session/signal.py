@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,6 +117,14 @@ class PromptFilter:
                 self._streaks.pop(key, None)
             else:
                 self._streaks[key] = self._streaks.get(key, 0) + 1
+
+    def state(self) -> dict[str, int]:
+        """The flat streaks, for a checkpoint: a resumed run skips as this one would."""
+        return dict(self._streaks)
+
+    def restore(self, streaks: Mapping[str, int]) -> None:
+        """Take up the flat streaks of a checkpoint (see :meth:`state`)."""
+        self._streaks = {str(key): int(count) for key, count in streaks.items()}
 
     def _draw(self, key: str, step: int) -> float:
         """A uniform number in [0, 1) fixed by the seed, the step and the prompt."""

@@ -69,7 +69,11 @@ class Teacher:
         error: Exception | None = None
         outcomes: list[tuple[str, bool]] = []
         try:
-            shard, outcomes = self._shard(encoded(check_batch(batch, batch_idx)), global_step)
+            samples = encoded(check_batch(batch, batch_idx))
+            # Opened before the shard is made, even when every prompt is skipped and
+            # nothing is sampled: opening resets the step's shards.
+            session.adapter  # noqa: B018
+            shard, outcomes = self._shard(samples, global_step)
             session.remote.add(shard)
         except Exception as exc:
             error = exc
