@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from builders import yolo_tree
 from test_evaluate_models import train_and_save
 
 from lightning_moondream.api import TuningClient
@@ -142,3 +143,24 @@ def test_a_missing_model_is_named_with_what_exists(
     error = capsys.readouterr().err
     assert f"no checkpoint at step 9; {finetune} keeps: {finetune}@1 (step 1)" in error
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("split", "labelled"), [(None, ["x.jpg", "y.png"]), ("val", ["z.jpg"])])
+def test_a_dataset_split_is_labelled_the_training_one_by_default(
+    trained: dict[str, Any], tmp_path: Path, split: str | None, labelled: list[str]
+) -> None:
+    (tmp_path / "yolo").mkdir()
+    data = yolo_tree(tmp_path / "yolo")
+    chosen = () if split is None else ("--split", split)
+    options = ("--model", "base", "--data", str(data), *chosen, "--no-progress")
+    assert label(trained, tmp_path / "out", *options) == 0
+    entries = [json.loads(line) for line in (tmp_path / "out" / PROGRESS_FILE).open()][1:]
+    assert sorted({Path(entry["id"]).name for entry in entries}) == labelled
+
+
+def test_a_split_of_a_folder_of_images_is_refused(
+    trained: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    options = ("--model", "base", "--images", str(trained["images"]), "--classes", "x")
+    assert label(trained, tmp_path / "out", *options, "--split", "val") == 1
+    assert "--split chooses a split of --data, not of --images" in capsys.readouterr().err

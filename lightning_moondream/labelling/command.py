@@ -72,9 +72,16 @@ class LabellingInput:
 
 
 def labelling_input(
-    images: str | None, data: str | None, data_format: str | None, classes: Sequence[str]
+    images: str | None,
+    data: str | None,
+    data_format: str | None,
+    classes: Sequence[str],
+    split: str | None = None,
 ) -> LabellingInput:
-    """The images of ``--images`` or ``--data``, and the classes (a dataset's by default).
+    """The images of ``--images`` or of a split of ``--data``, and the classes.
+
+    The classes are the dataset's unless given; the split is the one named, else the
+    dataset's training split, else its only one.
 
     Raises:
         LabellingError: If neither or both are given, or no class is known.
@@ -85,9 +92,11 @@ def labelling_input(
     if images is not None:
         if not classes:
             raise LabellingError("--classes is needed with --images (e.g. --classes cat,dog)")
+        if split is not None:
+            raise LabellingError("--split chooses a split of --data, not of --images")
         return LabellingInput(images, list(classes))
     assert data is not None
-    records = read_records(data, format=data_format)
+    records = read_records(data, format=data_format, split=split)
     if not isinstance(records, Records):
         raise LabellingError(f"{data}: not a dataset of annotated images (boxes or points)")
     files = [str(image.image) for image in records.images if isinstance(image.image, (str, Path))]
@@ -197,6 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--data-format", choices=FORMATS, default=None, help="the --data dataset's format"
     )
     parser.add_argument(
+        "--split",
+        default=None,
+        help="the --data split to label (default: its training split, else its only one)",
+    )
+    parser.add_argument(
         "--classes", default="", help="comma-separated object names, e.g. 'cat,dog'"
     )
     parser.add_argument("--skill", choices=("detect", "point"), default="detect")
@@ -241,7 +255,9 @@ def label_main(argv: Sequence[str]) -> int:
         print("error: --max-concurrency must be at least 1", file=sys.stderr)
         return 1
     try:
-        what = labelling_input(args.images, args.data, args.data_format, _split(args.classes))
+        what = labelling_input(
+            args.images, args.data, args.data_format, _split(args.classes), args.split
+        )
         run = asyncio.run(_run(args, what))
     except (EvaluationError, LabellingError, DatasetError, TuningAPIError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
