@@ -265,3 +265,24 @@ def test_a_resumed_session_skips_prompts_as_an_unbroken_one(tmp_path: Path) -> N
 
 def constant(sample: Any, rollout: Any) -> float:
     return 1.0
+
+
+def test_evaluation_keeps_in_flight_what_the_admitted_rate_calls_for(tmp_path: Path) -> None:
+    session = local_session(tmp_path, reward=alternating_reward(), requests_per_second=4.0)
+    session.teach(detect_samples("train", 4), 0, global_step=0)
+    session.step(lr=None)
+    client = session.connection.client
+    asked: list[int] = []
+    rollouts_many = client.rollouts_many
+
+    async def recording(calls: Any, *, max_concurrency: int = 8) -> Any:
+        asked.append(max_concurrency)
+        return await rollouts_many(calls, max_concurrency=max_concurrency)
+
+    client.rollouts_many = recording  # type: ignore[method-assign]
+    in_flight = session.connection.in_flight()
+    assert in_flight is not None
+    session.evaluate([detect_samples("val", 12)])
+    session.close()
+    # Little's law: 4/s over a local round trip (under 2.75 s) is a few, not the batch.
+    assert asked == [in_flight] and in_flight < 12

@@ -75,14 +75,19 @@ class Evaluator:
         options = session.options
         settings = options.evaluation if settings is None else settings
         model = session.checkpoint_model
+        # Paced as training is, once the key's admitted rate and the latency are known.
+        in_flight = session.connection.in_flight
         if model is not None:
-            return inference_model(session.inference, model, settings, options.max_concurrency)
+            return inference_model(
+                session.inference, model, settings, options.max_concurrency, in_flight
+            )
         return tuning_model(
             session.connection.client,
             session.adapter.adapter_id,
             settings,
             session.scorer if scored else None,
             options.max_concurrency,
+            in_flight,
         )
 
     def evaluate_batch(

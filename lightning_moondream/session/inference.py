@@ -23,7 +23,7 @@ from lightning_moondream.api.inference_models import (
     QueryCall,
 )
 from lightning_moondream.scoring import Sample
-from lightning_moondream.session.sampling import GreedyModel, concurrency
+from lightning_moondream.session.sampling import GreedyModel, InFlight, concurrency
 
 
 def checkpoint_model(state: Mapping[str, Any]) -> str | None:
@@ -77,6 +77,7 @@ def inference_model(
     model: str,
     settings: Settings,
     max_concurrency: int | None,
+    in_flight: InFlight = lambda: None,
 ) -> GreedyModel:
     """The :data:`GreedyModel` of an inference model: one call per sample, in order.
 
@@ -84,13 +85,16 @@ def inference_model(
         client: The inference client (of the service the run tunes on).
         model: The model id, e.g. ``moondream3-preview/FT@STEP``.
         settings: Generation settings (greedy: temperature 0).
-        max_concurrency: Calls in flight at once; by default the whole batch (capped).
+        max_concurrency: Calls in flight at once; by default what ``in_flight`` asks,
+            else the whole batch (capped).
+        in_flight: Calls to keep in flight now, ``None`` when unknown.
     """
 
     async def answer(samples: Sequence[Sample]) -> list[RolloutsResponse]:
         requests = [sample.to_request(settings).to_json() for sample in samples]
         calls = [inference_call(request, model) for request in requests]
-        results = await client.many(calls, max_concurrency=concurrency(max_concurrency, len(calls)))
+        limit = concurrency(max_concurrency, len(calls), in_flight())
+        results = await client.many(calls, max_concurrency=limit)
         return [
             as_response(request, result) for request, result in zip(requests, results, strict=True)
         ]

@@ -77,6 +77,10 @@ def share(samples: Sequence[Sample], fraction: float) -> list[Sample]:
     ]
 
 
+InFlight = Callable[[], int | None]
+"""Requests to keep in flight now (``Connection.in_flight``), ``None`` when unknown."""
+
+
 def concurrency(max_concurrency: int | None, requests: int, in_flight: int | None = None) -> int:
     """Requests in flight at once.
 
@@ -138,17 +142,18 @@ def tuning_model(
     settings: Settings,
     scorer: Scorer | None,
     max_concurrency: int | None,
+    in_flight: InFlight = lambda: None,
 ) -> GreedyModel:
     """The :data:`GreedyModel` of an adapter of the tuning API: one rollout per sample.
 
     Ground truth goes with the requests where ``scorer`` uses the service's rewards;
-    with no scorer, none goes.
+    with no scorer, none goes. Without ``max_concurrency``, each batch keeps what
+    ``in_flight`` asks in flight, if it knows (see :func:`concurrency`).
     """
 
     async def answer(samples: Sequence[Sample]) -> list[RolloutsResponse]:
         calls = rollout_calls(adapter_id, samples, settings, 1, scorer)
-        return await client.rollouts_many(
-            calls, max_concurrency=concurrency(max_concurrency, len(calls))
-        )
+        limit = concurrency(max_concurrency, len(calls), in_flight())
+        return await client.rollouts_many(calls, max_concurrency=limit)
 
     return answer
