@@ -100,6 +100,33 @@ def test_a_reward_failing_on_rank_1_fails_both_ranks_with_its_error(tmp_path: Pa
 
 
 @pytest.mark.slow
+def test_a_checkpoint_validated_under_ddp_answers_through_rank_0s_inference_api(
+    tmp_path: Path,
+) -> None:
+    trained = ddp_run(tmp_path / "fit", "--max-steps", "4")
+    finetune = trained[0]["adapter_id"]
+    service = tmp_path / "fit" / "service"
+    checkpoint = next((tmp_path / "fit" / "ckpt").glob("*step=2.ckpt"))
+    metrics = {}
+    for devices in ("1", "2"):
+        ranks = ddp_run(
+            tmp_path / devices,
+            *("--validate-checkpoint", str(checkpoint), "--service", str(service)),
+            *("--devices", devices, "--val-images", "5"),
+        )
+        metrics[devices] = ranks[0]["metrics"]
+        assert all(rank["metrics"] == metrics[devices] for rank in ranks.values())
+        # Answered by moondream3-preview/FT@2 (no rollouts), every rank through rank 0's
+        # service, with nothing trained, attached or created.
+        assert ranks[0]["usage"]["rollouts"] == 0 and ranks[0]["usage"]["requests"] >= 5
+    assert metrics["2"] == pytest.approx(metrics["1"])
+    assert {"val/map", "val/reward"} <= set(metrics["1"])
+    with TuningClient.local(data_dir=service, dialect="adapters") as client:
+        adapters = {adapter.adapter_id: adapter.train_steps for adapter in client.adapters.iter()}
+    assert adapters == {finetune: 4}
+
+
+@pytest.mark.slow
 def test_resume_under_ddp_continues_the_step_count(tmp_path: Path, serve: str) -> None:
     first = ddp_run(tmp_path / "a", "--base-url", serve, "--api-key", KEY, "--max-steps", "4")
     finetune = first[0]["adapter_id"]

@@ -2,12 +2,14 @@
 
 Usage: ``python tests/scripts/ddp_fit.py ROOT [--devices N] [--base-url URL]
 [--max-steps N] [--resume CKPT] [--accumulate K] [--fail-on-rank R] [--validate ADAPTER]
-[--strategy ddp|ddp_spawn] [--staleness 0|1] [--requests-per-second R]``.
+[--validate-checkpoint CKPT] [--service DIR] [--strategy ddp|ddp_spawn] [--staleness 0|1]
+[--requests-per-second R]``.
 
 Lightning starts the other processes by running this script again. Synthetic detect
 data comes from ``MoondreamDataModule``; a checkpoint is kept every two steps
 (``ROOT/ckpt``). Each rank writes ``ROOT/rank-<R>.json`` with what it saw. Without
-``--base-url`` the module starts its own local service (data in ``ROOT/service``).
+``--base-url`` the module starts its own local service (data in ``--service``, by default
+``ROOT/service``).
 """
 
 from __future__ import annotations
@@ -75,6 +77,10 @@ def main() -> None:
     parser.add_argument("--accumulate", type=int, default=1)
     parser.add_argument("--fail-on-rank", default=None)
     parser.add_argument("--validate", default=None, help="validate this adapter instead")
+    parser.add_argument(
+        "--validate-checkpoint", default=None, help="validate this Lightning checkpoint instead"
+    )
+    parser.add_argument("--service", type=Path, default=None, help="the local service's data")
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--strategy", default="ddp", choices=["ddp", "ddp_spawn"])
     parser.add_argument("--staleness", type=int, default=0)
@@ -83,6 +89,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.fail_on_rank is not None:
         os.environ["FAIL_ON_RANK"] = args.fail_on_rank
+    validating = bool(args.validate or args.validate_checkpoint)
 
     options: dict[str, Any] = {
         "num_rollouts": 2,
@@ -91,13 +98,13 @@ def main() -> None:
         "max_staleness": args.staleness,
         "requests_per_second": args.requests_per_second,
     }
-    if not args.validate:
+    if not validating:
         options["reward"] = varying_reward
     if args.base_url:
         options["base_url"] = args.base_url
         options["api_key"] = args.api_key
     else:
-        options["local_service"] = {"data_dir": str(args.root / "service")}
+        options["local_service"] = {"data_dir": str(args.service or args.root / "service")}
     if args.validate:
         options["adapter_id"] = args.validate
     model = MoondreamRLModule(name="ddp-test", **options)
@@ -117,7 +124,7 @@ def main() -> None:
         accelerator="cpu",
         max_steps=args.max_steps,
         accumulate_grad_batches=args.accumulate,
-        limit_val_batches=None if args.validate else 0,
+        limit_val_batches=None if validating else 0,
         num_sanity_val_steps=0,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -130,8 +137,8 @@ def main() -> None:
             Report(args.root, checkpoints),
         ],
     )
-    if args.validate:
-        trainer.validate(model, data)
+    if validating:
+        trainer.validate(model, data, ckpt_path=args.validate_checkpoint)
     else:
         trainer.fit(model, data, ckpt_path=args.resume)
 
