@@ -125,8 +125,9 @@ class MoondreamRLModule(LightningModule):
             a group with spread per sample of the batch (0: off).
         resume_at_finetune_step: On ``/finetunes``, let ``fit`` resume a finetune that
             went on past the checkpoint (the run stopped after saving it) from the step
-            it stands at, said in the log; by default such a resume stops with
-            ``ResumeMismatchError``. Steps are never sent or counted twice.
+            it stands at, said in the log (a service that does not report a finetune's
+            step, as Moondream Cloud, tells it in the first train step's answer); by
+            default such a resume stops. Steps are never sent or counted twice.
         requests_per_second: The API key's rate limit (Moondream Cloud: 2, or 10 once
             funded), shared by every process of the run: each sends its equal share, on
             turns of its own. ``None`` learns it from the service's 429 answers. The

@@ -17,6 +17,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
 
+import httpx
 import lightning as L
 import moondream  # a missing SDK must fail this test, not skip it
 import pytest
@@ -24,18 +25,31 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from moondream.types import Base64EncodedImage
 from pydantic import SecretStr
-from support import detect_samples, free_port, loader, quiet_trainer, serve_command, wait_for_serve
+from support import (
+    HideTrainSteps,
+    alternating_reward,
+    detect_samples,
+    free_port,
+    loader,
+    quiet_trainer,
+    serve_command,
+    serving,
+    wait_for_serve,
+)
 
 from lightning_moondream.api import AsyncTuningClient, TuningClient
+from lightning_moondream.api.inprocess import InProcessTransport
 from lightning_moondream.callbacks import RemoteCheckpoint
 from lightning_moondream.cli import main
 from lightning_moondream.evaluation import evaluate_async, load_data
 from lightning_moondream.module import (
     CHECKPOINT_KEY,
     SAMPLE_ENCODING,
+    AmbiguousTrainStepError,
     MoondreamRLModule,
     ResumeMismatchError,
 )
+from lightning_moondream.server import create_app
 
 METRICS = ("map", "map_50", "det_f1", "det_miou", "reward")
 KEY = "checkpoint-models-key"
@@ -214,6 +228,61 @@ def test_resume_summary_and_going_on_where_the_finetune_stands(
     assert run.global_step == 4
     assert resumed.train_steps == 8
     assert service_state(tmp_path, finetune)[0] == 8
+
+
+def test_a_finetune_ahead_of_its_checkpoint_on_a_service_that_hides_its_step(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As on Moondream Cloud, whose finetunes do not report their step when read: the
+    first train step's answer tells that the finetune went on past the checkpoint."""
+    app = create_app(
+        data_dir=tmp_path / "service", api_keys=[KEY], policy="constant", dialect="finetunes"
+    )
+    data = loader(detect_samples("train", 16), batch_size=2)
+
+    def run(
+        steps: int, *callbacks: Callback, **options: Any
+    ) -> tuple[L.Trainer, MoondreamRLModule]:
+        model = MoondreamRLModule(
+            api_key=KEY,
+            base_url=url,
+            num_rollouts=2,
+            dialect="finetunes",
+            reward=alternating_reward(),
+            **options,
+        )
+        fit = quiet_trainer(
+            tmp_path, max_steps=steps, enable_checkpointing=bool(callbacks), callbacks=[*callbacks]
+        )
+        return fit, model
+
+    with serving(HideTrainSteps(app)) as url:
+        fit, model = run(
+            4, RemoteCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+        )
+        fit.fit(model, data)
+        finetune = model.adapter.adapter_id
+        step_2 = tmp_path / "ckpt" / "epoch=0-step=2.ckpt"
+        assert held(step_2)["train_steps"] == 2
+
+        fit, model = run(4)
+        with pytest.raises(AmbiguousTrainStepError, match="reports step 5 after this run's train"):
+            fit.fit(model, data, ckpt_path=step_2)
+
+        caplog.clear()
+        fit, model = run(4, resume_at_finetune_step=True)
+        with caplog.at_level(logging.INFO):
+            fit.fit(model, data, ckpt_path=step_2)
+    # The run that stopped had its one step applied: steps 1 to 5 stay, each once.
+    assert (
+        f"finetune {finetune} answered this run's train step 3 at step 6: it had gone on past "
+        "the checkpoint" in caplog.text
+    )
+    assert fit.global_step == 4 and model.train_steps == 7
+    # Read from the app itself, which reports the step.
+    http = httpx.Client(transport=InProcessTransport(app))
+    with TuningClient(api_key=KEY, base_url=url, http_client=http, dialect="finetunes") as client:
+        assert client.adapters.get(finetune).train_steps == 7
 
 
 def test_the_best_checkpoint_of_a_served_finetune_is_one_model_everywhere(

@@ -131,10 +131,13 @@ async def reattach(
     finetune = await client.adapters.get(state["adapter_id"])
     if finetune.train_steps is None:
         # Moondream Cloud does not report a finetune's step: the first train step's
-        # answer does, and a finetune that moved on stops the run then.
+        # answer does, and a finetune that moved on stops the run then (or, given
+        # go_on_ahead, the count goes on from the step it answers).
+        then = "goes on from the step it answers" if go_on_ahead else "stops the run"
         warn(
             f"finetune {finetune.adapter_id} does not report its step; resuming at the "
-            f"checkpoint's step {state['train_steps']}, checked by the first train step"
+            f"checkpoint's step {state['train_steps']}, checked by the first train step "
+            f"(a finetune found past it {then})"
         )
         return finetune.model_copy(update={"train_steps": state["train_steps"]})
     ahead = finetune.train_steps - state["train_steps"]

@@ -162,9 +162,15 @@ class RemoteStep:
         self._pending: _Sent | None = None
         self._drained: TrainStepResult | None = None
         self._warned: set[str] = set()
+        self._go_on_ahead: Callable[[str], None] | None = None
 
     def reset(
-        self, train_steps: int, skipped_steps: int = 0, *, steps_in_answers: bool = False
+        self,
+        train_steps: int,
+        skipped_steps: int = 0,
+        *,
+        steps_in_answers: bool = False,
+        go_on_ahead: Callable[[str], None] | None = None,
     ) -> None:
         """Start counting from an adapter's state, forgetting any unsent groups.
 
@@ -174,9 +180,14 @@ class RemoteStep:
             steps_in_answers: Whether the service tells the adapter's step in each
                 train step's answer (``/finetunes``), so a step in doubt can count as
                 applied until the next answer says.
+            go_on_ahead: Given, the first answer may show the adapter past
+                ``train_steps`` (a finetune resumed with ``resume_at_finetune_step`` on a
+                service that does not report its step): the count goes on from there,
+                said through it, instead of stopping the run.
         """
         self.train_steps, self.skipped_steps = train_steps, skipped_steps
         self.steps_in_answers = steps_in_answers
+        self._go_on_ahead = go_on_ahead
         self.in_doubt = False
         self._shard = Shard()
 
@@ -334,6 +345,15 @@ class RemoteStep:
                 reported = expected - 1
             else:
                 return
+        go_on_ahead, self._go_on_ahead = self._go_on_ahead, None
+        if reported > expected and go_on_ahead is not None:
+            go_on_ahead(
+                f"finetune {adapter_id} answered this run's train step {expected} at step "
+                f"{reported}: it had gone on past the checkpoint, so the count goes on from "
+                f"step {reported} (resume_at_finetune_step); the steps it had stay applied"
+            )
+            self.train_steps = reported
+            return
         if reported > expected:
             raise AmbiguousTrainStepError(
                 f"adapter {adapter_id} reports step {reported} after this run's train step "

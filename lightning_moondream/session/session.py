@@ -182,9 +182,15 @@ class Session:
         """The adapter, opened on first use: rank 0 opens it and shares it (on every rank)."""
         if self._adapter is None:
             adapter, created, dialect = self.collective.on_zero(self._open)
-            skipped = (self.checkpoints.resumed or {}).get("skipped_steps", 0)
+            resumed = self.checkpoints.resumed or {}
+            on_finetunes = dialect == "finetunes"
+            # Where the finetune's step could not be read, its first answer tells it.
+            may_be_ahead = bool(resumed) and on_finetunes and self.options.resume_at_finetune_step
             self.remote.reset(
-                adapter.train_steps or 0, skipped, steps_in_answers=dialect == "finetunes"
+                adapter.train_steps or 0,
+                resumed.get("skipped_steps", 0),
+                steps_in_answers=on_finetunes,
+                go_on_ahead=self._info if may_be_ahead else None,
             )
             self._adapter, self._created = adapter, created
             self.connection.settle(dialect)
