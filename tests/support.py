@@ -6,7 +6,7 @@
   either dialect, to stand for a server that does not report it (Moondream's own
   ``/finetunes`` service does not).
 - Small samples, a reward that always varies, and a quiet ``Trainer`` (also one that
-  saves a checkpoint when the run fails).
+  saves a checkpoint when the run fails, and a fit over as many samples as its steps take).
 - A box as the wire writes it, and a metric's results as plain floats.
 """
 
@@ -216,6 +216,20 @@ def quiet_trainer(root: Path, **kwargs: Any) -> L.Trainer:
     }
     options.update(kwargs)
     return L.Trainer(**options)
+
+
+def fit_on_detect_samples(
+    model: L.LightningModule, root: Path, steps: int, batch_size: int = 2, **trainer_options: Any
+) -> L.Trainer:
+    """Fit ``model`` for ``steps`` steps over synthetic detect samples; the quiet ``Trainer``.
+
+    There are as many batches of ``batch_size`` as the steps take: ``steps`` times the
+    trainer's ``accumulate_grad_batches``.
+    """
+    batches = steps * trainer_options.get("accumulate_grad_batches", 1)
+    trainer = quiet_trainer(root, max_steps=steps, **trainer_options)
+    trainer.fit(model, loader(detect_samples("train", batches * batch_size), batch_size))
+    return trainer
 
 
 def on_exception_trainer(root: Path, max_steps: int) -> L.Trainer:
