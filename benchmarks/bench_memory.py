@@ -13,34 +13,33 @@ from __future__ import annotations
 
 import argparse
 import gc
-import itertools
 import os
 import tempfile
-import warnings
 from typing import Any
 
 import lightning.pytorch as pl
-from common import encoded_samples, print_table, quiet_trainer, write_results
+from common import (
+    alternating_reward,
+    encoded_samples,
+    plain_train_step,
+    print_table,
+    quiet_trainer,
+    write_results,
+)
 from torch.utils.data import DataLoader
 
-from lightning_moondream.api import Rollout, Settings, TuningClient
+from lightning_moondream.api import TuningClient
 from lightning_moondream.data import SampleList, collate_samples
 from lightning_moondream.module import MoondreamRLModule
 
 BATCH, NUM_ROLLOUTS, WARMUP, EVERY, LIMIT_MB = 8, 4, 20, 50, 50.0
 PAGE = os.sysconf("SC_PAGE_SIZE")
-_flip = itertools.count()
 
 
 def rss_mb() -> float:
     """Resident set size of this process in MiB."""
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * PAGE / 2**20
-
-
-def alternating_reward(sample: Any, rollout: Rollout) -> float:
-    """0, 1, 0, 1, ...: the constant policy answers alike, and equal rewards teach nothing."""
-    return float(next(_flip) % 2)
 
 
 class RssProbe(pl.Callback):
@@ -75,7 +74,6 @@ def module_run(data: list[Any], steps: int) -> list[tuple[int, float]]:
 
 
 def plain_run(data: list[Any], steps: int) -> list[tuple[int, float]]:
-    settings = Settings(temperature=1.0)
     readings = []
     with (
         tempfile.TemporaryDirectory() as folder,
@@ -84,14 +82,7 @@ def plain_run(data: list[Any], steps: int) -> list[tuple[int, float]]:
         adapter = client.adapters.create("memory", rank=16)
         for step in range(1, steps + 1):
             batch = [data[(step * BATCH + i) % len(data)] for i in range(BATCH)]
-            groups = []
-            for sample in batch:
-                response = client.rollouts(
-                    adapter.adapter_id, sample.to_request(settings), NUM_ROLLOUTS
-                )
-                rewards = [alternating_reward(sample, rollout) for rollout in response.rollouts]
-                groups.append(response.to_group(rewards))
-            client.train_step(adapter.adapter_id, groups)
+            plain_train_step(client, adapter.adapter_id, batch, NUM_ROLLOUTS)
             if step == WARMUP or (step > WARMUP and step % EVERY == 0):
                 gc.collect()
                 readings.append((step, rss_mb()))
@@ -103,7 +94,6 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="200 steps instead of 500")
     args = parser.parse_args()
     steps = 200 if args.quick else 500
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
     data = encoded_samples(64)
     results: dict[str, dict[str, Any]] = {}
     for name, run in (

@@ -26,15 +26,22 @@ import itertools
 import statistics
 import tempfile
 import time
-import warnings
 from typing import Any
 
 import lightning.pytorch as pl
-from common import encoded_samples, print_table, quiet_trainer, serve_http, write_results
+from common import (
+    alternating_reward,
+    encoded_samples,
+    plain_train_step,
+    print_table,
+    quiet_trainer,
+    serve_http,
+    write_results,
+)
 from pydantic import SecretStr
 from torch.utils.data import DataLoader
 
-from lightning_moondream.api import Rollout, Settings, TuningClient
+from lightning_moondream.api import TuningClient
 from lightning_moondream.data import SampleList, collate_samples
 from lightning_moondream.module import MoondreamRLModule
 
@@ -56,12 +63,6 @@ HEADERS = [
     "plain_s",
     "speedup",
 ]
-_flip = itertools.count()
-
-
-def alternating_reward(sample: Any, rollout: Rollout) -> float:
-    """0, 1, 0, 1, ...: the constant policy answers alike, and equal rewards teach nothing."""
-    return float(next(_flip) % 2)
 
 
 class StepTimer(pl.Callback):
@@ -107,7 +108,6 @@ def module_step_time(
 
 def plain_step_time(data: list[Any], batch: int, num_rollouts: int, steps: int) -> float:
     """Median seconds per step of a loop sending one request at a time."""
-    settings = Settings(temperature=1.0)
     times = []
     with (
         tempfile.TemporaryDirectory() as folder,
@@ -116,14 +116,8 @@ def plain_step_time(data: list[Any], batch: int, num_rollouts: int, steps: int) 
         adapter = client.adapters.create("plain-loop", rank=16)
         for step in range(steps):
             started = time.perf_counter()
-            groups = []
-            for sample in data[step * batch : (step + 1) * batch]:
-                response = client.rollouts(
-                    adapter.adapter_id, sample.to_request(settings), num_rollouts
-                )
-                rewards = [alternating_reward(sample, rollout) for rollout in response.rollouts]
-                groups.append(response.to_group(rewards))
-            client.train_step(adapter.adapter_id, groups)
+            samples = data[step * batch : (step + 1) * batch]
+            plain_train_step(client, adapter.adapter_id, samples, num_rollouts)
             times.append(time.perf_counter() - started)
     return statistics.median(times)
 
@@ -133,7 +127,6 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer steps per configuration")
     args = parser.parse_args()
     steps = 3 if args.quick else 6
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
     batches, rollouts, stalenesses = (8, 32), (4, 16), (0, 1)
     data = encoded_samples(max(batches) * (steps + 1))
     rows, results = [], []

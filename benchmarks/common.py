@@ -1,7 +1,9 @@
-"""Helpers shared by the benchmarks: the machine they ran on, a table, the results file."""
+"""Helpers shared by the benchmarks: the machine they ran on, a table, the results file,
+the service under test, samples, a quiet trainer, and the plain-loop baseline's train step."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import platform
@@ -10,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +21,7 @@ from typing import Any
 import httpx
 
 RESULTS = Path(__file__).parent / "results"
+_FLIP = itertools.count()
 
 
 def machine() -> dict[str, Any]:
@@ -116,6 +120,9 @@ def encoded_samples(count: int, max_side: int = 128) -> list[Any]:
 def quiet_trainer(folder: str, max_steps: int, callback: Any, **options: Any) -> Any:
     """A CPU ``Trainer`` that only trains: no logger, checkpoints, bars or validation.
 
+    Lightning's advice to give the loader workers is silenced too: the samples are
+    encoded in advance, so workers would only add processes.
+
     Args:
         folder: The trainer's root folder.
         max_steps: Global steps to run.
@@ -124,6 +131,7 @@ def quiet_trainer(folder: str, max_steps: int, callback: Any, **options: Any) ->
     """
     import lightning.pytorch as pl
 
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
     return pl.Trainer(
         max_steps=max_steps,
         accelerator="cpu",
@@ -136,3 +144,27 @@ def quiet_trainer(folder: str, max_steps: int, callback: Any, **options: Any) ->
         default_root_dir=folder,
         **options,
     )
+
+
+def alternating_reward(sample: Any, rollout: Any) -> float:
+    """0, 1, 0, 1, ...: the constant policy answers alike, and equal rewards teach nothing."""
+    return float(next(_FLIP) % 2)
+
+
+def plain_train_step(
+    client: Any, adapter_id: str, samples: Sequence[Any], num_rollouts: int
+) -> None:
+    """One train step of the plain-loop baseline: one request at a time, then the step.
+
+    Each sample's rollouts (temperature 1) are requested in turn and rewarded with
+    :func:`alternating_reward`; then the groups are sent as one train step.
+    """
+    from lightning_moondream.api import Settings
+
+    settings = Settings(temperature=1.0)
+    groups = []
+    for sample in samples:
+        response = client.rollouts(adapter_id, sample.to_request(settings), num_rollouts)
+        rewards = [alternating_reward(sample, rollout) for rollout in response.rollouts]
+        groups.append(response.to_group(rewards))
+    client.train_step(adapter_id, groups)

@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from lightning_moondream.api import TuningClient
+from lightning_moondream.api import AsyncTuningClient, TuningClient
 from lightning_moondream.api.limiter import RateLimiter
 
 KEY = "sk-dialect-5ecret-key"
@@ -279,6 +279,15 @@ def client_of(fake: Fake, dialect: str = "auto", **kwargs: Any) -> TuningClient:
     )
     client._sleep = lambda seconds: None
     return client
+
+
+def async_client_of(fake: Fake) -> AsyncTuningClient:
+    """An ``AsyncTuningClient`` of ``fake`` that detects its dialect; open it with ``async with``."""
+    return AsyncTuningClient(
+        api_key=KEY,
+        base_url=BASE,
+        http_client=httpx.AsyncClient(transport=httpx.MockTransport(fake)),
+    )
 
 
 def detect_group(client: TuningClient, finetune_id: str) -> dict[str, Any]:

@@ -42,40 +42,39 @@ def voc_xml(
     return path
 
 
+def _coco_annotation(
+    annotation_id: int, image_id: int, category_id: int, bbox: list[int], iscrowd: int = 0, **extra
+) -> dict:
+    """One COCO annotation: an ``xywh`` pixel box, and any more fields (e.g. keypoints)."""
+    return {
+        "id": annotation_id,
+        "image_id": image_id,
+        "category_id": category_id,
+        "bbox": bbox,
+        "iscrowd": iscrowd,
+        **extra,
+    }
+
+
 def coco_tree(root: Path) -> Path:
     """Three 100x50 images; cat and dog boxes; one crowd box; keypoints on image 1."""
     for index in (1, 2, 3):
         save_image(root / "images" / f"{index}.jpg", (100, 50))
     data = {
         "images": [
-            {"id": 1, "file_name": "1.jpg", "width": 100, "height": 50},
-            {"id": 2, "file_name": "2.jpg", "width": 100, "height": 50},
-            {"id": 3, "file_name": "3.jpg", "width": 100, "height": 50},
+            {"id": index, "file_name": f"{index}.jpg", "width": 100, "height": 50}
+            for index in (1, 2, 3)
         ],
         "categories": [
             {"id": 1, "name": "cat", "keypoints": ["left_eye", "right_eye"]},
             {"id": 7, "name": "dog"},
         ],
         "annotations": [
-            {
-                "id": 10,
-                "image_id": 1,
-                "category_id": 1,
-                "bbox": [10, 5, 20, 10],
-                "iscrowd": 0,
-                "keypoints": [15, 8, 2, 0, 0, 0],
-            },
-            {
-                "id": 11,
-                "image_id": 1,
-                "category_id": 1,
-                "bbox": [50, 20, 30, 20],
-                "iscrowd": 0,
-                "keypoints": [55, 25, 1, 60, 25, 2],
-            },
-            {"id": 12, "image_id": 1, "category_id": 7, "bbox": [0, 0, 100, 50], "iscrowd": 0},
-            {"id": 13, "image_id": 2, "category_id": 7, "bbox": [25, 0, 50, 25], "iscrowd": 0},
-            {"id": 14, "image_id": 2, "category_id": 7, "bbox": [0, 0, 10, 10], "iscrowd": 1},
+            _coco_annotation(10, 1, 1, [10, 5, 20, 10], keypoints=[15, 8, 2, 0, 0, 0]),
+            _coco_annotation(11, 1, 1, [50, 20, 30, 20], keypoints=[55, 25, 1, 60, 25, 2]),
+            _coco_annotation(12, 1, 7, [0, 0, 100, 50]),
+            _coco_annotation(13, 2, 7, [25, 0, 50, 25]),
+            _coco_annotation(14, 2, 7, [0, 0, 10, 10], iscrowd=1),
         ],
     }
     path = root / "annotations" / "instances.json"

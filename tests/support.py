@@ -5,7 +5,9 @@
 - ``HideTrainSteps``: test-only ASGI middleware removing ``train_steps`` from answers of
   either dialect, to stand for a server that does not report it (Moondream's own
   ``/finetunes`` service does not).
-- Small samples, a reward that always varies, and a quiet ``Trainer``.
+- Small samples, a reward that always varies, and a quiet ``Trainer`` (also one that
+  saves a checkpoint when the run fails, and a fit over as many samples as its steps take).
+- A box as the wire writes it, and a metric's results as plain floats.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from typing import Any, cast
 
 import httpx
 import lightning as L
+from lightning.pytorch.callbacks import OnExceptionCheckpoint
 from torch.utils.data import DataLoader
+from torchmetrics import Metric
 
 from lightning_moondream.api import Box
 from lightning_moondream.data import DetectSample
@@ -214,6 +218,30 @@ def quiet_trainer(root: Path, **kwargs: Any) -> L.Trainer:
     return L.Trainer(**options)
 
 
+def fit_on_detect_samples(
+    model: L.LightningModule, root: Path, steps: int, batch_size: int = 2, **trainer_options: Any
+) -> L.Trainer:
+    """Fit ``model`` for ``steps`` steps over synthetic detect samples; the quiet ``Trainer``.
+
+    There are as many batches of ``batch_size`` as the steps take: ``steps`` times the
+    trainer's ``accumulate_grad_batches``.
+    """
+    batches = steps * trainer_options.get("accumulate_grad_batches", 1)
+    trainer = quiet_trainer(root, max_steps=steps, **trainer_options)
+    trainer.fit(model, loader(detect_samples("train", batches * batch_size), batch_size))
+    return trainer
+
+
+def on_exception_trainer(root: Path, max_steps: int) -> L.Trainer:
+    """A quiet ``Trainer`` that saves ``root/ckpt/on_exception.ckpt`` when the run fails."""
+    return quiet_trainer(
+        root,
+        max_steps=max_steps,
+        enable_checkpointing=True,
+        callbacks=[OnExceptionCheckpoint(dirpath=root / "ckpt")],
+    )
+
+
 _ALTERNATION = itertools.count()
 
 
@@ -238,3 +266,13 @@ class SleepClock:
 
     async def async_sleep(self, seconds: float) -> None:
         self.sleep(seconds)
+
+
+def box(x_min: float, y_min: float, x_max: float, y_max: float) -> dict[str, float]:
+    """A box as the wire writes it: normalized corners by name."""
+    return {"x_min": x_min, "y_min": y_min, "x_max": x_max, "y_max": y_max}
+
+
+def computed(metric: Metric) -> dict[str, float]:
+    """What ``metric`` computes, each value as a float."""
+    return {key: float(value) for key, value in metric.compute().items()}

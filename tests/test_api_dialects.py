@@ -22,6 +22,7 @@ from api_fakes import (
     AdaptersService,
     Fake,
     FinetunesService,
+    async_client_of,
     client_of,
     detect_group,
     error,
@@ -383,11 +384,7 @@ def test_async_client_detects_and_trains_the_same_way() -> None:
     fake = FinetunesService()
 
     async def run() -> Any:
-        async with AsyncTuningClient(
-            api_key=KEY,
-            base_url=BASE,
-            http_client=httpx.AsyncClient(transport=httpx.MockTransport(fake)),
-        ) as client:
+        async with async_client_of(fake) as client:
             await client.adapters.create("cats", 16)
             result = await client.train_step("ft_1", [SFT_QUERY], lr=0.5)
             await client.metrics.log("ft_1", result.step or 0, {"loss": 1.0})
@@ -400,29 +397,37 @@ def test_async_client_detects_and_trains_the_same_way() -> None:
 # Unknown outcomes ----------------------------------------------------------------------
 
 
-def test_an_unknown_adapter_creation_is_resolved_to_the_one_created() -> None:
-    fake = AdaptersService()
-    fake.fail_next[("POST", "/adapters")] = "drop"
-    client = client_of(fake, "adapters")
-    adapter = client.adapters.create("cats", 16)
-    assert adapter.adapter_id == "ad_1" and list(fake.adapters) == ["ad_1"]
-    assert fake.calls() == [("POST", "/adapters"), ("GET", "/adapters")]
+def service_of(dialect: str) -> Fake:
+    """A fake service speaking ``dialect`` alone."""
+    return AdaptersService() if dialect == "adapters" else FinetunesService()
 
 
-@pytest.mark.parametrize("failure", ["500", "drop"])
-def test_an_unknown_finetune_creation_is_settled_by_sending_it_again(failure: str) -> None:
-    fake = FinetunesService()
-    fake.fail_next[("POST", "/finetunes")] = failure
-    client = client_of(fake, "finetunes")
-    adapter = client.adapters.create("cats", 16)
-    # The first request made it; the second, idempotent, named the same one: no orphan.
-    assert adapter.adapter_id == "ft_1" and list(fake.finetunes) == ["ft_1"]
-    assert fake.calls() == [("POST", "/finetunes"), ("POST", "/finetunes")]
+@pytest.mark.parametrize(
+    ("dialect", "failure", "created", "calls"),
+    [
+        # /adapters lists adapters: the client finds the one it made.
+        ("adapters", "drop", "ad_1", [("POST", "/adapters"), ("GET", "/adapters")]),
+        # /finetunes creation is idempotent: the second request names the first one's.
+        ("finetunes", "500", "ft_1", [("POST", "/finetunes")] * 2),
+        ("finetunes", "drop", "ft_1", [("POST", "/finetunes")] * 2),
+    ],
+    ids=["adapters-drop-found-by-listing", "finetunes-500-sent-again", "finetunes-drop-sent-again"],
+)
+def test_an_unknown_creation_is_settled_without_an_orphan(
+    dialect: str, failure: str, created: str, calls: list[tuple[str, str]]
+) -> None:
+    fake = service_of(dialect)
+    fake.fail_next[("POST", f"/{dialect}")] = failure
+    client = client_of(fake, dialect)
+    assert client.adapters.create("cats", 16).adapter_id == created
+    assert fake.calls() == calls
+    # The first request made it, and it is the only one the service holds.
+    assert [adapter.adapter_id for adapter in client.adapters.iter()] == [created]
 
 
 @pytest.mark.parametrize("dialect", ["adapters", "finetunes"])
 def test_an_unknown_checkpoint_save_returns_the_checkpoint_made(dialect: str) -> None:
-    fake: Fake = AdaptersService() if dialect == "adapters" else FinetunesService()
+    fake = service_of(dialect)
     client = client_of(fake, dialect)
     adapter_id = client.adapters.create("cats", 16).adapter_id
     first = client.checkpoints.save(adapter_id)
@@ -500,11 +505,7 @@ def test_async_client_resolves_an_unknown_save_the_same_way() -> None:
     fake.fail_next[("POST", "/finetunes/ft_1/checkpoints/save")] = "drop"
 
     async def run() -> str:
-        async with AsyncTuningClient(
-            api_key=KEY,
-            base_url=BASE,
-            http_client=httpx.AsyncClient(transport=httpx.MockTransport(fake)),
-        ) as client:
+        async with async_client_of(fake) as client:
             await client.adapters.create("cats", 16)
             return (await client.checkpoints.save("ft_1")).ref
 

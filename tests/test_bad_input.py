@@ -17,10 +17,15 @@ from typing import Any, cast
 import httpx
 import pytest
 import torch
-from lightning.pytorch.callbacks import OnExceptionCheckpoint
 from PIL import Image
 from pydantic import SecretStr
-from support import alternating_reward, detect_samples, loader, quiet_trainer
+from support import (
+    alternating_reward,
+    detect_samples,
+    loader,
+    on_exception_trainer,
+    quiet_trainer,
+)
 
 from lightning_moondream.api import InvalidRequestError, ServerError, TuningClient
 from lightning_moondream.data import DatasetError, MoondreamDataModule, load_dataset
@@ -225,6 +230,17 @@ def test_bad_batches_are_refused_before_any_request(
     assert not model.session.connection.connected
 
 
+def _rollout(skill: str, output: dict[str, Any]) -> dict[str, Any]:
+    """One rollout of ``skill`` as the service answers it, one token long."""
+    return {
+        "skill": skill,
+        "output": output,
+        "answer_tokens": [1],
+        "logprobs": [0.0],
+        "signature": "s",
+    }
+
+
 @pytest.mark.parametrize("value", [math.nan, "0.5", None, True])
 def test_a_reward_function_returning_a_non_number_names_the_sample(value: Any) -> None:
     import asyncio
@@ -232,13 +248,7 @@ def test_a_reward_function_returning_a_non_number_names_the_sample(value: Any) -
     from lightning_moondream.api import RolloutsResponse
 
     sample = detect_samples("train", 1)[0]
-    rollout = {
-        "skill": "detect",
-        "output": {"objects": []},
-        "answer_tokens": [1],
-        "logprobs": [0.0],
-        "signature": "s",
-    }
+    rollout = _rollout("detect", {"objects": []})
     response = RolloutsResponse(
         {"request": {"skill": "detect"}, "rollouts": [rollout], "rewards": None}
     )
@@ -253,13 +263,7 @@ def test_a_reward_function_returning_a_non_number_names_the_sample(value: Any) -
 
 
 _REQUEST = {"skill": "point", "object": "dog"}
-_ROLLOUT = {
-    "skill": "point",
-    "output": {"points": []},
-    "answer_tokens": [1],
-    "logprobs": [0.0],
-    "signature": "s",
-}
+_ROLLOUT = _rollout("point", {"points": []})
 
 SERVER_ANSWERS: list[tuple[str, bytes, str]] = [
     ("html", b"<html>gateway</html>", "Expecting value"),
@@ -398,12 +402,7 @@ def test_a_bad_sample_mid_run_stops_it_after_saving_the_steps_done(tmp_path: Pat
         reward=alternating_reward(),
         local_service={"data_dir": str(service), "policy": "constant"},
     )
-    trainer = quiet_trainer(
-        tmp_path,
-        max_steps=10,
-        enable_checkpointing=True,
-        callbacks=[OnExceptionCheckpoint(dirpath=tmp_path / "ckpt")],
-    )
+    trainer = on_exception_trainer(tmp_path, max_steps=10)
     loops_before = _loop_threads()
     with pytest.raises(DatasetError) as raised:
         trainer.fit(model, data)
@@ -434,12 +433,7 @@ def test_a_run_resumes_from_its_on_exception_checkpoint(tmp_path: Path) -> None:
         "local_service": {"data_dir": str(service), "policy": "constant"},
     }
     first = MoondreamRLModule(reward=alternating_reward(), **options)
-    trainer = quiet_trainer(
-        tmp_path,
-        max_steps=6,
-        enable_checkpointing=True,
-        callbacks=[OnExceptionCheckpoint(dirpath=tmp_path / "ckpt")],
-    )
+    trainer = on_exception_trainer(tmp_path, max_steps=6)
     with pytest.raises(TypeError, match="batch 3 item 0 is a NoneType"):
         trainer.fit(first, loader(bad_run, batch_size=1))
     on_exception = tmp_path / "ckpt" / "on_exception.ckpt"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import datasets
@@ -106,9 +107,30 @@ def _three_splits() -> datasets.DatasetDict:
     )
 
 
-def test_a_saved_dataset_dict_gives_each_stage_its_split(tmp_path: Path) -> None:
-    folder = tmp_path / "dict"
+def _saved_dataset_dict(root: Path) -> Path:
+    """The three splits saved with ``DatasetDict.save_to_disk``; the folder."""
+    folder = root / "dict"
     _three_splits().save_to_disk(str(folder))
+    return folder
+
+
+def _parquet_by_split(root: Path) -> Path:
+    """The three splits as Hub-style ``data/<split>-00000-of-00001.parquet`` files; the root."""
+    (root / "data").mkdir()
+    for split, rows in _three_splits().items():
+        rows.to_parquet(str(root / "data" / f"{split}-00000-of-00001.parquet"))
+    return root
+
+
+@pytest.mark.parametrize(
+    "write",
+    [
+        pytest.param(_saved_dataset_dict, id="saved-dataset-dict"),
+        pytest.param(_parquet_by_split, id="parquet-files-by-split"),
+    ],
+)
+def test_each_stage_gets_its_split(tmp_path: Path, write: Callable[[Path], Path]) -> None:
+    folder = write(tmp_path)
     module = MoondreamDataModule(train=str(folder), val=str(folder), test=str(folder))
     module.setup("fit")
     module.setup("test")
@@ -116,18 +138,6 @@ def test_a_saved_dataset_dict_gives_each_stage_its_split(tmp_path: Path) -> None
     assert sizes == {"train": 9, "val": 3, "test": 1}
     # load_dataset without a split reads the training split, as its docstring says.
     assert len(load_dataset(folder)) == 9
-
-
-def test_parquet_files_by_split_give_each_stage_its_split(tmp_path: Path) -> None:
-    (tmp_path / "data").mkdir()
-    for split, rows in _three_splits().items():
-        rows.to_parquet(str(tmp_path / "data" / f"{split}-00000-of-00001.parquet"))
-    module = MoondreamDataModule(train=str(tmp_path), val=str(tmp_path), test=str(tmp_path))
-    module.setup("fit")
-    module.setup("test")
-    sizes = {stage: len(module.datasets[stage]) for stage in ("train", "val", "test")}
-    assert sizes == {"train": 9, "val": 3, "test": 1}
-    assert len(load_dataset(tmp_path)) == 9
 
 
 def test_parquet_files_by_split_with_xyxy_normalized_string_labels(tmp_path: Path) -> None:

@@ -148,20 +148,27 @@ def test_an_output_folder_of_another_model_is_refused(tmp_path: Path) -> None:
         label_images(folder, CLASSES, _Model(), tmp_path / "out", model_version="m@4")
 
 
-def test_bad_arguments_are_refused_by_name(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="classes"):
-        label_images(_folder(tmp_path, 1), [], _Model(), tmp_path / "o", model_version="m")
-    with pytest.raises(ValueError, match="formats"):
+@pytest.mark.parametrize(
+    ("images", "classes", "formats", "error", "named"),
+    [
+        pytest.param("photos", [], ["coco"], ValueError, "classes", id="no-classes"),
+        pytest.param("photos", CLASSES, ["pascal"], ValueError, "formats", id="unknown-format"),
+        pytest.param("nope", CLASSES, ["coco"], LabellingError, "not a folder", id="no-folder"),
+    ],
+)
+def test_bad_arguments_are_refused_by_name(
+    tmp_path: Path,
+    images: str,
+    classes: list[str],
+    formats: list[str],
+    error: type[Exception],
+    named: str,
+) -> None:
+    assert _folder(tmp_path, 1) == tmp_path / "photos"
+    with pytest.raises(error, match=named):
         label_images(
-            _folder(tmp_path, 1),
-            CLASSES,
-            _Model(),
-            tmp_path / "o",
-            model_version="m",
-            formats=["pascal"],
+            tmp_path / images, classes, _Model(), tmp_path / "o", model_version="m", formats=formats
         )
-    with pytest.raises(LabellingError, match="not a folder"):
-        label_images(tmp_path / "nope", CLASSES, _Model(), tmp_path / "o", model_version="m")
 
 
 def test_a_garbled_line_costs_only_its_own_image_on_resume(tmp_path: Path) -> None:

@@ -6,9 +6,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from support import box, computed
 
 from lightning_moondream.metrics import (
     DetectionF1,
@@ -23,16 +23,8 @@ from lightning_moondream.metrics import (
 from lightning_moondream.rewards import match_boxes
 
 
-def box(x_min: float, y_min: float, x_max: float, y_max: float) -> dict[str, float]:
-    return {"x_min": x_min, "y_min": y_min, "x_max": x_max, "y_max": y_max}
-
-
 def point(x: float, y: float) -> dict[str, float]:
     return {"x": x, "y": y}
-
-
-def values(result: dict[str, torch.Tensor]) -> dict[str, float]:
-    return {key: float(value) for key, value in result.items()}
 
 
 # One true box found exactly, one found shifted by half its width (IoU 1/3), one extra
@@ -47,7 +39,7 @@ PRED_BOXES = [box(0.0, 0.0, 0.2, 0.2), box(0.6, 0.5, 0.8, 0.7), box(0.9, 0.9, 0.
 def test_detection_f1_hand_computed() -> None:
     metric = DetectionF1()
     metric.update(PRED_BOXES, TRUE_BOXES)
-    result = values(metric.compute())
+    result = computed(metric)
     # 1 true positive (the IoU-1/3 pair is below 0.5), 3 predictions, 2 true boxes.
     assert result["det_precision"] == pytest.approx(1 / 3)
     assert result["det_recall"] == pytest.approx(1 / 2)
@@ -60,33 +52,29 @@ def test_detection_f1_accumulates_over_images() -> None:
     metric = DetectionF1()
     metric.update([box(0.0, 0.0, 0.2, 0.2)], [box(0.0, 0.0, 0.2, 0.2)])
     metric.update([], [box(0.5, 0.5, 0.7, 0.7)])
-    result = values(metric.compute())
+    result = computed(metric)
     assert result["det_precision"] == 1.0
     assert result["det_recall"] == 0.5
     assert result["det_f1"] == pytest.approx(2 / 3)
     assert result["det_miou"] == 1.0
 
 
-def test_detection_f1_empty_cases() -> None:
-    nothing = DetectionF1()
-    nothing.update([], [])
-    assert values(nothing.compute()) == {
-        "det_precision": 1.0,
-        "det_recall": 1.0,
-        "det_f1": 1.0,
-        "det_miou": 1.0,
-    }
-    only_predictions = DetectionF1()
-    only_predictions.update([box(0.1, 0.1, 0.2, 0.2)], [])
-    assert values(only_predictions.compute()) == {
-        "det_precision": 0.0,
-        "det_recall": 0.0,
-        "det_f1": 0.0,
-        "det_miou": 0.0,
-    }
-    only_targets = DetectionF1()
-    only_targets.update([], [box(0.1, 0.1, 0.2, 0.2)])
-    assert values(only_targets.compute())["det_recall"] == 0.0
+@pytest.mark.parametrize(
+    ("predicted", "target", "expected"),
+    [
+        pytest.param([], [], 1.0, id="nothing"),
+        pytest.param([box(0.1, 0.1, 0.2, 0.2)], [], 0.0, id="only-predictions"),
+        pytest.param([], [box(0.1, 0.1, 0.2, 0.2)], 0.0, id="only-targets"),
+    ],
+)
+def test_detection_f1_empty_cases(
+    predicted: list[dict[str, float]], target: list[dict[str, float]], expected: float
+) -> None:
+    # Nothing to divide scores 1.0 when the other side is empty too, else 0.0.
+    metric = DetectionF1()
+    metric.update(predicted, target)
+    names = ("det_precision", "det_recall", "det_f1", "det_miou")
+    assert computed(metric) == dict.fromkeys(names, expected)
 
 
 def test_detection_f1_agrees_with_reward_matching() -> None:
@@ -109,7 +97,7 @@ def test_detection_f1_agrees_with_reward_matching() -> None:
     assert int(metric.true_positives) == expected_tp
     assert int(metric.predicted) == expected_pred
     assert int(metric.target) == expected_true
-    result = values(metric.compute())
+    result = computed(metric)
     assert result["det_precision"] == pytest.approx(expected_tp / expected_pred)
     assert result["det_recall"] == pytest.approx(expected_tp / expected_true)
     assert result["det_miou"] == pytest.approx(float(np.mean(expected_iou)))
@@ -131,7 +119,7 @@ def test_map_of_perfect_predictions_is_one() -> None:
     metric = DetectionMAP()
     metric.update(TRUE_BOXES, TRUE_BOXES, label="car", image_size=(640, 480))
     metric.update([box(0.1, 0.1, 0.3, 0.9)], [box(0.1, 0.1, 0.3, 0.9)], "person", (320, 200))
-    assert values(metric.compute()) == {"map": 1.0, "map_50": 1.0, "map_75": 1.0}
+    assert computed(metric) == {"map": 1.0, "map_50": 1.0, "map_75": 1.0}
 
 
 def test_map_averages_over_prompt_classes() -> None:
@@ -139,14 +127,14 @@ def test_map_averages_over_prompt_classes() -> None:
     metric.update([box(0.1, 0.1, 0.3, 0.3)], [box(0.1, 0.1, 0.3, 0.3)], "cat", (100, 100))
     metric.update([box(0.6, 0.6, 0.9, 0.9)], [box(0.1, 0.1, 0.3, 0.3)], "dog", (100, 100))
     # AP 1 for "cat", 0 for "dog"; the mean is over classes.
-    assert values(metric.compute()) == pytest.approx({"map": 0.5, "map_50": 0.5, "map_75": 0.5})
+    assert computed(metric) == pytest.approx({"map": 0.5, "map_50": 0.5, "map_75": 0.5})
 
 
 def test_map_separates_iou_thresholds() -> None:
     metric = DetectionMAP()
     # IoU 0.62: a hit at 0.5, a miss at 0.75.
     metric.update([box(0.0, 0.0, 0.62, 1.0)], [box(0.0, 0.0, 1.0, 1.0)], "thing", (200, 100))
-    result = values(metric.compute())
+    result = computed(metric)
     assert result["map_50"] == pytest.approx(1.0)
     assert result["map_75"] == pytest.approx(0.0)
     # COCO thresholds 0.5, 0.55, 0.6 count the pair as a hit: 3 of 10.
@@ -162,13 +150,13 @@ def test_map_without_image_size_matches_pixels() -> None:
         pred, true = boxes[:3], boxes[3:]
         pixel.update(pred, true, f"class {index % 3}", (1280, 240))
         normalized.update(pred, true, f"class {index % 3}", None)
-    assert values(pixel.compute()) == pytest.approx(values(normalized.compute()))
+    assert computed(pixel) == pytest.approx(computed(normalized))
 
 
 def test_map_without_true_boxes_is_minus_one() -> None:
     metric = DetectionMAP()
     metric.update([box(0.1, 0.1, 0.2, 0.2)], [], "car", (10, 10))
-    assert values(metric.compute()) == {"map": -1.0, "map_50": -1.0, "map_75": -1.0}
+    assert computed(metric) == {"map": -1.0, "map_50": -1.0, "map_75": -1.0}
 
 
 @pytest.mark.parametrize("backend", ["faster_coco_eval", "pycocotools"])
@@ -187,8 +175,8 @@ def test_map_does_not_depend_on_image_order() -> None:
         forward.update(predicted, true, "car", (640, 480))
     for predicted, true in reversed(images):
         backward.update(predicted, true, "car", (640, 480))
-    result = values(forward.compute())
-    assert result == values(backward.compute())
+    result = computed(forward)
+    assert result == computed(backward)
     assert 0.0 < result["map_50"] < 1.0
 
 
@@ -205,7 +193,7 @@ def test_point_distance_threshold() -> None:
     metric = PointAccuracy()
     metric.update([point(0.5, 0.5)], points=[point(0.55, 0.5)])  # 0.05 away: a hit
     metric.update([point(0.5, 0.5)], points=[point(0.5, 0.7)])  # 0.2 away: a miss
-    result = values(metric.compute())
+    result = computed(metric)
     assert result == pytest.approx({"point_precision": 0.5, "point_recall": 0.5, "point_f1": 0.5})
 
 
@@ -215,7 +203,7 @@ def test_point_matching_is_one_to_one() -> None:
     assert counts == (1, 2, 1)
     metric = PointAccuracy()
     metric.update([point(0.5, 0.5), point(0.52, 0.5)], points=[point(0.51, 0.5)])
-    result = values(metric.compute())
+    result = computed(metric)
     assert result["point_precision"] == 0.5
     assert result["point_recall"] == 1.0
     assert result["point_f1"] == pytest.approx(2 / 3)
@@ -228,7 +216,7 @@ def test_point_containment() -> None:
     assert point_counts(predicted, boxes=boxes) == (1, 3, 2)
     metric = PointAccuracy()
     metric.update(predicted, boxes=boxes)
-    result = values(metric.compute())
+    result = computed(metric)
     assert result["point_precision"] == pytest.approx(1 / 3)
     assert result["point_recall"] == pytest.approx(1 / 2)
 
@@ -267,7 +255,7 @@ def test_skill_metrics_reports_only_updated_skills() -> None:
     assert set(metrics.compute()) == {"point_precision", "point_recall", "point_f1"}
     metrics.update("detect", {"boxes": PRED_BOXES}, {"boxes": TRUE_BOXES}, (64, 48), "car")
     metrics.update("query", {"answer": "yes"}, {"answers": ["no"]}, None, "Is it red?")
-    result = values(metrics.compute())
+    result = computed(metrics)
     assert set(result) == {
         "map",
         "map_50",
@@ -292,7 +280,7 @@ def test_skill_metrics_point_with_boxes_and_missing_output() -> None:
         "point", {"points": [point(0.1, 0.1)]}, {"boxes": [box(0.0, 0.0, 0.2, 0.2)]}, None, "a"
     )
     metrics.update("point", {}, {"boxes": [box(0.5, 0.5, 0.6, 0.6)]}, None, "b")
-    result = values(metrics.compute())
+    result = computed(metrics)
     assert result == pytest.approx({"point_precision": 1.0, "point_recall": 0.5, "point_f1": 2 / 3})
 
 
@@ -300,11 +288,11 @@ def test_skill_metrics_reset() -> None:
     metrics = SkillMetrics()
     metrics.update("detect", {"boxes": []}, {"boxes": TRUE_BOXES}, (10, 10), "car")
     metrics.update("query", {"answer": "red"}, {"answers": ["red"]}, None, "color?")
-    assert values(metrics.compute())["vqa_accuracy"] == 1.0
+    assert computed(metrics)["vqa_accuracy"] == 1.0
     metrics.reset()
     assert metrics.compute() == {}
     metrics.update("query", {"answer": "blue"}, {"answers": ["red"]}, None, "color?")
-    assert values(metrics.compute()) == {"vqa_accuracy": 0.0}
+    assert computed(metrics) == {"vqa_accuracy": 0.0}
 
 
 def test_skill_metrics_rejects_unknown_skill() -> None:
@@ -346,7 +334,7 @@ def test_merged_states_equal_single_process() -> None:
         getattr(first, name).merge_state(getattr(second, name))
     assert int(first.detection_f1.predicted) == 3 + 2 + 1
     assert int(first.vqa_accuracy.total) == 2
-    assert values(first.compute()) == pytest.approx(values(whole.compute()))
+    assert computed(first) == pytest.approx(computed(whole))
 
 
 def _distributed_worker(rank: int, world_size: int, init_file: str, queue: mp.Queue) -> None:
@@ -361,7 +349,7 @@ def _distributed_worker(rank: int, world_size: int, init_file: str, queue: mp.Qu
                 rank == 0 and sample[0] == "detect"
             ):
                 metrics.update(*sample)
-        queue.put((rank, values(metrics.compute())))
+        queue.put((rank, computed(metrics)))
     finally:
         dist.destroy_process_group()
 
@@ -371,7 +359,7 @@ def test_distributed_sync_matches_single_process(tmp_path: Path) -> None:
     whole = SkillMetrics()
     for sample in SAMPLES:
         whole.update(*sample)
-    expected = values(whole.compute())
+    expected = computed(whole)
     context = mp.get_context("spawn")
     queue = context.Queue()
     processes = [

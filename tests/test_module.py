@@ -13,8 +13,15 @@ from typing import Any, cast
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback, OnExceptionCheckpoint
-from support import alternating_reward, detect_samples, loader, quiet_trainer
+from lightning.pytorch.callbacks import Callback
+from support import (
+    alternating_reward,
+    detect_samples,
+    fit_on_detect_samples,
+    loader,
+    on_exception_trainer,
+    quiet_trainer,
+)
 from torch.utils.data import DataLoader
 
 from lightning_moondream.api import Rollout, TuningClient
@@ -88,20 +95,34 @@ class StopAt(Callback):
             raise RuntimeError("power cut")
 
 
-def test_resume_after_a_crash_continues_from_the_api_checkpoint(tmp_path: Path) -> None:
-    first = MoondreamRLModule(num_rollouts=4, dialect="adapters")
+def checkpointing_trainer(root: Path, max_steps: int, *callbacks: Callback) -> L.Trainer:
+    """A trainer saving a checkpoint every 2 steps, and ``last.ckpt``, in ``root/ckpt``."""
     checkpoints = RemoteCheckpoint(
-        dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_last=True, save_top_k=-1
+        dirpath=root / "ckpt", every_n_train_steps=2, save_last=True, save_top_k=-1
     )
-    run = trainer(
-        tmp_path,
-        max_steps=8,
+    return trainer(
+        root,
+        max_steps=max_steps,
         enable_checkpointing=True,
-        callbacks=[checkpoints, StopAt(3)],
+        callbacks=[checkpoints, *callbacks],
         limit_val_batches=0,
     )
+
+
+def fit_from_checkpoint(
+    root: Path, dialect: str, max_steps: int, checkpoint: Path | None = None
+) -> tuple[MoondreamRLModule, L.Trainer]:
+    """A new module fit up to ``max_steps`` from ``checkpoint`` (``root/ckpt/last.ckpt``)."""
+    model = MoondreamRLModule(num_rollouts=4, dialect=dialect)  # type: ignore[arg-type]
+    run = trainer(root, max_steps=max_steps, limit_val_batches=0)
+    run.fit(model, ShapesData(), ckpt_path=checkpoint or root / "ckpt" / "last.ckpt")
+    return model, run
+
+
+def test_resume_after_a_crash_continues_from_the_api_checkpoint(tmp_path: Path) -> None:
+    first = MoondreamRLModule(num_rollouts=4, dialect="adapters")
     with pytest.raises(RuntimeError, match="power cut"):
-        run.fit(first, ShapesData())
+        checkpointing_trainer(tmp_path, 8, StopAt(3)).fit(first, ShapesData())
     old_adapter = first.adapter.adapter_id
     assert service_adapter(tmp_path, old_adapter).train_steps == 3
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
@@ -109,9 +130,7 @@ def test_resume_after_a_crash_continues_from_the_api_checkpoint(tmp_path: Path) 
     assert saved[CHECKPOINT_KEY]["adapter_id"] == old_adapter
     assert saved[CHECKPOINT_KEY]["checkpoint_id"].startswith(f"{old_adapter}/")
 
-    second = MoondreamRLModule(num_rollouts=4, dialect="adapters")
-    run = trainer(tmp_path, max_steps=5, limit_val_batches=0)
-    run.fit(second, ShapesData(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    second, run = fit_from_checkpoint(tmp_path, "adapters", max_steps=5)
     assert run.global_step == 5
     resumed = second.adapter.adapter_id
     assert resumed != old_adapter
@@ -122,17 +141,7 @@ def test_resume_after_a_crash_continues_from_the_api_checkpoint(tmp_path: Path) 
 
 def test_resume_on_finetunes_reattaches_only_at_the_checkpoints_step(tmp_path: Path) -> None:
     first = MoondreamRLModule(num_rollouts=4, dialect="finetunes")
-    checkpoints = RemoteCheckpoint(
-        dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_last=True, save_top_k=-1
-    )
-    run = trainer(
-        tmp_path,
-        max_steps=4,
-        enable_checkpointing=True,
-        callbacks=[checkpoints],
-        limit_val_batches=0,
-    )
-    run.fit(first, ShapesData())
+    checkpointing_trainer(tmp_path, 4).fit(first, ShapesData())
     finetune = first.adapter.adapter_id
     state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)[CHECKPOINT_KEY]
     assert state == {
@@ -144,19 +153,16 @@ def test_resume_on_finetunes_reattaches_only_at_the_checkpoints_step(tmp_path: P
         "skipped_steps": 0,
     }
 
-    second = MoondreamRLModule(num_rollouts=4, dialect="finetunes")
-    run = trainer(tmp_path, max_steps=6, limit_val_batches=0)
-    run.fit(second, ShapesData(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    second, run = fit_from_checkpoint(tmp_path, "finetunes", max_steps=6)
     assert second.adapter.adapter_id == finetune
     assert run.global_step == 6
     assert service_adapter(tmp_path, finetune).train_steps == 6
 
     # The finetune has moved on past the step-2 checkpoint: resuming there would count
     # steps 3 to 6 twice, so the run stops and says why.
-    third = MoondreamRLModule(num_rollouts=4, dialect="finetunes")
-    run = trainer(tmp_path, max_steps=8, limit_val_batches=0)
+    step_2 = next((tmp_path / "ckpt").glob("*step=2.ckpt"))
     with pytest.raises(ResumeMismatchError, match="train step 2 but the finetune reports 6"):
-        run.fit(third, ShapesData(), ckpt_path=next((tmp_path / "ckpt").glob("*step=2.ckpt")))
+        fit_from_checkpoint(tmp_path, "finetunes", max_steps=8, checkpoint=step_2)
     assert service_adapter(tmp_path, finetune).train_steps == 6
 
 
@@ -282,7 +288,7 @@ def test_a_failed_validation_removes_its_adapter_and_a_later_fit_keeps_its_own(
     with TuningClient.local(**service) as client:
         assert list(client.adapters.iter()) == []
     reward.broken = False
-    quiet_trainer(tmp_path, max_steps=2).fit(model, loader(detect_samples("train", 2), 1))
+    fit_on_detect_samples(model, tmp_path, steps=2, batch_size=1)
     with TuningClient.local(**service) as client:
         [adapter] = client.adapters.iter()
         assert adapter.train_steps == 2
@@ -374,12 +380,7 @@ def test_a_failure_after_a_step_is_sent_still_counts_it(tmp_path: Path, max_stal
         reward=alternating_reward(),
         local_service={"data_dir": str(service), "policy": "constant"},
     )
-    trainer = quiet_trainer(
-        tmp_path,
-        max_steps=5,
-        enable_checkpointing=True,
-        callbacks=[OnExceptionCheckpoint(dirpath=tmp_path / "ckpt")],
-    )
+    trainer = on_exception_trainer(tmp_path, max_steps=5)
     with pytest.raises(RuntimeError, match="logger down"):
         trainer.fit(model, loader(detect_samples("train", 8), batch_size=1))
     saved = torch.load(tmp_path / "ckpt" / "on_exception.ckpt", weights_only=False)

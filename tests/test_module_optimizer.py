@@ -17,14 +17,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger
-from support import (
-    alternating_reward,
-    detect_samples,
-    loader,
-    quiet_trainer,
-    read_request,
-    serving,
-)
+from support import alternating_reward, fit_on_detect_samples, read_request, serving
 from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR
 
 from lightning_moondream.api import TuningClient
@@ -73,14 +66,14 @@ def test_each_train_step_carries_the_scheduled_lr(tmp_path: Path) -> None:
     recorder = recorded_service(tmp_path)
     with serving(recorder) as url:
         model = module(url, lr=0.01, lr_scheduler=partial(CosineAnnealingLR, T_max=4))
-        trainer = quiet_trainer(
+        trainer = fit_on_detect_samples(
+            model,
             tmp_path,
-            max_steps=4,
+            steps=4,
             logger=CSVLogger(tmp_path, name="logs"),
             callbacks=[LearningRateMonitor()],
             log_every_n_steps=1,
         )
-        trainer.fit(model, loader(detect_samples("train", 8), batch_size=2))
 
     cosine = [0.01 * (1 + math.cos(math.pi * step / 4)) / 2 for step in range(4)]
     assert [body["lr"] for body in recorder.bodies] == pytest.approx(cosine)
@@ -93,8 +86,7 @@ def test_each_train_step_carries_the_scheduled_lr(tmp_path: Path) -> None:
 def test_without_lr_the_service_default_applies(tmp_path: Path) -> None:
     recorder = recorded_service(tmp_path)
     with serving(recorder) as url:
-        trainer = quiet_trainer(tmp_path, max_steps=2)
-        trainer.fit(module(url), loader(detect_samples("train", 4), batch_size=2))
+        fit_on_detect_samples(module(url), tmp_path, steps=2)
     assert [("lr" in body) for body in recorder.bodies] == [False, False]
 
 
@@ -102,8 +94,7 @@ def test_sft_warmup_then_rl_steps_with_an_sft_share(tmp_path: Path) -> None:
     recorder = recorded_service(tmp_path)
     with serving(recorder) as url:
         model = module(url, lr=0.003, sft_warmup_steps=2, sft_share=0.5)
-        trainer = quiet_trainer(tmp_path, max_steps=4, log_every_n_steps=1)
-        trainer.fit(model, loader(detect_samples("train", 16), batch_size=4))
+        trainer = fit_on_detect_samples(model, tmp_path, steps=4, batch_size=4, log_every_n_steps=1)
 
     modes = [
         sorted(group.get("mode", "rl") for group in body["groups"]) for body in recorder.bodies
@@ -121,8 +112,7 @@ def test_accumulated_batches_are_sent_as_one_train_step(tmp_path: Path) -> None:
     recorder = recorded_service(tmp_path)
     with serving(recorder) as url:
         model = module(url)
-        trainer = quiet_trainer(tmp_path, max_steps=2, accumulate_grad_batches=3)
-        trainer.fit(model, loader(detect_samples("train", 12), batch_size=2))
+        trainer = fit_on_detect_samples(model, tmp_path, steps=2, accumulate_grad_batches=3)
 
     assert [len(body["groups"]) for body in recorder.bodies] == [6, 6]
     assert trainer.global_step == model.train_steps == 2
@@ -131,8 +121,7 @@ def test_accumulated_batches_are_sent_as_one_train_step(tmp_path: Path) -> None:
 def test_gradient_clipping_is_left_to_the_service(tmp_path: Path) -> None:
     recorder = recorded_service(tmp_path)
     with serving(recorder) as url, pytest.warns(UserWarning, match="clipped on the Moondream"):
-        trainer = quiet_trainer(tmp_path, max_steps=2, gradient_clip_val=1.0)
-        trainer.fit(module(url), loader(detect_samples("train", 4), batch_size=2))
+        trainer = fit_on_detect_samples(module(url), tmp_path, steps=2, gradient_clip_val=1.0)
     assert trainer.global_step == len(recorder.bodies) == 2
 
 
@@ -145,9 +134,8 @@ def test_sft_and_lr_need_a_finetunes_service(
 ) -> None:
     recorder = recorded_service(tmp_path, dialect="adapters")
     with serving(recorder) as url:
-        trainer = quiet_trainer(tmp_path, max_steps=2)
         with pytest.raises(ValueError, match=f"^{named}: the service speaks the /adapters"):
-            trainer.fit(module(url, **options), loader(detect_samples("train", 4), batch_size=2))
+            fit_on_detect_samples(module(url, **options), tmp_path, steps=2)
         with TuningClient(api_key=KEY, base_url=url) as client:
             # The adapter made for the refused run went with it.
             assert list(client.adapters.iter()) == []
@@ -167,10 +155,9 @@ def test_a_step_at_lr_0_counts_as_skipped_and_checkpoints_stay_exact(tmp_path: P
             lr_scheduler=partial(LambdaLR, lr_lambda=lambda step: float(step > 0)),
             max_staleness=1,
         )
-        trainer = quiet_trainer(
-            tmp_path, max_steps=3, enable_checkpointing=True, callbacks=[checkpoints]
+        trainer = fit_on_detect_samples(
+            model, tmp_path, steps=3, enable_checkpointing=True, callbacks=[checkpoints]
         )
-        trainer.fit(model, loader(detect_samples("train", 6), batch_size=2))
         with TuningClient(api_key=KEY, base_url=url) as client:
             served = client.adapters.get(model.adapter.adapter_id).train_steps
 

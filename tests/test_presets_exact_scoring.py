@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from torchmetrics import Metric
+from support import box, computed
 
 from lightning_moondream.presets import BENCHMARKS, PairedScores, YesNoScores
 from lightning_moondream.presets.scorers import (
@@ -14,15 +14,6 @@ from lightning_moondream.presets.scorers import (
     relaxed_accuracy,
 )
 from lightning_moondream.presets.vqa import normalize_vqa_answer, vqa_accuracy
-
-
-def _box(x0: float, y0: float, x1: float, y1: float) -> dict[str, float]:
-    return {"x_min": x0, "y_min": y0, "x_max": x1, "y_max": y1}
-
-
-def _scores(metric: Metric) -> dict[str, float]:
-    return {key: float(value) for key, value in metric.compute().items()}
-
 
 # POPE ----------------------------------------------------------------------------------
 
@@ -38,7 +29,7 @@ def test_pope_accuracy_is_exact_equality_with_the_label_and_lenient_is_extra() -
     ]
     for group, answer, label in answers:
         metric.update({"answer": answer}, {"answers": [label]}, group)
-    scores = _scores(metric)
+    scores = computed(metric)
     assert scores["accuracy_adversarial"] == pytest.approx(1 / 2)
     assert scores["accuracy_popular"] == pytest.approx(1 / 2)
     assert scores["accuracy_random"] == 0.0
@@ -55,7 +46,7 @@ def test_pope_accuracy_is_exact_equality_with_the_label_and_lenient_is_extra() -
 def test_pope_label_is_read_lowercased_and_must_be_yes_or_no() -> None:
     metric = YesNoScores(("random",))
     metric.update({"answer": "yes"}, {"answers": ["Yes"]}, "random")
-    assert _scores(metric)["accuracy"] == 1.0
+    assert computed(metric)["accuracy"] == 1.0
     with pytest.raises(ValueError, match="a yes/no target needs 'yes' or 'no'"):
         metric.update({"answer": "yes"}, {"answers": ["yes, there is"]}, "random")
 
@@ -64,7 +55,7 @@ def test_pope_label_is_read_lowercased_and_must_be_yes_or_no() -> None:
 
 
 def _ten_boxes() -> list[dict[str, float]]:
-    return [_box(0.05 * i, 0.0, 0.05 * i + 0.04, 0.04) for i in range(10)]
+    return [box(0.05 * i, 0.0, 0.05 * i + 0.04, 0.04) for i in range(10)]
 
 
 @pytest.mark.parametrize(
@@ -166,7 +157,7 @@ def test_chartqa_reports_human_split_and_all_questions() -> None:
     metric = BENCHMARKS["chartqa"].metric()
     metric.update({"answer": "5"}, {"answers": ["5"]}, "human")
     metric.update({"answer": "6"}, {"answers": ["5"]}, "augmented")
-    scores = _scores(metric)
+    scores = computed(metric)
     assert scores["accuracy"] == pytest.approx(1 / 2)
     assert scores["accuracy_human"] == 1.0
 
@@ -181,7 +172,7 @@ def test_exact_match_benchmarks_only_strip_and_lowercase(name: str) -> None:
     metric.update({"answer": "B."}, {"answers": ["B"]})  # punctuation is not removed
     metric.update({"answer": "three"}, {"answers": ["3"]})  # nor number words read
     metric.update({"answer": "The answer is B"}, {"answers": ["B"]})
-    assert _scores(metric)["accuracy"] == pytest.approx(1 / 4)
+    assert computed(metric)["accuracy"] == pytest.approx(1 / 4)
 
 
 def test_tallyqa_reports_full_accuracy_and_the_simple_questions() -> None:
@@ -189,7 +180,7 @@ def test_tallyqa_reports_full_accuracy_and_the_simple_questions() -> None:
     metric.update({"answer": "2"}, {"answers": ["2"]}, "simple")
     metric.update({"answer": "2"}, {"answers": ["3"]}, "simple")
     metric.update({"answer": "1"}, {"answers": ["1"]}, "complex")
-    scores = _scores(metric)
+    scores = computed(metric)
     assert scores["accuracy"] == pytest.approx(2 / 3)
     assert scores["accuracy_simple"] == pytest.approx(1 / 2)
 
@@ -221,7 +212,7 @@ def test_naturalbench_scores_question_image_and_group_accuracy() -> None:
     _answer(metric, 1, 1, 0, True)
     _answer(metric, 1, 0, 1, True)
     _answer(metric, 1, 1, 1, False)
-    scores = _scores(metric)
+    scores = computed(metric)
     assert scores["accuracy"] == pytest.approx(7 / 8)
     assert scores["question_accuracy"] == pytest.approx(3 / 4)  # (1,q1) fails
     assert scores["image_accuracy"] == pytest.approx(3 / 4)  # (1,image 1) fails
@@ -232,7 +223,7 @@ def test_naturalbench_compares_stripped_lowercased_answers() -> None:
     metric = PairedScores()
     metric.update({"answer": " Yes\n"}, {"answers": ["yes"]}, pair_group(0, 0, 0))
     metric.update({"answer": "Yes."}, {"answers": ["yes"]}, pair_group(0, 1, 0))
-    scores = _scores(metric)
+    scores = computed(metric)
     assert scores["accuracy"] == pytest.approx(1 / 2)
     assert scores["question_accuracy"] == 0.0
 
@@ -242,7 +233,7 @@ def test_naturalbench_counts_only_complete_pairs_and_groups() -> None:
     _answer(metric, 4, 0, 0, True)
     _answer(metric, 4, 1, 0, True)
     _answer(metric, 4, 0, 1, True)
-    scores = _scores(metric)
+    scores = computed(metric)
     assert scores == pytest.approx(
         {"accuracy": 1.0, "question_accuracy": 1.0, "image_accuracy": 1.0}
     )  # no group of four is complete
@@ -257,8 +248,8 @@ def test_naturalbench_states_merged_from_two_processes_equal_one() -> None:
         # Alternate prompts, as processes share them: each row is split across both.
         _answer(first if position % 2 else second, row, image, question, right)
     first.merge_state(second)
-    assert _scores(first) == pytest.approx(_scores(whole))
-    assert set(_scores(whole)) == {
+    assert computed(first) == pytest.approx(computed(whole))
+    assert set(computed(whole)) == {
         "accuracy", "question_accuracy", "image_accuracy", "group_accuracy"
     }  # fmt: skip
 

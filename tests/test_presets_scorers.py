@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from support import box
 
 from lightning_moondream.presets import BENCHMARKS, DetectionScores, MeanScore, YesNoScores
 from lightning_moondream.presets.scorers import (
@@ -14,10 +15,6 @@ from lightning_moondream.presets.scorers import (
     yes_no,
 )
 from lightning_moondream.presets.vqa import vqa_accuracy
-
-
-def _box(x0: float, y0: float, x1: float, y1: float) -> dict[str, float]:
-    return {"x_min": x0, "y_min": y0, "x_max": x1, "y_max": y1}
 
 
 @pytest.mark.parametrize(
@@ -110,23 +107,23 @@ def test_grouped_mean_reports_total_and_each_group() -> None:
 
 
 def test_eleven_point_ap_matches_greedily_with_confidence_one() -> None:
-    truth = [_box(0.1, 0.1, 0.4, 0.4)]
-    assert eleven_point_ap([_box(0.1, 0.1, 0.4, 0.4), _box(0.1, 0.1, 0.4, 0.41)], truth) == 1.0
+    truth = [box(0.1, 0.1, 0.4, 0.4)]
+    assert eleven_point_ap([box(0.1, 0.1, 0.4, 0.4), box(0.1, 0.1, 0.4, 0.41)], truth) == 1.0
     # A miss first: precision 0 then 1/2 at full recall, so 1/2 at every level.
-    miss_first = [_box(0.6, 0.6, 0.9, 0.9), _box(0.1, 0.1, 0.4, 0.4)]
+    miss_first = [box(0.6, 0.6, 0.9, 0.9), box(0.1, 0.1, 0.4, 0.4)]
     assert eleven_point_ap(miss_first, truth) == pytest.approx(0.5)
     # Two true boxes, one found: precision 1 up to recall 1/2 (levels 0 to 0.5: 6 of 11).
-    two = [*truth, _box(0.6, 0.6, 0.9, 0.9)]
+    two = [*truth, box(0.6, 0.6, 0.9, 0.9)]
     assert eleven_point_ap(truth, two) == pytest.approx(6 / 11)
     assert eleven_point_ap([], truth) == 0.0
 
 
 def test_moondream_coco_protocol_weighs_labels_by_frequency_unlike_coco_map() -> None:
     metric = DetectionScores()
-    cat = [_box(0.1, 0.1, 0.5, 0.5)]
+    cat = [box(0.1, 0.1, 0.5, 0.5)]
     for _ in range(3):  # cat found in three images
         metric.update({"boxes": cat}, {"boxes": cat}, label="cat", image_size=(100, 100))
-    dog = [_box(0.2, 0.2, 0.6, 0.6)]
+    dog = [box(0.2, 0.2, 0.6, 0.6)]
     metric.update({"boxes": []}, {"boxes": dog}, label="dog", image_size=(100, 100))
     result = {key: float(value) for key, value in metric.compute().items()}
     assert result["moondream_map"] == pytest.approx(3 / 4)  # mean over 4 (image, label)
@@ -135,9 +132,9 @@ def test_moondream_coco_protocol_weighs_labels_by_frequency_unlike_coco_map() ->
 
 def test_referring_scores_use_the_first_box() -> None:
     metric = ReferringScores()
-    truth = {"boxes": [_box(0.0, 0.0, 0.5, 0.5)]}
-    metric.update({"boxes": [_box(0.0, 0.0, 0.5, 0.5), _box(0.5, 0.5, 1, 1)]}, truth)
-    metric.update({"boxes": [_box(0.0, 0.0, 0.25, 0.5)]}, truth)  # IoU 0.5: a hit
+    truth = {"boxes": [box(0.0, 0.0, 0.5, 0.5)]}
+    metric.update({"boxes": [box(0.0, 0.0, 0.5, 0.5), box(0.5, 0.5, 1, 1)]}, truth)
+    metric.update({"boxes": [box(0.0, 0.0, 0.25, 0.5)]}, truth)  # IoU 0.5: a hit
     metric.update({"boxes": []}, truth)
     result = metric.compute()
     assert float(result["accuracy"]) == pytest.approx(2 / 3)

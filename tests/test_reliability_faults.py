@@ -31,6 +31,7 @@ from support import (
     Slow,
     alternating_reward,
     detect_samples,
+    fit_on_detect_samples,
     loader,
     quiet_trainer,
     read_request,
@@ -91,6 +92,18 @@ def new_adapter(data_dir: Path, name: str, dialect: Dialect) -> str:
         return client.adapters.create(name, 16).adapter_id
 
 
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    """The folder of the test's service."""
+    return tmp_path / "service"
+
+
+@pytest.fixture
+def adapter_id(data_dir: Path, dialect: Dialect) -> str:
+    """The adapter the test's run trains, made before the faults are on."""
+    return new_adapter(data_dir, "run", dialect)
+
+
 def module(url: str, adapter_id: str | None, dialect: Dialect, **options: Any) -> MoondreamRLModule:
     """A module on ``url`` with short backoff, so faults cost milliseconds, not seconds."""
     settings: dict[str, Any] = {
@@ -121,10 +134,8 @@ def recorded_warnings() -> Iterator[list[str]]:
 
 
 def test_a_run_with_one_request_in_five_failing_applies_every_step_exactly_once(
-    tmp_path: Path, dialect: Dialect
+    tmp_path: Path, data_dir: Path, adapter_id: str, dialect: Dialect
 ) -> None:
-    data_dir = tmp_path / "service"
-    adapter_id = new_adapter(data_dir, "faulty-run", dialect)
     app = service(
         data_dir,
         dialect,
@@ -141,10 +152,9 @@ def test_a_run_with_one_request_in_five_failing_applies_every_step_exactly_once(
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=10, save_last=True)
     with serving(slow) as url:
         model = module(url, adapter_id, dialect, timeout=0.3)
-        trainer = quiet_trainer(
-            tmp_path, max_steps=30, enable_checkpointing=True, callbacks=[checkpoints]
+        trainer = fit_on_detect_samples(
+            model, tmp_path, steps=30, enable_checkpointing=True, callbacks=[checkpoints]
         )
-        trainer.fit(model, loader(detect_samples("train", 60), batch_size=2))
 
     assert trainer.global_step == 30
     assert train_steps_of(data_dir, adapter_id, dialect) == 30
@@ -175,15 +185,12 @@ AMBIGUOUS_FAULTS = {
 
 @pytest.mark.parametrize("fault", AMBIGUOUS_FAULTS)
 def test_ambiguous_train_steps_are_resolved_by_reading_train_steps_back(
-    tmp_path: Path, fault: str, dialect: Dialect
+    tmp_path: Path, data_dir: Path, adapter_id: str, fault: str, dialect: Dialect
 ) -> None:
-    data_dir = tmp_path / "service"
-    adapter_id = new_adapter(data_dir, fault, dialect)
     app = service(data_dir, dialect, AMBIGUOUS_FAULTS[fault])
     with serving(app) as url, recorded_warnings() as messages:
         model = module(url, adapter_id, dialect)
-        trainer = quiet_trainer(tmp_path, max_steps=6)
-        trainer.fit(model, loader(detect_samples("train", 12), batch_size=2))
+        trainer = fit_on_detect_samples(model, tmp_path, steps=6)
 
     assert trainer.global_step == 6
     assert train_steps_of(data_dir, adapter_id, dialect) == 6
@@ -218,7 +225,7 @@ def dropping_from_step_four(data_dir: Path, dialect: Dialect) -> tuple[str, Any]
 
 
 def test_ambiguous_step_without_train_steps_raises_with_a_checkpoint_to_resume_from(
-    tmp_path: Path,
+    tmp_path: Path, data_dir: Path
 ) -> None:
     """On ``/adapters`` the run stops at a step of unknown outcome, and resuming from
     ``last.ckpt`` makes a new adapter from its API checkpoint and continues exactly.
@@ -227,7 +234,6 @@ def test_ambiguous_step_without_train_steps_raises_with_a_checkpoint_to_resume_f
     unknown outcome is settled by the next answer instead (the next test).
     """
     dialect: Dialect = "adapters"
-    data_dir = tmp_path / "service"
     adapter_id, app = dropping_from_step_four(data_dir, dialect)
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_last=True)
     with serving(HideTrainSteps(app)) as url:
@@ -276,18 +282,16 @@ def test_ambiguous_step_without_train_steps_raises_with_a_checkpoint_to_resume_f
 
 
 def test_on_finetunes_a_step_of_unknown_outcome_is_settled_by_the_next_answer(
-    tmp_path: Path,
+    tmp_path: Path, data_dir: Path
 ) -> None:
     """Moondream Cloud's ``/finetunes`` does not report a finetune's step when read, but
     every train step's answer does: a step whose answer was lost is counted as applied
     (never resent, so never applied twice), and the next answer confirms the count."""
     dialect: Dialect = "finetunes"
-    data_dir = tmp_path / "service"
     adapter_id, app = dropping_from_step_four(data_dir, dialect)
     with serving(HideTrainSteps(app)) as url, recorded_warnings() as messages:
         model = module(url, adapter_id, dialect)
-        trainer = quiet_trainer(tmp_path, max_steps=8)
-        trainer.fit(model, loader(detect_samples("train", 16), batch_size=2))
+        trainer = fit_on_detect_samples(model, tmp_path, steps=8)
 
     settled = [message for message in messages if "the next train step's answer" in message]
     assert "train step 4 may or may not have been applied" in settled[0]
@@ -306,15 +310,17 @@ def test_on_finetunes_a_step_of_unknown_outcome_is_settled_by_the_next_answer(
     ids=["applied-then-dropped", "applied-then-500", "dropped-before"],
 )
 def test_skip_counts_an_unknown_step_as_applied_and_never_resends_it(
-    tmp_path: Path, fault: FaultConfig, applied: int, dialect: Dialect
+    tmp_path: Path,
+    data_dir: Path,
+    adapter_id: str,
+    fault: FaultConfig,
+    applied: int,
+    dialect: Dialect,
 ) -> None:
-    data_dir = tmp_path / "service"
-    adapter_id = new_adapter(data_dir, "skip", dialect)
     app = service(data_dir, dialect, fault)
     with serving(HideTrainSteps(app)) as url, recorded_warnings() as messages:
         model = module(url, adapter_id, dialect, on_ambiguous_step="skip")
-        trainer = quiet_trainer(tmp_path, max_steps=5)
-        trainer.fit(model, loader(detect_samples("train", 10), batch_size=2))
+        trainer = fit_on_detect_samples(model, tmp_path, steps=5)
 
     assert trainer.global_step == 5
     skipped = [message for message in messages if "counting it as applied" in message]
@@ -358,12 +364,10 @@ class FailRollouts:
 
 
 def test_one_failed_rollouts_request_fails_its_step_and_trains_on_nothing_partial(
-    tmp_path: Path, dialect: Dialect
+    tmp_path: Path, data_dir: Path, adapter_id: str, dialect: Dialect
 ) -> None:
     from dataclasses import replace
 
-    data_dir = tmp_path / "service"
-    adapter_id = new_adapter(data_dir, "partial", dialect)
     samples = detect_samples("train", 6)
     # The fourth sample (second batch) asks about an object only the middleware fails.
     samples[3] = replace(samples[3], object="poisoned object")
@@ -444,15 +448,12 @@ class AbandonFirstTrainStep:
 
 
 def test_a_step_still_running_when_the_client_gives_up_is_not_sent_again(
-    tmp_path: Path, dialect: Dialect
+    tmp_path: Path, data_dir: Path, adapter_id: str, dialect: Dialect
 ) -> None:
-    data_dir = tmp_path / "service"
-    adapter_id = new_adapter(data_dir, "abandoned", dialect)
     app = AbandonFirstTrainStep(service(data_dir, dialect))
     with serving(app) as url, recorded_warnings() as messages:
         model = module(url, adapter_id, dialect)
-        trainer = quiet_trainer(tmp_path, max_steps=3)
-        trainer.fit(model, loader(detect_samples("train", 6), batch_size=2))
+        trainer = fit_on_detect_samples(model, tmp_path, steps=3)
 
     assert app.abandoned is not None and app.read_back.is_set()
     # The read-back waited for the running step and found it applied: nothing resent.
@@ -496,14 +497,13 @@ class LoseAnswer:
 
 
 def test_an_adapter_creation_whose_answer_is_lost_is_found_by_listing(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    data_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The service made the adapter, then the connection dropped; it is never made twice.
 
     ``/adapters`` lists adapters, so the client finds the one it made and returns it.
     (``/finetunes`` creation is idempotent by name and rank: the client sends it again.)
     """
-    data_dir = tmp_path / "service"
     app = LoseAnswer(service(data_dir, "adapters"), "adapters")
     with (
         serving(app) as url,
@@ -520,10 +520,9 @@ def test_an_adapter_creation_whose_answer_is_lost_is_found_by_listing(
 
 
 def test_a_finetune_creation_whose_answer_is_lost_is_sent_again_and_made_once(
-    tmp_path: Path,
+    data_dir: Path,
 ) -> None:
     """``POST /finetunes`` is idempotent by name and rank: resending it names the same one."""
-    data_dir = tmp_path / "service"
     app = LoseAnswer(service(data_dir, "finetunes"), "adapters")
     with (
         serving(app) as url,
@@ -538,10 +537,8 @@ def test_a_finetune_creation_whose_answer_is_lost_is_sent_again_and_made_once(
 
 
 def test_a_checkpoint_save_whose_answer_is_lost_is_resolved_by_listing(
-    tmp_path: Path, dialect: Dialect
+    data_dir: Path, adapter_id: str, dialect: Dialect
 ) -> None:
-    data_dir = tmp_path / "service"
-    adapter_id = new_adapter(data_dir, "saves", dialect)
     app = LoseAnswer(service(data_dir, dialect), "checkpoints")
     with (
         serving(app) as url,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import itertools
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +41,13 @@ class PromptReward:
 
 def session(
     data_dir: Path, reward: Any, dialect: DialectChoice = "auto", **options: Any
-) -> Session:
+) -> closing[Session]:
+    """A session on the local service in ``data_dir`` (constant policy), closed after ``with``."""
     choice = ServiceChoice(
         local_dir=str(data_dir), local_options={"policy": "constant"}, dialect=dialect
     )
-    return Session(SessionOptions(**{"num_rollouts": 2, **options}), choice, Scorer(reward))
+    options = {"num_rollouts": 2, **options}
+    return closing(Session(SessionOptions(**options), choice, Scorer(reward)))
 
 
 def train(run: Session, batch: list[Any], steps: range) -> list[dict[str, float]]:
@@ -121,49 +124,47 @@ def test_an_always_solved_prompt_is_skipped_and_comes_back_once_it_teaches(
 ) -> None:
     solved, learning = detect_samples("train", 2)
     reward = PromptReward({learning.id})
-    run = session(tmp_path, reward, skip_prompts=True, skip_floor=0.2)
-    early = train(run, [solved, learning], range(30))
-    assert early[0]["skipped_prompts"] == 0.0
-    assert sum(report["skipped_prompts"] for report in early) >= 15
-    assert reward.requests(2)[solved.id] == 30 - sum(r["skipped_prompts"] for r in early)
-    assert all(report["groups"] == 1.0 for report in early)
-    assert run.prompt_filter is not None and run.prompt_filter.streak(solved) >= 3
+    with session(tmp_path, reward, skip_prompts=True, skip_floor=0.2) as run:
+        early = train(run, [solved, learning], range(30))
+        assert early[0]["skipped_prompts"] == 0.0
+        assert sum(report["skipped_prompts"] for report in early) >= 15
+        assert reward.requests(2)[solved.id] == 30 - sum(r["skipped_prompts"] for r in early)
+        assert all(report["groups"] == 1.0 for report in early)
+        assert run.prompt_filter is not None and run.prompt_filter.streak(solved) >= 3
 
-    reward.informative.add(solved.id)
-    later = train(run, [solved, learning], range(30, 60))
-    comeback = next(index for index, report in enumerate(later) if report["groups"] == 2.0)
-    assert all(report["skipped_prompts"] == 0.0 for report in later[comeback:])
-    assert all(report["groups"] == 2.0 for report in later[comeback:])
-    run.close()
+        reward.informative.add(solved.id)
+        later = train(run, [solved, learning], range(30, 60))
+        comeback = next(index for index, report in enumerate(later) if report["groups"] == 2.0)
+        assert all(report["skipped_prompts"] == 0.0 for report in later[comeback:])
+        assert all(report["groups"] == 2.0 for report in later[comeback:])
 
 
 def test_dynamic_sampling_tops_a_step_up_within_its_bound(tmp_path: Path) -> None:
     batch = detect_samples("train", 4)
     reward = PromptReward({batch[0].id, batch[1].id})
-    run = session(tmp_path, reward, max_extra_requests=1)
-    (bounded,) = train(run, batch, range(1))
+    with session(tmp_path, reward, max_extra_requests=1) as run:
+        (bounded,) = train(run, batch, range(1))
     assert (bounded["groups"], bounded["extra_requests"]) == (3.0, 1.0)
-    run.close()
 
     reward = PromptReward({batch[0].id, batch[1].id})
-    run = session(tmp_path, reward, max_extra_requests=5)
-    (filled,) = train(run, batch, range(1))
+    with session(tmp_path, reward, max_extra_requests=5) as run:
+        (filled,) = train(run, batch, range(1))
     # Two groups were missing: both prompts that spread are sampled once more.
     assert (filled["groups"], filled["extra_requests"]) == (4.0, 2.0)
     requests = reward.requests(2)
     assert requests == {batch[0].id: 2, batch[1].id: 2, batch[2].id: 1, batch[3].id: 1}
-    run.close()
 
 
 def test_dynamic_sampling_has_nothing_to_sample_again_when_nothing_spread(tmp_path: Path) -> None:
     batch = detect_samples("train", 3)
     reward = PromptReward(set())
-    run = session(tmp_path, reward, max_extra_requests=8)
-    with pytest.warns(UserWarning, match="rollouts all scored alike"):
+    with (
+        session(tmp_path, reward, max_extra_requests=8) as run,
+        pytest.warns(UserWarning, match="rollouts all scored alike"),
+    ):
         (report,) = train(run, batch, range(1))
     assert (report["groups"], report["extra_requests"], report["skipped_steps"]) == (0.0, 0.0, 1.0)
     assert sum(reward.requests(2).values()) == 3
-    run.close()
 
 
 def test_a_step_whose_prompts_were_all_skipped_says_so(tmp_path: Path) -> None:
@@ -186,14 +187,13 @@ def test_with_both_off_every_prompt_is_sampled_once_and_nothing_more_is_logged(
 ) -> None:
     batch = detect_samples("train", 3)
     reward = PromptReward({batch[0].id})
-    run = session(tmp_path, reward, dialect, skip_prompts=False)
-    reports = train(run, batch, range(3))
-    assert run.prompt_filter is None
-    assert reward.requests(2) == {sample.id: 3 for sample in batch}
-    assert [report["groups"] for report in reports] == [1.0, 1.0, 1.0]
-    assert not {"skipped_prompts", "extra_requests"} & set(reports[0])
-    assert run.remote.train_steps == 3
-    run.close()
+    with session(tmp_path, reward, dialect, skip_prompts=False) as run:
+        reports = train(run, batch, range(3))
+        assert run.prompt_filter is None
+        assert reward.requests(2) == {sample.id: 3 for sample in batch}
+        assert [report["groups"] for report in reports] == [1.0, 1.0, 1.0]
+        assert not {"skipped_prompts", "extra_requests"} & set(reports[0])
+        assert run.remote.train_steps == 3
 
 
 @pytest.mark.parametrize("dialect", ["adapters", "finetunes"])
@@ -202,12 +202,11 @@ def test_a_request_carries_sixteen_rollouts_end_to_end(
 ) -> None:
     batch = detect_samples("train", 2)
     reward = PromptReward({sample.id for sample in batch})
-    run = session(tmp_path, reward, dialect, num_rollouts=16)
-    (report,) = train(run, batch, range(1))
-    assert reward.rollouts == {sample.id: 16 for sample in batch}
-    assert run.usage.snapshot()["rollouts"] == 32
-    assert (report["groups"], run.remote.train_steps) == (2.0, 1)
-    run.close()
+    with session(tmp_path, reward, dialect, num_rollouts=16) as run:
+        (report,) = train(run, batch, range(1))
+        assert reward.rollouts == {sample.id: 16 for sample in batch}
+        assert run.usage.snapshot()["rollouts"] == 32
+        assert (report["groups"], run.remote.train_steps) == (2.0, 1)
 
 
 def test_skipped_prompts_are_logged_at_every_step_of_a_trainer_run(tmp_path: Path) -> None:
