@@ -169,8 +169,10 @@ def test_dynamic_sampling_has_nothing_to_sample_again_when_nothing_spread(tmp_pa
 
 def test_a_step_whose_prompts_were_all_skipped_says_so(tmp_path: Path) -> None:
     batch = detect_samples("train", 1)
-    run = session(tmp_path, PromptReward(set()), skip_prompts=True, skip_floor=0.0)
-    with pytest.warns(UserWarning) as caught:
+    with (
+        session(tmp_path, PromptReward(set()), skip_prompts=True, skip_floor=0.0) as run,
+        pytest.warns(UserWarning) as caught,
+    ):
         reports = train(run, batch, range(8))
     assert [report["skipped_prompts"] for report in reports].count(1.0) >= 1
     messages = [str(warning.message) for warning in caught]
@@ -178,7 +180,6 @@ def test_a_step_whose_prompts_were_all_skipped_says_so(tmp_path: Path) -> None:
     assert sum("rollouts all scored alike" in message for message in messages) == 1
     assert sum("every prompt of a step was skipped" in message for message in messages) == 1
     assert reports[-1]["skipped_steps"] == 8.0
-    run.close()
 
 
 @pytest.mark.parametrize("dialect", ["adapters", "finetunes"])
