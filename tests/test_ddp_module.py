@@ -69,6 +69,24 @@ def served_steps(url: str) -> dict[str, int | None]:
         return {adapter.adapter_id: adapter.train_steps for adapter in client.adapters.iter()}
 
 
+def validated_alike(root: Path, *args: str) -> dict[str, dict[str, Any]]:
+    """Validate in one process and in two; assert every rank logs the same metrics.
+
+    Five images: the processes get uneven shares, and none is counted twice.
+
+    Returns:
+        Rank 0's usage, by the number of processes.
+    """
+    metrics, usage = {}, {}
+    for devices in ("1", "2"):
+        ranks = ddp_run(root / devices, *args, "--devices", devices, "--val-images", "5")
+        metrics[devices], usage[devices] = ranks[0]["metrics"], ranks[0]["usage"]
+        assert all(rank["metrics"] == metrics[devices] for rank in ranks.values())
+    assert metrics["2"] == pytest.approx(metrics["1"])
+    assert {"val/map", "val/reward"} <= set(metrics["1"])
+    return usage
+
+
 def test_two_processes_train_one_adapter_on_the_modules_own_service(tmp_path: Path) -> None:
     ranks = ddp_run(tmp_path, "--max-steps", "4")
     zero, one = ranks[0], ranks[1]
@@ -107,20 +125,13 @@ def test_a_checkpoint_validated_under_ddp_answers_through_rank_0s_inference_api(
     finetune = trained[0]["adapter_id"]
     service = tmp_path / "fit" / "service"
     checkpoint = next((tmp_path / "fit" / "ckpt").glob("*step=2.ckpt"))
-    metrics = {}
+    usage = validated_alike(
+        tmp_path, "--validate-checkpoint", str(checkpoint), "--service", str(service)
+    )
+    # Answered by moondream3-preview/FT@2 (no rollouts), every rank through rank 0's
+    # service, with nothing trained, attached or created.
     for devices in ("1", "2"):
-        ranks = ddp_run(
-            tmp_path / devices,
-            *("--validate-checkpoint", str(checkpoint), "--service", str(service)),
-            *("--devices", devices, "--val-images", "5"),
-        )
-        metrics[devices] = ranks[0]["metrics"]
-        assert all(rank["metrics"] == metrics[devices] for rank in ranks.values())
-        # Answered by moondream3-preview/FT@2 (no rollouts), every rank through rank 0's
-        # service, with nothing trained, attached or created.
-        assert ranks[0]["usage"]["rollouts"] == 0 and ranks[0]["usage"]["requests"] >= 5
-    assert metrics["2"] == pytest.approx(metrics["1"])
-    assert {"val/map", "val/reward"} <= set(metrics["1"])
+        assert usage[devices]["rollouts"] == 0 and usage[devices]["requests"] >= 5
     with TuningClient.local(data_dir=service, dialect="adapters") as client:
         adapters = {adapter.adapter_id: adapter.train_steps for adapter in client.adapters.iter()}
     assert adapters == {finetune: 4}
@@ -150,18 +161,7 @@ def test_resume_under_ddp_continues_the_step_count(tmp_path: Path, serve: str) -
 def test_validation_under_ddp_equals_one_process(tmp_path: Path, serve: str) -> None:
     trained = ddp_run(tmp_path / "fit", "--base-url", serve, "--api-key", KEY, "--max-steps", "2")
     adapter = trained[0]["adapter_id"]
-    metrics = {}
-    for devices in ("1", "2"):
-        # Five images: the processes get uneven shares, and none is counted twice.
-        ranks = ddp_run(
-            tmp_path / devices,
-            *("--base-url", serve, "--api-key", KEY, "--validate", adapter),
-            *("--devices", devices, "--val-images", "5"),
-        )
-        metrics[devices] = ranks[0]["metrics"]
-        assert all(rank["metrics"] == metrics[devices] for rank in ranks.values())
-    assert metrics["2"] == pytest.approx(metrics["1"])
-    assert {"val/map", "val/reward"} <= set(metrics["1"])
+    validated_alike(tmp_path, "--base-url", serve, "--api-key", KEY, "--validate", adapter)
 
 
 @pytest.mark.slow
