@@ -14,17 +14,15 @@ immutable values; a train step returns a new one, which the service swaps in.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
-from PIL import Image
 
 from lightning_moondream.server import codec
-from lightning_moondream.server.grpo import Hyperparameters, ScoredGroup, TargetGroup, train_step
+from lightning_moondream.server.grpo import Hyperparameters, TrainGroups, train_step
 from lightning_moondream.server.lora import AdamState, LoRAWeights, init_lora
-from lightning_moondream.server.policy import Decoding, Policy, Sample, image_tensor, load_base
+from lightning_moondream.server.policy import Policy, Sample, Task, image_tensor, load_base
 
 POLICIES: tuple[str, ...] = ("reference", "constant")
 
@@ -65,51 +63,6 @@ class AdapterState:
 
 
 @dataclass(frozen=True)
-class Task:
-    """What to sample for: one request, decoded.
-
-    Attributes:
-        skill: ``"query"``, ``"point"`` or ``"detect"``.
-        prompt: The question or object phrase.
-        image: The request's image (``None`` for a query without one, or for an
-            engine that does not read pixels).
-        rules: Decoding rules from the request's settings.
-        temperature: Sampling temperature (0 is greedy).
-        top_p: Nucleus sampling threshold.
-    """
-
-    skill: str
-    prompt: str
-    image: Image.Image | None
-    rules: Decoding
-    temperature: float
-    top_p: float
-
-    @property
-    def scoring_temperature(self) -> float:
-        """Temperature the recorded log-probabilities are taken at."""
-        return self.temperature if self.temperature > 0 else 1.0
-
-
-@dataclass(frozen=True)
-class TrainGroup:
-    """A verified group of ``/train_step``: the task, sampled sequences and rewards."""
-
-    task: Task
-    tokens: Sequence[Sequence[int]]
-    logprobs: Sequence[Sequence[float]]
-    rewards: Sequence[float]
-
-
-@dataclass(frozen=True)
-class SupervisedGroup:
-    """A validated SFT group of ``/train_step``: the task and its target's tokens."""
-
-    task: Task
-    tokens: Sequence[int]
-
-
-@dataclass(frozen=True)
 class StepStats:
     """Quantities of one applied update (``None`` where the policy computes none).
 
@@ -139,11 +92,7 @@ class Engine(Protocol):
         """Sample ``count`` sequences for a task."""
 
     def train(
-        self,
-        state: AdapterState,
-        groups: Sequence[TrainGroup],
-        targets: Sequence[SupervisedGroup] = (),
-        lr: float | None = None,
+        self, state: AdapterState, groups: TrainGroups[Task], lr: float | None = None
     ) -> tuple[AdapterState, StepStats]:
         """Apply one train step at ``lr`` (the engine's default if ``None``).
 
@@ -187,42 +136,11 @@ class ReferenceEngine:
         )
 
     def train(
-        self,
-        state: AdapterState,
-        groups: Sequence[TrainGroup],
-        targets: Sequence[SupervisedGroup] = (),
-        lr: float | None = None,
+        self, state: AdapterState, groups: TrainGroups[Task], lr: float | None = None
     ) -> tuple[AdapterState, StepStats]:
-        """One step on the adapter's LoRA weights: GRPO on ``groups``, NLL on ``targets``."""
-        scored = [
-            ScoredGroup(
-                image=image_tensor(group.task.image),
-                prompt=group.task.prompt,
-                rules=group.task.rules,
-                temperature=group.task.scoring_temperature,
-                tokens=group.tokens,
-                logprobs=group.logprobs,
-                rewards=group.rewards,
-            )
-            for group in groups
-        ]
-        supervised = [
-            TargetGroup(
-                image=image_tensor(target.task.image),
-                prompt=target.task.prompt,
-                rules=target.task.rules,
-                tokens=target.tokens,
-            )
-            for target in targets
-        ]
+        """One step on the adapter's LoRA weights: GRPO on the RL groups, NLL on the SFT ones."""
         result = train_step(
-            self.policy,
-            state.weights,
-            state.optimizer,
-            scored,
-            self.hyperparameters,
-            targets=supervised,
-            lr=lr,
+            self.policy, state.weights, state.optimizer, groups, self.hyperparameters, lr=lr
         )
         stats = StepStats(result.kl, result.grad_norm, result.sft_loss)
         return AdapterState(state.rank, result.weights, result.optimizer), stats
@@ -260,11 +178,7 @@ class ConstantEngine:
         return [Sample(list(tokens), [0.0] * len(tokens)) for _ in range(count)]
 
     def train(
-        self,
-        state: AdapterState,
-        groups: Sequence[TrainGroup],
-        targets: Sequence[SupervisedGroup] = (),
-        lr: float | None = None,
+        self, state: AdapterState, groups: TrainGroups[Task], lr: float | None = None
     ) -> tuple[AdapterState, StepStats]:
         """Count the step in the optimizer state; weights stay as they are."""
         optimizer = AdamState(

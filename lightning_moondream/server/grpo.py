@@ -22,12 +22,13 @@ target NLL before the step.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 import torch
 
 from lightning_moondream.server.lora import AdamState, LoRAWeights, adam_update
-from lightning_moondream.server.policy import Decoding, Policy, gather_tokens
+from lightning_moondream.server.policy import Decoding, Policy, Task, gather_tokens, image_tensor
 
 ADVANTAGE_EPS = 1e-6
 """Groups whose reward standard deviation is below this are skipped."""
@@ -46,44 +47,46 @@ class Hyperparameters:
     clip: float = 0.2
 
 
+RequestT = TypeVar("RequestT")
+"""The form a group's request is in: verified, then decoded into a ``Task`` to train on."""
+
+
 @dataclass(frozen=True)
-class ScoredGroup:
-    """One verified group, ready for the loss.
+class RLGroup(Generic[RequestT]):
+    """One RL group: a request, the rollouts sampled for it and their rewards.
 
     Attributes:
-        image: ``(3, 64, 64)`` input image.
-        prompt: The object phrase or question.
-        rules: Decoding rules the rollouts were sampled under.
-        temperature: Temperature their log-probabilities were recorded at.
+        request: The request.
         tokens: Sampled tokens of each rollout.
         logprobs: Recorded log-probability of each of those tokens.
         rewards: One reward per rollout.
     """
 
-    image: torch.Tensor
-    prompt: str
-    rules: Decoding
-    temperature: float
+    request: RequestT
     tokens: Sequence[Sequence[int]]
     logprobs: Sequence[Sequence[float]]
     rewards: Sequence[float]
 
 
 @dataclass(frozen=True)
-class TargetGroup:
-    """One supervised group: a request and the token sequence of its target answer.
+class SFTGroup(Generic[RequestT]):
+    """One supervised group: a request and the tokens of its target answer, end token included."""
 
-    Attributes:
-        image: ``(3, 64, 64)`` input image.
-        prompt: The object phrase or question.
-        rules: Decoding rules of the request (the target must obey them).
-        tokens: The target's tokens, end token included.
-    """
-
-    image: torch.Tensor
-    prompt: str
-    rules: Decoding
+    request: RequestT
     tokens: Sequence[int]
+
+
+@dataclass(frozen=True)
+class TrainGroups(Generic[RequestT]):
+    """The groups of one train step, by mode, each mode in the order sent."""
+
+    rl: list[RLGroup[RequestT]] = field(default_factory=list)
+    sft: list[SFTGroup[RequestT]] = field(default_factory=list)
+
+    @property
+    def rewards(self) -> list[float]:
+        """Every reward of the RL groups, in order."""
+        return [reward for group in self.rl for reward in group.rewards]
 
 
 @dataclass(frozen=True)
@@ -161,23 +164,29 @@ class _Batch:
         return torch.arange(self.tokens.shape[1])[None, :] < self.lengths[:, None]
 
 
-def _rl_batches(policy: Policy, groups: Sequence[ScoredGroup]) -> list[_Batch]:
-    """Stack the groups with signal; groups of one decoding setting share a forward pass."""
-    buckets: dict[tuple[Decoding, float], list[tuple[ScoredGroup, torch.Tensor]]] = {}
+def _rl_batches(policy: Policy, groups: Sequence[RLGroup[Task]]) -> list[_Batch]:
+    """Stack the groups with signal; groups of one decoding setting share a forward pass.
+
+    A group's log-probabilities were recorded at its request's scoring temperature.
+    """
+    buckets: dict[tuple[Decoding, float], list[tuple[RLGroup[Task], torch.Tensor]]] = {}
     for group in groups:
         advantage = advantages(group.rewards)
         if advantage is not None:
-            buckets.setdefault((group.rules, group.temperature), []).append((group, advantage))
+            setting = (group.request.rules, group.request.scoring_temperature)
+            buckets.setdefault(setting, []).append((group, advantage))
     batches = []
     for (rules, temperature), members in buckets.items():
         rows = [row for group, _ in members for row in group.tokens]
         with torch.no_grad():
             # The convolutions take no LoRA, so their output is fixed for the whole step.
-            features = policy.encode_images(torch.stack([group.image for group, _ in members]))
+            features = policy.encode_images(
+                torch.stack([image_tensor(group.request.image) for group, _ in members])
+            )
         batches.append(
             _Batch(
                 features=features,
-                prompts=[group.prompt for group, _ in members],
+                prompts=[group.request.prompt for group, _ in members],
                 rows_per_group=[len(group.tokens) for group, _ in members],
                 rules=rules,
                 temperature=temperature,
@@ -190,19 +199,21 @@ def _rl_batches(policy: Policy, groups: Sequence[ScoredGroup]) -> list[_Batch]:
     return batches
 
 
-def _target_batches(policy: Policy, groups: Sequence[TargetGroup]) -> list[_Batch]:
+def _target_batches(policy: Policy, groups: Sequence[SFTGroup[Task]]) -> list[_Batch]:
     """Stack supervised targets; targets of one decoding setting share a forward pass."""
-    buckets: dict[Decoding, list[TargetGroup]] = {}
+    buckets: dict[Decoding, list[SFTGroup[Task]]] = {}
     for group in groups:
-        buckets.setdefault(group.rules, []).append(group)
+        buckets.setdefault(group.request.rules, []).append(group)
     batches = []
     for rules, members in buckets.items():
         with torch.no_grad():
-            features = policy.encode_images(torch.stack([group.image for group in members]))
+            features = policy.encode_images(
+                torch.stack([image_tensor(group.request.image) for group in members])
+            )
         batches.append(
             _Batch(
                 features=features,
-                prompts=[group.prompt for group in members],
+                prompts=[group.request.prompt for group in members],
                 rows_per_group=[1] * len(members),
                 rules=rules,
                 temperature=1.0,
@@ -234,9 +245,8 @@ def train_step(
     policy: Policy,
     weights: LoRAWeights,
     optimizer: AdamState,
-    groups: Sequence[ScoredGroup],
+    groups: TrainGroups[Task],
     hyperparameters: Hyperparameters,
-    targets: Sequence[TargetGroup] = (),
     lr: float | None = None,
 ) -> StepResult:
     """Apply one train step to an adapter, out of place.
@@ -245,14 +255,13 @@ def train_step(
         policy: The frozen base policy.
         weights: The adapter's current LoRA weights (not modified).
         optimizer: The adapter's Adam state (not modified).
-        groups: Scored RL groups of any skills.
+        groups: RL and supervised groups of any skills.
         hyperparameters: Default learning rate and clipping.
-        targets: Supervised groups of any skills.
         lr: Learning rate of this step; ``hyperparameters.lr`` if ``None``. At 0 the
             weights stay exactly as they are.
     """
-    rl_batches = _rl_batches(policy, groups)
-    target_batches = _target_batches(policy, targets)
+    rl_batches = _rl_batches(policy, groups.rl)
+    target_batches = _target_batches(policy, groups.sft)
     if not rl_batches and not target_batches:
         return StepResult(dict(weights), optimizer, 0, 0.0, 0.0, 0.0, None)
     trainable = {

@@ -10,8 +10,9 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse
@@ -19,7 +20,6 @@ from fastapi.responses import JSONResponse
 from lightning_moondream.api import wire
 from lightning_moondream.api.limits import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, MIN_PAGE_SIZE
 from lightning_moondream.server.errors import ServiceError
-from lightning_moondream.server.results import SampledRollout
 from lightning_moondream.server.service import Service
 from lightning_moondream.server.store import AdapterRecord, CheckpointRecord
 from lightning_moondream.server.validation import BodyT, validate_body
@@ -30,6 +30,8 @@ INFERENCE_PATHS = tuple(
     f"{INFERENCE_PREFIX}/{name}" for name in ("query", "detect", "point", "caption")
 )
 AUTH_HEADER = "X-Moondream-Auth"
+
+RecordT = TypeVar("RecordT", AdapterRecord, CheckpointRecord)
 
 _ERROR_TYPES = {
     400: "invalid_request_error",
@@ -60,37 +62,6 @@ def json_answer(answer: Any) -> Response:
     rollouts.
     """
     return Response(wire.dumps(answer), media_type="application/json")
-
-
-class RolloutsBody(Protocol):
-    """The fields of a ``/rollouts`` body that both dialects share (the id aside)."""
-
-    num_rollouts: int
-    request: dict[str, Any]
-    ground_truth: dict[str, Any] | None
-
-
-async def answer_rollouts(
-    service: Service,
-    owner: str,
-    adapter_id: str,
-    body: RolloutsBody,
-    shape: Callable[[SampledRollout], dict[str, Any]],
-) -> Response:
-    """Sample a validated ``/rollouts`` body; the request echoed, rollouts in a dialect's shape.
-
-    Raises:
-        ServiceError: As ``Service.sample_rollouts``.
-    """
-    batch = await service.sample_rollouts(
-        owner, adapter_id, body.num_rollouts, body.request, body.ground_truth
-    )
-    answer = {
-        "request": body.request,
-        "rollouts": [shape(rollout) for rollout in batch.rollouts],
-        "rewards": batch.rewards,
-    }
-    return json_answer(answer)
 
 
 def authenticated(request: Request) -> tuple[Service, str]:
@@ -178,8 +149,40 @@ def page_query(request: Request) -> tuple[int, int]:
     return _page_limit(request), decode_cursor(request.query_params.get("cursor"))
 
 
-def next_cursor(
-    records: Sequence[AdapterRecord] | Sequence[CheckpointRecord], more: bool
-) -> str | None:
-    """The cursor of the page after ``records``, ``None`` on the last page."""
-    return encode_cursor(records[-1].seq) if more else None
+@dataclass(frozen=True)
+class Page(Generic[RecordT]):
+    """One page of a listing, oldest first.
+
+    Attributes:
+        records: The page's records.
+        more: Whether more records follow.
+    """
+
+    records: list[RecordT]
+    more: bool
+
+    @property
+    def next_cursor(self) -> str | None:
+        """The cursor of the page after this one, ``None`` on the last page."""
+        return encode_cursor(self.records[-1].seq) if self.more else None
+
+
+def adapters_page(request: Request) -> Page[AdapterRecord]:
+    """The page of the caller's adapters a listing asks for.
+
+    Raises:
+        ServiceError: As ``authenticated``, then as ``page_query``.
+    """
+    service, owner = authenticated(request)
+    return Page(*service.list_adapters(owner, *page_query(request)))
+
+
+def checkpoints_page(request: Request, adapter_id: str) -> Page[CheckpointRecord]:
+    """The page of an adapter's checkpoints a listing asks for.
+
+    Raises:
+        ServiceError: As ``authenticated``, then as ``page_query``, then 404 unless the
+            caller has this adapter.
+    """
+    service, owner = authenticated(request)
+    return Page(*service.list_checkpoints(owner, adapter_id, *page_query(request)))

@@ -126,6 +126,33 @@ class Sample:
     logprobs: list[float]
 
 
+@dataclass(frozen=True)
+class Task:
+    """What to sample for: one request, decoded.
+
+    Attributes:
+        skill: ``"query"``, ``"point"`` or ``"detect"``.
+        prompt: The question or object phrase.
+        image: The request's image (``None`` for a query without one, or for an
+            engine that does not read pixels).
+        rules: Decoding rules from the request's settings.
+        temperature: Sampling temperature (0 is greedy).
+        top_p: Nucleus sampling threshold.
+    """
+
+    skill: str
+    prompt: str
+    image: Image.Image | None
+    rules: Decoding
+    temperature: float
+    top_p: float
+
+    @property
+    def scoring_temperature(self) -> float:
+        """Temperature the recorded log-probabilities are taken at."""
+        return self.temperature if self.temperature > 0 else 1.0
+
+
 class Policy(nn.Module):
     """The reference policy; see the module docstring."""
 

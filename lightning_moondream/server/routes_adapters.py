@@ -12,22 +12,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi import APIRouter, FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from lightning_moondream.api.models import check_groups
 from lightning_moondream.server.errors import ServiceError
 from lightning_moondream.server.http_common import (
     PREFIX,
-    answer_rollouts,
+    adapters_page,
     authenticated,
-    next_cursor,
-    page_query,
+    checkpoints_page,
     parse_body,
 )
-from lightning_moondream.server.results import SampledRollout
-from lightning_moondream.server.service import Service
-from lightning_moondream.server.validation import check_lr, validate_body
+from lightning_moondream.server.results import SampledRollout, StepReport
 
 
 class _CreateAdapter(BaseModel):
@@ -35,22 +32,6 @@ class _CreateAdapter(BaseModel):
     name: StrictStr = Field(min_length=1, max_length=256)
     rank: StrictInt
     from_checkpoint: StrictStr | None = None
-
-
-class _Rollouts(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    adapter_id: StrictStr
-    num_rollouts: StrictInt
-    request: dict[str, Any]
-    ground_truth: dict[str, Any] | None = None
-
-
-class _TrainStep(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    adapter_id: StrictStr
-    groups: list[Any]
-    # Beyond the spec: see the module docstring.
-    lr: Any = None
 
 
 def rollout_json(item: SampledRollout) -> dict[str, Any]:
@@ -73,6 +54,26 @@ def _public(reasoning: dict[str, Any]) -> dict[str, Any]:
     return {"text": reasoning["text"], "grounding": reasoning["grounding"]}
 
 
+def check_train_groups(groups: list[Any]) -> list[dict[str, Any]]:
+    """A train step's groups in this dialect: RL groups only, checked as the client checks them.
+
+    Checked before the adapter lookup: SFT groups are refused with a message naming
+    /finetunes, and a malformed step is a 422 even for an unknown adapter.
+
+    Raises:
+        ServiceError: 422 naming the group and field that is wrong.
+    """
+    try:
+        return check_groups(groups)
+    except ValueError as exc:
+        raise ServiceError(422, str(exc)) from exc
+
+
+def step_report_json(report: StepReport) -> dict[str, Any]:
+    """A train step's answer in this dialect: ``{}``, as in the spec."""
+    return {}
+
+
 router = APIRouter(prefix=PREFIX)
 """This dialect's own routes; ``/rollouts`` and ``/train_step`` are in ``routes_shared``."""
 
@@ -89,11 +90,10 @@ async def create_adapter(request: Request) -> dict[str, Any]:
 @router.get("/adapters")
 async def list_adapters(request: Request) -> dict[str, Any]:
     """``GET /adapters``: one page of the caller's adapters, oldest first."""
-    service, owner = authenticated(request)
-    records, more = service.list_adapters(owner, *page_query(request))
+    page = adapters_page(request)
     return {
-        "adapters": [record.to_json() for record in records],
-        "next_cursor": next_cursor(records, more),
+        "adapters": [record.to_json() for record in page.records],
+        "next_cursor": page.next_cursor,
     }
 
 
@@ -122,12 +122,10 @@ async def save_checkpoint(adapter_id: str, request: Request) -> dict[str, Any]:
 @router.get("/adapters/{adapter_id}/checkpoints")
 async def list_checkpoints(adapter_id: str, request: Request) -> dict[str, Any]:
     """``GET /adapters/{id}/checkpoints``: one page, oldest first."""
-    service, owner = authenticated(request)
-    limit, after = page_query(request)
-    records, more = service.list_checkpoints(owner, adapter_id, limit, after)
+    page = checkpoints_page(request, adapter_id)
     return {
-        "checkpoints": [record.to_json() for record in records],
-        "next_cursor": next_cursor(records, more),
+        "checkpoints": [record.to_json() for record in page.records],
+        "next_cursor": page.next_cursor,
     }
 
 
@@ -148,24 +146,3 @@ async def delete_checkpoint(
 def install(app: FastAPI) -> None:
     """Add this dialect's own routes to ``app``."""
     app.include_router(router)
-
-
-async def rollouts(service: Service, owner: str, body: dict[str, Any]) -> Response:
-    """Answer ``POST /rollouts`` in this dialect."""
-    parsed = validate_body(body, _Rollouts)
-    return await answer_rollouts(service, owner, parsed.adapter_id, parsed, rollout_json)
-
-
-async def train_step(service: Service, owner: str, body: dict[str, Any]) -> dict[str, Any]:
-    """Answer ``POST /train_step`` in this dialect: RL groups, ``{}`` when applied."""
-    parsed = validate_body(body, _TrainStep)
-    lr = check_lr(parsed.lr)
-    # Checked as the client checks them, before the adapter lookup: SFT groups are
-    # refused with a message naming /finetunes, and a malformed step is a 422 even for
-    # an unknown adapter.
-    try:
-        groups = check_groups(parsed.groups)
-    except ValueError as exc:
-        raise ServiceError(422, str(exc)) from exc
-    await service.train_step(owner, parsed.adapter_id, groups, lr)
-    return {}

@@ -20,22 +20,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi import APIRouter, FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from lightning_moondream.server.finetunes import Finetunes
 from lightning_moondream.server.http_common import (
     PREFIX,
-    answer_rollouts,
+    adapters_page,
     authenticated,
-    next_cursor,
-    page_query,
+    checkpoints_page,
     parse_body,
 )
 from lightning_moondream.server.results import SampledRollout, StepReport
-from lightning_moondream.server.service import Service
 from lightning_moondream.server.store import AdapterRecord, CheckpointRecord
-from lightning_moondream.server.validation import check_lr, check_step, validate_body
+from lightning_moondream.server.validation import check_step
 
 MAX_METRICS = 1000
 """Most metrics one call may log."""
@@ -45,21 +43,6 @@ class _CreateFinetune(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: StrictStr = Field(min_length=1, max_length=256)
     rank: StrictInt
-
-
-class _Rollouts(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    finetune_id: StrictStr
-    num_rollouts: StrictInt
-    request: dict[str, Any]
-    ground_truth: dict[str, Any] | None = None
-
-
-class _TrainStep(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    finetune_id: StrictStr
-    groups: list[Any] = Field(min_length=1)
-    lr: Any = None
 
 
 class _Metrics(BaseModel):
@@ -156,12 +139,11 @@ async def create_finetune(request: Request) -> dict[str, Any]:
 @router.get("/finetunes")
 async def list_finetunes(request: Request) -> dict[str, Any]:
     """``GET /finetunes``: one page of the caller's finetunes, oldest first."""
-    service, owner = authenticated(request)
-    records, more = service.list_adapters(owner, *page_query(request))
+    page = adapters_page(request)
     return {
-        "finetunes": [finetune_json(record) for record in records],
-        "next_cursor": next_cursor(records, more),
-        "has_more": more,
+        "finetunes": [finetune_json(record) for record in page.records],
+        "next_cursor": page.next_cursor,
+        "has_more": page.more,
     }
 
 
@@ -199,13 +181,11 @@ async def read_metrics(finetune_id: str, request: Request) -> dict[str, Any]:
 @router.get("/finetunes/{finetune_id}/checkpoints")
 async def list_checkpoints(finetune_id: str, request: Request) -> dict[str, Any]:
     """``GET /finetunes/{id}/checkpoints``: one page, oldest first."""
-    service, owner = authenticated(request)
-    limit, after = page_query(request)
-    records, more = service.list_checkpoints(owner, finetune_id, limit, after)
+    page = checkpoints_page(request, finetune_id)
     return {
-        "checkpoints": [checkpoint_json(record, finetune_id) for record in records],
-        "next_cursor": next_cursor(records, more),
-        "has_more": more,
+        "checkpoints": [checkpoint_json(record, finetune_id) for record in page.records],
+        "next_cursor": page.next_cursor,
+        "has_more": page.more,
     }
 
 
@@ -229,17 +209,3 @@ def install(app: FastAPI) -> None:
     """Add this dialect's own routes to ``app``, over its ``state.service``."""
     app.state.finetunes = Finetunes(app.state.service)
     app.include_router(router)
-
-
-async def rollouts(service: Service, owner: str, body: dict[str, Any]) -> Response:
-    """Answer ``POST /rollouts`` in this dialect."""
-    parsed = validate_body(body, _Rollouts)
-    return await answer_rollouts(service, owner, parsed.finetune_id, parsed, rollout_json)
-
-
-async def train_step(service: Service, owner: str, body: dict[str, Any]) -> dict[str, Any]:
-    """Answer ``POST /train_step`` in this dialect: RL and SFT groups, the step's report."""
-    parsed = validate_body(body, _TrainStep)
-    lr = check_lr(parsed.lr)
-    report = await service.train_step(owner, parsed.finetune_id, parsed.groups, lr)
-    return step_report_json(report)

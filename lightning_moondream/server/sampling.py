@@ -13,9 +13,9 @@ import torch
 from lightning_moondream.api.limits import DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 from lightning_moondream.images import ImageError, decode_data_url
 from lightning_moondream.server import codec, signing
-from lightning_moondream.server.engine import AdapterState, Engine, Task
+from lightning_moondream.server.engine import AdapterState, Engine
 from lightning_moondream.server.errors import ServiceError
-from lightning_moondream.server.policy import Decoding
+from lightning_moondream.server.policy import Decoding, Task
 from lightning_moondream.server.results import SampledRollout
 from lightning_moondream.server.store import AdapterRecord
 from lightning_moondream.server.validation import ParsedRequest

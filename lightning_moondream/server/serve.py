@@ -14,6 +14,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import uvicorn
@@ -53,89 +54,78 @@ def _csv(choices: Sequence[str]) -> Callable[[str], tuple[str, ...]]:
     return parse
 
 
+_SERVICE_OPTIONS: dict[str, dict[str, Any]] = {
+    "--host": {"default": "127.0.0.1", "help": "address to bind (default 127.0.0.1)"},
+    "--port": {"type": int, "default": 8000, "help": "port to bind (default 8000)"},
+    "--data-dir": {"help": "where adapters live (default: a temporary directory)"},
+    "--api-key": {
+        "action": "append",
+        "help": "accepted API key, repeatable (default: MOONDREAM_API_KEY, else any key)",
+    },
+    "--policy": {"choices": POLICIES, "default": "reference", "help": "model behind the API"},
+    "--dialect": {
+        "choices": DIALECTS,
+        "default": "both",
+        "help": "API dialect(s) served: the spec's /adapters, the SDK's /finetunes, or both "
+        "(default both, over one store)",
+    },
+    "--checkpoint-retention": {
+        "type": float,
+        "metavar": "SECONDS",
+        "help": "seconds a checkpoint is kept, reported as expires_at_ms (default: for ever)",
+    },
+    "--seed": {"type": int, "default": 0, "help": "seed of sampling"},
+    "--max-body-bytes": {"type": int, "default": DEFAULT_MAX_BODY_BYTES},
+    "--max-pixels": {"type": int, "default": DEFAULT_MAX_PIXELS},
+    "--threads": {"type": int, "default": 1, "help": "torch threads per request (default 1)"},
+    "--rate-limit": {
+        "type": float,
+        "metavar": "R",
+        "help": "requests per second per API key, in bursts of max(1, ceil(R/5)); over it, "
+        "429 with Retry-After (default: no limit)",
+    },
+}
+"""``serve``'s options of the service itself, with their ``add_argument`` settings."""
+
+_FAULT_OPTIONS: dict[str, dict[str, Any]] = {
+    "--latency": {
+        "type": _latency,
+        "action": "append",
+        "default": [],
+        "metavar": "ENDPOINT=SECONDS",
+        "help": f"least seconds to answer, repeatable; ENDPOINT in {', '.join(ENDPOINTS)}",
+    },
+    "--fault-rate": {"type": float, "default": 0.0, "help": "fraction of requests failed"},
+    "--fault-kinds": {
+        "type": _csv(FAULT_KINDS),
+        "default": FAULT_KINDS,
+        "help": "e.g. 429,503,500,drop",
+    },
+    "--fault-endpoints": {
+        "type": _csv(ENDPOINTS),
+        "default": ENDPOINTS,
+        "help": "endpoints the fault rate applies to",
+    },
+    "--retry-after": {"type": int, "default": 1, "help": "Retry-After seconds of injected 429s"},
+    "--fail-after-train-step": {
+        "choices": AFTER_APPLY_KINDS,
+        "help": "apply train steps, then answer 500 or drop the connection",
+    },
+    "--fail-after-train-step-rate": {"type": float, "default": 1.0},
+    "--fault-seed": {"type": int, "default": 0, "help": "seed of the fault draws"},
+}
+"""``serve``'s options of injected latency and failures."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``serve``."""
     parser = argparse.ArgumentParser(
         prog="lightning-moondream serve",
         description="Serve the local tuning service (the tuning API with a small learning policy).",
     )
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000, help="port to bind (default 8000)")
-    parser.add_argument(
-        "--data-dir", default=None, help="where adapters live (default: a temporary directory)"
-    )
-    parser.add_argument(
-        "--api-key",
-        action="append",
-        default=None,
-        help="accepted API key, repeatable (default: MOONDREAM_API_KEY, else any key)",
-    )
-    parser.add_argument(
-        "--policy", choices=POLICIES, default="reference", help="model behind the API"
-    )
-    parser.add_argument(
-        "--dialect",
-        choices=DIALECTS,
-        default="both",
-        help="API dialect(s) served: the spec's /adapters, the SDK's /finetunes, or both "
-        "(default both, over one store)",
-    )
-    parser.add_argument(
-        "--checkpoint-retention",
-        type=float,
-        default=None,
-        metavar="SECONDS",
-        help="seconds a checkpoint is kept, reported as expires_at_ms (default: for ever)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of sampling")
-    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
-    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
-    parser.add_argument(
-        "--threads", type=int, default=1, help="torch threads per request (default 1)"
-    )
-    parser.add_argument(
-        "--rate-limit",
-        type=float,
-        default=None,
-        metavar="R",
-        help="requests per second per API key, in bursts of max(1, ceil(R/5)); over it, "
-        "429 with Retry-After (default: no limit)",
-    )
-    _add_fault_options(parser)
+    for flag, settings in {**_SERVICE_OPTIONS, **_FAULT_OPTIONS}.items():
+        parser.add_argument(flag, **settings)
     return parser
-
-
-def _add_fault_options(parser: argparse.ArgumentParser) -> None:
-    """Options of injected latency and failures."""
-    parser.add_argument(
-        "--latency",
-        type=_latency,
-        action="append",
-        default=[],
-        metavar="ENDPOINT=SECONDS",
-        help=f"least seconds to answer, repeatable; ENDPOINT in {', '.join(ENDPOINTS)}",
-    )
-    parser.add_argument("--fault-rate", type=float, default=0.0, help="fraction of requests failed")
-    parser.add_argument(
-        "--fault-kinds", type=_csv(FAULT_KINDS), default=FAULT_KINDS, help="e.g. 429,503,500,drop"
-    )
-    parser.add_argument(
-        "--fault-endpoints",
-        type=_csv(ENDPOINTS),
-        default=ENDPOINTS,
-        help="endpoints the fault rate applies to",
-    )
-    parser.add_argument(
-        "--retry-after", type=int, default=1, help="Retry-After seconds of injected 429s"
-    )
-    parser.add_argument(
-        "--fail-after-train-step",
-        choices=AFTER_APPLY_KINDS,
-        default=None,
-        help="apply train steps, then answer 500 or drop the connection",
-    )
-    parser.add_argument("--fail-after-train-step-rate", type=float, default=1.0)
-    parser.add_argument("--fault-seed", type=int, default=0, help="seed of the fault draws")
 
 
 def app_from_args(

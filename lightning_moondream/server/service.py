@@ -27,11 +27,12 @@ from lightning_moondream.rewards import ground_truth_reward
 from lightning_moondream.server import signing
 from lightning_moondream.server.engine import AdapterState, Engine
 from lightning_moondream.server.errors import ServiceError
+from lightning_moondream.server.grpo import TrainGroups
 from lightning_moondream.server.results import RolloutBatch, SampledRollout, StepReport
 from lightning_moondream.server.sampling import Seeds, generate, sign_rollouts, task_of
 from lightning_moondream.server.states import AdapterStates
 from lightning_moondream.server.store import AdapterRecord, CheckpointRecord, Store, is_adapter_id
-from lightning_moondream.server.training import VerifiedGroups, engine_groups, verify_groups
+from lightning_moondream.server.training import engine_groups, verify_groups
 from lightning_moondream.server.validation import (
     ParsedRequest,
     check_ground_truth,
@@ -379,15 +380,15 @@ class Service:
         return report
 
     def _apply(
-        self, owner: str, adapter_id: str, verified: VerifiedGroups, lr: float | None
+        self, owner: str, adapter_id: str, verified: TrainGroups[ParsedRequest], lr: float | None
     ) -> StepReport | None:
         """Apply a verified step under the adapter's train lock; ``None`` if it was deleted."""
         with self.train_lock(adapter_id):
             state = self.state(adapter_id)
-            rl, sft = engine_groups(
+            groups = engine_groups(
                 verified, lambda parsed: task_of(parsed, self.max_pixels, self.engine.reads_pixels)
             )
-            new_state, stats = self.engine.train(state, rl, sft, lr)
+            new_state, stats = self.engine.train(state, groups, lr)
             if lr == 0:
                 record = self.store.get_adapter(owner, adapter_id)
                 if record is None:

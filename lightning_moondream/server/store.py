@@ -36,6 +36,9 @@ from typing import Any
 
 import torch
 
+DATABASE_FILE = "tuning.sqlite3"
+"""The store's metadata database, in its data directory."""
+
 ADAPTER_ID = re.compile(r"[0-9a-f]{16}")
 CHECKPOINT_SHORT_ID = re.compile(r"chk_[0-9]{3,9}")
 
@@ -197,7 +200,7 @@ class Store:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(root / "tuning.sqlite3", check_same_thread=False)
+        self._db = sqlite3.connect(root / DATABASE_FILE, check_same_thread=False)
         self._db.row_factory = sqlite3.Row
         with self._lock, self._db:
             self._db.executescript(_SCHEMA)
@@ -224,6 +227,17 @@ class Store:
         """Close the database connection."""
         with self._lock:
             self._db.close()
+
+    def _query_one(self, sql: str, params: tuple[Any, ...]) -> sqlite3.Row | None:
+        """The first row a read-only query finds, or ``None``."""
+        with self._lock:
+            row: sqlite3.Row | None = self._db.execute(sql, params).fetchone()
+        return row
+
+    def _query_all(self, sql: str, params: tuple[Any, ...]) -> list[sqlite3.Row]:
+        """Every row a read-only query finds."""
+        with self._lock:
+            return self._db.execute(sql, params).fetchall()
 
     # Paths ---------------------------------------------------------------------------
 
@@ -287,28 +301,25 @@ class Store:
         """An adapter of this owner, or ``None`` (also for another owner's adapter)."""
         if not is_adapter_id(adapter_id):
             return None
-        with self._lock:
-            row = self._db.execute(
-                "SELECT * FROM adapters WHERE adapter_id = ? AND owner = ?", (adapter_id, owner)
-            ).fetchone()
+        row = self._query_one(
+            "SELECT * FROM adapters WHERE adapter_id = ? AND owner = ?", (adapter_id, owner)
+        )
         return self._adapter(row) if row else None
 
     def find_adapter_named(self, owner: str, name: str) -> AdapterRecord | None:
         """The owner's oldest adapter of this name, or ``None``."""
-        with self._lock:
-            row = self._db.execute(
-                "SELECT * FROM adapters WHERE owner = ? AND name = ? ORDER BY seq LIMIT 1",
-                (owner, name),
-            ).fetchone()
+        row = self._query_one(
+            "SELECT * FROM adapters WHERE owner = ? AND name = ? ORDER BY seq LIMIT 1",
+            (owner, name),
+        )
         return self._adapter(row) if row else None
 
     def list_adapters(self, owner: str, limit: int, after: int) -> tuple[list[AdapterRecord], bool]:
         """Adapters of an owner created after position ``after``; and whether more follow."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT * FROM adapters WHERE owner = ? AND seq > ? ORDER BY seq LIMIT ?",
-                (owner, after, limit + 1),
-            ).fetchall()
+        rows = self._query_all(
+            "SELECT * FROM adapters WHERE owner = ? AND seq > ? ORDER BY seq LIMIT ?",
+            (owner, after, limit + 1),
+        )
         return [self._adapter(row) for row in rows[:limit]], len(rows) > limit
 
     def delete_adapter(self, owner: str, adapter_id: str) -> bool:
@@ -334,19 +345,14 @@ class Store:
 
     def was_deleted(self, owner: str, adapter_id: str) -> bool:
         """Whether this owner deleted an adapter of this id."""
-        with self._lock:
-            row = self._db.execute(
-                "SELECT 1 FROM deleted_adapters WHERE adapter_id = ? AND owner = ?",
-                (adapter_id, owner),
-            ).fetchone()
+        row = self._query_one(
+            "SELECT 1 FROM deleted_adapters WHERE adapter_id = ? AND owner = ?", (adapter_id, owner)
+        )
         return row is not None
 
     def record_train_step(self, adapter_id: str, state: dict[str, Any]) -> bool:
         """Persist an adapter's new state and count the step; ``False`` if it was deleted."""
-        with self._lock:
-            exists = self._db.execute(
-                "SELECT 1 FROM adapters WHERE adapter_id = ?", (adapter_id,)
-            ).fetchone()
+        exists = self._query_one("SELECT 1 FROM adapters WHERE adapter_id = ?", (adapter_id,))
         if not exists:
             return False
         self.save_state(self.adapter_path(adapter_id), state)
@@ -404,34 +410,31 @@ class Store:
         """A checkpoint of this owner, or ``None``."""
         if parse_checkpoint_id(checkpoint_id) is None:
             return None
-        with self._lock:
-            row = self._db.execute(
-                "SELECT * FROM checkpoints WHERE checkpoint_id = ? AND owner = ?",
-                (checkpoint_id, owner),
-            ).fetchone()
+        row = self._query_one(
+            "SELECT * FROM checkpoints WHERE checkpoint_id = ? AND owner = ?",
+            (checkpoint_id, owner),
+        )
         return CheckpointRecord.from_row(row) if row else None
 
     def list_checkpoints(
         self, owner: str, adapter_id: str, limit: int, after: int
     ) -> tuple[list[CheckpointRecord], bool]:
         """Checkpoints of an adapter created after position ``after``; and whether more follow."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT * FROM checkpoints WHERE owner = ? AND adapter_id = ? AND seq > ? "
-                "ORDER BY seq LIMIT ?",
-                (owner, adapter_id, after, limit + 1),
-            ).fetchall()
+        rows = self._query_all(
+            "SELECT * FROM checkpoints WHERE owner = ? AND adapter_id = ? AND seq > ? "
+            "ORDER BY seq LIMIT ?",
+            (owner, adapter_id, after, limit + 1),
+        )
         records = [CheckpointRecord.from_row(row) for row in rows]
         return records[:limit], len(rows) > limit
 
     def checkpoint_at_step(self, owner: str, adapter_id: str, step: int) -> CheckpointRecord | None:
         """The latest checkpoint of an adapter saved at train step ``step``, or ``None``."""
-        with self._lock:
-            row = self._db.execute(
-                "SELECT * FROM checkpoints WHERE owner = ? AND adapter_id = ? AND step = ? "
-                "ORDER BY seq DESC LIMIT 1",
-                (owner, adapter_id, step),
-            ).fetchone()
+        row = self._query_one(
+            "SELECT * FROM checkpoints WHERE owner = ? AND adapter_id = ? AND step = ? "
+            "ORDER BY seq DESC LIMIT 1",
+            (owner, adapter_id, step),
+        )
         return CheckpointRecord.from_row(row) if row else None
 
     def delete_checkpoint(self, owner: str, checkpoint_id: str) -> bool:
@@ -453,11 +456,10 @@ class Store:
 
     def was_deleted_at_step(self, owner: str, adapter_id: str, step: int) -> bool:
         """Whether this owner deleted a checkpoint of this adapter saved at ``step``."""
-        with self._lock:
-            row = self._db.execute(
-                "SELECT 1 FROM deleted_checkpoints WHERE adapter_id = ? AND step = ? AND owner = ?",
-                (adapter_id, step, owner),
-            ).fetchone()
+        row = self._query_one(
+            "SELECT 1 FROM deleted_checkpoints WHERE adapter_id = ? AND step = ? AND owner = ?",
+            (adapter_id, step, owner),
+        )
         return row is not None
 
     # Metrics -------------------------------------------------------------------------
@@ -479,10 +481,9 @@ class Store:
 
     def list_metrics(self, adapter_id: str) -> list[dict[str, Any]]:
         """Every metric logged for an adapter, by step then name."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT step, name, value, logged_at_ms FROM metrics WHERE adapter_id = ? "
-                "ORDER BY step, name",
-                (adapter_id,),
-            ).fetchall()
+        rows = self._query_all(
+            "SELECT step, name, value, logged_at_ms FROM metrics WHERE adapter_id = ? "
+            "ORDER BY step, name",
+            (adapter_id,),
+        )
         return [dict(row) for row in rows]

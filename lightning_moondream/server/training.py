@@ -8,13 +8,13 @@ signatures and rewards, or an SFT group's request and target.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from lightning_moondream.api.models import check_rewards
 from lightning_moondream.server import signing
-from lightning_moondream.server.engine import SupervisedGroup, Task, TrainGroup
 from lightning_moondream.server.errors import ServiceError
+from lightning_moondream.server.grpo import RLGroup, SFTGroup, TrainGroups
+from lightning_moondream.server.policy import Task
 from lightning_moondream.server.sampling import decoding_rules
 from lightning_moondream.server.targets import target_tokens
 from lightning_moondream.server.validation import (
@@ -25,57 +25,27 @@ from lightning_moondream.server.validation import (
 )
 
 
-@dataclass(frozen=True)
-class RLGroup:
-    """A verified RL group: its request, sampled tokens, their log-probabilities, rewards."""
-
-    request: ParsedRequest
-    tokens: list[list[int]]
-    logprobs: list[list[float]]
-    rewards: list[float]
-
-
-@dataclass(frozen=True)
-class SFTGroup:
-    """A verified SFT group: its request and its target as tokens."""
-
-    request: ParsedRequest
-    tokens: list[int]
-
-
-@dataclass(frozen=True)
-class VerifiedGroups:
-    """A train step's groups, verified, by mode."""
-
-    rl: list[RLGroup] = field(default_factory=list)
-    sft: list[SFTGroup] = field(default_factory=list)
-
-    @property
-    def rewards(self) -> list[float]:
-        """Every reward of the RL groups, in order."""
-        return [reward for group in self.rl for reward in group.rewards]
-
-
 def engine_groups(
-    verified: VerifiedGroups, task: Callable[[ParsedRequest], Task]
-) -> tuple[list[TrainGroup], list[SupervisedGroup]]:
-    """The engine's RL and supervised groups of a verified step.
+    verified: TrainGroups[ParsedRequest], task: Callable[[ParsedRequest], Task]
+) -> TrainGroups[Task]:
+    """A verified step's groups with their requests decoded, for the engine.
 
     Args:
         verified: The step's verified groups.
         task: Decodes a request into the engine's task (its image included).
     """
-    rl = [
-        TrainGroup(task(group.request), group.tokens, group.logprobs, group.rewards)
-        for group in verified.rl
-    ]
-    sft = [SupervisedGroup(task(group.request), group.tokens) for group in verified.sft]
-    return rl, sft
+    return TrainGroups(
+        rl=[
+            RLGroup(task(group.request), group.tokens, group.logprobs, group.rewards)
+            for group in verified.rl
+        ],
+        sft=[SFTGroup(task(group.request), group.tokens) for group in verified.sft],
+    )
 
 
 def verify_groups(
     groups: Sequence[Any], secret: bytes, adapter_id: str, max_pixels: int
-) -> VerifiedGroups:
+) -> TrainGroups[ParsedRequest]:
     """Verify a train step's groups for an adapter, in order.
 
     Args:
@@ -88,7 +58,7 @@ def verify_groups(
         ServiceError: 422 naming a bad group field, 400 for a changed or foreign rollout
             or an unreadable image.
     """
-    verified = VerifiedGroups()
+    verified: TrainGroups[ParsedRequest] = TrainGroups()
     for index, group in enumerate(groups):
         where = f"groups[{index}]"
         if group_mode(group, where) == "rl":
@@ -100,7 +70,7 @@ def verify_groups(
 
 def verify_rl_group(
     group: Mapping[str, Any], where: str, secret: bytes, adapter_id: str, max_pixels: int
-) -> RLGroup:
+) -> RLGroup[ParsedRequest]:
     """Check an RL group's request, rollouts (signatures) and rewards.
 
     Raises:
@@ -135,7 +105,9 @@ def verify_rl_group(
     return RLGroup(parsed, all_tokens, all_logprobs, rewards)
 
 
-def supervised_group(group: Mapping[str, Any], where: str, max_pixels: int) -> SFTGroup:
+def supervised_group(
+    group: Mapping[str, Any], where: str, max_pixels: int
+) -> SFTGroup[ParsedRequest]:
     """Check an SFT group's request and target; the target as tokens.
 
     Raises:

@@ -20,12 +20,10 @@ from pydantic import SecretStr
 
 from lightning_moondream.api import AsyncTuningClient, TuningClient
 from lightning_moondream.api.client import DialectChoice, check_dialect
+from lightning_moondream.server.store import DATABASE_FILE
 
 LOCAL_SERVICE_DIR = "moondream-local-service"
 """Folder of the local service's data, under a root folder (the trainer's, or the current one)."""
-
-LOCAL_SERVICE_DATABASE = "tuning.sqlite3"
-"""The metadata file the local service keeps in its data folder (its store's database)."""
 
 LOCAL_SCORES_NOTE = "it trains and scores its own small model, not Moondream"
 """What the local service's rewards and metrics measure, said wherever they are shown."""
@@ -49,7 +47,7 @@ def local_service_folders(folder: Path) -> list[Path]:
     """
     found: list[Path] = []
     for depth in range(_SEARCH_DEPTH):
-        pattern = "/".join(["*"] * depth + [LOCAL_SERVICE_DIR, LOCAL_SERVICE_DATABASE])
+        pattern = "/".join(["*"] * depth + [LOCAL_SERVICE_DIR, DATABASE_FILE])
         found += (database.parent for database in folder.glob(pattern))
     return sorted(found)
 
@@ -121,13 +119,11 @@ class ServiceChoice:
                 it, how it was chosen and the data folders found under it.
         """
         folder = Path(self.data_dir(root))
-        if (folder / LOCAL_SERVICE_DATABASE).is_file():
+        if (folder / DATABASE_FILE).is_file():
             return str(folder)
         named = self.local_dir is not None
         chosen = "--local-dir" if named else "no key, no base URL: the default folder"
-        message = (
-            f"{folder} ({chosen}) holds no local tuning service data (no {LOCAL_SERVICE_DATABASE})"
-        )
+        message = f"{folder} ({chosen}) holds no local tuning service data (no {DATABASE_FILE})"
         # A named folder may be a run's; the default one sits in the root, beside the runs.
         searched = folder if named else Path(root)
         found = local_service_folders(searched) if searched.is_dir() else []
