@@ -20,7 +20,6 @@ from pydantic import SecretStr
 
 from lightning_moondream.api import AsyncTuningClient, TuningClient
 from lightning_moondream.api.client import DialectChoice, check_dialect
-from lightning_moondream.server.store import DATABASE_FILE
 
 LOCAL_SERVICE_DIR = "moondream-local-service"
 """Folder of the local service's data, under a root folder (the trainer's, or the current one)."""
@@ -45,6 +44,9 @@ def local_service_folders(folder: Path) -> list[Path]:
     A run keeps its data in ``<default_root_dir>/moondream-local-service``, so a run's
     folder, or a folder of runs, names where the data is.
     """
+    # Imported where local data is looked for: the server package loads FastAPI.
+    from lightning_moondream.server.store import DATABASE_FILE
+
     found: list[Path] = []
     for depth in range(_SEARCH_DEPTH):
         pattern = "/".join(["*"] * depth + [LOCAL_SERVICE_DIR, DATABASE_FILE])
@@ -118,6 +120,8 @@ class ServiceChoice:
             NoLocalServiceDataError: If the folder holds no local service data, naming
                 it, how it was chosen and the data folders found under it.
         """
+        from lightning_moondream.server.store import DATABASE_FILE
+
         folder = Path(self.data_dir(root))
         if (folder / DATABASE_FILE).is_file():
             return str(folder)
