@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import httpx
 
 from lightning_moondream.api.inprocess import InProcessAsyncTransport, InProcessTransport
-from lightning_moondream.api.pools import async_spread_client, spread_client
+from lightning_moondream.api.pools import async_client, spread_client
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -146,7 +146,7 @@ class AsyncDriver:
         await asyncio.sleep(seconds)
 
     def _default_http_client(self) -> httpx.AsyncClient:
-        return async_spread_client()
+        return async_client()
 
     @classmethod
     def _in_process_http_client(cls, app: Any, on_close: Callable[[], None]) -> httpx.AsyncClient:
