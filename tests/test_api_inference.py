@@ -14,38 +14,34 @@ from typing import Any
 import httpx
 import pytest
 from PIL import Image
-from support import SleepClock, read_request, serving
+from support import Handler, Recorder, SleepClock, read_request, serving
 
 from lightning_moondream.api import (
+    BASE_MODEL,
+    DEFAULT_INFERENCE_URL,
     APIConnectionError,
+    AsyncInferenceClient,
     AuthenticationError,
     Box,
+    CaptionCall,
+    DetectCall,
+    InferenceClient,
+    InferenceModel,
     InvalidRequestError,
     MissingAPIKeyError,
     NotFoundError,
     Point,
+    PointCall,
+    QueryCall,
     RateLimiter,
     RateLimitError,
     ServerError,
     Settings,
     TuningClient,
-)
-from lightning_moondream.api.inference import (
-    DEFAULT_INFERENCE_URL,
-    AsyncInferenceClient,
-    InferenceClient,
-    resolve_inference_url,
-)
-from lightning_moondream.api.inference_models import (
-    BASE_MODEL,
-    CaptionCall,
-    DetectCall,
-    InferenceModel,
-    PointCall,
-    QueryCall,
     checkpoint_model_id,
     model_id,
     parse_model,
+    resolve_inference_url,
 )
 
 KEY = "sk-test-5ecret-inference-key"
@@ -96,24 +92,6 @@ def sse(chunks: list[str], *, completed: bool = True) -> bytes:
     return b"".join(
         b"data: " + json.dumps(event, ensure_ascii=False).encode() + b"\n\n" for event in events
     )
-
-
-Handler = Callable[[httpx.Request], httpx.Response]
-
-
-class Recorder:
-    """Answers requests from a handler and remembers each one."""
-
-    def __init__(self, handler: Handler) -> None:
-        self.handler = handler
-        self.requests: list[httpx.Request] = []
-
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        self.requests.append(request)
-        return self.handler(request)
-
-    def bodies(self) -> list[Any]:
-        return [json.loads(request.content) for request in self.requests]
 
 
 def canned(request: httpx.Request) -> httpx.Response:
