@@ -310,6 +310,41 @@ def test_the_wire_is_what_the_official_sdk_sends_and_reads() -> None:
     assert sdk_answers[5] == ours[5] == sdk_answers[6] == ours[6] == "".join(STREAM_TEXT)
 
 
+def test_the_async_client_sends_and_reads_over_http_what_the_blocking_one_does() -> None:
+    calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = [
+        ("query", (IMAGE, "How many?"), {"reasoning": True, "spatial_refs": [[0.5, 0.5]]}),
+        ("detect", (IMAGE, "car"), {"settings": {"max_objects": 2}}),
+        ("caption", (IMAGE,), {"length": "long"}),
+        ("query_stream", (IMAGE, "Stream?"), {}),
+        ("caption_stream", (IMAGE,), {}),
+    ]
+
+    async def awaited(url: str) -> list[Any]:
+        answers: list[Any] = []
+        async with AsyncInferenceClient(api_key=KEY, tuning_url=url, model=CHECKPOINT) as client:
+            for name, args, kwargs in calls:
+                answer = getattr(client, name)(*args, **kwargs)
+                if name.endswith("_stream"):
+                    answers.append("".join([chunk async for chunk in answer]))
+                else:
+                    answers.append(await answer)
+        return answers
+
+    app = SdkRecorder()  # streams arrive 7 bytes per write
+    with serving(app) as url:
+        with InferenceClient(api_key=KEY, tuning_url=url, model=CHECKPOINT) as client:
+            blocking = [getattr(client, name)(*args, **kwargs) for name, args, kwargs in calls]
+            blocking[-2:] = ["".join(stream) for stream in blocking[-2:]]
+        blocking_requests, app.requests = app.requests, []
+        answers = asyncio.run(awaited(url))
+
+    assert [(path, body) for path, _, body in app.requests] == [
+        (path, body) for path, _, body in blocking_requests
+    ]
+    assert answers == blocking
+    assert answers[-1] == "".join(STREAM_TEXT)
+
+
 # Answers --------------------------------------------------------------------------------
 
 
