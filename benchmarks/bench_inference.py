@@ -15,13 +15,19 @@ latency allows, concurrency / latency requests per second; each path's throughpu
 given with its ratio to that bound, and to the SDK's at equal concurrency. The mean
 reward of every path is reported too: the same answers give the same score.
 
-Run: ``python benchmarks/bench_inference.py [--prompts 256]``
+Client and service share the machine's cores, so other work on it lowers every figure.
+With ``--repeats N`` every path runs N times, the paths taking turns so that a busy
+spell falls on all of them alike; each figure is then the median of its N runs. The
+load average before and after is printed and kept with the results.
+
+Run: ``python benchmarks/bench_inference.py [--prompts 256] [--repeats 1]``
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import tempfile
 import time
@@ -133,13 +139,21 @@ def sdk(url: str, model: str, prompts: list[Prompt], concurrency: int) -> Any:
         return _timed(lambda: list(pool.map(detect, prompts)))
 
 
+def _load() -> str:
+    """The load averages over 1, 5 and 15 minutes."""
+    return ", ".join(f"{value:.2f}" for value in os.getloadavg())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=1, help="runs of every path (median)")
     args = parser.parse_args()
     prompts = _prompts(args.prompts)
     latency = ("--latency", f"inference={LATENCY_S}", "--latency", f"rollouts={LATENCY_S}")
-    figures: dict[str, dict[int, dict[str, float]]] = {}
+    load_before = _load()
+    runs: dict[str, dict[int, list[float]]] = {}
+    rewards: dict[str, dict[int, float]] = {}
     with (
         tempfile.TemporaryDirectory() as folder,
         serve_http(folder, "--policy", "constant", *latency) as url,
@@ -156,15 +170,27 @@ def main() -> None:
             ),
             "SDK md.vl (threads)": lambda c: sdk(url, model, prompts, c),
         }
-        for name, path in paths.items():
-            for concurrency in CONCURRENCIES:
-                seconds, answers = path(concurrency)
-                rate = len(prompts) / seconds
-                figures.setdefault(name, {})[concurrency] = {
-                    "requests_per_s": rate,
-                    "of_latency_bound": rate / (concurrency / LATENCY_S),
-                    "mean_reward": _score(prompts, answers),
-                }
+        for _ in range(args.repeats):
+            for name, path in paths.items():
+                for concurrency in CONCURRENCIES:
+                    seconds, answers = path(concurrency)
+                    runs.setdefault(name, {}).setdefault(concurrency, []).append(
+                        len(prompts) / seconds
+                    )
+                    rewards.setdefault(name, {})[concurrency] = _score(prompts, answers)
+    load_after = _load()
+    figures: dict[str, dict[int, dict[str, Any]]] = {
+        name: {
+            concurrency: {
+                "requests_per_s": statistics.median(rates),
+                "of_latency_bound": statistics.median(rates) / (concurrency / LATENCY_S),
+                "mean_reward": rewards[name][concurrency],
+                "runs_requests_per_s": rates,
+            }
+            for concurrency, rates in by_concurrency.items()
+        }
+        for name, by_concurrency in runs.items()
+    }
     sdk_figures = figures["SDK md.vl (threads)"]
     rows = [
         [
@@ -178,17 +204,21 @@ def main() -> None:
         for name, by_concurrency in figures.items()
         for concurrency, item in by_concurrency.items()
     ]
+    print(f"load average before: {load_before}; after: {load_after}; runs per path: {args.repeats}")
     print_table(["path", "concurrency", "req_per_s", "of_bound", "vs_sdk", "reward"], rows)
-    path = write_results(
+    written = write_results(
         "inference",
         {
             "prompts": len(prompts),
             "latency_s": LATENCY_S,
             "policy": "constant",
+            "repeats": args.repeats,
+            "load_average_before": load_before,
+            "load_average_after": load_after,
             "figures": {name: {str(c): v for c, v in f.items()} for name, f in figures.items()},
         },
     )
-    print(f"results: {path}")
+    print(f"results: {written}")
 
 
 if __name__ == "__main__":

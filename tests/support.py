@@ -5,6 +5,7 @@
 - ``HideTrainSteps``: test-only ASGI middleware removing ``train_steps`` from answers of
   either dialect, to stand for a server that does not report it (Moondream's own
   ``/finetunes`` service does not).
+- ``Recorder``: an ``httpx.MockTransport`` handler that remembers every request.
 - Small samples, a reward that always varies, and a quiet ``Trainer`` (also one that
   saves a checkpoint when the run fails, and a fit over as many samples as its steps take).
 - A box as the wire writes it, and a metric's results as plain floats.
@@ -37,6 +38,7 @@ from lightning_moondream.data.synthetic import detect_tasks, make_scene, split_s
 from lightning_moondream.server.threaded import ThreadedServer
 
 ASGIApp = Callable[..., Any]
+Handler = Callable[[httpx.Request], httpx.Response]
 
 
 def free_port() -> int:
@@ -51,6 +53,24 @@ def serving(app: ASGIApp) -> Iterator[str]:
     """Serve ``app`` with uvicorn on 127.0.0.1 in a thread; yield the API base URL."""
     with ThreadedServer(app) as server:
         yield server.url
+
+
+class Recorder:
+    """Answers requests from a handler and remembers each one."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.requests: list[httpx.Request] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        return self.handler(request)
+
+    def bodies(self) -> list[Any]:
+        """Each request's JSON body, ``None`` for one without a body."""
+        return [
+            json.loads(request.content) if request.content else None for request in self.requests
+        ]
 
 
 async def read_request(receive: Any) -> tuple[bytes, Callable[[], Any]]:

@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 from PIL import Image
+from support import Handler, Recorder
 
 from lightning_moondream.api import (
     AmbiguousRequestError,
@@ -40,36 +41,21 @@ BASE = "https://tuning.example/v1/tuning"
 BOX = {"x_min": 0.1, "y_min": 0.2, "x_max": 0.4, "y_max": 0.6}
 DATA_URL = "data:image/jpeg;base64,/9j/AAAA"
 
-Handler = Callable[[httpx.Request], httpx.Response]
 
-
-class Recorder:
-    """Answers requests from a handler and remembers each one."""
-
-    def __init__(self, handler: Handler) -> None:
-        self.handler = handler
-        self.requests: list[httpx.Request] = []
-
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        self.requests.append(request)
-        return self.handler(request)
-
-    def bodies(self) -> list[Any]:
-        return [
-            json.loads(request.content) if request.content else None for request in self.requests
-        ]
+def options(recorder: Recorder, http: type[httpx.Client | httpx.AsyncClient]) -> dict[str, Any]:
+    """Arguments of a test client answered by ``recorder``, speaking ``/adapters``."""
+    return {
+        "api_key": KEY,
+        "base_url": BASE,
+        "dialect": "adapters",
+        "http_client": http(transport=httpx.MockTransport(recorder)),
+        "rate_limiter": RateLimiter(),  # the key's pace in this process: none of other tests'
+    }
 
 
 def make_client(handler: Handler, **kwargs: Any) -> tuple[TuningClient, Recorder, list[float]]:
     recorder = Recorder(handler)
-    client = TuningClient(
-        api_key=KEY,
-        base_url=BASE,
-        dialect="adapters",
-        http_client=httpx.Client(transport=httpx.MockTransport(recorder)),
-        rate_limiter=RateLimiter(),  # the key's pace in this process: none of other tests'
-        **kwargs,
-    )
+    client = TuningClient(**options(recorder, httpx.Client), **kwargs)
     slept: list[float] = []
     client._sleep = slept.append
     client.retry_policy.rng = random.Random(0)
@@ -78,13 +64,7 @@ def make_client(handler: Handler, **kwargs: Any) -> tuple[TuningClient, Recorder
 
 def make_async_client(handler: Handler) -> tuple[AsyncTuningClient, Recorder, list[float]]:
     recorder = Recorder(handler)
-    client = AsyncTuningClient(
-        api_key=KEY,
-        base_url=BASE,
-        dialect="adapters",
-        http_client=httpx.AsyncClient(transport=httpx.MockTransport(recorder)),
-        rate_limiter=RateLimiter(),
-    )
+    client = AsyncTuningClient(**options(recorder, httpx.AsyncClient))
     slept: list[float] = []
 
     async def fake_sleep(seconds: float) -> None:

@@ -14,38 +14,34 @@ from typing import Any
 import httpx
 import pytest
 from PIL import Image
-from support import SleepClock, read_request, serving
+from support import Handler, Recorder, SleepClock, read_request, serving
 
 from lightning_moondream.api import (
+    BASE_MODEL,
+    DEFAULT_INFERENCE_URL,
     APIConnectionError,
+    AsyncInferenceClient,
     AuthenticationError,
     Box,
+    CaptionCall,
+    DetectCall,
+    InferenceClient,
+    InferenceModel,
     InvalidRequestError,
     MissingAPIKeyError,
     NotFoundError,
     Point,
+    PointCall,
+    QueryCall,
     RateLimiter,
     RateLimitError,
     ServerError,
     Settings,
     TuningClient,
-)
-from lightning_moondream.api.inference import (
-    DEFAULT_INFERENCE_URL,
-    AsyncInferenceClient,
-    InferenceClient,
-    resolve_inference_url,
-)
-from lightning_moondream.api.inference_models import (
-    BASE_MODEL,
-    CaptionCall,
-    DetectCall,
-    InferenceModel,
-    PointCall,
-    QueryCall,
     checkpoint_model_id,
     model_id,
     parse_model,
+    resolve_inference_url,
 )
 
 KEY = "sk-test-5ecret-inference-key"
@@ -96,24 +92,6 @@ def sse(chunks: list[str], *, completed: bool = True) -> bytes:
     return b"".join(
         b"data: " + json.dumps(event, ensure_ascii=False).encode() + b"\n\n" for event in events
     )
-
-
-Handler = Callable[[httpx.Request], httpx.Response]
-
-
-class Recorder:
-    """Answers requests from a handler and remembers each one."""
-
-    def __init__(self, handler: Handler) -> None:
-        self.handler = handler
-        self.requests: list[httpx.Request] = []
-
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        self.requests.append(request)
-        return self.handler(request)
-
-    def bodies(self) -> list[Any]:
-        return [json.loads(request.content) for request in self.requests]
 
 
 def canned(request: httpx.Request) -> httpx.Response:
@@ -330,6 +308,41 @@ def test_the_wire_is_what_the_official_sdk_sends_and_reads() -> None:
     assert sdk_answers[3]["points"] == [point.model_dump() for point in ours[3].points]
     assert sdk_answers[4]["caption"] == ours[4].caption
     assert sdk_answers[5] == ours[5] == sdk_answers[6] == ours[6] == "".join(STREAM_TEXT)
+
+
+def test_the_async_client_sends_and_reads_over_http_what_the_blocking_one_does() -> None:
+    calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = [
+        ("query", (IMAGE, "How many?"), {"reasoning": True, "spatial_refs": [[0.5, 0.5]]}),
+        ("detect", (IMAGE, "car"), {"settings": {"max_objects": 2}}),
+        ("caption", (IMAGE,), {"length": "long"}),
+        ("query_stream", (IMAGE, "Stream?"), {}),
+        ("caption_stream", (IMAGE,), {}),
+    ]
+
+    async def awaited(url: str) -> list[Any]:
+        answers: list[Any] = []
+        async with AsyncInferenceClient(api_key=KEY, tuning_url=url, model=CHECKPOINT) as client:
+            for name, args, kwargs in calls:
+                answer = getattr(client, name)(*args, **kwargs)
+                if name.endswith("_stream"):
+                    answers.append("".join([chunk async for chunk in answer]))
+                else:
+                    answers.append(await answer)
+        return answers
+
+    app = SdkRecorder()  # streams arrive 7 bytes per write
+    with serving(app) as url:
+        with InferenceClient(api_key=KEY, tuning_url=url, model=CHECKPOINT) as client:
+            blocking = [getattr(client, name)(*args, **kwargs) for name, args, kwargs in calls]
+            blocking[-2:] = ["".join(stream) for stream in blocking[-2:]]
+        blocking_requests, app.requests = app.requests, []
+        answers = asyncio.run(awaited(url))
+
+    assert [(path, body) for path, _, body in app.requests] == [
+        (path, body) for path, _, body in blocking_requests
+    ]
+    assert answers == blocking
+    assert answers[-1] == "".join(STREAM_TEXT)
 
 
 # Answers --------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ import pytest
 from support import free_port, serving
 
 from lightning_moondream.api import AsyncTuningClient, TuningClient
-from lightning_moondream.api.pools import POOLS, AsyncSpreadTransport, SpreadTransport
+from lightning_moondream.api.async_transport import AsyncioTransport
+from lightning_moondream.api.pools import POOLS, SpreadTransport
 
 CONCURRENT = 2 * POOLS
 
@@ -44,29 +45,6 @@ class Gathering:
         await send({"type": "http.response.body", "body": b"{}"})
 
 
-def test_async_requests_spread_evenly_and_reuse_their_connections() -> None:
-    transport = AsyncSpreadTransport()
-    spread: list[list[int]] = []
-    app = Gathering(CONCURRENT, lambda: spread.append(transport.in_flight))
-
-    async def round_trip(client: httpx.AsyncClient, url: str) -> None:
-        answers = await asyncio.gather(*(client.get(url) for _ in range(CONCURRENT)))
-        assert all(answer.status_code == 200 for answer in answers)
-
-    async def scenario(url: str) -> None:
-        async with httpx.AsyncClient(transport=transport) as client:
-            await round_trip(client, url)
-            await round_trip(client, url)
-
-    with serving(app) as url:
-        asyncio.run(scenario(url))
-    assert spread == [[2] * POOLS, [2] * POOLS]
-    assert transport.in_flight == [0] * POOLS
-    first, second = app.ports[:CONCURRENT], app.ports[CONCURRENT:]
-    assert len(set(first)) == CONCURRENT
-    assert set(second) == set(first)
-
-
 def test_sync_requests_spread_evenly_and_reuse_their_connections() -> None:
     transport = SpreadTransport()
     spread: list[list[int]] = []
@@ -91,24 +69,14 @@ def test_a_failed_request_frees_its_pool() -> None:
         client.get(url)
     assert sync_transport.in_flight == [0] * POOLS
 
-    async_transport = AsyncSpreadTransport()
 
-    async def fail() -> None:
-        async with httpx.AsyncClient(transport=async_transport) as client:
-            await client.get(url)
-
-    with pytest.raises(httpx.ConnectError):
-        asyncio.run(fail())
-    assert async_transport.in_flight == [0] * POOLS
-
-
-def test_clients_use_spread_transports_by_default() -> None:
+def test_clients_use_their_own_transports_by_default() -> None:
     with TuningClient(api_key="k" * 12, base_url="http://127.0.0.1:1/v1/tuning") as client:
         assert isinstance(client._http._transport, SpreadTransport)
 
     async def open_async() -> None:
         async with AsyncTuningClient(api_key="k" * 12, base_url="http://127.0.0.1:1/v1") as client:
-            assert isinstance(client._http._transport, AsyncSpreadTransport)
+            assert isinstance(client._http._transport, AsyncioTransport)
 
     asyncio.run(open_async())
 
@@ -122,6 +90,6 @@ def test_proxies_in_the_environment_are_honoured(monkeypatch: pytest.MonkeyPatch
 
     async def open_async() -> None:
         async with AsyncTuningClient(api_key="k" * 12, base_url="https://api.example/v1") as client:
-            assert not isinstance(client._http._transport, AsyncSpreadTransport)
+            assert not isinstance(client._http._transport, AsyncioTransport)
 
     asyncio.run(open_async())

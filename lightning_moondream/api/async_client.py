@@ -6,9 +6,9 @@ each wait; its calls and their arguments are those of ``TuningClient``.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from functools import cached_property
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import httpx
 
@@ -20,6 +20,31 @@ from lightning_moondream.api.limits import DEFAULT_PAGE_SIZE
 from lightning_moondream.api.plans import Plan, RolloutCall
 
 T = TypeVar("T")
+ItemT_co = TypeVar("ItemT_co", covariant=True)
+
+
+class _Page(Protocol[ItemT_co]):
+    """One page of a list, as the list endpoints answer it."""
+
+    @property
+    def items(self) -> Sequence[ItemT_co]:
+        """The page's items."""
+
+    @property
+    def next_cursor(self) -> str | None:
+        """The cursor of the next page; none on the last."""
+
+
+async def _every_item(page_at: Callable[[str | None], Awaitable[_Page[T]]]) -> AsyncIterator[T]:
+    """Every item of a list, across pages; ``page_at(cursor)`` reads one page."""
+    cursor = None
+    while True:
+        page = await page_at(cursor)
+        for item in page.items:
+            yield item
+        if not page.next_cursor:
+            return
+        cursor = page.next_cursor
 
 
 class AsyncAdapters:
@@ -45,16 +70,9 @@ class AsyncAdapters:
         """One page of adapters (finetunes, oldest first), with the next page's cursor."""
         return await self._client._drive(self._client._plans.list_adapters(limit, cursor))
 
-    async def iter(self, limit: int = DEFAULT_PAGE_SIZE) -> AsyncIterator[models.Adapter]:
+    def iter(self, limit: int = DEFAULT_PAGE_SIZE) -> AsyncIterator[models.Adapter]:
         """Every adapter, across pages."""
-        cursor = None
-        while True:
-            page = await self.list(limit=limit, cursor=cursor)
-            for item in page.items:
-                yield item
-            if not page.next_cursor:
-                return
-            cursor = page.next_cursor
+        return _every_item(lambda cursor: self.list(limit=limit, cursor=cursor))
 
     async def delete(self, adapter_id: str) -> None:
         """Delete an adapter and all its checkpoints."""
@@ -78,18 +96,11 @@ class AsyncCheckpoints:
         plan = self._client._plans.list_checkpoints(adapter_id, limit, cursor)
         return await self._client._drive(plan)
 
-    async def iter(
+    def iter(
         self, adapter_id: str, limit: int = DEFAULT_PAGE_SIZE
     ) -> AsyncIterator[models.Checkpoint]:
         """Every checkpoint of an adapter, across pages."""
-        cursor = None
-        while True:
-            page = await self.list(adapter_id, limit=limit, cursor=cursor)
-            for item in page.items:
-                yield item
-            if not page.next_cursor:
-                return
-            cursor = page.next_cursor
+        return _every_item(lambda cursor: self.list(adapter_id, limit=limit, cursor=cursor))
 
     async def delete(self, ref: str) -> None:
         """Delete a checkpoint by its ``ref``; see ``Checkpoints.delete``."""
@@ -128,17 +139,6 @@ class AsyncTuningClient(AsyncDriver, ClientCore[httpx.AsyncClient]):
 
     async def _drive(self, plan: Plan[T]) -> T:
         return await self._run(self._steps(plan))
-
-    async def rollouts(
-        self,
-        adapter_id: str,
-        request: ops.RequestInput,
-        num_rollouts: int,
-        ground_truth: ops.GroundTruthInput = None,
-    ) -> models.RolloutsResponse:
-        """Sample ``num_rollouts`` attempts at a request; see ``TuningClient.rollouts``."""
-        plan = self._plans.rollouts(adapter_id, request, num_rollouts, ground_truth)
-        return await self._drive(plan)
 
     async def rollouts_many(
         self, calls: Iterable[RolloutCall], *, max_concurrency: int = 8

@@ -23,7 +23,7 @@ import httpx
 from pydantic import SecretStr
 
 from lightning_moondream.api import wire
-from lightning_moondream.api.drivers import Send, Steps
+from lightning_moondream.api.drivers import DrivenMethod, Outcome, Send, Steps
 from lightning_moondream.api.errors import (
     AmbiguousRequestError,
     APIConnectionError,
@@ -35,12 +35,20 @@ from lightning_moondream.api.errors import (
     error_class_for_status,
 )
 from lightning_moondream.api.limiter import RateLimiter, limiter_for
-from lightning_moondream.api.operations import Action, Dialect, Operation
+from lightning_moondream.api.models import RolloutsResponse
+from lightning_moondream.api.operations import (
+    Action,
+    Dialect,
+    GroundTruthInput,
+    Operation,
+    RequestInput,
+)
 from lightning_moondream.api.plans import (
     DialectChoice,
     DialectNegotiation,
     Plan,
     Plans,
+    RolloutCall,
     check_dialect,
 )
 from lightning_moondream.api.retry import (
@@ -150,10 +158,29 @@ class HttpHolder(ABC, Generic[HttpClientT]):
         return client
 
 
+def _rollouts(
+    adapter_id: str,
+    request: RequestInput,
+    num_rollouts: int,
+    ground_truth: GroundTruthInput = None,
+) -> RolloutCall:
+    """Sample ``num_rollouts`` attempts at a request.
+
+    Args:
+        adapter_id: The adapter to sample from.
+        request: A typed request or the spec's JSON.
+        num_rollouts: 1 to 16.
+        ground_truth: For point and detect (points or boxes for point): the server
+            then computes rewards.
+    """
+    return RolloutCall(adapter_id, request, num_rollouts, ground_truth)
+
+
 class ClientCore(HttpHolder[HttpClientT]):
     """Configuration, building requests and reading answers, for both clients.
 
-    Its arguments are documented on ``TuningClient``, which both clients share.
+    Its arguments are documented on ``TuningClient``, which both clients share. Methods
+    written once for both (``rollouts``) are here too.
     """
 
     def __init__(
@@ -248,18 +275,13 @@ class ClientCore(HttpHolder[HttpClientT]):
         """Send an operation, at the key's pace, until it settles; its result."""
         request = self._build_request(operation)
         attempts = Attempts()
-        delay: float | None = None  # before a retry: the wait it asks for
-        while True:
-            sent_at = yield from take_turn(self.rate_limiter, delay)
-            started = time.perf_counter()
-            outcome = yield Send(request)
+
+        def settle(outcome: Outcome, sent_at: float, started: float) -> Done[T] | float:
             elapsed = time.perf_counter() - started
-            step = self._settle(
-                operation, attempts, outcome, sent_at, elapsed, len(request.content)
-            )
-            if isinstance(step, Done):
-                return step.value
-            delay = step
+            size = len(request.content)
+            return self._settle(operation, attempts, outcome, sent_at, elapsed, size)
+
+        return (yield from paced_attempts(self.rate_limiter, Send(request), settle))
 
     def _steps(self, plan: Plan[T]) -> Steps[T]:
         """Send each operation a plan yields, handing it the result or the error."""
@@ -275,6 +297,17 @@ class ClientCore(HttpHolder[HttpClientT]):
         except StopIteration as stop:
             return stop.value
 
+    # Methods of both clients ------------------------------------------------------------
+
+    def _rollouts_steps(self, call: RolloutCall) -> Steps[RolloutsResponse]:
+        """The steps of one ``/rollouts`` call, its dialect found first if need be."""
+        plan = self._plans.rollouts(
+            call.adapter_id, call.request, call.num_rollouts, call.ground_truth
+        )
+        return (yield from self._steps(plan))
+
+    rollouts = DrivenMethod(_rollouts, _rollouts_steps)
+
     # Answers and errors ------------------------------------------------------------------
 
     def _scrub(self, text: str) -> str:
@@ -284,7 +317,7 @@ class ClientCore(HttpHolder[HttpClientT]):
         self,
         operation: Operation[T],
         attempts: Attempts,
-        outcome: httpx.Response | httpx.RequestError,
+        outcome: Outcome,
         sent_at: float,
         elapsed: float,
         bytes_sent: int,
@@ -426,16 +459,33 @@ def request_timeout(
     return httpx.Timeout(connect=CONNECT_TIMEOUT, read=read, write=read, pool=read)
 
 
-def take_turn(limiter: RateLimiter, delay: float | None) -> Steps[float]:
-    """Wait for the key's next turn to send (a retry: no sooner than ``delay``).
+def paced_attempts(
+    limiter: RateLimiter, send: Send, settle: Callable[[Outcome, float, float], Done[T] | float]
+) -> Steps[T]:
+    """Send a request on the key's turns until an attempt settles the call.
+
+    Args:
+        limiter: The key's rate limiter, which gives each attempt its turn.
+        send: The request.
+        settle: Told each attempt's outcome, when its turn started (on the limiter's
+            clock) and when it was sent (``time.perf_counter``); returns ``Done`` with
+            the call's result, or the seconds to wait before retrying, or raises the
+            call's error.
 
     Returns:
-        When the turn starts, on the limiter's clock.
+        The call's result.
     """
-    turn = limiter.reserve(delay or 0.0)
-    if delay is not None or turn.wait > 0:
-        yield turn.wait
-    return turn.at
+    delay: float | None = None  # before a retry: the wait it asks for
+    while True:
+        turn = limiter.reserve(delay or 0.0)
+        if delay is not None or turn.wait > 0:
+            yield turn.wait
+        started = time.perf_counter()
+        outcome = yield send
+        settled = settle(outcome, turn.at, started)
+        if isinstance(settled, Done):
+            return settled.value
+        delay = settled
 
 
 def pace_answer(

@@ -11,27 +11,35 @@ A driver carries the steps out. ``BlockingDriver`` does so with an ``httpx.Clien
 ``time.sleep``, ``AsyncDriver`` with an ``httpx.AsyncClient`` and ``asyncio.sleep``;
 each is the I/O half of a client class, which also runs many calls at once and closes
 the HTTP client it owns.
+
+A method that only builds a call and carries out its steps is written once for both
+clients, as a ``DrivenMethod``: the blocking client's driver returns the result, the
+async one's a coroutine of it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
-from collections.abc import Awaitable, Callable, Generator, Sequence
+import types
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
 import httpx
 
 from lightning_moondream.api.inprocess import InProcessAsyncTransport, InProcessTransport
-from lightning_moondream.api.pools import async_spread_client, spread_client
+from lightning_moondream.api.pools import async_client, spread_client
 
 if TYPE_CHECKING:
     from typing_extensions import Self
 
 T = TypeVar("T")
 A = TypeVar("A")
+C = TypeVar("C")
+P = ParamSpec("P")
 
 
 @dataclass(frozen=True)
@@ -146,7 +154,7 @@ class AsyncDriver:
         await asyncio.sleep(seconds)
 
     def _default_http_client(self) -> httpx.AsyncClient:
-        return async_spread_client()
+        return async_client()
 
     @classmethod
     def _in_process_http_client(cls, app: Any, on_close: Callable[[], None]) -> httpx.AsyncClient:
@@ -211,3 +219,73 @@ class AsyncDriver:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
+
+
+class ClientMethod:
+    """What a method of both client classes, written once, is besides its types.
+
+    It is named after the attribute it is set to, and has the signature and the
+    documentation of ``like``, the function that builds its call (or ``doc``). A
+    subclass's ``__get__`` says what the method returns on each kind of client.
+
+    Args:
+        method: The function, taking the client first.
+        like: The function whose parameters the method takes after the client.
+        doc: The method's documentation, if not ``like``'s.
+    """
+
+    def __init__(
+        self, method: Callable[..., Any], like: Callable[..., Any], doc: str | None = None
+    ) -> None:
+        self._method = method
+        self._like = like
+        self._doc = doc
+
+    def __set_name__(self, owner: type[Any], name: str) -> None:
+        signature = inspect.signature(self._like)
+        client = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)
+        self._method.__name__ = name
+        self._method.__qualname__ = f"{owner.__qualname__}.{name}"
+        self._method.__doc__ = self._doc or self._like.__doc__
+        self._method.__signature__ = signature.replace(  # type: ignore[attr-defined]
+            parameters=[client, *signature.parameters.values()],
+            return_annotation=inspect.Signature.empty,
+        )
+
+    def _bound(self, client: object) -> Any:
+        """The function itself (on the class), or the method bound to a client."""
+        return self._method if client is None else types.MethodType(self._method, client)
+
+
+class DrivenMethod(ClientMethod, Generic[P, T]):
+    """A client method whose call is carried out by the client's driver.
+
+    Called, it builds a call of its arguments (``build``), turns it into steps for the
+    client (``steps_of``) and carries them out (``_run``): a ``BlockingDriver`` client
+    returns the result, an ``AsyncDriver`` client a coroutine of it, as the types say.
+
+    Args:
+        build: Makes the call of the method's arguments; gives the method its
+            signature and documentation.
+        steps_of: The steps of a call for a client.
+    """
+
+    def __init__(self, build: Callable[P, C], steps_of: Callable[[Any, C], Steps[T]]) -> None:
+        def method(client: Any, /, *args: P.args, **kwargs: P.kwargs) -> Any:
+            return client._run(steps_of(client, build(*args, **kwargs)))
+
+        super().__init__(method, build)
+
+    @overload
+    def __get__(self, client: None, owner: type[Any] | None = None) -> Callable[..., Any]: ...
+
+    @overload
+    def __get__(self, client: BlockingDriver, owner: type[Any] | None = None) -> Callable[P, T]: ...
+
+    @overload
+    def __get__(
+        self, client: AsyncDriver, owner: type[Any] | None = None
+    ) -> Callable[P, Coroutine[Any, Any, T]]: ...
+
+    def __get__(self, client: object, owner: type[Any] | None = None) -> Any:
+        return self._bound(client)

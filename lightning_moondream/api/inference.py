@@ -22,21 +22,19 @@ Example:
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import time
 from collections.abc import (
     AsyncGenerator,
     Callable,
-    Coroutine,
     Generator,
     Iterable,
     Mapping,
     Sequence,
 )
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
 import httpx
 from pydantic import SecretStr
@@ -48,20 +46,24 @@ from lightning_moondream.api.core import (
     USER_AGENT,
     Attempts,
     ClientCore,
+    Done,
     HttpClientT,
     HttpHolder,
     pace_answer,
+    paced_attempts,
     request_timeout,
     resolve_api_key,
     retry_delay,
     scrub_key,
     status_error,
-    take_turn,
     transport_error,
 )
 from lightning_moondream.api.drivers import (
     AsyncDriver,
     BlockingDriver,
+    ClientMethod,
+    DrivenMethod,
+    Outcome,
     Send,
     Steps,
     check_concurrency,
@@ -180,6 +182,141 @@ class _EventReader:
         self.completed = bool(event.get("completed"))
         chunk = event.get("chunk")
         return [chunk] if isinstance(chunk, str) and chunk else []
+
+
+# The calls, each written once ---------------------------------------------------------
+#
+# A call's arguments and documentation are those of the function that builds it
+# (``_query``, ...); ``DrivenMethod`` and ``_StreamMethod`` make the clients' methods
+# of it, once for both, so both take the same arguments and say the same of them.
+
+
+def _query(
+    image: ImageInput | None,
+    question: str,
+    *,
+    model: str | None = None,
+    settings: SettingsInput = None,
+    reasoning: bool | None = None,
+    spatial_refs: SpatialRefs = None,
+) -> QueryCall:
+    """Answer a question about an image (or none).
+
+    Args:
+        image: A PIL image, a path, encoded bytes or a data URL; ``None`` for text only.
+        question: The question.
+        model: The model id; defaults to the client's.
+        settings: Sampling settings; only those set are sent.
+        reasoning: Ask for the reasoning behind the answer.
+        spatial_refs: Points ``[x, y]`` or boxes ``[x1, y1, x2, y2]`` (0-1).
+
+    Raises:
+        InvalidRequestError: Naming the argument that is wrong, before sending.
+    """
+    return QueryCall(image, question, settings, reasoning, spatial_refs, model=model)
+
+
+def _detect(
+    image: ImageInput,
+    object: str,
+    *,
+    model: str | None = None,
+    settings: SettingsInput = None,
+) -> DetectCall:
+    """Detect every instance of an object, as boxes.
+
+    Args:
+        image: A PIL image, a path, encoded bytes or a data URL.
+        object: What to detect.
+        model: The model id; defaults to the client's.
+        settings: Sampling settings, ``max_objects`` included; only those set are sent.
+
+    Raises:
+        InvalidRequestError: Naming the argument that is wrong, before sending.
+    """
+    return DetectCall(image, object, settings, model=model)
+
+
+def _point(
+    image: ImageInput,
+    object: str,
+    *,
+    model: str | None = None,
+    settings: SettingsInput = None,
+    spatial_refs: SpatialRefs = None,
+) -> PointCall:
+    """Point at every instance of an object; arguments as ``detect``, plus ``spatial_refs``.
+
+    Raises:
+        InvalidRequestError: Naming the argument that is wrong, before sending.
+    """
+    return PointCall(image, object, settings, spatial_refs, model=model)
+
+
+def _caption(
+    image: ImageInput,
+    *,
+    length: CaptionLength = "normal",
+    model: str | None = None,
+    settings: SettingsInput = None,
+) -> CaptionCall:
+    """Describe an image.
+
+    Args:
+        image: A PIL image, a path, encoded bytes or a data URL.
+        length: ``"short"``, ``"normal"`` or ``"long"``.
+        model: The model id; defaults to the client's.
+        settings: Sampling settings; only those set are sent.
+
+    Raises:
+        InvalidRequestError: Naming the argument that is wrong, before sending.
+    """
+    return CaptionCall(image, length, settings, model=model)
+
+
+_QUERY_STREAM_DOC = """Answer a question as a stream of text chunks; arguments as ``query``.
+
+The call is validated here; it is sent when iteration starts. A failure before the text
+begins is retried as any call; one after it raises. Closing the stream early closes the
+connection. The async client's stream is an async generator.
+
+Raises:
+    InvalidRequestError: Naming the argument that is wrong, before sending.
+    APIConnectionError: While iterating, if the stream ends before completing.
+"""
+_CAPTION_STREAM_DOC = (
+    """Describe an image as a stream of text chunks; see ``caption`` and ``query_stream``."""
+)
+
+
+class _StreamMethod(ClientMethod, Generic[P]):
+    """A streaming method of both clients: a generator of text, async on the async client.
+
+    Calling it validates the call (``build``'s) at once; the request is sent when
+    iteration starts (``_stream``).
+    """
+
+    def __init__(self, build: Callable[P, InferenceCall[Any]], doc: str) -> None:
+        def method(client: Any, /, *args: P.args, **kwargs: P.kwargs) -> Any:
+            return client._stream(client._operation(build(*args, **kwargs), stream=True))
+
+        super().__init__(method, build, doc)
+
+    @overload
+    def __get__(self, client: None, owner: type[Any] | None = None) -> Callable[..., Any]: ...
+
+    @overload
+    def __get__(
+        self, client: BlockingDriver, owner: type[Any] | None = None
+    ) -> Callable[P, Generator[str, None, None]]: ...
+
+    @overload
+    def __get__(
+        self, client: AsyncDriver, owner: type[Any] | None = None
+    ) -> Callable[P, AsyncGenerator[str, None]]: ...
+
+    def __get__(self, client: object, owner: type[Any] | None = None) -> Any:
+        return self._bound(client)
 
 
 class _InferenceCore(HttpHolder[HttpClientT]):
@@ -330,19 +467,20 @@ class _InferenceCore(HttpHolder[HttpClientT]):
         """
         request = self._build_request(operation)
         attempts = Attempts()
-        delay: float | None = None  # before a retry: the wait it asks for
-        while True:
-            sent_at = yield from take_turn(self.rate_limiter, delay)
-            started = time.perf_counter()
-            outcome = yield Send(request, stream)
+
+        def settle(
+            outcome: Outcome, sent_at: float, started: float
+        ) -> Done[tuple[httpx.Response, float]] | float:
             succeeded = isinstance(outcome, httpx.Response) and outcome.is_success
             if not (succeeded and stream):
                 self._count(operation, request, started)
             if isinstance(outcome, httpx.Response):
                 pace_answer(self.rate_limiter, self.usage, outcome, sent_at)
-            if succeeded:
-                return outcome, started
-            delay = self._retry_delay(operation, attempts, outcome)
+                if outcome.is_success:
+                    return Done((outcome, started))
+            return self._retry_delay(operation, attempts, outcome)
+
+        return (yield from paced_attempts(self.rate_limiter, Send(request, stream), settle))
 
     def _call(self, operation: Operation[R]) -> Steps[R]:
         """The steps of a call answered in one piece."""
@@ -371,10 +509,7 @@ class _InferenceCore(HttpHolder[HttpClientT]):
         return transport_error(self._label(operation), outcome, self._scrub)
 
     def _retry_delay(
-        self,
-        operation: Operation[Any],
-        attempts: Attempts,
-        outcome: httpx.Response | httpx.RequestError,
+        self, operation: Operation[Any], attempts: Attempts, outcome: Outcome
     ) -> float:
         """Seconds to wait before retrying a failed attempt (every inference call is safe).
 
@@ -433,170 +568,18 @@ class _InferenceCore(HttpHolder[HttpClientT]):
         self.usage.record_failure()
         return error if isinstance(error, TuningAPIError) else self._error(operation, error)
 
+    # The methods --------------------------------------------------------------------------
 
-# The calls, each written once ---------------------------------------------------------
-#
-# A call's arguments and documentation are those of the function that builds it
-# (``_query``, ...); ``_blocking``, ``_awaited`` and ``_streaming`` make each client's
-# methods of it, so both clients take the same arguments and say the same of them.
+    def _call_steps(self, call: InferenceCall[R]) -> Steps[R]:
+        """The steps of a call answered in one piece; the call is validated as they start."""
+        return (yield from self._call(self._operation(call)))
 
-
-def _query(
-    image: ImageInput | None,
-    question: str,
-    *,
-    model: str | None = None,
-    settings: SettingsInput = None,
-    reasoning: bool | None = None,
-    spatial_refs: SpatialRefs = None,
-) -> QueryCall:
-    """Answer a question about an image (or none).
-
-    Args:
-        image: A PIL image, a path, encoded bytes or a data URL; ``None`` for text only.
-        question: The question.
-        model: The model id; defaults to the client's.
-        settings: Sampling settings; only those set are sent.
-        reasoning: Ask for the reasoning behind the answer.
-        spatial_refs: Points ``[x, y]`` or boxes ``[x1, y1, x2, y2]`` (0-1).
-
-    Raises:
-        InvalidRequestError: Naming the argument that is wrong, before sending.
-    """
-    return QueryCall(image, question, settings, reasoning, spatial_refs, model=model)
-
-
-def _detect(
-    image: ImageInput,
-    object: str,
-    *,
-    model: str | None = None,
-    settings: SettingsInput = None,
-) -> DetectCall:
-    """Detect every instance of an object, as boxes.
-
-    Args:
-        image: A PIL image, a path, encoded bytes or a data URL.
-        object: What to detect.
-        model: The model id; defaults to the client's.
-        settings: Sampling settings, ``max_objects`` included; only those set are sent.
-
-    Raises:
-        InvalidRequestError: Naming the argument that is wrong, before sending.
-    """
-    return DetectCall(image, object, settings, model=model)
-
-
-def _point(
-    image: ImageInput,
-    object: str,
-    *,
-    model: str | None = None,
-    settings: SettingsInput = None,
-    spatial_refs: SpatialRefs = None,
-) -> PointCall:
-    """Point at every instance of an object; arguments as ``detect``, plus ``spatial_refs``.
-
-    Raises:
-        InvalidRequestError: Naming the argument that is wrong, before sending.
-    """
-    return PointCall(image, object, settings, spatial_refs, model=model)
-
-
-def _caption(
-    image: ImageInput,
-    *,
-    length: CaptionLength = "normal",
-    model: str | None = None,
-    settings: SettingsInput = None,
-) -> CaptionCall:
-    """Describe an image.
-
-    Args:
-        image: A PIL image, a path, encoded bytes or a data URL.
-        length: ``"short"``, ``"normal"`` or ``"long"``.
-        model: The model id; defaults to the client's.
-        settings: Sampling settings; only those set are sent.
-
-    Raises:
-        InvalidRequestError: Naming the argument that is wrong, before sending.
-    """
-    return CaptionCall(image, length, settings, model=model)
-
-
-_QUERY_STREAM_DOC = """Answer a question as a stream of text chunks; arguments as ``query``.
-
-The call is validated here; it is sent when iteration starts. A failure before the text
-begins is retried as any call; one after it raises. Closing the stream early closes the
-connection. The async client's stream is an async generator.
-
-Raises:
-    InvalidRequestError: Naming the argument that is wrong, before sending.
-    APIConnectionError: While iterating, if the stream ends before completing.
-"""
-_CAPTION_STREAM_DOC = (
-    """Describe an image as a stream of text chunks; see ``caption`` and ``query_stream``."""
-)
-
-
-def _as_method(
-    method: Callable[..., Any], build: Callable[..., Any], name: str, doc: str | None
-) -> None:
-    """Name and document a client method after the builder of its call."""
-    signature = inspect.signature(build)
-    client = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)
-    method.__name__ = method.__qualname__ = name
-    method.__doc__ = doc or build.__doc__
-    method.__signature__ = signature.replace(  # type: ignore[attr-defined]
-        parameters=[client, *signature.parameters.values()],
-        return_annotation=inspect.Signature.empty,
-    )
-
-
-def _blocking(build: Callable[P, InferenceCall[R]]) -> Callable[Concatenate[Any, P], R]:
-    """``InferenceClient``'s method of a call: sends it and returns its result."""
-
-    def method(client: InferenceClient, /, *args: P.args, **kwargs: P.kwargs) -> R:
-        return client._send(client._operation(build(*args, **kwargs)))
-
-    _as_method(method, build, build.__name__.lstrip("_"), None)
-    return method
-
-
-def _awaited(
-    build: Callable[P, InferenceCall[R]],
-) -> Callable[Concatenate[Any, P], Coroutine[Any, Any, R]]:
-    """``AsyncInferenceClient``'s method of a call: a coroutine of its result."""
-
-    async def method(client: AsyncInferenceClient, /, *args: P.args, **kwargs: P.kwargs) -> R:
-        return await client._send(client._operation(build(*args, **kwargs)))
-
-    _as_method(method, build, build.__name__.lstrip("_"), None)
-    return method
-
-
-def _blocking_stream(
-    build: Callable[P, InferenceCall[Any]], doc: str
-) -> Callable[Concatenate[Any, P], Generator[str, None, None]]:
-    """``InferenceClient``'s streaming method of a call: validates it, streams its text."""
-
-    def method(client: InferenceClient, /, *args: P.args, **kwargs: P.kwargs) -> Any:
-        return client._stream(client._operation(build(*args, **kwargs), stream=True))
-
-    _as_method(method, build, build.__name__.lstrip("_") + "_stream", doc)
-    return method
-
-
-def _async_stream(
-    build: Callable[P, InferenceCall[Any]], doc: str
-) -> Callable[Concatenate[Any, P], AsyncGenerator[str, None]]:
-    """``AsyncInferenceClient``'s streaming method of a call: an async stream of its text."""
-
-    def method(client: AsyncInferenceClient, /, *args: P.args, **kwargs: P.kwargs) -> Any:
-        return client._stream(client._operation(build(*args, **kwargs), stream=True))
-
-    _as_method(method, build, build.__name__.lstrip("_") + "_stream", doc)
-    return method
+    query = DrivenMethod(_query, _call_steps)
+    detect = DrivenMethod(_detect, _call_steps)
+    point = DrivenMethod(_point, _call_steps)
+    caption = DrivenMethod(_caption, _call_steps)
+    query_stream = _StreamMethod(_query, _QUERY_STREAM_DOC)
+    caption_stream = _StreamMethod(_caption, _CAPTION_STREAM_DOC)
 
 
 class InferenceClient(BlockingDriver, _InferenceCore[httpx.Client]):
@@ -621,13 +604,6 @@ class InferenceClient(BlockingDriver, _InferenceCore[httpx.Client]):
         InvalidRequestError: If ``model`` is malformed.
         ValueError: If the base URL cannot be derived from the tuning URL.
     """
-
-    query = _blocking(_query)
-    detect = _blocking(_detect)
-    point = _blocking(_point)
-    caption = _blocking(_caption)
-    query_stream = _blocking_stream(_query, _QUERY_STREAM_DOC)
-    caption_stream = _blocking_stream(_caption, _CAPTION_STREAM_DOC)
 
     def _send(self, operation: Operation[R]) -> R:
         return self._run(self._call(operation))
@@ -662,13 +638,6 @@ class InferenceClient(BlockingDriver, _InferenceCore[httpx.Client]):
 
 class AsyncInferenceClient(AsyncDriver, _InferenceCore[httpx.AsyncClient]):
     """Asynchronous client of Moondream's inference API; arguments as ``InferenceClient``."""
-
-    query = _awaited(_query)
-    detect = _awaited(_detect)
-    point = _awaited(_point)
-    caption = _awaited(_caption)
-    query_stream = _async_stream(_query, _QUERY_STREAM_DOC)
-    caption_stream = _async_stream(_caption, _CAPTION_STREAM_DOC)
 
     async def _send(self, operation: Operation[R]) -> R:
         return await self._run(self._call(operation))

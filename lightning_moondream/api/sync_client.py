@@ -168,24 +168,6 @@ class TuningClient(BlockingDriver, ClientCore[httpx.Client]):
     def _drive(self, plan: Plan[T]) -> T:
         return self._run(self._steps(plan))
 
-    def rollouts(
-        self,
-        adapter_id: str,
-        request: ops.RequestInput,
-        num_rollouts: int,
-        ground_truth: ops.GroundTruthInput = None,
-    ) -> models.RolloutsResponse:
-        """Sample ``num_rollouts`` attempts at a request.
-
-        Args:
-            adapter_id: The adapter to sample from.
-            request: A typed request or the spec's JSON.
-            num_rollouts: 1 to 16.
-            ground_truth: For point and detect (points or boxes for point): the server
-                then computes rewards.
-        """
-        return self._drive(self._plans.rollouts(adapter_id, request, num_rollouts, ground_truth))
-
     def rollouts_many(
         self, calls: Iterable[RolloutCall], *, max_concurrency: int = 8
     ) -> list[models.RolloutsResponse]:
