@@ -435,6 +435,9 @@ def take_turn(limiter: RateLimiter, delay: float | None) -> Steps[float]:
     turn = limiter.reserve(delay or 0.0)
     if delay is not None or turn.wait > 0:
         yield turn.wait
+    # What the key learnt while this turn waited may move it later (``confirm``).
+    while (turn := limiter.confirm(turn)).wait > 0:
+        yield turn.wait
     return turn.at
 
 
