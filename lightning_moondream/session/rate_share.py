@@ -7,9 +7,9 @@ client would, evenly spaced, never two at once. The pace is the rate times the
 ``HEADROOM`` that the key's shared rate limiters keep.
 
 The key's rate starts at the configured ``requests_per_second``, or unknown (nothing
-limits requests) until a process meets a 429. At each
-train step every process tells what its limiter knows (a :class:`Pace`, carried by the
-step's existing gather) and rank 0 settles the key's rate for the next step:
+limits requests) until a process meets a 429. At each train step every process tells
+what its limiter knows (a :class:`Pace`, carried by the step's existing gather) and
+rank 0 settles the key's rate for the next step:
 
 - some process met a 429 since the last step: the rates the processes' limiters came
   down to, averaged and times the number of processes (never above the rate before);
