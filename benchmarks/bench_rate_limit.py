@@ -5,11 +5,16 @@ API key; token bucket of ``R`` per second, bursts of ``max(1, ceil(R / 5))``, ``
 with ``Retry-After`` over it). Its access log is read as it is written: each line is
 one answer, timed on arrival. Each configuration gets a fresh service.
 
-1. Rollouts at R = 2 and 10 requests/s, from 1 and 2 processes started together:
+1. Rollouts at R = 2 and 10 requests/s, from 1 and 2 processes started together, the
+   same requests for every client (60 at R = 2, 120 at R = 10: half a minute and 12
+   seconds at the limit; a 429 is then under 2 per 100 requests, where the 21 requests
+   of a shorter run would count it as 5):
    - project: each process's connection takes its share of the key's rate
      (``requests_per_second=R``), as ``MoondreamRLModule`` grants it to every
      process of a run, and sends batches of 8 ``rollouts_many`` calls, as many in
      flight as the admitted rate and latency call for;
+   - project, rate learnt: the same without ``requests_per_second``: each process
+     finds the rate from the service's 429s (at least one, its pause included);
    - SDK: ``Finetune.rollout_stream`` over the same requests, at its defaults.
 2. The quickstart (``configs/quickstart.yaml``: 6 steps at R = 10; 2 steps and 8
    validation images at R = 2) under DDP with 2 processes and
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -44,8 +50,9 @@ from common import print_table, serve_http, write_results
 KEY = "bench-rate-limit"
 ROLLOUTS = 4
 BATCH = 8
-REQUESTS = {2.0: 20, 10.0: 40}
+REQUESTS = {2.0: 60, 10.0: 120}
 """Rollouts requests per configuration (all processes together), by rate."""
+CLIENTS = ("project", "project, rate learnt", "sdk")
 QUICKSTART = {10.0: (6, 64), 2.0: (2, 8)}
 """Steps and validation images (evaluated before and after training) by rate."""
 ROOT = Path(__file__).parent.parent
@@ -105,7 +112,7 @@ def _request(index: int) -> dict[str, Any]:
 
 
 def project_worker(args: argparse.Namespace) -> dict[str, Any]:
-    """One process of the project: its share of the key's rate, batches of ``BATCH``."""
+    """One process of the project: its share of the key's rate (or none), batches of ``BATCH``."""
     from pydantic import SecretStr
 
     from lightning_moondream.api import TuningAPIError, UsageStats
@@ -116,7 +123,7 @@ def project_worker(args: argparse.Namespace) -> dict[str, Any]:
     from lightning_moondream.session.service import ServiceChoice
 
     choice = ServiceChoice(api_key=SecretStr(KEY), base_url=args.base_url, dialect="finetunes")
-    connection = Connection(choice, UsageStats(), print, args.rate)
+    connection = Connection(choice, UsageStats(), print, None if args.learn else args.rate)
     # The grant MoondreamRLModule makes at setup, without joining a process group.
     connection.prepare(Collective(None, args.rank, args.processes), args.root)
     client = connection.client
@@ -170,9 +177,11 @@ def _ready() -> None:
 
 def run_together(client_name: str, base_url: str, finetune: str, **options: Any) -> int:
     """Start one worker per process, let them go at once; their failed calls in all."""
+    worker = "sdk" if client_name == "sdk" else "project"
+    learn = ["--learn"] if client_name == "project, rate learnt" else []
     workers = [
         subprocess.Popen(
-            [sys.executable, __file__, "--worker", client_name]
+            [sys.executable, __file__, "--worker", worker, *learn]
             + [*("--base-url", base_url, "--finetune", finetune, "--rank", str(rank))]
             + [f"--{name}={value}" for name, value in options.items()],
             stdin=subprocess.PIPE,
@@ -258,6 +267,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--skip-quickstart", action="store_true")
     parser.add_argument("--worker", choices=["project", "sdk"])
+    parser.add_argument("--learn", action="store_true", help="project: no requests_per_second")
     for name in ("--base-url", "--finetune", "--root"):
         parser.add_argument(name)
     parser.add_argument("--rate", type=float)
@@ -269,11 +279,12 @@ def main() -> None:
         print(json.dumps(worker(args)))
         return
 
+    load_before = os.getloadavg()
     rows = [
         rollouts_configuration(client, rate, processes)
         for rate in REQUESTS
         for processes in (1, 2)
-        for client in ("project", "sdk")
+        for client in CLIENTS
     ]
     print_table(
         ["client", "R", "processes", "requests", "fraction of R", "429s / 100", "failed"],
@@ -300,6 +311,8 @@ def main() -> None:
     path = write_results(
         "rate_limit",
         {
+            # Other work on the machine delays requests on their way: read figures with it.
+            "load_average_1_5_15_min": {"before": load_before, "after": os.getloadavg()},
             "rollouts_per_request": ROLLOUTS,
             "batch": BATCH,
             "rollouts": rows,

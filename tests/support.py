@@ -35,6 +35,7 @@ from torchmetrics import Metric
 from lightning_moondream.api import Box
 from lightning_moondream.data import DetectSample
 from lightning_moondream.data.synthetic import detect_tasks, make_scene, split_seed
+from lightning_moondream.server.middleware import HTTPMiddleware
 from lightning_moondream.server.threaded import ThreadedServer
 
 ASGIApp = Callable[..., Any]
@@ -143,20 +144,14 @@ class Slow:
             await send(message)
 
 
-class HideTrainSteps:
+class HideTrainSteps(HTTPMiddleware):
     """Remove ``train_steps`` from every JSON answer: a server that does not report it.
 
     An adapter carries it at the top of its answer or in a list of ``adapters``; a
     finetune, under ``finetune``.
     """
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Any, receive: Any, send: Any) -> None:
         start: dict[str, Any] = {}
         body = bytearray()
 

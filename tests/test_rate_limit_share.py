@@ -13,12 +13,12 @@ from pydantic import SecretStr
 
 from lightning_moondream import MoondreamRLModule
 from lightning_moondream.api import UsageStats
-from lightning_moondream.api.limiter import RateLimiter
+from lightning_moondream.api.limiter import HEADROOM, RateLimiter
 from lightning_moondream.distributed import Collective
 from lightning_moondream.scoring import Scorer
 from lightning_moondream.session import RemoteStep, ServiceChoice, Session, SessionOptions, Shard
 from lightning_moondream.session.connection import Connection
-from lightning_moondream.session.rate_share import HEADROOM, Pace, RateShare, Turns
+from lightning_moondream.session.rate_share import Pace, RateShare, Turns
 from lightning_moondream.session.sampling import concurrency
 
 KEY = SecretStr("sk-share-5ecret-key")
@@ -44,25 +44,31 @@ class Clock:
 
 
 def test_each_process_is_granted_an_equal_share_of_the_configured_rate() -> None:
-    rates = [connection_of(rank, 2, 10.0, 9001).client.rate_limiter.rate for rank in (0, 1)]
-    assert rates == [pytest.approx(10.0 * HEADROOM / 2)] * 2
+    limiters = [connection_of(rank, 2, 10.0, 9001).client.rate_limiter for rank in (0, 1)]
+    assert [limiter.rate for limiter in limiters] == [pytest.approx(10.0 / 2)] * 2
+    # Sent a little under it: a request late on its turn still arrives 1 / rate after.
+    assert [limiter.headroom for limiter in limiters] == [HEADROOM] * 2
 
 
 def test_one_process_takes_the_whole_rate_and_none_is_granted_without_one() -> None:
-    assert connection_of(0, 1, 2.0, 9002).client.rate_limiter.rate == pytest.approx(2 * HEADROOM)
+    assert connection_of(0, 1, 2.0, 9002).client.rate_limiter.rate == pytest.approx(2.0)
     assert connection_of(0, 1, None, 9003).client.rate_limiter.rate is None
 
 
 def test_staggered_turns_of_two_processes_space_the_key_evenly() -> None:
     clock = Clock()
-    limiters = [RateLimiter(clock=clock), RateLimiter(clock=clock)]
+    limiters = [RateLimiter(clock=clock, headroom=HEADROOM) for _ in range(2)]
     for rank, limiter in enumerate(limiters):
         turns = Turns.of(10.0, rank, 2)
         limiter.set_rate(turns.rate, phase=turns.phase)
     # Both processes ask at the same instant, four requests each.
     starts = sorted(limiter.reserve().at for limiter in limiters for _ in range(4))
     gaps = [later - earlier for earlier, later in itertools.pairwise(starts)]
-    assert gaps == [pytest.approx(0.1, abs=1e-3)] * 7
+    assert gaps == [pytest.approx(0.1 / HEADROOM, abs=1e-3)] * 7
+
+
+def test_a_process_alone_has_no_turns_to_keep_clear_of() -> None:
+    assert Turns.of(2.0, 0, 1) == Turns(2.0, None)
 
 
 def test_a_process_slowed_by_a_429_keeps_to_its_own_turns() -> None:
@@ -94,13 +100,13 @@ def test_the_key_rate_is_learnt_from_429s_and_probed_upward_between_them() -> No
 
 def test_a_configured_key_rate_is_never_exceeded() -> None:
     share = RateShare(10.0, 2)
-    assert share.key_rate == pytest.approx(10 * HEADROOM)
-    assert share.update([Pace(4.85, 0), Pace(4.85, 0)]) == pytest.approx(10 * HEADROOM)
-    assert share.update([Pace(4.85, 0), Pace(2.0, 1)]) == pytest.approx(6.85)
-    assert share.update([Pace(3.4, 0), Pace(3.4, 1)]) == pytest.approx(7.85)
+    assert share.key_rate == pytest.approx(10.0)
+    assert share.update([Pace(5.0, 0), Pace(5.0, 0)]) == pytest.approx(10.0)
+    assert share.update([Pace(5.0, 0), Pace(2.0, 1)]) == pytest.approx(7.0)
+    assert share.update([Pace(3.5, 0), Pace(3.5, 1)]) == pytest.approx(8.0)
     for _ in range(3):
-        rate = share.update([Pace(3.4, 0), Pace(3.4, 1)])
-    assert rate == pytest.approx(10 * HEADROOM)
+        rate = share.update([Pace(3.5, 0), Pace(3.5, 1)])
+    assert rate == pytest.approx(10.0)
 
 
 def test_a_rate_granted_at_a_train_step_paces_the_next_one() -> None:
@@ -126,7 +132,7 @@ def test_the_step_carries_every_ranks_pace_and_grants_the_key_rate() -> None:
     step.add(Shard(pace=Pace(3.5, 3)))
     with pytest.warns(UserWarning, match="nothing to learn from"):
         report = step.step(Collective(), "ft", lr=None)
-    # The rank met 429s and came down to 3.5/s under its 3.88: the key's rate follows.
+    # The rank met 429s and came down to 3.5/s under its 4: the key's rate follows.
     assert report.key_rate == 3.5
     assert report.metrics["admitted_rps"] == 3.5
     assert report.metrics["rate_limited"] == 3.0
@@ -138,7 +144,7 @@ def test_in_flight_follows_littles_law_once_rate_and_latency_are_known() -> None
     assert connection.in_flight() is None
     for _ in range(10):
         connection.usage.record_attempt("POST /rollouts", 0.5, 0)
-    # 9.7/s x 0.5 s = 4.85 in flight, rounded up, plus one.
+    # 10/s x 0.5 s = 5 in flight, plus one.
     assert connection.in_flight() == 6
     assert connection_of(0, 1, None, 9007).in_flight() is None
 

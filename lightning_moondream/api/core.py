@@ -480,6 +480,9 @@ def paced_attempts(
         turn = limiter.reserve(delay or 0.0)
         if delay is not None or turn.wait > 0:
             yield turn.wait
+        # What the key learnt while this turn waited may move it later (``confirm``).
+        while (turn := limiter.confirm(turn)).wait > 0:
+            yield turn.wait
         started = time.perf_counter()
         outcome = yield send
         settled = settle(outcome, turn.at, started)

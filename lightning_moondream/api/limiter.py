@@ -6,21 +6,46 @@ the key, not to a client: every client of one key in a process shares one
 ``RateLimiter`` (``limiter_for``), and a multi-process run can grant each process a
 share of it (``set_rate``).
 
-The limiter is a token bucket of one token: requests start at most ``rate`` per second,
-one every ``1 / rate`` seconds. How many are in flight then follows from Little's law
-(in flight = admitted rate x latency), so concurrency needs no limit of its own beyond
-the caller's ``max_concurrency``.
+Turns. A request takes a turn (``reserve``), waits for it, and confirms it just before
+it is sent (``confirm``). Requests start at most ``rate x headroom`` per second, so how
+many are in flight follows from Little's law (in flight = admitted rate x latency) and
+concurrency needs no limit of its own beyond the caller's ``max_concurrency``. The
+headroom (``HEADROOM`` for the key's shared limiters) is the margin that keeps requests
+arriving a little off their turn still ``1 / rate`` apart, as a service admitting
+bursts of one requires. Confirming only ever moves a turn later, by what was learnt
+while it waited:
 
-The rate is configured (``requests_per_second``) or, unset, found by AIMD:
+- a ``Retry-After`` pause ordered meanwhile is waited out, by every request of the key;
+- starts keep their spacing from the previous request's actual start, so a late
+  wake-up pushes the requests behind it instead of bunching them;
+- the key's second request waits for the first one's answer (at most
+  ``FIRST_ANSWER_WAIT``) and keeps its spacing from that answer: a process's first
+  request warms up its HTTP stack and connection and arrives tens of milliseconds late,
+  which would leave the second too close behind it.
 
-- no limit until the first 429, then the rate the client was sending at;
+Rates. Configured (``requests_per_second``, or granted by ``set_rate``), or found:
+
+- no limit until the first 429; then half the rate the client was sending at, but no
+  more than twice what the service admitted meanwhile, nor than one request per
+  ``Retry-After`` (the send rate of a burst says nothing of the limit);
+- a ``Retry-After`` pauses every request of the key that long; ``Retry-After: 0``
+  (retry at once) asks for no slowing down, so it changes no rate;
 - on a 429, multiplicative decrease (x ``DECREASE``), once per congestion event (a 429
-  of a request sent before the last decrease is the same event), but never below the
-  rate the service admitted over the last seconds, which it provably accepts, nor below
-  ``MIN_RATE``; a ``Retry-After`` pauses every request of the key that long, and a
-  ``Retry-After: 0`` (retry at once) asks for no slowing down, so it changes no rate;
-- after a run of successes (about one second's worth), additive increase
-  (``INCREASE`` requests per second), up to the configured or granted rate.
+  of a request sent before the last decrease is the same event), never below the rate
+  the service admitted over the last seconds, nor below one request per
+  ``Retry-After`` (the service's word that a request will then be admitted), nor below
+  ``MIN_RATE``;
+- a 429 of a request that waited out the last pause, with none admitted since, says
+  the key is busy with other clients' requests rather than that this client's rate is
+  too high: the Retry-After then sets no floor, the decrease is gentler
+  (x ``BUSY_DECREASE``, so as not to starve against them) and teaches no limit;
+- after a run of successes (about one second's worth), an increase: up to a configured
+  or granted rate, by ``INCREASE`` requests per second. A found rate doubles after every
+  ``DOUBLING_RUN`` successes until a paced request is refused; then it rises by
+  ``INCREASE``, never past halfway to the lowest rate refused in the last ``REMEMBER``
+  seconds, and not at all once within ``CLOSE`` of it. It so settles just under the
+  limit instead of probing over it again and again, each time at the cost of a 429
+  and its pause.
 
 The limiter only computes waits on its clock; the client sleeps them, so both clock and
 sleep are injectable and tests run on a fake clock with no real waiting.
@@ -34,28 +59,51 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pydantic import SecretStr
 
+HEADROOM = 0.97
+"""Share of the rate that the key's shared limiters send at (see the module docstring)."""
 DECREASE = 0.5
 """Factor applied to the rate on a 429."""
+BUSY_DECREASE = 0.8
+"""Factor applied on a 429 that says the key is busy with others (see the module docstring)."""
 INCREASE = 0.5
-"""Requests per second added after a run of successes."""
+"""Requests per second added after a run of successes, once a found rate was refused."""
 MIN_RATE = 0.1
 """Requests per second the rate never goes below."""
 MIN_SUCCESS_RUN = 4
 """Fewest successes in a row before an increase (at least one second's worth)."""
+DOUBLING_RUN = 2
+"""Successes in a row before a found rate doubles, while no paced request was refused."""
 WINDOW = 2.0
 """Seconds over which the send rate and the admitted rate are measured."""
+FIRST_ANSWER_WAIT = 1.0
+"""Most seconds the key's second request waits for the first one's answer."""
+POLL = 0.02
+"""Seconds between looks at whether the first answer came."""
+REMEMBER = 600.0
+"""Seconds a refused rate bounds the increases of a found rate."""
+CLOSE = 0.1
+"""Gap, as a share of the rate, to the lowest refused rate under which a found rate stays."""
 
 
 @dataclass(frozen=True)
 class Reservation:
-    """A request's turn: how long to wait first, and when (on the limiter's clock)."""
+    """A request's turn: how long to wait first, and when (on the limiter's clock).
+
+    Attributes:
+        wait: Seconds to wait from when the turn was given.
+        at: When the turn comes.
+        paced: Whether the key's pace set it, rather than a retry's own longer wait.
+        confirmed: Whether ``confirm`` has settled it.
+    """
 
     wait: float
     at: float
+    paced: bool = True
+    confirmed: bool = False
 
 
 def _check_rate(rate: float) -> float:
@@ -75,6 +123,11 @@ class RateLimiter:
         requests_per_second: The rate to start at and never exceed; ``None`` to find it
             (no limit until the first 429).
         clock: Seconds on a monotonic clock.
+        headroom: Share of the rate sent at, in (0, 1]; 1 sends exactly at the rate.
+
+    Raises:
+        ValueError: For a rate that is not a finite number > 0, or a headroom outside
+            (0, 1].
     """
 
     def __init__(
@@ -82,22 +135,34 @@ class RateLimiter:
         requests_per_second: float | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
+        headroom: float = 1.0,
     ) -> None:
+        if not 0 < headroom <= 1:
+            raise ValueError(f"headroom must be in (0, 1], got {headroom!r}")
+        self.headroom = headroom
         self._lock = threading.Lock()
         self._clock = clock
         self._rate = None if requests_per_second is None else _check_rate(requests_per_second)
         self._ceiling = self._rate
+        # Turns: planned (reserve), then settled (confirm).
         self._phase: float | None = None
         self._next_slot = -math.inf
+        self._next_start = -math.inf
         self._paused_until = -math.inf
+        self._admitted_since_pause = True
+        self._first_start: float | None = None
+        self._answered = False
+        # What the answers taught.
         self._last_decrease = -math.inf
         self._run = 0
+        self._refused = math.inf
+        self._refused_until = -math.inf
         self._sent: deque[float] = deque()
         self._admitted: deque[float] = deque()
 
     @property
     def rate(self) -> float | None:
-        """Requests per second in force, or ``None`` while nothing limits them."""
+        """Requests per second in force (sent at ``rate x headroom``); ``None``: no limit."""
         with self._lock:
             return self._rate
 
@@ -106,10 +171,10 @@ class RateLimiter:
 
         Args:
             requests_per_second: The rate, and the most it may rise to.
-            phase: Requests then start only at ``phase + k / requests_per_second`` on the
-                limiter's clock (``k`` whole): processes sharing a key with staggered
-                phases take turns, and never send in the same instant, which a service
-                admitting a burst of one would refuse.
+            phase: Requests then start only at ``phase + k / (requests_per_second x
+                headroom)`` on the limiter's clock (``k`` whole): processes sharing a
+                key with staggered phases take turns, and never send in the same
+                instant, which a service admitting a burst of one would refuse.
 
         Raises:
             ValueError: If the rate is not a finite number > 0.
@@ -129,51 +194,151 @@ class RateLimiter:
             now = self._clock()
             earliest = self._on_turn(max(now, self._paused_until, self._next_slot))
             if self._rate is not None:
-                self._next_slot = earliest + 1.0 / self._rate
+                self._next_slot = earliest + self._spacing()
             wait = max(delay, earliest - now)
             self._sent.append(now + wait)
             self._trim(self._sent, now)
-            return Reservation(wait, now + wait)
+            return Reservation(wait, now + wait, paced=delay <= earliest - now)
+
+    def confirm(self, turn: Reservation) -> Reservation:
+        """Settle a turn when it comes: send if the answer's ``wait`` is 0, else wait again.
+
+        The turn moves only later (see the module docstring): past a pause ordered while
+        it waited, to keep its spacing from the previous paced request's actual start,
+        or, for the key's second request, until the first one is answered. A retry
+        waiting out its own backoff keeps the turn it was charged, as ``reserve`` says.
+        The answer's ``wait`` is what comes on top of the turn's own, already waited.
+        """
+        with self._lock:
+            due = max(turn.at, self._clock())
+            if turn.confirmed and due >= self._paused_until:
+                return replace(turn, wait=0.0)
+            if self._awaits_first_answer(due):
+                assert self._first_start is not None
+                wait = min(POLL, self._first_start + FIRST_ANSWER_WAIT - due)
+                return replace(turn, wait=wait, at=due + wait)
+            if self._phase is not None:
+                # A phase keeps its grid: a late wake-up sends at once, not a turn later.
+                start = self._on_turn(max(turn.at, self._paused_until))
+            elif turn.paced:
+                start = max(due, self._paused_until, self._next_start)
+            else:
+                start = max(due, self._paused_until)
+            if self._first_start is None:
+                self._first_start = start
+            if self._rate is not None and turn.paced:
+                self._next_start = max(self._next_start, start + self._spacing())
+            return replace(turn, wait=max(0.0, start - due), at=start, confirmed=True)
 
     def record_success(self) -> None:
         """Count an admitted request; a run of them raises the rate."""
         with self._lock:
             now = self._clock()
+            self._note_answer(now)
+            self._admitted_since_pause = True
             self._admitted.append(now)
             self._trim(self._admitted, now)
             if self._rate is None:
                 return
             self._run += 1
-            if self._run >= max(MIN_SUCCESS_RUN, math.ceil(self._rate)):
+            if self._run >= self._run_needed(now):
                 self._run = 0
-                raised = self._rate + INCREASE
-                self._rate = raised if self._ceiling is None else min(raised, self._ceiling)
+                self._rate = self._raised(self._rate, now)
 
     def record_rate_limited(self, sent_at: float, retry_after: float | None) -> None:
         """React to a 429 of a request sent at ``sent_at`` (on this clock)."""
         with self._lock:
             now = self._clock()
+            self._note_answer(now)
             self._run = 0
-            if retry_after is not None:
+            # Refused after waiting a pause out, with nothing admitted since it began:
+            # the key is busy with others' requests, whatever this client's rate.
+            busy = sent_at >= self._paused_until and not self._admitted_since_pause
+            if retry_after:
                 self._paused_until = max(self._paused_until, now + retry_after)
+                self._admitted_since_pause = False
             if retry_after == 0 or sent_at < self._last_decrease:
                 # Retry-After 0 asks for no slowing down; a request sent before the last
                 # decrease was sent at the old rate, which that decrease answered.
                 return
-            current = self._rate if self._rate is not None else self._send_rate(now)
-            if current is None:
-                return  # too little seen to know a rate; the pause and backoff pace it
-            floor = max(MIN_RATE, len(self._admitted) / WINDOW)
-            self._rate = max(current * DECREASE, floor)
+            self._trim(self._admitted, now)
+            admitted = len(self._admitted) / WINDOW
+            floor = max(MIN_RATE, admitted)
+            if retry_after and not busy:
+                floor = max(floor, 1.0 / retry_after)
+            if self._rate is None:
+                sending = self._send_rate(now)
+                if sending is None:
+                    return  # too little seen to know a rate; the pause and backoff pace it
+                # A burst's send rate says nothing of the limit: what the service
+                # admitted, and the pace its Retry-After asks for, say more.
+                decreased = sending * DECREASE
+                if admitted:
+                    decreased = min(decreased, 2 * admitted)
+                if retry_after:
+                    decreased = min(decreased, 1.0 / retry_after)
+            elif busy:
+                decreased = self._rate * BUSY_DECREASE
+            else:
+                decreased = self._rate * DECREASE
+                if self._ceiling is None:
+                    self._refused = min(self._refused_rate(now), self._rate)
+                    self._refused_until = now + REMEMBER
+            self._rate = max(decreased, floor)
             if self._ceiling is not None:
                 self._rate = min(self._rate, self._ceiling)
             self._last_decrease = now
+
+    def _run_needed(self, now: float) -> int:
+        """Successes in a row that raise the rate in force."""
+        assert self._rate is not None
+        if self._ceiling is None and math.isinf(self._refused_rate(now)):
+            return DOUBLING_RUN
+        return max(MIN_SUCCESS_RUN, math.ceil(self._rate))
+
+    def _raised(self, rate: float, now: float) -> float:
+        """The rate after a run of successes at ``rate``."""
+        if self._ceiling is not None:
+            return min(rate + INCREASE, self._ceiling)
+        refused = self._refused_rate(now)
+        if math.isinf(refused):
+            return 2 * rate
+        if refused <= rate * (1 + CLOSE):
+            return rate
+        return min(rate + INCREASE, (rate + refused) / 2)
+
+    def _refused_rate(self, now: float) -> float:
+        """The lowest paced rate refused in the last ``REMEMBER`` seconds; inf if none."""
+        return self._refused if now < self._refused_until else math.inf
+
+    def _note_answer(self, now: float) -> None:
+        """Take the key's first answer: the first request had arrived by then."""
+        if self._answered:
+            return
+        if self._awaits_first_answer(now):
+            self._next_start = max(self._next_start, now + self._spacing())
+        self._answered = True
+
+    def _awaits_first_answer(self, now: float) -> bool:
+        """Whether turns wait for the first answer: paced, without a phase, and not late."""
+        return (
+            not self._answered
+            and self._rate is not None
+            and self._phase is None
+            and self._first_start is not None
+            and now < self._first_start + FIRST_ANSWER_WAIT
+        )
+
+    def _spacing(self) -> float:
+        """Seconds between starts at the rate in force."""
+        assert self._rate is not None
+        return 1.0 / (self._rate * self.headroom)
 
     def _on_turn(self, moment: float) -> float:
         """The first of this limiter's turns at or after ``moment`` (any, without a phase)."""
         if self._phase is None or self._ceiling is None:
             return moment
-        spacing = 1.0 / self._ceiling
+        spacing = 1.0 / (self._ceiling * self.headroom)
         turns = math.ceil((moment - self._phase) / spacing - 1e-9)
         return self._phase + turns * spacing
 
@@ -195,14 +360,14 @@ _shared_lock = threading.Lock()
 def limiter_for(
     base_url: str, api_key: SecretStr, requests_per_second: float | None = None
 ) -> RateLimiter:
-    """The process's one limiter of an API key at a service.
+    """The process's one limiter of an API key at a service, sending at ``HEADROOM``.
 
     The key is kept only as a digest. A rate given here sets the shared limiter's rate,
     for every client of the key.
     """
     digest = hashlib.sha256(api_key.get_secret_value().encode()).hexdigest()
     with _shared_lock:
-        limiter = _shared.setdefault((base_url, digest), RateLimiter())
+        limiter = _shared.setdefault((base_url, digest), RateLimiter(headroom=HEADROOM))
     if requests_per_second is not None:
         limiter.set_rate(requests_per_second)
     return limiter

@@ -23,11 +23,15 @@ def format_usage(snapshot: dict[str, float | int], title: str = "Moondream API u
     """Render a snapshot as a two-column text table.
 
     Counts are printed with thousands separators, ``bytes_sent`` also in MiB, and
-    latencies (names ending in ``_s``) in seconds with three decimals.
+    latencies (names ending in ``_s``) in seconds with three decimals. An
+    ``admitted_rate`` of 0 (nothing limited the requests: no rate set or learnt yet) is a
+    dash.
     """
     rows = []
     for name, value in snapshot.items():
-        if name.endswith("_s"):
+        if name == "admitted_rate" and not value:
+            text = "-"
+        elif name.endswith("_s"):
             text = f"{float(value):.3f} s"
         elif name == "bytes_sent":
             text = f"{int(value):,} ({int(value) / 2**20:.1f} MiB)"

@@ -6,6 +6,8 @@ dropped connection is really dropped, not turned into a 500 by its error handler
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import anyio
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -18,7 +20,29 @@ DROP = "lightning_moondream.drop"
 """Scope key a handler sets to have its connection dropped instead of answered."""
 
 
-class LatencyAndFaults:
+class HTTPMiddleware(ABC):
+    """Middleware acting on HTTP requests; any other connection goes straight to the app.
+
+    Args:
+        app: The app to wrap.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve one ASGI connection."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        await self.handle(scope, receive, send)
+
+    @abstractmethod
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve one HTTP request."""
+
+
+class LatencyAndFaults(HTTPMiddleware):
     """Least answer times and injected failures, per endpoint group.
 
     Latency is the least time an answer takes from the request's arrival: the handler
@@ -33,15 +57,12 @@ class LatencyAndFaults:
     """
 
     def __init__(self, app: ASGIApp, latency: dict[str, float], faults: FaultInjector) -> None:
-        self.app = app
+        super().__init__(app)
         self.latency = latency
         self.faults = faults
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Serve one ASGI connection."""
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve one request, its answer held until its latency has passed."""
         endpoint = endpoint_of(scope["path"])
         answer_at = anyio.current_time() + (self.latency.get(endpoint, 0.0) if endpoint else 0.0)
         # Let requests sent together all arrive, and start their latency, before any is
@@ -99,7 +120,7 @@ async def _drop(send: Send) -> None:
     raise DroppedConnection("connection dropped by fault injection")
 
 
-class BodyLimit:
+class BodyLimit(HTTPMiddleware):
     """Refuse request bodies larger than a limit, with a 413, as the handler reads them.
 
     The limit is checked when the handler first reads the body, so a request refused
@@ -112,14 +133,11 @@ class BodyLimit:
     """
 
     def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
-        self.app = app
+        super().__init__(app)
         self.max_body_bytes = max_body_bytes
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Serve one ASGI connection, counting the bytes of its request body."""
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve one request, counting the bytes of its body."""
         declared = dict(scope["headers"]).get(b"content-length", b"")
         size = 0
 

@@ -5,8 +5,13 @@ Each key may send ``rate`` requests per second on average, and a burst of
 ``rate`` tokens a second, and each request that reaches the app takes one. A request
 finding the bucket empty is answered ``429`` with the API's error JSON and a
 ``Retry-After`` header: the seconds until a token is available, rounded up (at least 1).
-Every request counts, whatever its route; requests without a key share one bucket.
-Buckets are keyed by a digest of the key, never the key itself.
+Every request of an accepted key counts, whatever its route.
+
+The key is checked first, by the service's own rule: a request without one, or with a
+key the service refuses, gets no bucket and goes on to be answered ``401``, never
+``429``. So no key shares a bucket with another, and made-up keys cannot push real
+keys' buckets out of the ``MAX_BUCKETS`` kept. Buckets are keyed by a digest of the key,
+never the key itself.
 """
 
 from __future__ import annotations
@@ -18,9 +23,12 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from lightning_moondream.server.http_common import AUTH_HEADER, error_response
+from lightning_moondream.server.errors import ServiceError
+from lightning_moondream.server.http_common import AUTH_HEADER, authenticated, error_response
+from lightning_moondream.server.middleware import HTTPMiddleware
 
 MAX_BUCKETS = 65536
 """Keys whose bucket is kept; the least recently seen beyond this start again full."""
@@ -53,12 +61,19 @@ class RateLimiter:
     Args:
         rate: Requests per second each key may send on average; > 0.
         clock: Seconds from any origin, never going back (``time.monotonic``).
+        max_buckets: Keys whose bucket is kept; the least recently seen beyond this
+            start again full.
 
     Raises:
         ValueError: For a rate that is not a positive finite number.
     """
 
-    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        rate: float,
+        clock: Callable[[], float] = time.monotonic,
+        max_buckets: int = MAX_BUCKETS,
+    ) -> None:
         if not (math.isfinite(rate) and rate > 0):
             raise ValueError(
                 f"rate_limit must be a positive number of requests per second, got {rate!r}"
@@ -66,6 +81,7 @@ class RateLimiter:
         self.rate = rate
         self.burst = burst_of(rate)
         self.clock = clock
+        self.max_buckets = max_buckets
         self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
 
     def admit(self, key: bytes) -> float:
@@ -74,7 +90,7 @@ class RateLimiter:
         digest = hashlib.sha256(key).hexdigest()
         bucket = self._buckets.pop(digest, None) or TokenBucket(float(self.burst), now)
         self._buckets[digest] = bucket
-        while len(self._buckets) > MAX_BUCKETS:
+        while len(self._buckets) > self.max_buckets:
             self._buckets.popitem(last=False)
         bucket.tokens = min(float(self.burst), bucket.tokens + (now - bucket.updated) * self.rate)
         bucket.updated = now
@@ -86,8 +102,11 @@ class RateLimiter:
         return (1.0 - bucket.tokens) / self.rate
 
 
-class RateLimit:
+class RateLimit(HTTPMiddleware):
     """ASGI middleware answering ``429`` to a key over its rate (see the module docstring).
+
+    It serves an app of ``create_app``: the key is checked by its service
+    (``scope["app"].state.service``).
 
     Args:
         app: The app to wrap.
@@ -95,12 +114,14 @@ class RateLimit:
     """
 
     def __init__(self, app: ASGIApp, limiter: RateLimiter) -> None:
-        self.app = app
+        super().__init__(app)
         self.limiter = limiter
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Serve one ASGI connection, if its key has a token left."""
-        if scope["type"] != "http":
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve one request, if its key is refused (the app says so) or has a token left."""
+        try:
+            authenticated(Request(scope))
+        except ServiceError:
             await self.app(scope, receive, send)
             return
         key = dict(scope["headers"]).get(_AUTH_HEADER, b"")

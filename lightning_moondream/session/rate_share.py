@@ -2,13 +2,14 @@
 
 A service limits requests per key, not per process. Rank 0 keeps the key's rate and
 grants every process an equal share of it, on staggered turns: process ``r`` of ``n``
-sends at the wall-clock instants ``(r + k n) / rate``, so together they send as one
-client would, evenly spaced, never two at once.
+sends at the wall-clock instants ``(r + k n) / pace``, so together they send as one
+client would, evenly spaced, never two at once. The pace is the rate times the
+``HEADROOM`` that the key's shared rate limiters keep.
 
-The key's rate starts at the configured ``requests_per_second`` (a little under it, see
-``HEADROOM``), or unknown (nothing limits requests) until a process meets a 429. At each
-train step every process tells what its limiter knows (a :class:`Pace`, carried by the
-step's existing gather) and rank 0 settles the key's rate for the next step:
+The key's rate starts at the configured ``requests_per_second``, or unknown (nothing
+limits requests) until a process meets a 429. At each train step every process tells
+what its limiter knows (a :class:`Pace`, carried by the step's existing gather) and
+rank 0 settles the key's rate for the next step:
 
 - some process met a 429 since the last step: the rates the processes' limiters came
   down to, averaged and times the number of processes (never above the rate before);
@@ -23,12 +24,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from lightning_moondream.api.limiter import INCREASE
-
-HEADROOM = 0.97
-"""Share of a configured rate that is sent. A request sent a little late and the next on
-time arrive closer than ``1 / rate``; a service admitting bursts of one refuses the
-second, unless turns are this much longer."""
+from lightning_moondream.api.limiter import HEADROOM, INCREASE
 
 
 @dataclass(frozen=True)
@@ -51,11 +47,12 @@ class Turns:
     Attributes:
         rate: Requests per second of this process.
         phase: Its first turn on the limiter's clock; the others follow every
-            ``1 / rate`` seconds.
+            ``1 / (rate x HEADROOM)`` seconds. ``None`` for a process alone: no other
+            process's turns to keep clear of.
     """
 
     rate: float
-    phase: float
+    phase: float | None
 
     @classmethod
     def of(cls, key_rate: float, rank: int, processes: int) -> Turns:
@@ -64,9 +61,11 @@ class Turns:
         The phase is set on the wall clock, which every process (on every host kept in
         time) agrees on, and given on the monotonic clock the limiter paces by.
         """
+        if processes == 1:
+            return cls(key_rate, None)
+        pace = key_rate * HEADROOM
         wall_to_monotonic = time.monotonic() - time.time()
-        spacing = processes / key_rate
-        phase = (rank / key_rate + wall_to_monotonic) % spacing
+        phase = (rank / pace + wall_to_monotonic) % (processes / pace)
         return cls(key_rate / processes, phase)
 
 
@@ -79,7 +78,7 @@ class RateShare:
     """
 
     def __init__(self, requests_per_second: float | None, processes: int) -> None:
-        self.ceiling = None if requests_per_second is None else requests_per_second * HEADROOM
+        self.ceiling = requests_per_second
         self.key_rate = self.ceiling
         """The rate granted to the key's processes together; ``None``: no limit yet."""
         self._seen = [0] * processes
