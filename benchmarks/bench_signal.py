@@ -118,7 +118,7 @@ def train_run(
             while len(results) < len(budgets):
                 epoch = order.sample(train, len(train))
                 for start in range(0, len(epoch), batch_size):
-                    session.teach(epoch[start : start + batch_size], steps, steps)
+                    session.teacher.teach(epoch[start : start + batch_size], steps, steps)
                     metrics = session.step(lr).metrics
                     steps += 1
                     groups += int(metrics["groups"])

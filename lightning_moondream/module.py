@@ -285,7 +285,7 @@ class MoondreamRLModule(LightningModule):
         Returns:
             A zero loss on the stand-in parameter, for Lightning's backward pass.
         """
-        self.session.teach(batch, batch_idx, self.global_step)
+        self.session.teacher.teach(batch, batch_idx, self.global_step)
         return self.remote_weights * 0.0
 
     def optimizer_step(

@@ -55,7 +55,7 @@ def test_the_session_layer_imports_without_lightning_or_the_local_service() -> N
 def test_a_session_trains_an_adapter_step_by_step(tmp_path: Path, dialect: DialectChoice) -> None:
     session = local_session(tmp_path, dialect, reward=alternating_reward())
     for index, batch in enumerate([detect_samples("train", 2), detect_samples("train", 2, 2)]):
-        session.teach(batch, index, global_step=index)
+        session.teacher.teach(batch, index, global_step=index)
         report = session.step(lr=None)
         assert (report.train_steps, report.skipped_steps) == (index + 1, 0)
         assert report.metrics["groups"] == 2.0
@@ -69,13 +69,13 @@ def test_a_session_trains_an_adapter_step_by_step(tmp_path: Path, dialect: Diale
 def test_a_batch_that_is_not_samples_is_refused_before_connecting(tmp_path: Path) -> None:
     session = local_session(tmp_path)
     with pytest.raises(TypeError, match="batch 4 item 1 is a str, not a Moondream sample"):
-        session.teach([*detect_samples("train", 1), "cat.jpg"], 4, global_step=0)
+        session.teacher.teach([*detect_samples("train", 1), "cat.jpg"], 4, global_step=0)
     assert not session.connection.connected
 
 
 def test_one_api_checkpoint_per_state_and_a_resume_from_it(tmp_path: Path) -> None:
     first = local_session(tmp_path, "adapters", reward=alternating_reward())
-    first.teach(detect_samples("train", 2), 0, global_step=0)
+    first.teacher.teach(detect_samples("train", 2), 0, global_step=0)
     first.step(lr=None)
     state = first.save_checkpoint()
     assert state is not None
@@ -113,7 +113,7 @@ def test_a_checkpoint_of_an_earlier_version_still_resumes(tmp_path: Path) -> Non
 
 def test_a_finetune_resumes_as_itself(tmp_path: Path) -> None:
     first = local_session(tmp_path, "finetunes", reward=alternating_reward())
-    first.teach(detect_samples("train", 2), 0, global_step=0)
+    first.teacher.teach(detect_samples("train", 2), 0, global_step=0)
     first.step(lr=None)
     state = first.save_checkpoint()
     first.close()
@@ -238,7 +238,7 @@ def test_a_resumed_session_skips_prompts_as_an_unbroken_one(tmp_path: Path) -> N
     def run(session: Session, steps: range) -> list[float]:
         skipped = []
         for step in steps:
-            session.teach(batch, step, global_step=step)
+            session.teacher.teach(batch, step, global_step=step)
             skipped.append(session.step(lr=None).metrics["skipped_prompts"])
         return skipped
 
@@ -270,7 +270,7 @@ def constant(sample: Any, rollout: Any) -> float:
 
 def test_evaluation_keeps_in_flight_what_the_admitted_rate_calls_for(tmp_path: Path) -> None:
     session = local_session(tmp_path, reward=alternating_reward(), requests_per_second=4.0)
-    session.teach(detect_samples("train", 4), 0, global_step=0)
+    session.teacher.teach(detect_samples("train", 4), 0, global_step=0)
     session.step(lr=None)
     client = session.connection.client
     asked: list[int] = []

@@ -53,7 +53,7 @@ def session(
 def train(run: Session, batch: list[Any], steps: range) -> list[dict[str, float]]:
     reports = []
     for step in steps:
-        run.teach(batch, step, global_step=step)
+        run.teacher.teach(batch, step, global_step=step)
         reports.append(run.step(lr=None).metrics)
     return reports
 

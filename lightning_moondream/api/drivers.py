@@ -95,25 +95,21 @@ class BlockingDriver:
         try:
             while True:
                 step = steps.send(came)
-                if isinstance(step, Send):
-                    came = self._send_request(step)
-                else:
+                if not isinstance(step, Send):
                     self._sleep(step)
                     came = None
+                    continue
+                try:
+                    came = self._http.send(step.request, stream=step.stream)
+                    if step.stream and not came.is_success:
+                        try:
+                            came.read()
+                        finally:
+                            came.close()
+                except httpx.RequestError as exc:
+                    came = exc
         except StopIteration as stop:
             return stop.value
-
-    def _send_request(self, send: Send) -> Outcome:
-        try:
-            response = self._http.send(send.request, stream=send.stream)
-            if send.stream and not response.is_success:
-                try:
-                    response.read()
-                finally:
-                    response.close()
-        except httpx.RequestError as exc:
-            return exc
-        return response
 
     @staticmethod
     def _concurrently(run: Callable[[A], T], items: Sequence[A], max_concurrency: int) -> list[T]:
@@ -166,25 +162,21 @@ class AsyncDriver:
         try:
             while True:
                 step = steps.send(came)
-                if isinstance(step, Send):
-                    came = await self._send_request(step)
-                else:
+                if not isinstance(step, Send):
                     await self._sleep(step)
                     came = None
+                    continue
+                try:
+                    came = await self._http.send(step.request, stream=step.stream)
+                    if step.stream and not came.is_success:
+                        try:
+                            await came.aread()
+                        finally:
+                            await came.aclose()
+                except httpx.RequestError as exc:
+                    came = exc
         except StopIteration as stop:
             return stop.value
-
-    async def _send_request(self, send: Send) -> Outcome:
-        try:
-            response = await self._http.send(send.request, stream=send.stream)
-            if send.stream and not response.is_success:
-                try:
-                    await response.aread()
-                finally:
-                    await response.aclose()
-        except httpx.RequestError as exc:
-            return exc
-        return response
 
     @staticmethod
     async def _concurrently(

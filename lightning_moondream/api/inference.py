@@ -28,6 +28,7 @@ import time
 from collections.abc import (
     AsyncGenerator,
     Callable,
+    Coroutine,
     Generator,
     Iterable,
     Mapping,
@@ -639,8 +640,9 @@ class InferenceClient(BlockingDriver, _InferenceCore[httpx.Client]):
 class AsyncInferenceClient(AsyncDriver, _InferenceCore[httpx.AsyncClient]):
     """Asynchronous client of Moondream's inference API; arguments as ``InferenceClient``."""
 
-    async def _send(self, operation: Operation[R]) -> R:
-        return await self._run(self._call(operation))
+    def _send(self, operation: Operation[R]) -> Coroutine[Any, Any, R]:
+        # As ``AsyncTuningClient._execute``: awaiting it awaits ``_run`` itself.
+        return self._run(self._call(operation))
 
     async def _stream(self, operation: Operation[Any]) -> AsyncGenerator[str, None]:
         response, started = await self._run(self._answer(operation, stream=True))

@@ -309,13 +309,6 @@ class Session:
 
     # Training -----------------------------------------------------------------------------
 
-    def teach(self, batch: Sequence[Sample], batch_idx: int, global_step: int) -> None:
-        """Sample and score a batch (or take its SFT targets) for the next train step.
-
-        See :meth:`Teacher.teach` (on every rank).
-        """
-        self.teacher.teach(batch, batch_idx, global_step)
-
     @property
     def prompt_filter(self) -> PromptFilter | None:
         """Skips prompts whose recent groups had no spread (``skip_prompts``), else ``None``."""
