@@ -427,7 +427,9 @@ def test_safe_calls_retry_with_jittered_backoff(code: int) -> None:
     assert client.adapters.get("a").adapter_id == "a"
     assert len(recorder.requests) == 4
     caps = [0.5, 1.0, 2.0]
-    assert len(slept) == 3 and all(0 <= s <= cap for s, cap in zip(slept, caps, strict=False))
+    assert all(0 <= s <= cap for s, cap in zip(slept, caps, strict=False))
+    # After 429s the key's pace, learnt from them, may hold the last retry a little more.
+    assert len(slept) == 3 or (code == 429 and len(slept) == 4)
     assert client.usage.retries == 3
 
 
@@ -575,6 +577,7 @@ def test_rollouts_many_bounds_concurrency_and_keeps_input_order() -> None:
         base_url=BASE,
         dialect="adapters",
         http_client=httpx.AsyncClient(transport=httpx.MockTransport(handler)),
+        rate_limiter=RateLimiter(),  # no rate to keep: only max_concurrency bounds it
     )
     calls = [RolloutCall("a", {"skill": "query", "question": str(i)}, 1) for i in range(20)]
     responses = asyncio.run(client.rollouts_many(calls, max_concurrency=3))

@@ -19,7 +19,7 @@ from lightning_moondream.api import (
     TuningClient,
     UsageStats,
 )
-from lightning_moondream.api.limiter import RateLimiter
+from lightning_moondream.api.limiter import TIERS, RateLimiter
 
 KEY = "sk-limiter-5ecret-key"
 BASE = "https://tuning.example/v1/tuning"
@@ -157,6 +157,72 @@ def test_without_a_configured_rate_429s_find_one_and_successes_raise_it() -> Non
     for _ in range(4):
         limiter.record_success()
     assert limiter.rate == pytest.approx(3.0)
+
+
+def test_a_found_rate_starts_at_the_top_tier_and_a_429_finds_the_tier_below() -> None:
+    clock = SleepClock()
+    limiter = RateLimiter(clock=clock, tiers=TIERS)
+    assert limiter.rate == 10.0
+    first, second = limiter.reserve().at, limiter.reserve().at
+    assert second - first == pytest.approx(0.1)
+    clock.now = second + 0.05  # the answers come
+    limiter.record_rate_limited(second, retry_after=1.0)
+    assert limiter.rate == 2.0
+    limiter.record_rate_limited(first, retry_after=1.0)  # the same congestion: no change
+    assert limiter.rate == 2.0
+    # At the lowest tier, a 429 of a request sent at it slows down as a configured rate.
+    clock.now += 1.0
+    limiter.record_success()
+    limiter.record_rate_limited(limiter.reserve().at, retry_after=None)
+    assert limiter.rate == pytest.approx(1.0)
+    for _ in range(4):
+        limiter.record_success()
+    assert limiter.rate == pytest.approx(1.5)
+
+
+def test_a_lower_tier_is_left_for_the_next_only_after_a_long_clean_spell() -> None:
+    clock = SleepClock()
+    limiter = RateLimiter(clock=clock, tiers=TIERS)
+    limiter.record_rate_limited(limiter.reserve().at, retry_after=None)
+    assert limiter.rate == 2.0
+    for _ in range(20):
+        clock.now += 0.5
+        limiter.record_success()
+    assert limiter.rate == 2.0  # ten seconds at 2/s: a 429 at 10/s is still remembered
+    clock.now += 600.0
+    limiter.record_success()
+    assert limiter.rate == 10.0
+
+
+def test_a_429_of_a_key_busy_with_others_finds_no_lower_tier() -> None:
+    clock = SleepClock()
+    limiter = RateLimiter(clock=clock, tiers=TIERS)
+    limiter.record_rate_limited(limiter.reserve().at, retry_after=1.0)  # 10 -> 2
+    clock.now += 1.0  # the pause waited out, and refused again with nothing admitted
+    limiter.record_rate_limited(limiter.reserve().at, retry_after=1.0)
+    assert limiter.rate == pytest.approx(2.0 * 0.8)
+
+
+def test_processes_of_a_run_take_equal_shares_of_the_tier_on_staggered_turns() -> None:
+    clock = SleepClock()
+    limiters = [RateLimiter(clock=clock, tiers=TIERS) for _ in range(2)]
+    for rank, limiter in enumerate(limiters):
+        limiter.share(rank, 2)
+    assert [limiter.rate for limiter in limiters] == [5.0, 5.0]
+    limiters[1].record_rate_limited(clock.now, retry_after=None)
+    assert [limiter.rate for limiter in limiters] == [5.0, 1.0]
+
+
+def test_a_service_that_sets_no_limit_is_sent_to_unpaced_but_a_configured_rate_stays() -> None:
+    clock = SleepClock()
+    found = RateLimiter(clock=clock, tiers=TIERS)
+    found.record_unlimited()
+    assert found.rate is None
+    assert found.reserve().wait == found.reserve().wait == 0.0
+    configured = RateLimiter(clock=clock, tiers=TIERS)
+    configured.set_rate(3.0)
+    configured.record_unlimited()
+    assert configured.rate == 3.0
 
 
 def test_a_429_asking_for_no_wait_changes_no_rate() -> None:

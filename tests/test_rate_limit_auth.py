@@ -7,7 +7,9 @@ from pathlib import Path
 import httpx
 from support import serving
 
+from lightning_moondream.api import TuningClient
 from lightning_moondream.api.inprocess import InProcessTransport
+from lightning_moondream.api.limiter import TIERS
 from lightning_moondream.server import create_app
 from lightning_moondream.server.rate_limit import RateLimiter
 
@@ -68,3 +70,19 @@ def test_made_up_keys_take_no_bucket_so_cannot_push_a_real_keys_out(tmp_path: Pa
         # Another accepted key does take a bucket, and evicts the first one's.
         assert http.get("/finetunes", headers=SECOND_KEY).status_code == 200
         assert http.get("/finetunes", headers=KEY).status_code == 200
+
+
+def test_the_service_tells_clients_when_it_sets_no_limit(tmp_path: Path) -> None:
+    unlimited = create_app(data_dir=tmp_path / "free", policy="constant", api_keys=KEYS)
+    limited = create_app(
+        data_dir=tmp_path / "limited", policy="constant", api_keys=KEYS, rate_limit=2
+    )
+    with serving(unlimited) as free_url, serving(limited) as limited_url:
+        rates = {}
+        for name, url in (("free", free_url), ("limited", limited_url)):
+            with TuningClient(api_key=KEYS[0], base_url=url) as client:
+                assert client.rate_limiter.rate == TIERS[-1]  # a guess, before any answer
+                client.adapters.list()
+                rates[name] = client.rate_limiter.rate
+    # Told, the client sends unpaced; a limited service says nothing, as Moondream Cloud.
+    assert rates == {"free": None, "limited": TIERS[-1]}

@@ -19,6 +19,7 @@ from lightning_moondream.api.limiter import (
     MIN_SUCCESS_RUN,
     POLL,
     REMEMBER,
+    TIERS,
     RateLimiter,
     Reservation,
     limiter_for,
@@ -87,6 +88,41 @@ def test_a_late_start_pushes_the_turns_behind_it() -> None:
     clock.now = second.at + 0.2  # woken late
     assert limiter.confirm(second).wait == 0.0
     assert settled(limiter, clock, third).at == pytest.approx(first.at + 0.7 + 0.5)
+
+
+def test_a_tier_not_yet_tried_has_one_request_in_flight_until_two_are_admitted() -> None:
+    clock = SleepClock()
+    limiter = RateLimiter(clock=clock, tiers=TIERS)
+    first = settled(limiter, clock, limiter.reserve())
+    second, third = limiter.reserve(), limiter.reserve()
+    clock.now = first.at + 0.05
+    limiter.record_success()  # the first answer: it met a full bucket, which says little
+    second = settled(limiter, clock, second)
+    assert second.at == pytest.approx(first.at + 0.05 + 1 / TIERS[-1])
+    # Were the tier too high, the third would be refused too: it waits for the second.
+    clock.now = max(clock.now, third.at)
+    held = limiter.confirm(third)
+    assert (held.wait, held.confirmed) == (POLL, False)
+    clock.now = second.at + 0.05
+    limiter.record_success()  # the tier is tried: turns no longer wait for answers
+    third = settled(limiter, clock, held)
+    fourth = settled(limiter, clock, limiter.reserve())
+    assert fourth.at - third.at == pytest.approx(1 / TIERS[-1])
+
+
+def test_a_tier_too_high_costs_one_429_and_the_next_turn_keeps_the_lower_one() -> None:
+    clock = SleepClock()
+    limiter = RateLimiter(clock=clock, tiers=TIERS)
+    first = settled(limiter, clock, limiter.reserve())
+    clock.now = first.at + 0.05
+    limiter.record_success()
+    second = settled(limiter, clock, limiter.reserve())
+    clock.now = second.at + 0.05
+    limiter.record_rate_limited(second.at, retry_after=None)
+    assert limiter.rate == TIERS[0]
+    # The lower tier is taken as tried: the turns behind go at its pace, not one by one.
+    third, fourth = (settled(limiter, clock, limiter.reserve()) for _ in range(2))
+    assert fourth.at - third.at == pytest.approx(1 / TIERS[0])
 
 
 def test_a_keys_shared_limiter_sends_a_little_under_the_rate_it_keeps() -> None:

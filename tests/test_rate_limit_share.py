@@ -13,12 +13,12 @@ from pydantic import SecretStr
 
 from lightning_moondream import MoondreamRLModule
 from lightning_moondream.api import UsageStats
-from lightning_moondream.api.limiter import HEADROOM, RateLimiter
+from lightning_moondream.api.limiter import HEADROOM, TIERS, RateLimiter, Turns
 from lightning_moondream.distributed import Collective
 from lightning_moondream.scoring import Scorer
 from lightning_moondream.session import RemoteStep, ServiceChoice, Session, SessionOptions, Shard
 from lightning_moondream.session.connection import Connection
-from lightning_moondream.session.rate_share import Pace, RateShare, Turns
+from lightning_moondream.session.rate_share import Pace, RateShare
 from lightning_moondream.session.sampling import concurrency
 
 KEY = SecretStr("sk-share-5ecret-key")
@@ -50,9 +50,12 @@ def test_each_process_is_granted_an_equal_share_of_the_configured_rate() -> None
     assert [limiter.headroom for limiter in limiters] == [HEADROOM] * 2
 
 
-def test_one_process_takes_the_whole_rate_and_none_is_granted_without_one() -> None:
+def test_one_process_takes_the_whole_rate_and_without_one_its_share_of_the_top_tier() -> None:
     assert connection_of(0, 1, 2.0, 9002).client.rate_limiter.rate == pytest.approx(2.0)
-    assert connection_of(0, 1, None, 9003).client.rate_limiter.rate is None
+    assert connection_of(0, 1, None, 9003).client.rate_limiter.rate == TIERS[-1]
+    # Two processes (two services here, as each process has its own limiter of the key).
+    limiters = [connection_of(rank, 2, None, 9005 + rank).client.rate_limiter for rank in (0, 1)]
+    assert [limiter.rate for limiter in limiters] == [TIERS[-1] / 2] * 2
 
 
 def test_staggered_turns_of_two_processes_space_the_key_evenly() -> None:
@@ -87,15 +90,11 @@ def test_a_process_slowed_by_a_429_keeps_to_its_own_turns() -> None:
     assert gaps == [pytest.approx(0.2), pytest.approx(0.4), pytest.approx(0.4)]
 
 
-def test_the_key_rate_is_learnt_from_429s_and_probed_upward_between_them() -> None:
+def test_nothing_is_granted_without_a_configured_rate() -> None:
     share = RateShare(None, 2)
-    assert share.update([Pace(None, 0), Pace(None, 0)]) is None
-    # Rank 1 met 429s and came down to 3/s; rank 0 has no rate yet: both get 3.
-    assert share.update([Pace(None, 0), Pace(3.0, 2)]) == pytest.approx(6.0)
-    # No new 429: each process's share rises by 0.5.
-    assert share.update([Pace(3.0, 0), Pace(3.0, 2)]) == pytest.approx(7.0)
-    # A new 429: the rates the limiters came down to, times the processes.
-    assert share.update([Pace(2.0, 1), Pace(3.5, 2)]) == pytest.approx(5.5)
+    assert share.key_rate is None
+    # Rank 1 met 429s: its limiter found a lower tier; rank 0 will find it alike.
+    assert share.update([Pace(5.0, 0), Pace(1.0, 2)]) is None
 
 
 def test_a_configured_key_rate_is_never_exceeded() -> None:

@@ -35,6 +35,7 @@ from lightning_moondream.api.errors import (
     error_class_for_status,
 )
 from lightning_moondream.api.limiter import RateLimiter, limiter_for
+from lightning_moondream.api.limits import NO_RATE_LIMIT, RATE_LIMIT_HEADER
 from lightning_moondream.api.models import RolloutsResponse
 from lightning_moondream.api.operations import (
     Action,
@@ -498,8 +499,13 @@ def pace_answer(
     if response.status_code == 429:
         usage.record_rate_limited()
         limiter.record_rate_limited(sent_at, retry_after_of(response))
-    elif response.status_code < 500:
-        limiter.record_success()
+    else:
+        if response.headers.get(RATE_LIMIT_HEADER) == NO_RATE_LIMIT:
+            limiter.record_unlimited()
+        if response.status_code < 500:
+            limiter.record_success()
+        else:
+            limiter.record_error()
     usage.record_admitted_rate(limiter.rate)
 
 

@@ -23,7 +23,19 @@ while it waited:
   request warms up its HTTP stack and connection and arrives tens of milliseconds late,
   which would leave the second too close behind it.
 
-Rates. Configured (``requests_per_second``, or granted by ``set_rate``), or found:
+Rates. Configured (``requests_per_second``, or granted by ``set_rate``), or found.
+
+A found rate first climbs down a ladder of tiers: the rates the key may be admitted at,
+Moondream Cloud's documented 2 and 10 requests per second (``TIERS``) for the key's
+shared limiters. It starts at the highest, so a funded key sends at its limit from its
+first request and a default key meets one 429 before it settles at 2. A 429 (not one of
+a busy key, below) takes it a tier down at once, and a tier is tried again only after
+``REMEMBER`` seconds without a 429: one 429 so finds the limit, where probing between
+tiers would cost a 429 and its pause each time. The processes of a run each take an
+equal share of the tier, on staggered turns (``share``). Below the lowest tier it slows
+down as a configured rate does. A service that says it sets no limit (the local one,
+by ``RATE_LIMIT_HEADER``) leaves the ladder: its requests go unpaced, and a limiter
+without tiers finds a rate from 429s alone:
 
 - no limit until the first 429; then half the rate the client was sending at, but no
   more than twice what the service admitted meanwhile, nor than one request per
@@ -58,11 +70,13 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from pydantic import SecretStr
 
+TIERS = (2.0, 10.0)
+"""Requests per second Moondream Cloud admits per key: by default, and once funded."""
 HEADROOM = 0.97
 """Share of the rate that the key's shared limiters send at (see the module docstring)."""
 DECREASE = 0.5
@@ -106,6 +120,35 @@ class Reservation:
     confirmed: bool = False
 
 
+@dataclass(frozen=True)
+class Turns:
+    """A process's share of a key's rate: when it may send.
+
+    Attributes:
+        rate: Requests per second of this process.
+        phase: Its first turn on the limiter's clock; the others follow every
+            ``1 / (rate x HEADROOM)`` seconds. ``None`` for a process alone: no other
+            process's turns to keep clear of.
+    """
+
+    rate: float
+    phase: float | None
+
+    @classmethod
+    def of(cls, key_rate: float, rank: int, processes: int) -> Turns:
+        """Rank ``rank``'s turns of ``processes`` sharing ``key_rate``.
+
+        The phase is set on the wall clock, which every process (on every host kept in
+        time) agrees on, and given on the monotonic clock the limiter paces by.
+        """
+        if processes == 1:
+            return cls(key_rate, None)
+        pace = key_rate * HEADROOM
+        wall_to_monotonic = time.monotonic() - time.time()
+        phase = (rank / pace + wall_to_monotonic) % (processes / pace)
+        return cls(key_rate / processes, phase)
+
+
 def _check_rate(rate: float) -> float:
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate > 0:
         raise ValueError(f"requests_per_second must be a number > 0, got {rate!r}")
@@ -120,14 +163,16 @@ class RateLimiter:
     Thread-safe; waits are computed, never slept here.
 
     Args:
-        requests_per_second: The rate to start at and never exceed; ``None`` to find it
-            (no limit until the first 429).
+        requests_per_second: The rate to start at and never exceed; ``None`` to find it.
         clock: Seconds on a monotonic clock.
         headroom: Share of the rate sent at, in (0, 1]; 1 sends exactly at the rate.
+        tiers: The rates the key may be admitted at (``TIERS`` for the key's shared
+            limiters), a found rate's first guesses: it starts at the highest. Without
+            tiers, a found rate is no limit until the first 429.
 
     Raises:
-        ValueError: For a rate that is not a finite number > 0, or a headroom outside
-            (0, 1].
+        ValueError: For a rate or tier that is not a finite number > 0, or a headroom
+            outside (0, 1].
     """
 
     def __init__(
@@ -136,6 +181,7 @@ class RateLimiter:
         *,
         clock: Callable[[], float] = time.monotonic,
         headroom: float = 1.0,
+        tiers: Sequence[float] = (),
     ) -> None:
         if not 0 < headroom <= 1:
             raise ValueError(f"headroom must be in (0, 1], got {headroom!r}")
@@ -144,13 +190,21 @@ class RateLimiter:
         self._clock = clock
         self._rate = None if requests_per_second is None else _check_rate(requests_per_second)
         self._ceiling = self._rate
+        # The tier ladder: the key's rate, as a tier, while nothing else sets it.
+        self._tiers = tuple(sorted(_check_rate(tier) for tier in tiers))
+        self._tier: float | None = None
+        self._tier_since = -math.inf
+        self._tier_admitted = 0
+        self._tier_tried = False
+        self._share = (0, 1)
         # Turns: planned (reserve), then settled (confirm).
         self._phase: float | None = None
         self._next_slot = -math.inf
         self._next_start = -math.inf
         self._paused_until = -math.inf
         self._admitted_since_pause = True
-        self._first_start: float | None = None
+        self._last_start: float | None = None
+        self._starts = self._answers = 0
         self._answered = False
         # What the answers taught.
         self._last_decrease = -math.inf
@@ -159,6 +213,8 @@ class RateLimiter:
         self._refused_until = -math.inf
         self._sent: deque[float] = deque()
         self._admitted: deque[float] = deque()
+        if self._rate is None and self._tiers:
+            self._take_tier(self._tiers[-1], since=-math.inf, tried=False)
 
     @property
     def rate(self) -> float | None:
@@ -181,8 +237,32 @@ class RateLimiter:
         """
         rate = _check_rate(requests_per_second)
         with self._lock:
+            self._tier = None
             self._rate = self._ceiling = rate
             self._phase = phase
+
+    def share(self, rank: int, processes: int) -> None:
+        """Take process ``rank``'s share of the key's tier, ``processes`` sending with the key.
+
+        Each process sends at ``tier / processes`` on the staggered turns of
+        :class:`Turns`, as a configured rate's shares do; a tier found by one process is
+        found alike by the others, which meet the same limit. A rate set from outside
+        (configured or granted) is left as it is.
+        """
+        with self._lock:
+            self._share = (rank, processes)
+            if self._tier is not None:
+                self._take_tier(self._tier, since=self._tier_since, tried=self._tier_tried)
+
+    def record_unlimited(self) -> None:
+        """Take the service's word that it sets no rate limit: no tier paces requests then.
+
+        A 429 it sends anyway (a fault) is met as by a limiter without tiers.
+        """
+        with self._lock:
+            if self._tier is not None:
+                self._tier = None
+                self._rate = self._ceiling = self._phase = None
 
     def reserve(self, delay: float = 0.0) -> Reservation:
         """Take the next turn to send, no sooner than ``delay`` seconds from now.
@@ -204,29 +284,27 @@ class RateLimiter:
         """Settle a turn when it comes: send if the answer's ``wait`` is 0, else wait again.
 
         The turn moves only later (see the module docstring): past a pause ordered while
-        it waited, to keep its spacing from the previous paced request's actual start,
-        or, for the key's second request, until the first one is answered. A retry
-        waiting out its own backoff keeps the turn it was charged, as ``reserve`` says.
-        The answer's ``wait`` is what comes on top of the turn's own, already waited.
+        it waited, to keep its spacing from the previous request's start (a retry's
+        too: the service counts it alike), or until an answer it waits for comes. The
+        answer's ``wait`` is what comes on top of the turn's own, already waited.
         """
         with self._lock:
             due = max(turn.at, self._clock())
             if turn.confirmed and due >= self._paused_until:
                 return replace(turn, wait=0.0)
-            if self._awaits_first_answer(due):
-                assert self._first_start is not None
-                wait = min(POLL, self._first_start + FIRST_ANSWER_WAIT - due)
+            if not turn.confirmed and self._awaits_answer(due):
+                assert self._last_start is not None
+                wait = min(POLL, self._last_start + FIRST_ANSWER_WAIT - due)
                 return replace(turn, wait=wait, at=due + wait)
-            if self._phase is not None:
-                # A phase keeps its grid: a late wake-up sends at once, not a turn later.
-                start = self._on_turn(max(turn.at, self._paused_until))
-            elif turn.paced:
+            if self._phase is None:
                 start = max(due, self._paused_until, self._next_start)
             else:
-                start = max(due, self._paused_until)
-            if self._first_start is None:
-                self._first_start = start
-            if self._rate is not None and turn.paced:
+                # A phase keeps its grid: a late wake-up sends at once, not a turn later.
+                start = self._on_turn(max(turn.at, self._paused_until, self._next_start))
+            if not turn.confirmed:
+                self._starts += 1
+                self._last_start = start
+            if self._rate is not None:
                 self._next_start = max(self._next_start, start + self._spacing())
             return replace(turn, wait=max(0.0, start - due), at=start, confirmed=True)
 
@@ -244,6 +322,19 @@ class RateLimiter:
             if self._run >= self._run_needed(now):
                 self._run = 0
                 self._rate = self._raised(self._rate, now)
+            if self._tier is None:
+                return
+            # The first answer met a full bucket: the second, paced, tries the tier.
+            self._tier_admitted += 1
+            self._tier_tried = self._tier_tried or self._tier_admitted >= 2
+            higher = [tier for tier in self._tiers if tier > self._tier]
+            if higher and self._rate == self._ceiling and now - self._tier_since >= REMEMBER:
+                self._take_tier(higher[0], since=now, tried=False)
+
+    def record_error(self) -> None:
+        """Count an answer that says nothing of the pace (a server error)."""
+        with self._lock:
+            self._note_answer(self._clock())
 
     def record_rate_limited(self, sent_at: float, retry_after: float | None) -> None:
         """React to a 429 of a request sent at ``sent_at`` (on this clock)."""
@@ -266,6 +357,12 @@ class RateLimiter:
             floor = max(MIN_RATE, admitted)
             if retry_after and not busy:
                 floor = max(floor, 1.0 / retry_after)
+            if self._tier is not None and not busy and self._tier > self._tiers[0]:
+                # A tier below one refused is tried: falling costs no more 429s.
+                lower = max(tier for tier in self._tiers if tier < self._tier)
+                self._take_tier(lower, since=now, tried=True)
+                self._last_decrease = now
+                return
             if self._rate is None:
                 sending = self._send_rate(now)
                 if sending is None:
@@ -288,6 +385,16 @@ class RateLimiter:
             if self._ceiling is not None:
                 self._rate = min(self._rate, self._ceiling)
             self._last_decrease = now
+
+    def _take_tier(self, tier: float, *, since: float, tried: bool) -> None:
+        """Send at this process's share of ``tier``, found at ``since``."""
+        self._tier, self._tier_since = tier, since
+        if not tried:
+            self._tier_admitted = 0
+        self._tier_tried = tried
+        turns = Turns.of(tier, *self._share)
+        self._rate = self._ceiling = turns.rate
+        self._phase = turns.phase
 
     def _run_needed(self, now: float) -> int:
         """Successes in a row that raise the rate in force."""
@@ -312,22 +419,27 @@ class RateLimiter:
         return self._refused if now < self._refused_until else math.inf
 
     def _note_answer(self, now: float) -> None:
-        """Take the key's first answer: the first request had arrived by then."""
-        if self._answered:
-            return
-        if self._awaits_first_answer(now):
+        """Count an answer; the key's first says its request had arrived by then."""
+        if not self._answered and self._awaits_answer(now):
             self._next_start = max(self._next_start, now + self._spacing())
         self._answered = True
+        self._answers += 1
 
-    def _awaits_first_answer(self, now: float) -> bool:
-        """Whether turns wait for the first answer: paced, without a phase, and not late."""
-        return (
-            not self._answered
-            and self._rate is not None
-            and self._phase is None
-            and self._first_start is not None
-            and now < self._first_start + FIRST_ANSWER_WAIT
-        )
+    def _awaits_answer(self, now: float) -> bool:
+        """Whether turns wait for an answer, and not yet ``FIRST_ANSWER_WAIT`` for it.
+
+        Paced turns wait for the key's first answer (without a phase: a grid keeps
+        clear of others' turns already), and, on a tier not yet tried, for the answer
+        of every request before them: a tier that is too high then costs one 429.
+        """
+        if self._rate is None or self._last_start is None:
+            return False
+        if now >= self._last_start + FIRST_ANSWER_WAIT:
+            return False
+        untried = self._tier is not None and not self._tier_tried
+        if untried and self._answers < self._starts:
+            return True
+        return not self._answered and self._phase is None
 
     def _spacing(self) -> float:
         """Seconds between starts at the rate in force."""
@@ -367,7 +479,9 @@ def limiter_for(
     """
     digest = hashlib.sha256(api_key.get_secret_value().encode()).hexdigest()
     with _shared_lock:
-        limiter = _shared.setdefault((base_url, digest), RateLimiter(headroom=HEADROOM))
+        limiter = _shared.setdefault(
+            (base_url, digest), RateLimiter(headroom=HEADROOM, tiers=TIERS)
+        )
     if requests_per_second is not None:
         limiter.set_rate(requests_per_second)
     return limiter

@@ -35,3 +35,8 @@ DEFAULT_MAX_TOKENS: Final = MappingProxyType({"query": 128, "point": 128, "detec
 
 DEFAULT_MAX_OBJECTS: Final = 50
 """``max_objects`` of a detect request that sets none."""
+
+RATE_LIMIT_HEADER: Final = "X-Rate-Limit"
+NO_RATE_LIMIT: Final = "none"
+"""A header the local service sends when it sets no rate limit, and its value: the
+client then paces nothing (Moondream Cloud says nothing, and is limited)."""

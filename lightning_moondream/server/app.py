@@ -40,7 +40,7 @@ from lightning_moondream.server.errors import ServiceError
 from lightning_moondream.server.faults import FaultConfig, FaultInjector, check_latency
 from lightning_moondream.server.http_common import error_response
 from lightning_moondream.server.middleware import BodyLimit, LatencyAndFaults
-from lightning_moondream.server.rate_limit import RateLimit, RateLimiter
+from lightning_moondream.server.rate_limit import NoRateLimit, RateLimit, RateLimiter
 from lightning_moondream.server.service import Service
 from lightning_moondream.server.store import Store
 
@@ -83,8 +83,7 @@ class TuningApp(FastAPI):
     def build_middleware_stack(self) -> ASGIApp:
         """FastAPI's stack wrapped in the service's middleware."""
         app: ASGIApp = BodyLimit(super().build_middleware_stack(), self.max_body_bytes)
-        if self.rate_limiter is not None:
-            app = RateLimit(app, self.rate_limiter)
+        app = NoRateLimit(app) if self.rate_limiter is None else RateLimit(app, self.rate_limiter)
         return LatencyAndFaults(app, self.latency, self.faults)
 
 

@@ -24,8 +24,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from starlette.requests import Request
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from lightning_moondream.api.limits import NO_RATE_LIMIT, RATE_LIMIT_HEADER
 from lightning_moondream.server.errors import ServiceError
 from lightning_moondream.server.http_common import AUTH_HEADER, authenticated, error_response
 from lightning_moondream.server.middleware import HTTPMiddleware
@@ -35,6 +36,7 @@ MAX_BUCKETS = 65536
 
 _AUTH_HEADER = AUTH_HEADER.lower().encode()
 _ROUNDING = 1e-9
+_NO_RATE_LIMIT = (RATE_LIMIT_HEADER.lower().encode(), NO_RATE_LIMIT.encode())
 
 
 def burst_of(rate: float) -> int:
@@ -137,3 +139,22 @@ class RateLimit(HTTPMiddleware):
             {"Retry-After": str(retry_after)},
         )
         await response(scope, receive, send)
+
+
+class NoRateLimit(HTTPMiddleware):
+    """ASGI middleware telling, on every answer, that the service sets no rate limit.
+
+    Clients then send as fast as they like rather than at a guess of the key's rate
+    (``RATE_LIMIT_HEADER``). A service with a rate limit says nothing, as Moondream
+    Cloud does.
+    """
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve one request, its answer's head telling there is no rate limit."""
+
+        async def send_told(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), _NO_RATE_LIMIT]}
+            await send(message)
+
+        await self.app(scope, receive, send_told)

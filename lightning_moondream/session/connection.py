@@ -23,8 +23,9 @@ from pydantic import SecretStr
 
 from lightning_moondream.api import AsyncTuningClient, BackgroundLoop, UsageStats
 from lightning_moondream.api.client import LOCAL_API_KEY, DialectChoice
+from lightning_moondream.api.limiter import Turns
 from lightning_moondream.distributed import Collective
-from lightning_moondream.session.rate_share import Pace, RateShare, Turns
+from lightning_moondream.session.rate_share import Pace, RateShare
 from lightning_moondream.session.service import ServiceChoice
 
 T = TypeVar("T")
@@ -109,6 +110,8 @@ class Connection:
             self._collective = collective
             self._share = RateShare(self.requests_per_second, collective.world_size)
             self.follow(self._share.key_rate)
+            if self._granted is None and self._client is not None:
+                self._take_turns(self._client)
         # Each stage says again what it trains or scores: a test after fit is read apart.
         self._announced = False
         if not self.uses_local_service:
@@ -139,10 +142,13 @@ class Connection:
             self._take_turns(self._client)
 
     def _take_turns(self, client: AsyncTuningClient) -> None:
-        if self._granted is not None:
-            collective = self._collective
-            turns = Turns.of(self._granted, collective.rank, collective.world_size)
-            client.rate_limiter.set_rate(turns.rate, phase=turns.phase)
+        """Send on this process's turns: of the rate granted, else of the key's tier."""
+        rank, processes = self._collective.rank, self._collective.world_size
+        if self._granted is None:
+            client.rate_limiter.share(rank, processes)
+            return
+        turns = Turns.of(self._granted, rank, processes)
+        client.rate_limiter.set_rate(turns.rate, phase=turns.phase)
 
     def in_flight(self) -> int | None:
         """Requests to keep in flight: Little's law, once a rate and a latency are known.
