@@ -1,11 +1,14 @@
 """The clients' own HTTP clients: httpx clients over this package's transports.
 
 The blocking clients send through ``BlockingTransport``, the async ones through
-``AsyncioTransport``: both keep idle connections in a list per origin, so a request
-costs the same with 1 or 100 in flight. (httpcore 1.0's pool walks every one of its
-connections, polling each idle socket, whenever a request starts or ends; with 32
-requests in flight on one pool, that delayed the last answer of a batch by about
-150 ms on two cores.)
+``AsyncioTransport``: both keep idle connections in a list per origin, so what a
+request costs does not grow with the requests in flight. httpcore 1.0's pool walks
+every one of its connections, polling each idle socket, whenever a request starts or
+ends: with 32 requests in flight on one pool, that delayed the last answer of a batch
+by about 150 ms on two cores, and the blocking clients used to spread their requests
+over 8 small pools to keep each walk short. Over ``BlockingTransport``, a batch of 32
+``/rollouts`` requests at 200 ms of latency takes as long as it did over those pools
+(239 ms against 243).
 """
 
 from __future__ import annotations
