@@ -20,54 +20,25 @@ requests in flight (one connection each), ``max_keepalive`` idle connections kep
 from __future__ import annotations
 
 import asyncio
-import select
-import socket
-import ssl
 from collections import deque
 from collections.abc import AsyncIterator
-from typing import NamedTuple
 
 import h11
 import httpx
 
-MAX_CONNECTIONS = 100
-"""Requests in flight at once, each on its own connection (httpx's default)."""
-MAX_KEEPALIVE = 20
-"""Idle connections kept open for reuse (httpx's default)."""
-KEEPALIVE_EXPIRY = 5.0
-"""Seconds an idle connection is kept (httpx's default; uvicorn closes them after 5)."""
+from lightning_moondream.api.http11 import (
+    KEEPALIVE_EXPIRY,
+    MAX_CONNECTIONS,
+    MAX_KEEPALIVE,
+    WRITE_CHUNK,
+    ConnectionSettings,
+    Origin,
+    origin_of,
+    readable,
+)
+
 MAX_INCOMPLETE_EVENT_SIZE = 100 * 1024
 """Bytes of a response head h11 buffers before giving up on it (httpcore's bound)."""
-WRITE_CHUNK = 64 * 1024
-"""Bytes of a streamed request body gathered into one write."""
-
-
-class Origin(NamedTuple):
-    """Where a connection goes: scheme, host and port."""
-
-    scheme: str
-    host: str
-    port: int
-
-
-def origin_of(url: httpx.URL) -> Origin:
-    """The origin a request's URL names.
-
-    Raises:
-        httpx.UnsupportedProtocol: For a scheme other than ``http`` or ``https``.
-    """
-    if url.scheme not in ("http", "https"):
-        raise httpx.UnsupportedProtocol(f"request URL {url} has no http or https scheme")
-    return Origin(url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80))
-
-
-def _readable(sock: socket.socket) -> bool:
-    """Whether bytes (or the end of the stream) wait on an idle socket."""
-    if hasattr(select, "poll"):
-        poller = select.poll()
-        poller.register(sock, select.POLLIN)
-        return bool(poller.poll(0))
-    return bool(select.select([sock], [], [], 0)[0])
 
 
 class _Connection(asyncio.Protocol):
@@ -120,7 +91,7 @@ class _Connection(asyncio.Protocol):
         # The loop may not have read the server's close yet: a stale connection would
         # fail the next request after sending it.
         sock = self.transport.get_extra_info("socket")
-        return sock is None or not _readable(sock)
+        return sock is None or not readable(sock)
 
     async def send(self, request: httpx.Request, timeouts: dict[str, float | None]) -> h11.Response:
         """Send a request and read its answer's head.
@@ -275,15 +246,10 @@ class AsyncioTransport(httpx.AsyncBaseTransport):
         max_keepalive: int = MAX_KEEPALIVE,
         keepalive_expiry: float = KEEPALIVE_EXPIRY,
     ) -> None:
-        if max_connections < 1:
-            raise ValueError(f"max_connections must be at least 1, got {max_connections}")
-        self._max_connections = max_connections
-        self._max_keepalive = max_keepalive
-        self._keepalive_expiry = keepalive_expiry
+        self._settings = ConnectionSettings(max_connections, max_keepalive, keepalive_expiry)
         self._idle: dict[Origin, list[_Connection]] = {}
         self._in_flight = 0
         self._queue: deque[asyncio.Future[bool]] = deque()
-        self._ssl_context: ssl.SSLContext | None = None
         self._closed = False
 
     @property
@@ -338,7 +304,7 @@ class AsyncioTransport(httpx.AsyncBaseTransport):
         Raises:
             httpx.PoolTimeout: If no turn came within ``timeout`` seconds.
         """
-        if self._in_flight < self._max_connections and not self._queue:
+        if self._in_flight < self._settings.max_connections and not self._queue:
             self._in_flight += 1
             return
         loop = asyncio.get_running_loop()
@@ -375,7 +341,7 @@ class AsyncioTransport(httpx.AsyncBaseTransport):
             connection = connections.pop()
             if connection.loop is not loop:
                 continue  # another loop's: unusable here, and only closable there
-            fresh = loop.time() - connection.idle_since < self._keepalive_expiry
+            fresh = loop.time() - connection.idle_since < self._settings.keepalive_expiry
             if fresh and connection.reusable:
                 return connection
             connection.close()
@@ -383,7 +349,7 @@ class AsyncioTransport(httpx.AsyncBaseTransport):
 
     async def _connect(self, origin: Origin, timeouts: dict[str, float | None]) -> _Connection:
         loop = asyncio.get_running_loop()
-        tls = self._tls() if origin.scheme == "https" else None
+        tls = self._settings.tls() if origin.scheme == "https" else None
         try:
             _, connection = await asyncio.wait_for(
                 loop.create_connection(
@@ -401,13 +367,6 @@ class AsyncioTransport(httpx.AsyncBaseTransport):
             raise httpx.ConnectError(f"{type(exc).__name__}: {exc}") from exc
         return connection
 
-    def _tls(self) -> ssl.SSLContext:
-        # Made on first use: making one reads the certificate bundle (milliseconds).
-        if self._ssl_context is None:
-            self._ssl_context = httpx.create_ssl_context()
-            self._ssl_context.set_alpn_protocols(["http/1.1"])
-        return self._ssl_context
-
     def _finished(self, connection: _Connection, *, complete: bool) -> None:
         """Keep a connection whose answer was read to the end; close any other."""
         keep = (
@@ -415,7 +374,7 @@ class AsyncioTransport(httpx.AsyncBaseTransport):
             and not self._closed
             and connection.h11.our_state is h11.DONE
             and connection.h11.their_state is h11.DONE
-            and self.idle < self._max_keepalive
+            and self.idle < self._settings.max_keepalive
         )
         if keep:
             connection.h11.start_next_cycle()

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 import httpx
 
 from lightning_moondream.api.inprocess import InProcessAsyncTransport, InProcessTransport
-from lightning_moondream.api.pools import async_client, spread_client
+from lightning_moondream.api.pools import async_client, blocking_client
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -83,7 +83,7 @@ class BlockingDriver:
         time.sleep(seconds)
 
     def _default_http_client(self) -> httpx.Client:
-        return spread_client()
+        return blocking_client()
 
     @classmethod
     def _in_process_http_client(cls, app: Any, on_close: Callable[[], None]) -> httpx.Client:
