@@ -14,12 +14,13 @@ one answer, timed on arrival. Each configuration gets a fresh service.
      process of a run, and sends batches of 8 ``rollouts_many`` calls, as many in
      flight as the admitted rate and latency call for;
    - project, rate learnt: the same without ``requests_per_second``: each process
-     finds the rate from the service's 429s (at least one, its pause included);
+     takes its share of Moondream Cloud's funded tier (10/s) and, refused, of its
+     default one (2/s): one 429 per process at R = 2, its pause included;
    - SDK: ``Finetune.rollout_stream`` over the same requests, at its defaults.
 2. The quickstart (``configs/quickstart.yaml``: 6 steps at R = 10; 2 steps and 8
-   validation images at R = 2) under DDP with 2 processes and
-   ``--model.requests_per_second R``, counting every request (the held-out
-   evaluations before and after training too).
+   validation images at R = 2) under DDP with 2 processes, with
+   ``--model.requests_per_second R`` and without it, counting every request (the
+   held-out evaluations before and after training too).
 
 Figures per configuration: achieved rate over R (answers admitted, less one, over
 the time from the first to the last; goal >= 0.95, 0.9 for the quickstart), 429s per
@@ -228,8 +229,11 @@ def rollouts_configuration(client_name: str, rate: float, processes: int) -> dic
     }
 
 
-def quickstart(rate: float) -> dict[str, Any]:
-    """The quickstart under DDP with 2 processes against ``serve --rate-limit rate``."""
+def quickstart(rate: float, learn: bool) -> dict[str, Any]:
+    """The quickstart under DDP with 2 processes against ``serve --rate-limit rate``.
+
+    With ``learn``, no ``requests_per_second``: the processes find the key's rate.
+    """
     from lightning_moondream.api import TuningClient
 
     steps, validation_images = QUICKSTART[rate]
@@ -244,7 +248,8 @@ def quickstart(rate: float) -> dict[str, Any]:
         command += ["--trainer.default_root_dir", folder + "/run"]
         command += ["--data.init_args.val.num_images", str(validation_images)]
         command += ["--model.init_args.base_url", base_url, "--model.init_args.api_key", KEY]
-        command += ["--model.init_args.requests_per_second", f"{rate:g}"]
+        if not learn:
+            command += ["--model.init_args.requests_per_second", f"{rate:g}"]
         started = time.monotonic()
         done = subprocess.run(command, capture_output=True, text=True, cwd=folder)
         seconds = time.monotonic() - started
@@ -255,6 +260,7 @@ def quickstart(rate: float) -> dict[str, Any]:
             applied = [adapter.train_steps for adapter in client.adapters.iter()]
     return {
         "rate": rate,
+        "rate_given": not learn,
         "steps": steps,
         "applied": max((count or 0 for count in applied), default=0),
         "exit_code": done.returncode,
@@ -296,13 +302,19 @@ def main() -> None:
             for row in rows
         ],
     )
-    runs = [] if args.skip_quickstart else [quickstart(rate) for rate in QUICKSTART]
+    runs = [
+        quickstart(rate, learn)
+        for rate in ([] if args.skip_quickstart else QUICKSTART)
+        for learn in (False, True)
+    ]
     if runs:
         print_table(
-            ["quickstart R", "steps", "applied", "requests", "fraction of R", "429s / 100"],
+            ["quickstart R", "rate", "steps", "applied", "requests", "fraction of R", "429s / 100"],
             [
                 [
-                    *(run["rate"], run["steps"], run["applied"], run["requests"]),
+                    run["rate"],
+                    "given" if run["rate_given"] else "learnt",
+                    *(run["steps"], run["applied"], run["requests"]),
                     *(run["fraction_of_limit"], run["429_per_100"]),
                 ]
                 for run in runs
