@@ -4,7 +4,7 @@ Moondream Cloud admits 2 requests per second per key (10 once funded) and answer
 above it. What limits a run there is that rate, not latency, and the rate belongs to
 the key, not to a client: every client of one key in a process shares one
 ``RateLimiter`` (``limiter_for``), and a multi-process run can grant each process a
-share of it (``set_rate``).
+share of it (``set_rate``, or ``share`` of a tier).
 
 Turns. A request takes a turn (``reserve``), waits for it, and confirms it just before
 it is sent (``confirm``). Requests start at most ``rate x headroom`` per second, so how
@@ -17,11 +17,13 @@ while it waited:
 
 - a ``Retry-After`` pause ordered meanwhile is waited out, by every request of the key;
 - starts keep their spacing from the previous request's actual start, so a late
-  wake-up pushes the requests behind it instead of bunching them;
+  wake-up pushes the requests behind it instead of bunching them; a retry keeps it
+  too, as the service counts it like any request;
 - the key's second request waits for the first one's answer (at most
   ``FIRST_ANSWER_WAIT``) and keeps its spacing from that answer: a process's first
   request warms up its HTTP stack and connection and arrives tens of milliseconds late,
-  which would leave the second too close behind it.
+  which would leave the second too close behind it;
+- on a tier not yet tried (below), a request waits for the answers of those before it.
 
 Rates. Configured (``requests_per_second``, or granted by ``set_rate``), or found.
 
@@ -110,13 +112,11 @@ class Reservation:
     Attributes:
         wait: Seconds to wait from when the turn was given.
         at: When the turn comes.
-        paced: Whether the key's pace set it, rather than a retry's own longer wait.
         confirmed: Whether ``confirm`` has settled it.
     """
 
     wait: float
     at: float
-    paced: bool = True
     confirmed: bool = False
 
 
@@ -268,7 +268,8 @@ class RateLimiter:
         """Take the next turn to send, no sooner than ``delay`` seconds from now.
 
         A request that must wait anyway (a retry's backoff) is charged the earliest free
-        turn, so its own wait never holds back the requests behind it.
+        turn, so its own wait never holds back the requests behind it; when its wait is
+        over, ``confirm`` keeps it a turn's spacing from the request before.
         """
         with self._lock:
             now = self._clock()
@@ -278,7 +279,7 @@ class RateLimiter:
             wait = max(delay, earliest - now)
             self._sent.append(now + wait)
             self._trim(self._sent, now)
-            return Reservation(wait, now + wait, paced=delay <= earliest - now)
+            return Reservation(wait, now + wait)
 
     def confirm(self, turn: Reservation) -> Reservation:
         """Settle a turn when it comes: send if the answer's ``wait`` is 0, else wait again.
