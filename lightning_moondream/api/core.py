@@ -133,10 +133,21 @@ class HttpHolder(ABC, Generic[HttpClientT]):
 
     _http: HttpClientT
     _owns_http: bool
+    _direct: Any = None
+    """The transport of the httpx client this client made, which the driver sends
+    through directly; ``None`` for a given client, sent through as given."""
 
     def _hold_http(self, http_client: HttpClientT | None) -> None:
         self._owns_http = http_client is None
         self._http = http_client if http_client is not None else self._default_http_client()
+
+    def _new_request(
+        self, method: str, url: str, timeout: httpx.Timeout, **parts: Any
+    ) -> httpx.Request:
+        """A request to send: made directly, or with a given httpx client's defaults."""
+        if self._direct is None:
+            return self._http.build_request(method, url, timeout=timeout, **parts)
+        return httpx.Request(method, url, extensions={"timeout": timeout.as_dict()}, **parts)
 
     @abstractmethod
     def _default_http_client(self) -> HttpClientT:
@@ -261,13 +272,13 @@ class ClientCore(HttpHolder[HttpClientT]):
         if operation.json is not None:
             content = wire.dumps(operation.json)
             headers["Content-Type"] = "application/json"
-        return self._http.build_request(
+        return self._new_request(
             operation.method,
             self.base_url + operation.path,
+            request_timeout(self.timeout, operation),
             params=operation.params,
             content=content,
             headers=headers,
-            timeout=request_timeout(self.timeout, operation),
         )
 
     # Steps -------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 import httpx
 
 from lightning_moondream.api.inprocess import InProcessAsyncTransport, InProcessTransport
-from lightning_moondream.api.pools import async_client, blocking_client
+from lightning_moondream.api.pools import async_transport, blocking_transport
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -83,14 +83,20 @@ class BlockingDriver:
         time.sleep(seconds)
 
     def _default_http_client(self) -> httpx.Client:
-        return blocking_client()
+        self._direct = blocking_transport()
+        return httpx.Client() if self._direct is None else httpx.Client(transport=self._direct)
 
     @classmethod
     def _in_process_http_client(cls, app: Any, on_close: Callable[[], None]) -> httpx.Client:
         return httpx.Client(transport=InProcessTransport(app, on_close=on_close))
 
     def _run(self, steps: Steps[T]) -> T:
-        """Carry out a call's steps; return its result."""
+        """Carry out a call's steps; return its result.
+
+        A request goes straight to the transport of an httpx client this client made:
+        httpx's client adds cookies, redirects, auth and event hooks, none of which a
+        client of this API uses, at about 0.3 ms a request.
+        """
         came: Outcome | None = None
         try:
             while True:
@@ -99,14 +105,25 @@ class BlockingDriver:
                     self._sleep(step)
                     came = None
                     continue
+                request = step.request
                 try:
-                    came = self._http.send(step.request, stream=step.stream)
+                    if self._direct is None:
+                        came = self._http.send(request, stream=step.stream)
+                    else:
+                        came = self._direct.handle_request(request)
+                        came.request = request
+                        if not step.stream:
+                            try:
+                                came.read()
+                            finally:
+                                came.close()
                     if step.stream and not came.is_success:
                         try:
                             came.read()
                         finally:
                             came.close()
                 except httpx.RequestError as exc:
+                    exc.request = request
                     came = exc
         except StopIteration as stop:
             return stop.value
@@ -150,14 +167,17 @@ class AsyncDriver:
         await asyncio.sleep(seconds)
 
     def _default_http_client(self) -> httpx.AsyncClient:
-        return async_client()
+        self._direct = async_transport()
+        if self._direct is None:
+            return httpx.AsyncClient()
+        return httpx.AsyncClient(transport=self._direct)
 
     @classmethod
     def _in_process_http_client(cls, app: Any, on_close: Callable[[], None]) -> httpx.AsyncClient:
         return httpx.AsyncClient(transport=InProcessAsyncTransport(app, on_close=on_close))
 
     async def _run(self, steps: Steps[T]) -> T:
-        """Carry out a call's steps; return its result."""
+        """Carry out a call's steps; return its result (as ``BlockingDriver._run``)."""
         came: Outcome | None = None
         try:
             while True:
@@ -166,14 +186,25 @@ class AsyncDriver:
                     await self._sleep(step)
                     came = None
                     continue
+                request = step.request
                 try:
-                    came = await self._http.send(step.request, stream=step.stream)
+                    if self._direct is None:
+                        came = await self._http.send(request, stream=step.stream)
+                    else:
+                        came = await self._direct.handle_async_request(request)
+                        came.request = request
+                        if not step.stream:
+                            try:
+                                await came.aread()
+                            finally:
+                                await came.aclose()
                     if step.stream and not came.is_success:
                         try:
                             await came.aread()
                         finally:
                             await came.aclose()
                 except httpx.RequestError as exc:
+                    exc.request = request
                     came = exc
         except StopIteration as stop:
             return stop.value
@@ -185,21 +216,25 @@ class AsyncDriver:
         """Await ``run`` of each item, at most ``max_concurrency`` at once.
 
         Results come in input order; the first failure cancels the others and is raised.
+        ``max_concurrency`` workers take the items in order, rather than a task for
+        each item waiting on a semaphore: no task is made or woken for nothing.
         """
-        limit = asyncio.Semaphore(max_concurrency)
+        results: list[Any] = [None] * len(items)
+        pending = iter(enumerate(items))
 
-        async def bounded(item: A) -> T:
-            async with limit:
-                return await run(item)
+        async def work() -> None:
+            for index, item in pending:
+                results[index] = await run(item)
 
-        tasks = [asyncio.ensure_future(bounded(item)) for item in items]
+        workers = [asyncio.ensure_future(work()) for _ in range(min(max_concurrency, len(items)))]
         try:
-            return list(await asyncio.gather(*tasks))
+            await asyncio.gather(*workers)
         except BaseException:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            for worker in workers:
+                worker.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
             raise
+        return results
 
     async def close(self) -> None:
         """Close the HTTP client if this client created it."""

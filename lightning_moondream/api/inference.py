@@ -447,12 +447,12 @@ class _InferenceCore(HttpHolder[HttpClientT]):
             "Content-Type": "application/json",
             "Accept": "text/event-stream" if streams else "application/json",
         }
-        return self._http.build_request(
+        return self._new_request(
             "POST",
             self.base_url + operation.path,
+            request_timeout(self.timeout, operation),
             content=wire.dumps(operation.json),
             headers=headers,
-            timeout=request_timeout(self.timeout, operation),
         )
 
     # Steps ------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The clients' own HTTP clients: httpx clients over this package's transports.
+"""The clients' own HTTP transports.
 
 The blocking clients send through ``BlockingTransport``, the async ones through
 ``AsyncioTransport``: both keep idle connections in a list per origin, so what a
@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import urllib.request
 
-import httpx
-
 from lightning_moondream.api.async_transport import AsyncioTransport
 from lightning_moondream.api.blocking_transport import BlockingTransport
 
@@ -25,17 +23,15 @@ def _environment_proxies() -> bool:
     return any(scheme != "no" for scheme in urllib.request.getproxies())
 
 
-def blocking_client() -> httpx.Client:
-    """An ``httpx.Client`` over ``BlockingTransport``.
+def blocking_transport() -> BlockingTransport | None:
+    """The blocking clients' own transport; ``None`` with proxies set in the environment.
 
-    With proxies set in the environment (``HTTPS_PROXY``, ...), httpx's own client
-    instead: httpx honours them only when no transport is given.
+    With proxies (``HTTPS_PROXY``, ...) the client is httpx's own: httpx honours them
+    only when no transport is given.
     """
-    return httpx.Client() if _environment_proxies() else httpx.Client(transport=BlockingTransport())
+    return None if _environment_proxies() else BlockingTransport()
 
 
-def async_client() -> httpx.AsyncClient:
-    """An ``httpx.AsyncClient`` over ``AsyncioTransport``; with proxies, as ``blocking_client``."""
-    if _environment_proxies():
-        return httpx.AsyncClient()
-    return httpx.AsyncClient(transport=AsyncioTransport())
+def async_transport() -> AsyncioTransport | None:
+    """The async clients' own transport; ``None`` with proxies, as ``blocking_transport``."""
+    return None if _environment_proxies() else AsyncioTransport()
