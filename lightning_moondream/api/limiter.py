@@ -36,10 +36,11 @@ a busy key, below) takes it a tier down at once, and a tier is tried again only 
 tiers would cost a 429 and its pause each time. The processes of a run each take an
 equal share of the tier, on staggered turns (``share``). Below the lowest tier it slows
 down as a configured rate does. A service that says it sets no limit (the local one,
-by ``RATE_LIMIT_HEADER``) leaves the ladder: its requests go unpaced, and a limiter
-without tiers finds a rate from 429s alone:
+by ``RATE_LIMIT_HEADER``) leaves the ladder: its requests go unpaced, as a limiter's
+without tiers do, until a 429. What answers do to a rate:
 
-- no limit until the first 429; then half the rate the client was sending at, but no
+- without one (no tiers, or the ladder left), no limit until the first 429; then half
+  the rate the client was sending at, but no
   more than twice what the service admitted meanwhile, nor than one request per
   ``Retry-After`` (the send rate of a burst says nothing of the limit);
 - a ``Retry-After`` pauses every request of the key that long; ``Retry-After: 0``
