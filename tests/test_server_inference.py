@@ -423,3 +423,22 @@ def test_auth_limits_and_faults_apply_to_inference(tmp_path: Path) -> None:
         with pytest.raises(TuningAPIError, match="413") as caught:
             client.detect(PROMPTS[0].image.image_url, "circle")
         assert caught.value.status_code == 413
+
+
+def test_our_clients_stream_over_their_own_transports(trained: Trained) -> None:
+    prompt = PROMPTS[0]
+    image, model = prompt.image.image_url, trained.ft.model(3)
+    answer = trained.rollouts[3][0]["answer"]
+    with InferenceClient(api_key=KEY, tuning_url=trained.url, model=model) as client:
+        chunks = list(client.query_stream(image, prompt.question, settings=GREEDY))
+        caption = client.caption(image, length="short", settings=GREEDY).caption
+        caption_chunks = list(client.caption_stream(image, length="short", settings=GREEDY))
+
+    async def streamed() -> list[str]:
+        async with AsyncInferenceClient(api_key=KEY, tuning_url=trained.url, model=model) as aio:
+            stream = aio.query_stream(image, prompt.question, settings=GREEDY)
+            return [chunk async for chunk in stream]
+
+    assert "".join(chunks) == answer
+    assert len(caption_chunks) > 1 and "".join(caption_chunks) == caption
+    assert "".join(asyncio.run(streamed())) == answer
