@@ -112,12 +112,10 @@ class BlockingDriver:
                     else:
                         came = self._direct.handle_request(request)
                         came.request = request
-                        if not step.stream:
-                            try:
-                                came.read()
-                            finally:
-                                came.close()
-                    if step.stream and not came.is_success:
+                    # Read to its end and closed: an answer not streamed that came straight
+                    # from the transport (httpx reads the others), or a failed stream.
+                    unread = not step.stream and self._direct is not None
+                    if unread or (step.stream and not came.is_success):
                         try:
                             came.read()
                         finally:
@@ -193,12 +191,10 @@ class AsyncDriver:
                     else:
                         came = await self._direct.handle_async_request(request)
                         came.request = request
-                        if not step.stream:
-                            try:
-                                await came.aread()
-                            finally:
-                                await came.aclose()
-                    if step.stream and not came.is_success:
+                    # Read to its end and closed: an answer not streamed that came straight
+                    # from the transport (httpx reads the others), or a failed stream.
+                    unread = not step.stream and self._direct is not None
+                    if unread or (step.stream and not came.is_success):
                         try:
                             await came.aread()
                         finally:

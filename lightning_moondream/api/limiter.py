@@ -102,6 +102,8 @@ POLL = 0.02
 """Seconds between looks at whether the first answer came."""
 REMEMBER = 600.0
 """Seconds a refused rate bounds the increases of a found rate."""
+TRY_RUN = 2
+"""Requests admitted at a tier before it counts as tried (see ``_awaits_answer``)."""
 CLOSE = 0.1
 """Gap, as a share of the rate, to the lowest refused rate under which a found rate stays."""
 
@@ -196,7 +198,6 @@ class RateLimiter:
         self._tier: float | None = None
         self._tier_since = -math.inf
         self._tier_admitted = 0
-        self._tier_tried = False
         self._share = (0, 1)
         # Turns: planned (reserve), then settled (confirm).
         self._phase: float | None = None
@@ -326,9 +327,7 @@ class RateLimiter:
                 self._rate = self._raised(self._rate, now)
             if self._tier is None:
                 return
-            # The first answer met a full bucket: the second, paced, tries the tier.
             self._tier_admitted += 1
-            self._tier_tried = self._tier_tried or self._tier_admitted >= 2
             higher = [tier for tier in self._tiers if tier > self._tier]
             if higher and self._rate == self._ceiling and now - self._tier_since >= REMEMBER:
                 self._take_tier(higher[0], since=now, tried=False)
@@ -388,12 +387,21 @@ class RateLimiter:
                 self._rate = min(self._rate, self._ceiling)
             self._last_decrease = now
 
+    @property
+    def _tier_tried(self) -> bool:
+        """Whether the tier is tried, or was fallen to below a tier refused.
+
+        The first answer met a full bucket; the next one, paced, tells the tier.
+        """
+        return self._tier_admitted >= TRY_RUN
+
     def _take_tier(self, tier: float, *, since: float, tried: bool) -> None:
         """Send at this process's share of ``tier``, found at ``since``."""
         self._tier, self._tier_since = tier, since
         if not tried:
             self._tier_admitted = 0
-        self._tier_tried = tried
+        elif not self._tier_tried:
+            self._tier_admitted = TRY_RUN
         turns = Turns.of(tier, *self._share)
         self._rate = self._ceiling = turns.rate
         self._phase = turns.phase
